@@ -1,0 +1,48 @@
+"""The admin CLI, ``tpp-agent``: one module per command group, registered below.
+
+Every failure the agent or the PKCS#11 layer can name is printed as one line
+``error: …`` plus a ``hint: …`` line, with exit status 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from agent import __version__
+from agent.cli import keys
+from agent.cli.context import CliContext
+from agent.errors import AgentError
+from pkcs11_backends.errors import Pkcs11Error
+
+COMMAND_GROUPS = (keys,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpp-agent", description="HSM-backed keys, CSRs and mTLS for UAE Open Finance")
+    parser.add_argument("--config", help="TOML config file (default: $TPP_AGENT_CONFIG or /etc/tpp-agent/config.toml)")
+    parser.add_argument("--version", action="version", version=f"tpp-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in COMMAND_GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    context = CliContext(args.config)
+    try:
+        code: int = args.handler(args, context)
+        return code
+    except (AgentError, Pkcs11Error) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        context.close()

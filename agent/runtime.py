@@ -1,0 +1,42 @@
+"""The objects a running agent shares, built lazily from the configuration.
+
+The CLI and the daemon both go through here, so a key is named, a PIN is read
+and the module is loaded the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from agent.config import Config, pin_reader
+from pkcs11_backends.keys import KeyStore
+from pkcs11_backends.module import Module, TokenSelector
+from pkcs11_backends.sessions import SessionPool
+
+
+class Runtime:
+    def __init__(self, config: Config, interactive: bool = False) -> None:
+        self.config = config
+        self.interactive = interactive
+
+    @functools.cached_property
+    def module(self) -> Module:
+        # The module reads its own environment (SOFTHSM2_CONF…) when it initialises.
+        for name, value in self.config.pkcs11.environment.items():
+            os.environ[name] = value
+        return Module.load(self.config.pkcs11.module)
+
+    @functools.cached_property
+    def pool(self) -> SessionPool:
+        cfg = self.config.pkcs11
+        return SessionPool(self.module, TokenSelector.parse(cfg.token), pin_reader(cfg, self.interactive),
+                           max_sessions=cfg.max_sessions)
+
+    @functools.cached_property
+    def keys(self) -> KeyStore:
+        return KeyStore(self.pool, self.config.aliases)
+
+    def close(self) -> None:
+        if "pool" in self.__dict__:
+            self.pool.close()

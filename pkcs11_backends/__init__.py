@@ -1,0 +1,1 @@
+"""Everything that touches PKCS#11. Nothing here knows about Open Finance."""

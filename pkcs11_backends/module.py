@@ -1,0 +1,139 @@
+"""Loading a PKCS#11 module once per process, initialised for threads.
+
+python-pkcs11 is used for everything except ``C_Initialize``/``C_Finalize``
+(see ``native.py``): we subclass its ``lib`` so its own ``initialize`` becomes ours.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pkcs11
+from pkcs11 import _pkcs11
+
+from pkcs11_backends.errors import ModuleLoadError, TokenNotFoundError, TokenUnavailableError
+from pkcs11_backends.native import NativeModule, ReturnValue
+from pkcs11_backends.uri import Pkcs11Uri
+
+
+class _LockingLib(_pkcs11.lib):
+    """python-pkcs11's library object, initialised with ``CKF_OS_LOCKING_OK``."""
+
+    native: NativeModule
+
+    def initialize(self) -> None:
+        rv = self.native.initialize()
+        # Another user of the same module instance in this process (the OpenSSL
+        # engine or provider) may have initialised it first: that is fine, as
+        # both of them ask for locking too.
+        if rv not in (ReturnValue.OK, ReturnValue.CRYPTOKI_ALREADY_INITIALIZED):
+            raise ModuleLoadError(f"C_Initialize failed: {ReturnValue.name_of(rv)}")
+
+
+def _make_lib(path: str, native: NativeModule) -> _LockingLib:
+    # python-pkcs11 calls initialize() from __init__, so the native view must be
+    # reachable before construction: a per-call subclass carries it.
+    bound = type("_BoundLockingLib", (_LockingLib,), {"native": native})
+    lib: _LockingLib = bound(path)
+    return lib
+
+
+class TokenSelector:
+    """How the config names a token: a label, ``serial:NNN``, or a ``pkcs11:`` URI."""
+
+    def __init__(self, label: str | None = None, serial: str | None = None) -> None:
+        if label is None and serial is None:
+            raise TokenNotFoundError("no token named: set [pkcs11] token to a label, serial:NNN or pkcs11:token=...")
+        self.label = label
+        self.serial = serial
+
+    @classmethod
+    def parse(cls, text: str) -> TokenSelector:
+        if text.startswith("pkcs11:"):
+            uri = Pkcs11Uri.parse(text)
+            return cls(label=uri.token, serial=uri.serial)
+        if text.startswith("serial:"):
+            return cls(serial=text[len("serial:"):])
+        return cls(label=text)
+
+    def __str__(self) -> str:
+        if self.serial is not None and self.label is None:
+            return f"serial:{self.serial}"
+        return repr(self.label) if self.serial is None else f"{self.label!r} (serial {self.serial})"
+
+    def matches(self, token: pkcs11.Token) -> bool:
+        if self.label is not None and token.label != self.label:
+            return False
+        return self.serial is None or token.serial.decode("ascii", "replace").strip() == self.serial
+
+
+class Module:
+    """One loaded PKCS#11 module. Use :meth:`load`; never construct twice per path."""
+
+    _loaded: dict[str, Module] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.native = NativeModule(path)
+        self.lib = _make_lib(path, self.native)
+        self.pid = os.getpid()
+
+    @classmethod
+    def load(cls, path: str) -> Module:
+        real = os.path.realpath(path)
+        with cls._lock:
+            module = cls._loaded.get(real)
+            if module is not None:
+                if module.pid != os.getpid():
+                    raise ModuleLoadError(
+                        "PKCS#11 module used across fork()",
+                        hint="start workers before loading PKCS#11 (a forked child must not reuse the parent's module)",
+                    )
+                return module
+            if not os.path.exists(real):
+                raise ModuleLoadError(f"PKCS#11 module not found: {path}")
+            try:
+                module = cls(real)
+            except OSError as exc:
+                raise ModuleLoadError(f"cannot load PKCS#11 module {path}: {exc}") from exc
+            except pkcs11.PKCS11Error as exc:
+                raise ModuleLoadError(f"cannot initialise PKCS#11 module {path}: {exc!r}") from exc
+            cls._loaded[real] = module
+            return module
+
+    @property
+    def description(self) -> str:
+        version = ".".join(map(str, self.lib.library_version))
+        return f"{self.lib.manufacturer_id} {self.lib.library_description} {version}"
+
+    def tokens(self) -> list[pkcs11.Token]:
+        try:
+            return [slot.get_token() for slot in self.lib.get_slots(token_present=True)]
+        except pkcs11.PKCS11Error as exc:
+            raise TokenUnavailableError(f"cannot list tokens of {self.path}: {exc!r}") from exc
+
+    def find_token(self, selector: TokenSelector) -> pkcs11.Token:
+        tokens = self.tokens()
+        found = [t for t in tokens if selector.matches(t)]
+        if not found:
+            present = ", ".join(repr(t.label) for t in tokens) or "none"
+            raise TokenNotFoundError(f"no token {selector} in {self.path} (present: {present})")
+        if len(found) > 1:
+            raise TokenNotFoundError(
+                f"{len(found)} tokens match {selector}",
+                hint="name the token by serial:NNN in [pkcs11] token",
+            )
+        return found[0]
+
+    def reinitialize(self) -> None:
+        """Finalize and initialise again: the last rung of the recovery ladder.
+
+        Every session and object handle of this process dies with it, the OpenSSL
+        engine's or provider's included.
+        """
+        self.native.finalize()
+        rv = self.native.initialize()
+        if rv not in (ReturnValue.OK, ReturnValue.CRYPTOKI_ALREADY_INITIALIZED):
+            raise TokenUnavailableError(f"C_Initialize failed after finalize: {ReturnValue.name_of(rv)}")

@@ -1,0 +1,320 @@
+"""A thread-safe pool of sessions on one token, with login state and recovery.
+
+* One *anchor* session holds the login for the whole application (PKCS#11 login
+  is per application); worker sessions are opened without a PIN and inherit it.
+  Closing a worker never logs out; only :meth:`SessionPool.close` does.
+* Each thread borrows its own session: PKCS#11 forbids concurrent use of one.
+* A wrong PIN is tried once. After that the pool refuses to log in again until it
+  is given a new PIN source, so the agent can never lock the token out.
+* Stale handles (token removed, module restarted) trigger the recovery ladder:
+  new sessions → log in again → finalize/initialise the module. Meanwhile
+  callers fail fast with :class:`TokenUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, TypeVar, cast
+
+import pkcs11
+from pkcs11.constants import TokenFlag
+
+from pkcs11_backends.errors import (
+    PinError,
+    PinIncorrectError,
+    PinLockedError,
+    Pkcs11Error,
+    TokenNotFoundError,
+    TokenUnavailableError,
+)
+from pkcs11_backends.module import Module, TokenSelector
+from pkcs11_backends.native import ReturnValue
+
+T = TypeVar("T")
+
+# Errors after which the session (and maybe the whole module state) is useless.
+STALE_ERRORS: tuple[type[Exception], ...] = (
+    pkcs11.exceptions.SessionHandleInvalid,
+    pkcs11.exceptions.SessionClosed,
+    pkcs11.exceptions.DeviceRemoved,
+    pkcs11.exceptions.DeviceError,
+    pkcs11.exceptions.TokenNotPresent,
+    pkcs11.exceptions.TokenNotRecognised,
+    pkcs11.exceptions.ObjectHandleInvalid,
+    pkcs11.exceptions.KeyHandleInvalid,
+    pkcs11.exceptions.UserNotLoggedIn,
+    pkcs11.exceptions.GeneralError,
+)
+
+
+def session_handle(session: pkcs11.Session) -> int:
+    """The raw CK_SESSION_HANDLE (python-pkcs11 has it, its type stubs do not)."""
+    return int(cast(Any, session).handle)
+
+
+class PoolState(enum.Enum):
+    NEW = "new"
+    READY = "ready"
+    RECOVERING = "recovering"
+    UNAVAILABLE = "unavailable"
+    PIN_REFUSED = "pin-refused"
+    CLOSED = "closed"
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolHealth:
+    state: PoolState
+    detail: str
+    since: float
+    recoveries: int
+
+    @property
+    def ready(self) -> bool:
+        return self.state is PoolState.READY
+
+
+class PooledSession:
+    """A borrowed session plus a cache of objects already found on it."""
+
+    def __init__(self, session: pkcs11.Session, generation: int) -> None:
+        self.session = session
+        self.generation = generation
+        self.objects: dict[Hashable, Any] = {}
+
+    def cached(self, key: Hashable, find: Callable[[pkcs11.Session], T]) -> T:
+        try:
+            found: T = self.objects[key]
+        except KeyError:
+            found = self.objects[key] = find(self.session)
+        return found
+
+
+class SessionPool:
+    RECOVERY_INTERVAL = 1.0
+
+    def __init__(
+        self,
+        module: Module,
+        selector: TokenSelector,
+        pin: Callable[[], bytes],
+        max_sessions: int = 8,
+    ) -> None:
+        self.module = module
+        self.selector = selector
+        self._pin = pin
+        self._max = max_sessions
+        self._idle: queue.LifoQueue[PooledSession] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(max_sessions)
+        self._lock = threading.Lock()
+        self._token: pkcs11.Token | None = None
+        self._anchor: pkcs11.Session | None = None
+        self._generation = 0
+        self._pin_failure: PinError | None = None
+        self._next_recovery = 0.0
+        self._health = PoolHealth(PoolState.NEW, "not logged in yet", time.time(), 0)
+
+    # -- state ---------------------------------------------------------------
+    @property
+    def health(self) -> PoolHealth:
+        return self._health
+
+    @property
+    def token(self) -> pkcs11.Token:
+        self.start()
+        assert self._token is not None
+        return self._token
+
+    def _set_state(self, state: PoolState, detail: str, recovered: bool = False) -> None:
+        recoveries = self._health.recoveries + (1 if recovered else 0)
+        self._health = PoolHealth(state, detail, time.time(), recoveries)
+
+    def set_pin_source(self, pin: Callable[[], bytes]) -> None:
+        """A new PIN source (config reload) lifts the refusal after a wrong PIN."""
+        with self._lock:
+            self._pin = pin
+            self._pin_failure = None
+            if self._health.state is PoolState.PIN_REFUSED:
+                self._set_state(PoolState.NEW, "new PIN source; not logged in yet")
+
+    # -- login ---------------------------------------------------------------
+    def start(self) -> None:
+        """Log in (once). Raises a :class:`PinError` or :class:`TokenNotFoundError`."""
+        if self._anchor is not None:
+            return
+        with self._lock:
+            if self._anchor is None:
+                self._login()
+
+    def _login(self) -> None:
+        if self._pin_failure is not None:
+            raise self._pin_failure
+        token = self.module.find_token(self.selector)
+        flags = token.flags
+        if flags & TokenFlag.USER_PIN_LOCKED:
+            self._refuse(PinLockedError(f"user PIN of token {token.label!r} is locked"))
+        if flags & TokenFlag.USER_PIN_FINAL_TRY:
+            self._refuse(PinLockedError(
+                f"token {token.label!r} has one user PIN try left; the agent will not spend it",
+            ))
+        if not flags & TokenFlag.USER_PIN_INITIALIZED:
+            self._refuse(PinError(
+                f"token {token.label!r} has no user PIN set",
+                hint="initialise the user PIN (softhsm/make-token or pkcs11-tool --init-pin)",
+            ))
+        anchor = token.open(rw=True)
+        rv = self.module.native.login(session_handle(anchor), self._pin())
+        if rv in (ReturnValue.OK, ReturnValue.USER_ALREADY_LOGGED_IN):
+            self._token, self._anchor = token, anchor
+            self._generation += 1
+            self._set_state(PoolState.READY, f"logged in to {token.label!r}")
+            return
+        anchor.close()
+        if rv == ReturnValue.PIN_INCORRECT:
+            self._refuse(PinIncorrectError(f"wrong user PIN for token {token.label!r} (tried once, not retried)"))
+        if rv == ReturnValue.PIN_LOCKED:
+            self._refuse(PinLockedError(f"user PIN of token {token.label!r} is locked"))
+        if rv in (ReturnValue.PIN_INVALID, ReturnValue.PIN_LEN_RANGE, ReturnValue.PIN_EXPIRED):
+            self._refuse(PinIncorrectError(f"token {token.label!r} rejected the PIN: {ReturnValue.name_of(rv)}"))
+        raise TokenUnavailableError(f"C_Login on token {token.label!r} failed: {ReturnValue.name_of(rv)}")
+
+    def _refuse(self, error: PinError) -> None:
+        self._pin_failure = error
+        self._set_state(PoolState.PIN_REFUSED, str(error))
+        raise error
+
+    # -- borrowing -----------------------------------------------------------
+    @contextlib.contextmanager
+    def session(self, timeout: float = 30.0) -> Iterator[PooledSession]:
+        """Borrow a session for the current thread.
+
+        A PKCS#11 error that means the handles are stale is turned into
+        :class:`TokenUnavailableError` after starting recovery.
+        """
+        self._ensure_ready()
+        if not self._slots.acquire(timeout=timeout):
+            raise TokenUnavailableError(
+                f"no free PKCS#11 session within {timeout:.0f}s ({self._max} in use)",
+                hint="raise [pkcs11] max_sessions or reduce concurrent load",
+            )
+        pooled: PooledSession | None = None
+        try:
+            pooled = self._take()
+            yield pooled
+        except STALE_ERRORS as exc:
+            stale, pooled = pooled, None
+            self._discard(stale)
+            self._mark_stale(stale.generation if stale else self._generation, exc)
+            raise TokenUnavailableError(f"token {self.selector} stopped answering: {exc!r}") from exc
+        finally:
+            if pooled is not None:
+                if pooled.generation == self._generation:
+                    self._idle.put(pooled)
+                else:
+                    self._discard(pooled)
+            self._slots.release()
+
+    def call(self, operation: Callable[[PooledSession], T]) -> T:
+        """Run an idempotent operation; retried once on a fresh session after recovery."""
+        try:
+            with self.session() as pooled:
+                return operation(pooled)
+        except TokenUnavailableError:
+            with self.session() as pooled:
+                return operation(pooled)
+
+    def _take(self) -> PooledSession:
+        while True:
+            try:
+                pooled = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            if pooled.generation == self._generation:
+                return pooled
+            self._discard(pooled)
+        token = self.token
+        try:
+            session = token.open(rw=True)
+        except STALE_ERRORS as exc:
+            self._mark_stale(self._generation, exc)
+            raise TokenUnavailableError(f"cannot open a session on token {self.selector}: {exc!r}") from exc
+        return PooledSession(session, self._generation)
+
+    @staticmethod
+    def _discard(pooled: PooledSession | None) -> None:
+        if pooled is None:
+            return
+        with contextlib.suppress(pkcs11.PKCS11Error):
+            pooled.session.close()
+
+    # -- recovery ------------------------------------------------------------
+    def _ensure_ready(self) -> None:
+        state = self._health.state
+        if state is PoolState.READY:
+            return
+        if state is PoolState.PIN_REFUSED and self._pin_failure is not None:
+            raise self._pin_failure
+        if state in (PoolState.NEW,):
+            self.start()
+            return
+        if state is PoolState.CLOSED:
+            raise TokenUnavailableError("session pool is closed")
+        self.recover()
+
+    def _mark_stale(self, generation: int, cause: Exception) -> None:
+        with self._lock:
+            if generation != self._generation or self._health.state is not PoolState.READY:
+                return
+            self._set_state(PoolState.RECOVERING, f"stale handles: {cause!r}")
+            self._anchor = None
+
+    def recover(self, force: bool = False) -> None:
+        """Walk the recovery ladder once; raise if the token is still away.
+
+        Attempts are spaced by ``RECOVERY_INTERVAL`` so that a burst of requests
+        during an outage fails fast instead of hammering the module.
+        """
+        with self._lock:
+            if self._health.state is PoolState.READY:
+                return
+            if self._health.state is PoolState.PIN_REFUSED and self._pin_failure is not None:
+                raise self._pin_failure
+            now = time.monotonic()
+            if not force and now < self._next_recovery:
+                raise TokenUnavailableError(f"token {self.selector} is unavailable: {self._health.detail}")
+            self._next_recovery = now + self.RECOVERY_INTERVAL
+            self._generation += 1  # every borrowed and idle session is now stale
+            self._anchor = None
+            try:
+                try:
+                    self._login()
+                except (TokenNotFoundError, TokenUnavailableError, pkcs11.PKCS11Error):
+                    # The module's own view of slots may be stale: start it afresh.
+                    self.module.reinitialize()
+                    self._login()
+            except PinError:
+                raise
+            except (Pkcs11Error, pkcs11.PKCS11Error) as exc:
+                self._set_state(PoolState.UNAVAILABLE, f"token {self.selector} unavailable: {exc}")
+                raise TokenUnavailableError(f"token {self.selector} is unavailable: {exc}") from exc
+            self._set_state(PoolState.READY, f"recovered: logged in to {self.selector}", recovered=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._generation += 1
+            while True:
+                try:
+                    self._discard(self._idle.get_nowait())
+                except queue.Empty:
+                    break
+            if self._anchor is not None:
+                with contextlib.suppress(pkcs11.PKCS11Error):
+                    self.module.native.logout(session_handle(self._anchor))
+                    self._anchor.close()
+                self._anchor = None
+            self._set_state(PoolState.CLOSED, "closed")
