@@ -34,7 +34,8 @@ class Linkage:
 
 def _mapped(name: str) -> set[str]:
     with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-        return {line.split()[-1] for line in maps if "/" in line and os.path.basename(line.split()[-1]).startswith(name)}
+        paths = {line.split()[-1] for line in maps if "/" in line}
+    return {p for p in paths if os.path.basename(p).startswith(name)}
 
 
 def check_linkage() -> Linkage:
