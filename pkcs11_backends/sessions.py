@@ -9,6 +9,8 @@
 * Stale handles (token removed, module restarted) trigger the recovery ladder:
   new sessions → log in again → finalize/initialise the module. Meanwhile
   callers fail fast with :class:`TokenUnavailableError`.
+* ``C_Finalize`` while another thread is inside the module crashes it, so the last
+  rung waits, under a :class:`_Gate`, until no borrowed session is in use.
 """
 
 from __future__ import annotations
@@ -82,9 +84,10 @@ class PoolHealth:
 class PooledSession:
     """A borrowed session plus a cache of objects already found on it."""
 
-    def __init__(self, session: pkcs11.Session, generation: int) -> None:
+    def __init__(self, session: pkcs11.Session, generation: int, epoch: int) -> None:
         self.session = session
-        self.generation = generation
+        self.generation = generation  # login generation: stale after any recovery
+        self.epoch = epoch  # module epoch: the handle is meaningless after C_Finalize
         self.objects: dict[Hashable, Any] = {}
 
     def cached(self, key: Hashable, find: Callable[[pkcs11.Session], T]) -> T:
@@ -95,8 +98,43 @@ class PooledSession:
         return found
 
 
+class _Gate:
+    """Many threads may be inside the module at once; ``C_Finalize`` needs none to be."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._inside = 0
+        self._closed = False
+
+    def enter(self, timeout: float) -> bool:
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._closed, timeout):
+                return False
+            self._inside += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._inside -= 1
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float) -> Iterator[bool]:
+        """Yield True once nobody is inside (newcomers wait meanwhile), False on timeout."""
+        with self._cond:
+            self._closed = True
+            drained = self._cond.wait_for(lambda: self._inside == 0, timeout)
+        try:
+            yield drained
+        finally:
+            with self._cond:
+                self._closed = False
+                self._cond.notify_all()
+
+
 class SessionPool:
     RECOVERY_INTERVAL = 1.0
+    DRAIN_TIMEOUT = 5.0
 
     def __init__(
         self,
@@ -111,10 +149,12 @@ class SessionPool:
         self._max = max_sessions
         self._idle: queue.LifoQueue[PooledSession] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(max_sessions)
+        self._gate = _Gate()
         self._lock = threading.Lock()
         self._token: pkcs11.Token | None = None
         self._anchor: pkcs11.Session | None = None
         self._generation = 0
+        self._epoch = 0
         self._pin_failure: PinError | None = None
         self._next_recovery = 0.0
         self._health = PoolHealth(PoolState.NEW, "not logged in yet", time.time(), 0)
@@ -165,7 +205,7 @@ class SessionPool:
         if not flags & TokenFlag.USER_PIN_INITIALIZED:
             self._refuse(PinError(
                 f"token {token.label!r} has no user PIN set",
-                hint="initialise the user PIN (softhsm/make-token or pkcs11-tool --init-pin)",
+                hint="initialise the user PIN (softhsm/make_token.py or pkcs11-tool --init-pin)",
             ))
         anchor = token.open(rw=True)
         rv = self.module.native.login(session_handle(anchor), self._pin())
@@ -202,14 +242,18 @@ class SessionPool:
                 f"no free PKCS#11 session within {timeout:.0f}s ({self._max} in use)",
                 hint="raise [pkcs11] max_sessions or reduce concurrent load",
             )
+        if not self._gate.enter(timeout):
+            self._slots.release()
+            raise TokenUnavailableError(f"token {self.selector} is being re-initialised")
         pooled: PooledSession | None = None
+        stale: tuple[int, Exception] | None = None
         try:
             pooled = self._take()
             yield pooled
         except STALE_ERRORS as exc:
-            stale, pooled = pooled, None
-            self._discard(stale)
-            self._mark_stale(stale.generation if stale else self._generation, exc)
+            stale = (pooled.generation if pooled else self._generation, exc)
+            self._discard(pooled)
+            pooled = None
             raise TokenUnavailableError(f"token {self.selector} stopped answering: {exc!r}") from exc
         finally:
             if pooled is not None:
@@ -217,7 +261,11 @@ class SessionPool:
                     self._idle.put(pooled)
                 else:
                     self._discard(pooled)
+            self._gate.leave()
             self._slots.release()
+            # Only after leaving the gate: recovery may hold the pool lock while it waits for us.
+            if stale is not None:
+                self._mark_stale(*stale)
 
     def call(self, operation: Callable[[PooledSession], T]) -> T:
         """Run an idempotent operation; retried once on a fresh session after recovery."""
@@ -237,17 +285,16 @@ class SessionPool:
             if pooled.generation == self._generation:
                 return pooled
             self._discard(pooled)
-        token = self.token
-        try:
-            session = token.open(rw=True)
-        except STALE_ERRORS as exc:
-            self._mark_stale(self._generation, exc)
-            raise TokenUnavailableError(f"cannot open a session on token {self.selector}: {exc!r}") from exc
-        return PooledSession(session, self._generation)
+        token = self._token
+        if token is None or self._health.state is not PoolState.READY:
+            # Never wait for the pool lock here: recovery holds it while it waits for us to leave.
+            raise TokenUnavailableError(f"token {self.selector} is unavailable: {self._health.detail}")
+        # A stale error here is handled by session(), outside the gate.
+        return PooledSession(token.open(rw=True), self._generation, self._epoch)
 
-    @staticmethod
-    def _discard(pooled: PooledSession | None) -> None:
-        if pooled is None:
+    def _discard(self, pooled: PooledSession | None) -> None:
+        # After C_Finalize a handle number may belong to a new session: never close it then.
+        if pooled is None or pooled.epoch != self._epoch:
             return
         with contextlib.suppress(pkcs11.PKCS11Error):
             pooled.session.close()
@@ -259,7 +306,7 @@ class SessionPool:
             return
         if state is PoolState.PIN_REFUSED and self._pin_failure is not None:
             raise self._pin_failure
-        if state in (PoolState.NEW,):
+        if state is PoolState.NEW:
             self.start()
             return
         if state is PoolState.CLOSED:
@@ -295,7 +342,7 @@ class SessionPool:
                     self._login()
                 except (TokenNotFoundError, TokenUnavailableError, pkcs11.PKCS11Error):
                     # The module's own view of slots may be stale: start it afresh.
-                    self.module.reinitialize()
+                    self._reinitialize()
                     self._login()
             except PinError:
                 raise
@@ -303,6 +350,20 @@ class SessionPool:
                 self._set_state(PoolState.UNAVAILABLE, f"token {self.selector} unavailable: {exc}")
                 raise TokenUnavailableError(f"token {self.selector} is unavailable: {exc}") from exc
             self._set_state(PoolState.READY, f"recovered: logged in to {self.selector}", recovered=True)
+
+    def _reinitialize(self) -> None:
+        with self._gate.exclusive(self.DRAIN_TIMEOUT) as drained:
+            if not drained:
+                raise TokenUnavailableError(
+                    f"PKCS#11 calls on token {self.selector} did not return within {self.DRAIN_TIMEOUT:.0f}s",
+                    hint="the HSM may be hung; the agent retries, restart it if this persists")
+            self._epoch += 1
+            while True:  # their handles died with C_Finalize: drop them unclosed
+                try:
+                    self._idle.get_nowait()
+                except queue.Empty:
+                    break
+            self.module.reinitialize()
 
     def close(self) -> None:
         with self._lock:
