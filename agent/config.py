@@ -127,7 +127,7 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
     if any(("PIN" in k.upper()) for k in environment):
         raise ConfigError(f"[pkcs11.environment] must not carry a PIN ({where})", hint="use pin_file")
     max_sessions = p11.get("max_sessions", 8)
-    if not isinstance(max_sessions, int) or not 1 <= max_sessions <= 256:
+    if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or not 1 <= max_sessions <= 256:
         raise ConfigError(f"[pkcs11] max_sessions must be an integer from 1 to 256 in {where}")
     backend = p11.get("openssl_backend", "auto")
     if backend not in ("auto", "engine", "provider"):
