@@ -49,6 +49,7 @@ class Pkcs11Config:
     default_pin_file: Path
     pin_credential: str
     max_sessions: int
+    call_timeout: float | None
     openssl_backend: str
     environment: Mapping[str, str]
 
@@ -118,8 +119,8 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
 
     p11 = raw.get("pkcs11", {})
     _expect_table(p11, "pkcs11", where)
-    _reject_unknown(p11, {"module", "token", "pin_file", "pin_credential", "max_sessions", "openssl_backend",
-                          "environment"}, "pkcs11", where)
+    _reject_unknown(p11, {"module", "token", "pin_file", "pin_credential", "max_sessions", "call_timeout",
+                          "openssl_backend", "environment"}, "pkcs11", where)
     environment = p11.get("environment", {})
     _expect_table(environment, "pkcs11.environment", where)
     if not all(isinstance(v, str) for v in environment.values()):
@@ -129,6 +130,9 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
     max_sessions = p11.get("max_sessions", 8)
     if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or not 1 <= max_sessions <= 256:
         raise ConfigError(f"[pkcs11] max_sessions must be an integer from 1 to 256 in {where}")
+    call_timeout = p11.get("call_timeout", 10.0)
+    if isinstance(call_timeout, bool) or not isinstance(call_timeout, int | float) or not 0 <= call_timeout <= 3600:
+        raise ConfigError(f"[pkcs11] call_timeout must be seconds from 0 (no limit) to 3600 in {where}")
     backend = p11.get("openssl_backend", "auto")
     if backend not in ("auto", "engine", "provider"):
         raise ConfigError(f"[pkcs11] openssl_backend must be auto, engine or provider in {where}")
@@ -141,6 +145,7 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
         default_pin_file=state_dir / "softhsm" / "user.pin",
         pin_credential=_string(p11.get("pin_credential", DEFAULT_PIN_CREDENTIAL), "pkcs11.pin_credential", where),
         max_sessions=max_sessions,
+        call_timeout=float(call_timeout) or None,
         openssl_backend=backend,
         environment=dict(environment),
     )

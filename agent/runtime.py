@@ -31,7 +31,7 @@ class Runtime:
     def pool(self) -> SessionPool:
         cfg = self.config.pkcs11
         return SessionPool(self.module, TokenSelector.parse(cfg.token), pin_reader(cfg, self.interactive),
-                           max_sessions=cfg.max_sessions)
+                           max_sessions=cfg.max_sessions, call_timeout=cfg.call_timeout)
 
     @functools.cached_property
     def keys(self) -> KeyStore:

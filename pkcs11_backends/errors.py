@@ -32,6 +32,12 @@ class TokenUnavailableError(Pkcs11Error):
     hint = "check that the HSM is reachable; the agent reconnects by itself when it is back"
 
 
+class TokenTimeoutError(TokenUnavailableError):
+    """A PKCS#11 call did not return in time; the pool refuses new calls until it does."""
+
+    hint = "the HSM is not answering; check it and its connection (calls resume by themselves when it does)"
+
+
 class PinError(Pkcs11Error):
     """Base of the login failures; none of them is ever retried automatically."""
 

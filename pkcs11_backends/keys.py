@@ -255,13 +255,15 @@ class KeyStore:
             return self._info(session, private)
 
     # -- signing -------------------------------------------------------------
-    def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme) -> bytes:
+    def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme,
+             timeout: float | None = None) -> bytes:
+        """Sign on the token; ``timeout`` bounds the wait (default: the pool's call timeout)."""
         uri = name if isinstance(name, Pkcs11Uri) else self.resolve(name)
 
         def run(pooled: PooledSession) -> bytes:
             return sign_with(self.private_key(pooled, uri), data, scheme)
 
-        return self.pool.call(run)
+        return self.pool.call(run, timeout)
 
     def kind_of(self, name: str | Pkcs11Uri) -> KeyKind:
         uri = name if isinstance(name, Pkcs11Uri) else self.resolve(name)

@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import enum
+import functools
 import queue
 import threading
 import time
@@ -33,6 +35,7 @@ from pkcs11_backends.errors import (
     PinLockedError,
     Pkcs11Error,
     TokenNotFoundError,
+    TokenTimeoutError,
     TokenUnavailableError,
 )
 from pkcs11_backends.module import Module, TokenSelector
@@ -65,6 +68,7 @@ class PoolState(enum.Enum):
     READY = "ready"
     RECOVERING = "recovering"
     UNAVAILABLE = "unavailable"
+    HUNG = "hung"
     PIN_REFUSED = "pin-refused"
     CLOSED = "closed"
 
@@ -142,8 +146,11 @@ class SessionPool:
         selector: TokenSelector,
         pin: Callable[[], bytes],
         max_sessions: int = 8,
+        call_timeout: float | None = None,
     ) -> None:
         self.module = module
+        self.call_timeout = call_timeout
+        self._hung = 0
         self.selector = selector
         self._pin = pin
         self._max = max_sessions
@@ -267,14 +274,53 @@ class SessionPool:
             if stale is not None:
                 self._mark_stale(*stale)
 
-    def call(self, operation: Callable[[PooledSession], T]) -> T:
-        """Run an idempotent operation; retried once on a fresh session after recovery."""
+    def call(self, operation: Callable[[PooledSession], T], timeout: float | None = None) -> T:
+        """Run an idempotent operation; retried once on a fresh session after recovery.
+
+        With a ``timeout`` (or the pool's ``call_timeout``) the operation runs on a
+        worker thread and the caller waits at most that long: a hung HSM cannot hold
+        the caller. The hung call keeps its thread; until it returns the pool is
+        ``HUNG`` and every new call fails at once.
+        """
+        limit = timeout if timeout is not None else self.call_timeout
+        if limit is None:
+            return self._call(operation)
+        self._fail_if_hung()
+        future = self._executor.submit(self._call, operation)
+        try:
+            return future.result(limit)
+        except concurrent.futures.TimeoutError:
+            self._note_hung(future, limit)
+            raise TokenTimeoutError(f"token {self.selector} did not answer within {limit:g}s") from None
+
+    def _call(self, operation: Callable[[PooledSession], T]) -> T:
         try:
             with self.session() as pooled:
                 return operation(pooled)
         except TokenUnavailableError:
             with self.session() as pooled:
                 return operation(pooled)
+
+    @functools.cached_property
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(self._max, thread_name_prefix="pkcs11-call")
+
+    def _fail_if_hung(self) -> None:
+        if self._health.state is PoolState.HUNG:
+            raise TokenTimeoutError(f"token {self.selector} is not answering: {self._health.detail}")
+
+    def _note_hung(self, future: concurrent.futures.Future[Any], limit: float) -> None:
+        with self._lock:
+            self._hung += 1
+            if self._health.state is PoolState.READY:
+                self._set_state(PoolState.HUNG, f"a PKCS#11 call has not returned after {limit:g}s")
+        future.add_done_callback(self._hung_call_returned)
+
+    def _hung_call_returned(self, _: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._hung -= 1
+            if self._hung == 0 and self._health.state is PoolState.HUNG:
+                self._set_state(PoolState.READY, "the hung PKCS#11 call returned", recovered=True)
 
     def _take(self) -> PooledSession:
         while True:
@@ -311,6 +357,7 @@ class SessionPool:
             return
         if state is PoolState.CLOSED:
             raise TokenUnavailableError("session pool is closed")
+        self._fail_if_hung()
         self.recover()
 
     def _mark_stale(self, generation: int, cause: Exception) -> None:
@@ -331,6 +378,7 @@ class SessionPool:
                 return
             if self._health.state is PoolState.PIN_REFUSED and self._pin_failure is not None:
                 raise self._pin_failure
+            self._fail_if_hung()
             now = time.monotonic()
             if not force and now < self._next_recovery:
                 raise TokenUnavailableError(f"token {self.selector} is unavailable: {self._health.detail}")

@@ -3,7 +3,7 @@
  * to a real module (SoftHSM2) and, as a control file says, can
  *   - add token flags (CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED, ...) to C_GetTokenInfo,
  *   - make C_Sign hang until the control file changes,
- *   - count C_Login and C_Sign calls into a stats file.
+ *   - count C_Login and C_Sign calls into a stats file (counts restart with each new file).
  * Environment: TPP_SHIM_TARGET (real module), TPP_SHIM_CONTROL (control file),
  * TPP_SHIM_STATS (stats file). Control file lines: "flags=0x60000", "hang_sign=1".
  */
@@ -52,7 +52,15 @@ static void write_stats(void)
 
 static void count(unsigned long *counter)
 {
+    static char counted_for[4096];
+    const char *path = getenv("TPP_SHIM_STATS");
+
     pthread_mutex_lock(&stats_lock);
+    /* Counts start afresh for each stats file, so every test sees only its own calls. */
+    if (path != NULL && strncmp(path, counted_for, sizeof counted_for) != 0) {
+        snprintf(counted_for, sizeof counted_for, "%s", path);
+        logins = signs = 0;
+    }
     (*counter)++;
     write_stats();
     pthread_mutex_unlock(&stats_lock);
