@@ -63,8 +63,9 @@ def main() -> None:
           f"{rate(args.seconds, handshake(on_token)):.0f}")
     print(f"full mTLS handshakes/s, TLS 1.3, RSA-2048, in-memory key: {rate(args.seconds, handshake(in_memory)):.0f}")
     with BankTransport(settings, on_token) as transport:
-        print(f"keep-alive requests/s on one connection (token key): {rate(args.seconds, lambda: transport.get(url)):.0f}"
-              f" (full handshakes: {transport.stats.full})")
+        requests = rate(args.seconds, lambda: transport.get(url))
+        print(f"keep-alive requests/s on one connection (token key): {requests:.0f} "
+              f"(full handshakes: {transport.stats.full})")
     server.shutdown()
     runtime.close()
 
