@@ -22,6 +22,7 @@ from tests.x509_helpers import (
     NOW,
     ORG_ID,
     TestCA,
+    foreign_public_key,
     openssl_verify_csr,
     pem_of,
 )
@@ -146,17 +147,22 @@ def test_doctor_reports_each_check(cli_token: Token, tmp_path: Path) -> None:
 
 
 
-def test_doctor_fails_on_an_expired_certificate_and_a_broken_alias(cli_token: Token, runtime: Runtime) -> None:
+def test_doctor_fails_on_expired_or_foreign_certificates_and_broken_aliases(cli_token: Token, runtime: Runtime) -> None:
     spki = public_key_der(cli_token)
     expired = TestCA().issue(spki, NOW - 400 * DAY, NOW - DAY).public_bytes(serialization.Encoding.DER)
     info = runtime.keys.info(KEY)
-    with runtime.pool.session() as pooled:  # only another tool can put it there: `cert import` refuses it
+    cli_token.cli("keys", "generate", "--label", "signing", "--type", "ec:p256", check=True)
+    foreign = TestCA().issue(foreign_public_key()).public_bytes(serialization.Encoding.DER)
+    signing = runtime.keys.info("pkcs11:object=signing")
+    with runtime.pool.session() as pooled:  # only another tool can put these there: `cert import` refuses them
         store_certificate(pooled.session, expired, "transport", info.id)
+        store_certificate(pooled.session, foreign, "signing", signing.id)
     cli_token.write_config('[keys.transport]\nuri = "pkcs11:object=transport"\n'
                            '[keys.gone]\nuri = "pkcs11:object=gone"\n')
     code, checks = doctor(cli_token)
     assert code == 1
     assert checks["key transport"]["status"] == "FAIL" and "expired on" in checks["key transport"]["detail"]
+    assert checks["key signing"]["status"] == "FAIL" and "for another key" in checks["key signing"]["detail"]
     assert checks["alias transport"]["status"] == "ok"
     assert checks["alias gone"]["status"] == "FAIL"
     text = cli_token.cli("doctor").stdout

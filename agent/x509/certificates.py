@@ -33,7 +33,6 @@ from agent.errors import InputError
 from agent.x509.signatures import is_valid, same_public_key
 from pkcs11_backends import certificates as token_certs
 from pkcs11_backends.certificates import StoredCertificate
-from pkcs11_backends.errors import CertificateStoreError
 from pkcs11_backends.keys import KeyStore
 from pkcs11_backends.sessions import PooledSession
 
@@ -140,10 +139,7 @@ def import_certificate(store: KeyStore, key: str, data: bytes, source: str, *, r
                     label = token_certs.store_ca_certificate(session, der, _ca_label(cert)).label
                     created.append(der)
                     chain_added.append(label)
-        except pkcs11.PKCS11Error as exc:
-            _roll_back(session, created)
-            raise CertificateStoreError(f"the token refused a certificate: {exc!r}") from exc
-        except Exception:
+        except Exception:  # store_certificate already names the token's refusal
             _roll_back(session, created)
             raise
         replaced = token_certs.delete_certificates(session, info.id, keep=leaf_der) if replace else 0
