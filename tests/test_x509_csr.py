@@ -94,8 +94,9 @@ def test_algorithm_must_fit_the_key(runtime: Runtime) -> None:
 class CorruptingKeyStore(KeyStore):
     """A token whose signatures come back damaged (fault injection; the token itself is real)."""
 
-    def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme) -> bytes:
-        signature = bytearray(super().sign(name, data, scheme))
+    def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme,
+             timeout: float | None = None) -> bytes:
+        signature = bytearray(super().sign(name, data, scheme, timeout))
         signature[len(signature) // 2] ^= 0x01
         return bytes(signature)
 
