@@ -17,14 +17,18 @@ import threading
 from pathlib import Path
 
 from modelbank.ca import CsrError, TestCA
-from modelbank.server import FAILURE_MODES, Behaviour, ModelBank
+from modelbank.server import FAILURE_MODES, Behaviour, ModelBank, Registration
 
 
 def serve(args: argparse.Namespace) -> int:
     behaviour = Behaviour.failing(args.fail) if args.fail else Behaviour()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with ModelBank(args.state_dir.resolve(), host=args.host, behaviour=behaviour) as bank:
+    def announce(reg: Registration) -> None:
+        print(f"registered: subject={reg.subject} sha256={reg.sha256} x-fapi-interaction-id={reg.interaction_id}",
+              flush=True)
+
+    with ModelBank(args.state_dir.resolve(), host=args.host, behaviour=behaviour, on_registration=announce) as bank:
         print(f"url: {bank.url}")
         print(f"discovery_url: {bank.discovery_url}")
         print(f"issuer: {bank.issuer}")

@@ -139,8 +139,11 @@ class TestCA:
 
     def server_credentials(self, directory: Path, names: tuple[str, ...] = _SERVER_NAMES,
                            expired: bool = False) -> ServerCredentials:
-        """A fresh server key and certificate for ``names``, written into ``directory``."""
-        key = ec.generate_private_key(ec.SECP256R1())
+        """A fresh server key and certificate for ``names``, written into ``directory``.
+
+        RSA, so that TLS 1.2 clients limited to the FAPI suites (all ``ECDHE-RSA``/``DHE-RSA``) can connect.
+        """
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         now = _now()
         not_before, not_after = (now - 30 * _ONE_DAY, now - _ONE_DAY) if expired else (now - _ONE_DAY,
                                                                                          now + 90 * _ONE_DAY)

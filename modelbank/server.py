@@ -16,6 +16,7 @@ import json
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,10 @@ class Registration:
 class ModelBank:
     """``with ModelBank(state_dir) as bank:`` serves on an ephemeral port until the block ends."""
 
-    def __init__(self, state_dir: Path, host: str = "127.0.0.1", behaviour: Behaviour | None = None) -> None:
+    def __init__(self, state_dir: Path, host: str = "127.0.0.1", behaviour: Behaviour | None = None,
+                 on_registration: Callable[[Registration], None] | None = None) -> None:
         self.state_dir = state_dir
+        self.on_registration = on_registration
         self.host = host
         self.behaviour = behaviour or Behaviour()
         self.ca = TestCA(state_dir / "ca")
@@ -275,10 +278,12 @@ class _Handler(BaseHTTPRequestHandler):
         status = behaviour.registration_status
         if 200 <= status < 300:
             cert = x509.load_der_x509_certificate(der)
+            registration = Registration(cert.subject.rfc4514_string(), hashlib.sha256(der).hexdigest(),
+                                        self._interaction_id(), self.path, datetime.datetime.now(datetime.UTC))
             with self.bank._lock:
-                self.bank.registrations.append(Registration(
-                    cert.subject.rfc4514_string(), hashlib.sha256(der).hexdigest(), self._interaction_id(),
-                    self.path, datetime.datetime.now(datetime.UTC)))
+                self.bank.registrations.append(registration)
+            if self.bank.on_registration is not None:
+                self.bank.on_registration(registration)
             self._send(status, {"status": "registered"} if status != 204 else None)
         else:
             messages = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 500: "InternalServerError",
