@@ -188,12 +188,13 @@ def classify(exc: BaseException, *, bank: str, url: str, interaction_id: str) ->
     if handshake is not None or any(isinstance(e, u3.SSLError) for e in chain):
         reason = "; ".join(handshake.reasons) if handshake else str(exc)
         return errors.HandshakeFailedError(f"TLS handshake failed: {reason}", **where)
-    if any(isinstance(e, u3.ConnectTimeoutError) for e in chain) or "handshake timed out" in text:
-        return errors.ConnectTimeoutError("no connection within the connect timeout", **where)
-    if any(isinstance(e, u3.ReadTimeoutError | TimeoutError) for e in chain):
-        return errors.ReadTimeoutError("no answer within the read timeout", **where)
+    # urllib3's NewConnectionError subclasses its ConnectTimeoutError: test it first.
     if any(isinstance(e, ConnectionRefusedError) for e in chain):
         return errors.ConnectRefusedError("connection refused", **where)
     if any(isinstance(e, u3.NewConnectionError | u3.NameResolutionError) for e in chain):
         return errors.ConnectFailedError(f"cannot connect: {exc}", **where)
+    if any(isinstance(e, u3.ConnectTimeoutError) for e in chain) or "handshake timed out" in text:
+        return errors.ConnectTimeoutError("no connection within the connect timeout", **where)
+    if any(isinstance(e, u3.ReadTimeoutError | TimeoutError) for e in chain):
+        return errors.ReadTimeoutError("no answer within the read timeout", **where)
     return errors.ConnectionLostError(f"connection failed: {exc}", **where)

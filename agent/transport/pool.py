@@ -96,6 +96,9 @@ class _SessionSavingSocket(WrappedSocket):
         self._on_close = on_close
 
     def close(self) -> None:
+        # urllib3 drops connections without a close_notify, and OpenSSL then marks
+        # their session as not resumable; a clean end of ours is a clean end.
+        self.connection.set_shutdown(SSL.SENT_SHUTDOWN)
         self._on_close(self.connection)
         super().close()
 
@@ -129,7 +132,8 @@ class BankSslContext(PyOpenSSLContext):
             raise ssl.SSLError("a bank connection needs the server's host name to verify it")
         connection = SSL.Connection(self._ctx, sock)
         ssl_ptr = pointer(connection._ssl)
-        self._expect_host(ssl_ptr, server_hostname)
+        if self._expect_host(ssl_ptr, server_hostname):
+            connection.set_tlsext_host_name(server_hostname.encode("idna"))
         session_key = f"{server_hostname}|{sock.getpeername()!r}"
         with self._lock:
             session = self._sessions.get(session_key)
@@ -165,15 +169,19 @@ class BankSslContext(PyOpenSSLContext):
         return _SessionSavingSocket(connection, sock, save)
 
     @staticmethod
-    def _expect_host(ssl_ptr: int, host: str) -> None:
+    def _expect_host(ssl_ptr: int, host: str) -> bool:
+        """Make OpenSSL check the server's name; True if it is a DNS name (to be sent as SNI)."""
         param = _ssl_lib().SSL_get0_param(ssl_ptr)
         crypto = _crypto_lib()
         try:
             ip = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
+            ip = None
+        if ip is None:
             crypto.X509_VERIFY_PARAM_set_hostflags(param, _X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS)
             ok = crypto.X509_VERIFY_PARAM_set1_host(param, host.encode("idna"), 0)
         else:
             ok = crypto.X509_VERIFY_PARAM_set1_ip_asc(param, str(ip).encode("ascii"))
         if ok != 1:
             raise ssl.SSLError(f"cannot set the expected server name {host!r}")
+        return ip is None

@@ -146,8 +146,11 @@ def pointer(cdata: Any) -> int:
     return int(_ffi.cast("uintptr_t", cdata))
 
 
-def build_context(runtime: Runtime, settings: TlsSettings) -> TlsContext:
-    """A pyOpenSSL context for ``settings.bank`` with the client key on the token."""
+def build_context(runtime: Runtime, settings: TlsSettings, openssl_backend: str | None = None) -> TlsContext:
+    """A pyOpenSSL context for ``settings.bank`` with the client key on the token.
+
+    ``openssl_backend`` (``auto``/``engine``/``provider``) overrides ``[pkcs11] openssl_backend``.
+    """
     check_linkage()  # a PyPI OpenSSL copy cannot take a token key: refuse with the fix
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -166,7 +169,7 @@ def build_context(runtime: Runtime, settings: TlsSettings) -> TlsContext:
         context.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
 
     uri = str(runtime.keys.info(settings.client_key).uri)
-    backend = key_backend(runtime.config.pkcs11.module, runtime.config.pkcs11.openssl_backend)
+    backend = key_backend(runtime.config.pkcs11.module, openssl_backend or runtime.config.pkcs11.openssl_backend)
     with backend.load_private_key(uri) as key:
         # The context takes its own reference: the key lives exactly as long as the context.
         if _libssl().SSL_CTX_use_PrivateKey(pointer(context._context), key.address) != 1:

@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import ipaddress
 import json
+import socket
 import ssl
 import threading
 import uuid
@@ -177,6 +178,7 @@ class TlsHttpServer(ThreadingHTTPServer):
 
     def get_request(self) -> tuple[Any, Any]:
         sock, address = self.socket.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers and body are two writes
         return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
     def record(self, sock: ssl.SSLSocket) -> None:

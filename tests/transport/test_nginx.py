@@ -1,0 +1,124 @@
+"""A second, independent TLS stack: nginx from Debian with ``ssl_verify_client on`` and the FAPI suites."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.runtime import Runtime
+from agent.transport import errors
+from agent.transport.client import open_transport
+from agent.transport.tls import FAPI_TLS12_CIPHERS
+from tests.transport.conftest import TestCa, client_identity, settings_for
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/bootstrap installs it)")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Nginx:
+    def __init__(self, tls12_port: int, tls13_port: int) -> None:
+        self.tls12_port = tls12_port
+        self.tls13_port = tls13_port
+
+
+@pytest.fixture(scope="module")
+def nginx(bank_ca: TestCa, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    assert NGINX is not None
+    root = tmp_path_factory.mktemp("nginx")
+    cert, key = bank_ca.server_identity(root)
+    ports = Nginx(_free_port(), _free_port())
+    tls = (f"ssl_certificate {cert}; ssl_certificate_key {key}; ssl_client_certificate {bank_ca.pem_path}; "
+           "ssl_verify_client on;")
+    reply = ('location / { default_type application/json; '
+             'return 200 \'{"client":"$ssl_client_s_dn","protocol":"$ssl_protocol","cipher":"$ssl_cipher",'
+             '"interaction_id":"$http_x_fapi_interaction_id","connection_requests":"$connection_requests"}\'; }')
+    (root / "nginx.conf").write_text(f"""
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+worker_processes 1;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body; proxy_temp_path {root}/proxy; fastcgi_temp_path {root}/fcgi;
+    uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+    server {{
+        listen 127.0.0.1:{ports.tls12_port} ssl;
+        server_name localhost;
+        ssl_protocols TLSv1.2;
+        ssl_ciphers {":".join(FAPI_TLS12_CIPHERS)};
+        {tls}
+        {reply}
+    }}
+    server {{
+        listen 127.0.0.1:{ports.tls13_port} ssl;
+        server_name localhost;
+        ssl_protocols TLSv1.3;
+        {tls}
+        {reply}
+    }}
+}}
+""")
+    process = subprocess.Popen([NGINX, "-p", str(root), "-e", str(root / "error.log"), "-c", str(root / "nginx.conf"),
+                                "-g", "daemon off;"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", ports.tls13_port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    output = process.stdout.read().decode() if process.stdout else ""
+                    log = (root / "error.log").read_text() if (root / "error.log").exists() else ""
+                    pytest.fail(f"nginx did not start: {output}\n{log}")
+                time.sleep(0.05)
+        yield ports
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("spec", ["rsa:2048", "ec:p256"])
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_mtls_to_nginx(shared_runtime: Runtime, bank_ca: TestCa, nginx: Nginx, spec: str, version: str) -> None:
+    key = client_identity(shared_runtime, bank_ca, spec)
+    port = nginx.tls12_port if version == "TLSv1.2" else nginx.tls13_port
+    with open_transport(shared_runtime, settings_for("nginx", bank_ca, key)) as transport:
+        for _ in range(3):
+            response = transport.get(f"https://localhost:{port}/")
+        seen = response.json()
+        assert response.status == 200 and seen["protocol"] == version
+        assert seen["client"].startswith("CN=tpp transport-")
+        assert seen["interaction_id"] == response.interaction_id
+        assert seen["connection_requests"] == "3"  # keep-alive: one connection, one handshake
+        assert transport.stats.full == 1
+        if version == "TLSv1.2":
+            assert seen["cipher"] in FAPI_TLS12_CIPHERS
+
+
+def test_nginx_refuses_a_certificate_from_another_ca(shared_runtime: Runtime, bank_ca: TestCa, rogue_ca: TestCa,
+                                                     nginx: Nginx) -> None:
+    key = client_identity(shared_runtime, rogue_ca)
+    with open_transport(shared_runtime, settings_for("nginx", bank_ca, key)) as transport:
+        # nginx finishes the handshake and answers 400 "The SSL certificate error" (it does not send an alert).
+        response = transport.get(f"https://localhost:{nginx.tls12_port}/")
+    assert response.status == 400
+
+
+def test_tls13_only_server_with_tls12_only_client(shared_runtime: Runtime, bank_ca: TestCa, nginx: Nginx) -> None:
+    key = client_identity(shared_runtime, bank_ca)
+    settings = settings_for("nginx", bank_ca, key, tls13=False)
+    with open_transport(shared_runtime, settings) as transport, pytest.raises(errors.HandshakeFailedError):
+        transport.get(f"https://localhost:{nginx.tls13_port}/")
