@@ -14,7 +14,7 @@ What ``import_certificate`` does, in this order, and why:
    refresh); the one with the latest ``notAfter`` is the one used. ``replace=True``
    removes the others once the new one is stored.
 4. Stores chain certificates not yet on the token as separate ``CKO_CERTIFICATE``
-   objects (category authority, label ``ca:<CN>``, ``CKA_ID`` = their key identifier),
+   objects (label ``ca:<CN>``, ``CKA_ID`` = their subject key identifier, never a key's id),
    so the token alone holds what a TLS client needs to present.
 
 If the token fails half-way, what this import created is removed again.
