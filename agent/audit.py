@@ -129,7 +129,7 @@ class Finding:
     problem: str
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.problem}"
+        return f"{self.line}: {self.problem}"
 
 
 def verify(path: Path) -> tuple[int, list[Finding]]:
@@ -152,13 +152,13 @@ def verify(path: Path) -> tuple[int, list[Finding]]:
         if not self_ok:
             findings.append(Finding(lineno, f"edited: record {seq} does not match its hash"))
         if seq > expected_seq:
-            missing = (f"line {expected_seq} was removed" if seq == expected_seq + 1
-                       else f"lines {expected_seq}-{seq - 1} were removed")
-            findings.append(Finding(lineno, f"{missing} (record {seq} follows record {expected_seq - 1})"))
+            missing = f"record {expected_seq}" if seq == expected_seq + 1 else f"records {expected_seq}-{seq - 1}"
+            findings.append(Finding(lineno, f"removed: {missing} missing before this line "
+                                            f"(record {seq} follows record {expected_seq - 1})"))
         elif seq < expected_seq:
             findings.append(Finding(lineno, f"out of order: record {seq} after record {expected_seq - 1}"))
         elif prev_hash and record["prev"] != prev_hash and self_ok:
-            findings.append(Finding(lineno - 1, f"edited: record {seq} on line {lineno} no longer chains to it"))
+            findings.append(Finding(lineno - 1, f"edited: the record on line {lineno} no longer chains to it"))
         expected_seq, prev_hash = seq + 1, str(record["hash"])
     return count, findings
 

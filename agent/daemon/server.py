@@ -184,10 +184,9 @@ class Server:
         try:
             if conn.head is None:
                 end = conn.buffer.find(b"\r\n\r\n")
+                if end > self.limits.max_header_bytes or (end < 0 and len(conn.buffer) > self.limits.max_header_bytes):
+                    raise HttpError(431, "header_too_large", f"request head exceeds {self.limits.max_header_bytes} bytes")
                 if end < 0:
-                    if len(conn.buffer) > self.limits.max_header_bytes:
-                        raise HttpError(431, "header_too_large",
-                                        f"request head exceeds {self.limits.max_header_bytes} bytes")
                     return
                 conn.head = parse_head(bytes(conn.buffer[:end]))
                 conn.head_end = end + 4
