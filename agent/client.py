@@ -72,7 +72,7 @@ class AgentClient:
     def ready(self) -> dict[str, Any]:
         return self._json("GET", "/v1/ready")
 
-    def keys(self) -> list[dict[str, Any]]:
+    def list_keys(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._json("GET", "/v1/keys")["keys"]
         return result
 

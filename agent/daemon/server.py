@@ -184,8 +184,9 @@ class Server:
         try:
             if conn.head is None:
                 end = conn.buffer.find(b"\r\n\r\n")
-                if end > self.limits.max_header_bytes or (end < 0 and len(conn.buffer) > self.limits.max_header_bytes):
-                    raise HttpError(431, "header_too_large", f"request head exceeds {self.limits.max_header_bytes} bytes")
+                limit = self.limits.max_header_bytes
+                if end > limit or (end < 0 and len(conn.buffer) > limit):
+                    raise HttpError(431, "header_too_large", f"request head exceeds {limit} bytes")
                 if end < 0:
                     return
                 conn.head = parse_head(bytes(conn.buffer[:end]))

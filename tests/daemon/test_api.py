@@ -6,7 +6,9 @@ import base64
 import json
 import shutil
 import subprocess
+import time
 import tomllib
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -21,7 +23,7 @@ def test_client_lists_keys_signs_and_signatures_verify(daemon: Daemon) -> None:
     client = daemon.client()
     assert client.health()["status"] == "alive"
     assert client.ready()["ready"] is True
-    keys = {k["alias"]: k for k in client.keys()}
+    keys = {k["alias"]: k for k in client.list_keys()}
     assert keys["signing"]["type"] == "rsa:2048" and keys["signing"]["kid"] == "sig-1"
     assert keys["ecsign"]["algorithms"] == ["ES256"]
     for alias, alg in (("signing", "PS256"), ("signing", "RS256"), ("ecsign", "ES256")):
@@ -83,13 +85,18 @@ def test_curl_unix_socket(daemon: Daemon) -> None:
 def test_request_log_has_peer_and_operation_but_no_body(daemon: Daemon) -> None:
     secret = base64.b64encode(b"do-not-log-this-payload").decode()
     daemon.client().sign("signing", b"do-not-log-this-payload", "PS256")
-    lines = [json.loads(line) for line in daemon.stderr().splitlines() if line.startswith("{")]
-    signs = [entry for entry in lines if entry.get("operation") == "sign"]
+    signs: list[dict[str, object]] = []
+    for _ in range(100):  # the line is written just after the response is sent
+        lines = [json.loads(line) for line in daemon.stderr().splitlines() if line.startswith("{")]
+        signs = [entry for entry in lines if entry.get("operation") == "sign"]
+        if signs:
+            break
+        time.sleep(0.05)
     assert signs and signs[-1]["peer_uid"] == 0 and signs[-1]["key"] == "signing" and signs[-1]["status"] == 200
     assert "duration_ms" in signs[-1] and "interaction_id" in signs[-1]
     assert secret not in daemon.stderr() and "do-not-log" not in daemon.stderr()
     pin_file = tomllib.loads(daemon.config_path.read_text())["pkcs11"]["pin_file"]
-    pin = open(pin_file).read().strip()  # noqa: PTH123
+    pin = Path(pin_file).read_text().strip()
     assert pin and pin not in daemon.stderr()
 
 

@@ -133,12 +133,8 @@ def test_socket_activation_hands_over_the_listening_socket(keyed_token: Token, p
 def _hand_over(listener: socket.socket, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """What systemd does: the listening socket as fd 3, LISTEN_PID naming the exec'd process."""
     fd = listener.fileno()
-
-    def as_fd3() -> None:
-        os.dup2(fd, 3)
-
-    return subprocess.Popen(["/bin/sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "{TPP_AGENT}" serve'],
-                            env=env, preexec_fn=as_fd3, pass_fds=(fd,), stderr=subprocess.PIPE)
+    script = f'LISTEN_PID=$$ LISTEN_FDS=1 exec "{TPP_AGENT}" serve 3<&{fd} {fd}<&-'
+    return subprocess.Popen(["/bin/sh", "-c", script], env=env, pass_fds=(fd,), stderr=subprocess.PIPE)
 
 
 def test_notifier_speaks_to_abstract_and_path_sockets(tmp_path: Path) -> None:
