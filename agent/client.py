@@ -83,6 +83,26 @@ class AgentClient:
         body = {"alg": alg, "data_b64": base64.b64encode(data).decode("ascii")}
         return base64.b64decode(self._json("POST", f"/v1/keys/{alias}/sign", body)["signature_b64"])
 
+    def csr(self, alias: str, subject: str) -> str:
+        """A PEM CSR for the key (admins only)."""
+        return str(self._json("POST", f"/v1/keys/{alias}/csr", {"subject": subject})["pem"])
+
+    def discovery(self, bank: str, refresh: bool = False) -> dict[str, Any]:
+        return self._json("GET", f"/v1/banks/{bank}/discovery" + ("?refresh=1" if refresh else ""))
+
+    def register(self, bank: str, force: bool = False) -> dict[str, Any]:
+        return self._json("POST", f"/v1/banks/{bank}/registration", {"force": force})
+
+    def forward(self, bank: str, method: str, path: str, headers: dict[str, str] | None = None,
+                body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+        """Send a request to the bank over the agent's mTLS; returns the bank's (status, headers, body)."""
+        request: dict[str, Any] = {"method": method, "headers": headers or {}}
+        request["url" if path.startswith("https://") else "path"] = path
+        if body is not None:
+            request["body_b64"] = base64.b64encode(body).decode("ascii")
+        answer = self._json("POST", f"/v1/banks/{bank}/forward", request)
+        return int(answer["status"]), dict(answer["headers"]), base64.b64decode(answer["body_b64"])
+
     def close(self) -> None:
         conn: _UnixConnection | None = getattr(self._local, "conn", None)
         if conn is not None:

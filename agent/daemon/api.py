@@ -1,92 +1,22 @@
-"""The versioned endpoints (``/v1/...``): each checks the policy, does one thing, answers JSON.
-
-Errors carry a stable ``code`` (clients branch on it), a ``message``, a ``hint``
-and the ``interaction_id`` that the request log line also carries.
-"""
+"""Health, readiness and key endpoints (``/v1/health``, ``/v1/ready``, ``/v1/keys/...``)."""
 
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import os
-import re
-from collections.abc import Callable
-from typing import Any
 
 from asn1crypto import pem
 
-from agent.audit import AuditError, KeyUse
+from agent.audit import KeyUse
 from agent.daemon.app import Agent
-from agent.daemon.http import HttpError, Request, Response
-from agent.daemon.policy import PolicyDenied
-from agent.errors import AgentError, InputError
-from pkcs11_backends.errors import (
-    AmbiguousKeyError,
-    KeyNotFoundError,
-    MechanismError,
-    PinError,
-    Pkcs11Error,
-    TokenUnavailableError,
-)
+from agent.daemon.http import HttpError, Request, Response, base64_field
+from agent.daemon.routing import route
+from agent.errors import AgentError
+from agent.x509.csr import build_csr
+from agent.x509.subject import parse_subject
+from pkcs11_backends.errors import Pkcs11Error
 from pkcs11_backends.keys import SignatureScheme
-
-_BASE64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
-Route = Callable[[Agent, Request, dict[str, str]], Response]
-_ROUTES: list[tuple[str, re.Pattern[str], Route]] = []
-
-
-def route(method: str, pattern: str) -> Callable[[Route], Route]:
-    compiled = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
-
-    def register(func: Route) -> Route:
-        _ROUTES.append((method, compiled, func))
-        return func
-
-    return register
-
-
-def handler(agent: Agent) -> Callable[[Request], Response]:
-    def handle(request: Request) -> Response:
-        allowed: list[str] = []
-        for method, pattern, func in _ROUTES:
-            match = pattern.match(request.path)
-            if match is None:
-                continue
-            if method != request.method:
-                allowed.append(method)
-                continue
-            try:
-                return func(agent, request, match.groupdict())
-            except HttpError:
-                raise
-            except PolicyDenied as exc:
-                raise HttpError(403, "forbidden", str(exc), exc.hint) from None
-            except (Pkcs11Error, AgentError) as exc:
-                raise _http_error(exc) from None
-        if allowed:
-            raise HttpError(405, "method_not_allowed", f"{request.path} accepts {', '.join(allowed)}",
-                            headers=(("Allow", ", ".join(allowed)),))
-        raise HttpError(404, "not_found", f"no endpoint {request.path}", "see GET /v1/health, /v1/keys")
-
-    return handle
-
-
-def _http_error(exc: Pkcs11Error | AgentError) -> HttpError:
-    hint = exc.hint or ""
-    if isinstance(exc, KeyNotFoundError | AmbiguousKeyError):
-        return HttpError(404 if isinstance(exc, KeyNotFoundError) else 409, "key_not_found", str(exc), hint)
-    if isinstance(exc, MechanismError):
-        return HttpError(400, "unsupported_algorithm", str(exc), hint)
-    if isinstance(exc, PinError):
-        return HttpError(503, "token_login_refused", str(exc), hint)
-    if isinstance(exc, TokenUnavailableError):
-        return HttpError(503, "token_unavailable", str(exc), hint, (("Retry-After", "1"),))
-    if isinstance(exc, AuditError):
-        return HttpError(500, "audit_unavailable", str(exc), hint)
-    if isinstance(exc, InputError):
-        return HttpError(400, "bad_input", str(exc), hint)
-    return HttpError(500, "internal_error", str(exc), hint)
 
 
 def _known_key(agent: Agent, alias: str) -> None:
@@ -147,7 +77,7 @@ def sign(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     agent.policy.check(request.peer, "sign", key=alias)
     _known_key(agent, alias)
     body = request.json()
-    alg, data = body.get("alg"), _base64_field(body, "data_b64")
+    alg, data = body.get("alg"), base64_field(body, "data_b64")
     if not isinstance(alg, str):
         raise HttpError(400, "missing_field", "field 'alg' (PS256, ES256, ES384 or RS256) is required")
     request.log["alg"] = alg
@@ -169,13 +99,19 @@ def sign(agent: Agent, request: Request, params: dict[str, str]) -> Response:
                                "signature_b64": base64.b64encode(signature).decode("ascii")})
 
 
-def _base64_field(body: dict[str, Any], name: str) -> bytes:
-    value = body.get(name)
-    if not isinstance(value, str):
-        raise HttpError(400, "missing_field", f"field {name!r} (base64 of the bytes to sign) is required")
-    try:
-        if _BASE64URL.match(value) and ("-" in value or "_" in value):
-            return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise HttpError(400, "bad_base64", f"field {name!r} is not base64") from None
+@route("POST", "/v1/keys/{alias}/csr")
+def csr(agent: Agent, request: Request, params: dict[str, str]) -> Response:
+    """A PKCS#10 request for the key, signed on the token (admins only)."""
+    alias = params["alias"]
+    request.log.update(operation="csr", key=alias)
+    agent.policy.check(request.peer, "csr", key=alias)
+    _known_key(agent, alias)
+    subject = request.json().get("subject")
+    if not isinstance(subject, str):
+        raise HttpError(400, "missing_field", "field 'subject' (RFC 4514, e.g. \"CN=client-id,OU=org-id,O=Name,C=AE\") "
+                                              "is required")
+    signed = build_csr(agent.runtime.keys, alias, parse_subject(subject))
+    agent.audit.record(KeyUse(request.peer.uid, request.peer.pid, agent.config.keys[alias].uri, "csr",
+                              signed.scheme.jose_name, signed.request["certification_request_info"].dump(), "ok",
+                              request.interaction_id))
+    return Response.json(200, {"key": alias, "alg": signed.scheme.jose_name, "pem": signed.pem})

@@ -23,6 +23,7 @@ from agent.daemon.policy import Policy
 from agent.daemon.settings import DaemonSettings
 from agent.errors import AgentError
 from agent.log import get_logger
+from agent.openfinance.service import OpenFinance
 from agent.runtime import Runtime
 from pkcs11_backends.errors import Pkcs11Error
 from pkcs11_backends.keys import KeyKind, SignatureScheme
@@ -49,6 +50,7 @@ class Agent:
         self.policy = Policy.parse(config.section("policy"))
         self.runtime = runtime
         self.audit = audit
+        self.openfinance = OpenFinance(runtime, config)
         self.readiness = Readiness(False, "start-up checks not run yet")
         self._reload_lock = threading.Lock()
 
@@ -105,6 +107,8 @@ class Agent:
             if new_settings != self.settings:
                 log.warning("reload_needs_restart", reason="[daemon] settings change on restart only")
             self.config, self.policy = config, policy
+            old_banks, self.openfinance = self.openfinance, OpenFinance(self.runtime, config)
+            old_banks.close()
             self.runtime.keys.aliases = dict(config.aliases)
             self.runtime.pool.set_pin_source(pin_reader(config.pkcs11))
             try:
@@ -112,6 +116,7 @@ class Agent:
             except (AgentError, Pkcs11Error) as exc:
                 log.error("reload_rejected", error=str(exc), hint=exc.hint)
                 self.config, self.policy = old_config, old_policy
+                self.openfinance = OpenFinance(self.runtime, old_config)
                 self.runtime.keys.aliases = dict(old_config.aliases)
                 self.preflight()
                 return

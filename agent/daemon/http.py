@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import re
@@ -21,6 +23,7 @@ REASONS = {
 INTERACTION_HEADER = "x-fapi-interaction-id"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _MAX_HEADERS = 100
+_BASE64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 
 
 class HttpError(Exception):
@@ -163,3 +166,16 @@ class Response:
                  "Connection: " + ("keep-alive" if keep_alive else "close"),
                  *(f"{name}: {value}" for name, value in self.headers)]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+
+
+def base64_field(body: dict[str, Any], name: str) -> bytes:
+    """A required JSON field holding base64 (standard or URL-safe alphabet)."""
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise HttpError(400, "missing_field", f"field {name!r} (base64) is required")
+    try:
+        if _BASE64URL.match(value) and ("-" in value or "_" in value):
+            return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(400, "bad_base64", f"field {name!r} is not base64") from None

@@ -18,7 +18,7 @@ from types import FrameType
 
 from agent import config as config_module
 from agent.audit import AuditTrail
-from agent.daemon import api, systemd
+from agent.daemon import api, banks, routing, systemd
 from agent.daemon.app import Agent
 from agent.daemon.listener import bind_unix
 from agent.daemon.server import Server
@@ -29,6 +29,7 @@ from agent.runtime import Runtime
 from pkcs11_backends.errors import PinError, Pkcs11Error
 
 EX_CONFIG = 78
+ENDPOINTS = (api, banks)  # importing them registers their routes
 log = get_logger("tpp-agent.daemon")
 
 
@@ -60,7 +61,7 @@ def run(config_path: str | None, socket_override: str | None) -> int:
             log.error("startup_failed", error=str(exc), hint=exc.hint)
             notifier.status(f"start-up failed: {exc}")
             return 1
-        server = Server(listener, api.handler(agent), settings.limits)
+        server = Server(listener, routing.handler(agent), settings.limits)
         _install_signals(agent, server, notifier)
         stop_health = threading.Event()
         health = threading.Thread(target=_health_loop, args=(agent, server, notifier, settings, stop_health),

@@ -164,8 +164,12 @@ def daemon_config(token: Token, public_dir: Path, extra: str = "") -> str:
 
 
 def start_daemon(token: Token, public_dir: Path, extra: str = "", env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = (), wait_ready: bool = True, **popen: object) -> Daemon:
-    config = token.write_config(daemon_config(token, public_dir, extra))
+                 wait_ready: bool = True) -> Daemon:
+    return launch(token.write_config(daemon_config(token, public_dir, extra)), public_dir, env, wait_ready)
+
+
+def launch(config: Path, public_dir: Path, env: dict[str, str] | None = None, wait_ready: bool = True) -> Daemon:
+    """``tpp-agent serve`` on ``config`` (its socket in ``public_dir/run``), READY awaited on a notify socket."""
     notify_path = public_dir / "notify.sock"
     with contextlib.suppress(FileNotFoundError):
         notify_path.unlink()
@@ -173,8 +177,7 @@ def start_daemon(token: Token, public_dir: Path, extra: str = "", env: dict[str,
     notify.bind(str(notify_path))
     log = (config.parent / "daemon.log").open("ab")
     full_env = {**os.environ, "TPP_AGENT_CONFIG": str(config), "NOTIFY_SOCKET": str(notify_path), **(env or {})}
-    proc = subprocess.Popen(popen.pop("argv", None) or [TPP_AGENT, "serve", *args],  # type: ignore[call-overload]
-                            env=full_env, stdout=log, stderr=log, **popen)
+    proc = subprocess.Popen([TPP_AGENT, "serve"], env=full_env, stdout=log, stderr=log)
     daemon = Daemon(proc, public_dir / "run" / "agent.sock", config, config.parent / "audit.jsonl", notify)
     if wait_ready:
         daemon.wait_for("READY=1")
