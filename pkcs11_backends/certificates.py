@@ -66,11 +66,14 @@ def find_certificate(session: pkcs11.Session, key_id: bytes) -> StoredCertificat
     return max(certs, key=lambda c: c.not_after) if certs else None
 
 
-def store_certificate(session: pkcs11.Session, der: bytes, label: str, key_id: bytes) -> StoredCertificate:
+def store_certificate(session: pkcs11.Session, der: bytes, label: str, key_id: bytes,
+                      category: int | None = None) -> StoredCertificate:
     cert = x509.Certificate.load(der)
     tbs = cert["tbs_certificate"]
+    extra = {} if category is None else {Attribute.CERTIFICATE_CATEGORY: category}
     try:
         session.create_object({
+            **extra,
             Attribute.CLASS: ObjectClass.CERTIFICATE,
             Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
             Attribute.TOKEN: True,
@@ -96,3 +99,46 @@ def delete_certificates(session: pkcs11.Session, key_id: bytes, keep: bytes | No
         obj.destroy()
         removed += 1
     return removed
+
+
+# -- CA certificates of a key's chain -------------------------------------------
+# They are stored as CKO_CERTIFICATE objects of category "authority" with their own
+# label and, as CKA_ID, their subject key identifier (never a key's CKA_ID, so that
+# find_certificate() only sees end-entity certificates). A leaf finds its chain by
+# CKA_SUBJECT == issuer, the usual PKCS#11 way.
+CATEGORY_AUTHORITY = 2
+
+
+def has_certificate(session: pkcs11.Session, der: bytes) -> bool:
+    return bool(list(session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.VALUE: der})))
+
+
+def store_ca_certificate(session: pkcs11.Session, der: bytes, label: str) -> StoredCertificate:
+    cert = x509.Certificate.load(der)
+    key_id = cert.key_identifier or cert.public_key.sha1
+    return store_certificate(session, der, label, key_id, category=CATEGORY_AUTHORITY)
+
+
+def delete_certificate(session: pkcs11.Session, der: bytes) -> int:
+    """Remove every certificate object holding exactly ``der``; returns how many."""
+    found = list(session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.VALUE: der}))
+    for obj in found:
+        obj.destroy()
+    return len(found)
+
+
+def find_chain(session: pkcs11.Session, leaf_der: bytes, limit: int = 8) -> list[StoredCertificate]:
+    """The issuers of a certificate found on the token, nearest first, up to a self-signed root."""
+    chain: list[StoredCertificate] = []
+    current = x509.Certificate.load(leaf_der)
+    while len(chain) < limit and not current.self_issued:
+        issuer = current.issuer.dump()
+        found = [_stored(obj) for obj in session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE,
+                                                              Attribute.SUBJECT: issuer})]
+        found = [c for c in found if c.der not in {s.der for s in chain} and c.der != leaf_der]
+        if not found:
+            break
+        nearest = max(found, key=lambda c: c.not_after)
+        chain.append(nearest)
+        current = nearest.parsed
+    return chain

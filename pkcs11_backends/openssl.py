@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import glob
 import os
+import threading
 from pathlib import Path
+from typing import Protocol
 
 from pkcs11_backends.errors import Pkcs11Error
 
@@ -80,3 +83,291 @@ def find_provider() -> Path | None:
         for hit in sorted(glob.glob(pattern)):
             return Path(hit)
     return None
+
+
+# -- token keys as EVP_PKEY* ----------------------------------------------------
+#
+# API (stable; the transport layer and others build on it):
+#
+#   backend = key_backend(module_path, choice="auto")   # one per (kind, module) per process
+#   key = backend.load_private_key("pkcs11:token=...;object=...;type=private")
+#   key.address      # the EVP_PKEY* as an int, for SSL_CTX_use_PrivateKey & co.
+#   key.free()       # drop our reference (a context that took the key holds its own)
+#
+# The caller logs in through its SessionPool first: PKCS#11 login is per
+# application, so the engine's and provider's sessions on the same module
+# instance are already logged in and never need the PIN.
+
+BACKEND_CHOICES = ("auto", "engine", "provider")
+
+
+class OpenSSLKeyError(Pkcs11Error):
+    hint = "check that the key exists (`tpp-agent keys list`) and that the agent is logged in to the token"
+
+
+class OpenSSLBackendError(Pkcs11Error):
+    hint = ("install libp11's engine (Debian: libengine-pkcs11-openssl) or pkcs11-provider (Debian 13), "
+            "or set [pkcs11] openssl_backend to one that is installed")
+
+
+def _openssl_errors(lib: ctypes.CDLL) -> str:
+    """Drain OpenSSL's error queue of this thread into one line."""
+    messages: list[str] = []
+    buffer = ctypes.create_string_buffer(256)
+    while code := lib.ERR_get_error():
+        lib.ERR_error_string_n(code, buffer, len(buffer))
+        messages.append(buffer.value.decode("ascii", "replace"))
+    return "; ".join(messages) or "no detail from OpenSSL"
+
+
+@functools.cache
+def _crypto() -> ctypes.CDLL:
+    lib = libcrypto()
+    lib.ERR_get_error.restype = ctypes.c_ulong
+    lib.ERR_get_error.argtypes = []
+    lib.ERR_error_string_n.restype = None
+    lib.ERR_error_string_n.argtypes = [ctypes.c_ulong, ctypes.c_char_p, ctypes.c_size_t]
+    lib.ERR_clear_error.restype = None
+    lib.ERR_clear_error.argtypes = []
+    lib.EVP_PKEY_free.restype = None
+    lib.EVP_PKEY_free.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+class TokenPrivateKey:
+    """An ``EVP_PKEY*`` whose private half stays on the token; we own one reference.
+
+    OpenSSL counts references: ``SSL_CTX_use_PrivateKey`` takes its own, so a
+    context keeps the key alive until the context is freed, whatever we do here.
+    """
+
+    def __init__(self, address: int, uri: str, backend: str) -> None:
+        self._address: int | None = address
+        self.uri = uri
+        self.backend = backend
+
+    @property
+    def address(self) -> int:
+        if self._address is None:
+            raise OpenSSLKeyError(f"key {self.uri} was already freed")
+        return self._address
+
+    def free(self) -> None:
+        address, self._address = self._address, None
+        if address is not None:
+            _crypto().EVP_PKEY_free(address)
+
+    def __enter__(self) -> TokenPrivateKey:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.free()
+
+    def __repr__(self) -> str:
+        return f"TokenPrivateKey({self.uri!r}, backend={self.backend!r})"
+
+
+class KeyBackend(Protocol):
+    name: str
+
+    def load_private_key(self, uri: str) -> TokenPrivateKey: ...
+
+
+class EngineBackend:
+    """libp11's ``pkcs11`` engine on one PKCS#11 module, one per process.
+
+    Loaded by path through OpenSSL's ``dynamic`` engine (a second load of the
+    same engine fails in libp11 0.4.12). Never finished or freed: libp11 would
+    ``C_Finalize`` the module that python-pkcs11 shares with it.
+
+    Limitation (libp11 0.4.12): the engine lists the module's slots once, when it
+    loads its first key, so a token initialised later in the same process is not
+    visible to it; its ``RE_ENUMERATE`` control frees slot objects that live keys
+    still point to (it crashed here), so it is not used. Keys added later to a
+    listed token are found.
+    """
+
+    name = "engine"
+
+    def __init__(self, module_path: str, engine_path: Path) -> None:
+        self.module_path = module_path
+        self.engine_path = engine_path
+        self._lock = threading.Lock()
+        self._engine: int | None = None
+        lib = _crypto()
+        lib.ENGINE_by_id.restype = ctypes.c_void_p
+        lib.ENGINE_by_id.argtypes = [ctypes.c_char_p]
+        lib.ENGINE_ctrl_cmd_string.restype = ctypes.c_int
+        lib.ENGINE_ctrl_cmd_string.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
+        lib.ENGINE_init.restype = ctypes.c_int
+        lib.ENGINE_init.argtypes = [ctypes.c_void_p]
+        lib.ENGINE_load_private_key.restype = ctypes.c_void_p
+        lib.ENGINE_load_private_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
+        self._lib = lib
+
+
+    def _start(self) -> int:
+        lib = self._lib
+        lib.ERR_clear_error()
+        engine = lib.ENGINE_by_id(b"dynamic")
+        if not engine:
+            raise OpenSSLBackendError(f"OpenSSL has no dynamic engine loader: {_openssl_errors(lib)}")
+        commands = ((b"SO_PATH", str(self.engine_path).encode()), (b"ID", b"pkcs11"), (b"LIST_ADD", b"0"),
+                    (b"LOAD", None), (b"MODULE_PATH", self.module_path.encode()))
+        for command, argument in commands:
+            if not lib.ENGINE_ctrl_cmd_string(engine, command, argument, 0):
+                raise OpenSSLBackendError(
+                    f"cannot load libp11's engine {self.engine_path} ({command.decode()}): {_openssl_errors(lib)}")
+        # The module is usually initialised already (python-pkcs11 with locking):
+        # libp11 gets CKR_CRYPTOKI_ALREADY_INITIALIZED and carries on.
+        if not lib.ENGINE_init(engine):
+            raise OpenSSLBackendError(f"libp11's engine failed to start on {self.module_path}: {_openssl_errors(lib)}")
+        return int(engine)
+
+    def load_private_key(self, uri: str) -> TokenPrivateKey:
+        with self._lock:
+            if self._engine is None:
+                self._engine = self._start()
+            engine = self._engine
+            self._lib.ERR_clear_error()
+            pkey = self._lib.ENGINE_load_private_key(engine, uri.encode("utf-8"), None, None)
+            if not pkey:
+                raise OpenSSLKeyError(f"libp11's engine cannot load {uri}: {_openssl_errors(self._lib)}")
+        return TokenPrivateKey(int(pkey), uri, self.name)
+
+
+class _OsslParam(ctypes.Structure):
+    _fields_ = [("key", ctypes.c_char_p), ("data_type", ctypes.c_uint), ("data", ctypes.c_void_p),
+                ("data_size", ctypes.c_size_t), ("return_size", ctypes.c_size_t)]
+
+
+_OSSL_PARAM_UTF8_STRING = 4
+_OSSL_STORE_INFO_PKEY = 4
+
+
+class ProviderBackend:
+    """pkcs11-provider in a library context of its own.
+
+    The provider is never loaded into OpenSSL's default context, so no fetch
+    made for TLS (server chain verification, digests, key exchange) can land on
+    the token; only keys loaded here live there. OpenSSL runs an operation on a
+    provider key with that key's own provider, whatever context the TLS
+    connection uses.
+    """
+
+    name = "provider"
+
+    def __init__(self, module_path: str, provider_path: Path) -> None:
+        self.module_path = module_path
+        self.provider_path = provider_path
+        self._lock = threading.Lock()
+        lib = _crypto()
+        for name in ("OSSL_PROVIDER_load_ex", "OSSL_STORE_open_ex"):
+            if not hasattr(lib, name):
+                raise OpenSSLBackendError(f"the system OpenSSL lacks {name} (pkcs11-provider needs OpenSSL >= 3.2)")
+        lib.OSSL_LIB_CTX_new.restype = ctypes.c_void_p
+        lib.OSSL_LIB_CTX_new.argtypes = []
+        lib.OSSL_PROVIDER_load.restype = ctypes.c_void_p
+        lib.OSSL_PROVIDER_load.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.OSSL_PROVIDER_load_ex.restype = ctypes.c_void_p
+        lib.OSSL_PROVIDER_load_ex.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(_OsslParam)]
+        lib.OSSL_STORE_open_ex.restype = ctypes.c_void_p
+        lib.OSSL_STORE_open_ex.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p,
+                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.OSSL_STORE_expect.restype = ctypes.c_int
+        lib.OSSL_STORE_expect.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.OSSL_STORE_load.restype = ctypes.c_void_p
+        lib.OSSL_STORE_load.argtypes = [ctypes.c_void_p]
+        lib.OSSL_STORE_eof.restype = ctypes.c_int
+        lib.OSSL_STORE_eof.argtypes = [ctypes.c_void_p]
+        lib.OSSL_STORE_close.restype = ctypes.c_int
+        lib.OSSL_STORE_close.argtypes = [ctypes.c_void_p]
+        lib.OSSL_STORE_INFO_get_type.restype = ctypes.c_int
+        lib.OSSL_STORE_INFO_get_type.argtypes = [ctypes.c_void_p]
+        lib.OSSL_STORE_INFO_get1_PKEY.restype = ctypes.c_void_p
+        lib.OSSL_STORE_INFO_get1_PKEY.argtypes = [ctypes.c_void_p]
+        lib.OSSL_STORE_INFO_free.restype = None
+        lib.OSSL_STORE_INFO_free.argtypes = [ctypes.c_void_p]
+        self._lib = lib
+        self._libctx = self._start()
+
+    def _start(self) -> int:
+        lib = self._lib
+        lib.ERR_clear_error()
+        libctx = lib.OSSL_LIB_CTX_new()
+        if not libctx:
+            raise OpenSSLBackendError(f"cannot create an OpenSSL library context: {_openssl_errors(lib)}")
+        # The provider's own digests and public-key operations need the default provider beside it.
+        if not lib.OSSL_PROVIDER_load(libctx, b"default"):
+            raise OpenSSLBackendError(f"cannot load OpenSSL's default provider: {_openssl_errors(lib)}")
+        module = self.module_path.encode()
+        params = (_OsslParam * 2)()
+        params[0] = _OsslParam(b"pkcs11-module-path", _OSSL_PARAM_UTF8_STRING,
+                               ctypes.cast(ctypes.c_char_p(module), ctypes.c_void_p), len(module), 0)
+        # Loaded by name from OpenSSL's module directory: the name is what "provider=pkcs11" matches.
+        if not lib.OSSL_PROVIDER_load_ex(libctx, b"pkcs11", params):
+            raise OpenSSLBackendError(
+                f"cannot load pkcs11-provider {self.provider_path} for {self.module_path}: {_openssl_errors(lib)}")
+        return int(libctx)
+
+    def load_private_key(self, uri: str) -> TokenPrivateKey:
+        lib = self._lib
+        with self._lock:
+            lib.ERR_clear_error()
+            store = lib.OSSL_STORE_open_ex(uri.encode("utf-8"), self._libctx, b"provider=pkcs11",
+                                           None, None, None, None, None)
+            if not store:
+                raise OpenSSLKeyError(f"pkcs11-provider cannot open {uri}: {_openssl_errors(lib)}")
+            try:
+                lib.OSSL_STORE_expect(store, _OSSL_STORE_INFO_PKEY)
+                while not lib.OSSL_STORE_eof(store):
+                    info = lib.OSSL_STORE_load(store)
+                    if not info:
+                        continue
+                    try:
+                        if lib.OSSL_STORE_INFO_get_type(info) == _OSSL_STORE_INFO_PKEY:
+                            pkey = lib.OSSL_STORE_INFO_get1_PKEY(info)
+                            if pkey:
+                                return TokenPrivateKey(int(pkey), uri, self.name)
+                    finally:
+                        lib.OSSL_STORE_INFO_free(info)
+            finally:
+                lib.OSSL_STORE_close(store)
+            raise OpenSSLKeyError(f"pkcs11-provider found no private key at {uri}: {_openssl_errors(lib)}")
+
+
+_backends: dict[tuple[str, str], KeyBackend] = {}
+_backends_lock = threading.Lock()
+
+
+def choose_backend(choice: str = "auto") -> str:
+    """``provider`` where pkcs11-provider is installed, else ``engine``; or what the config says."""
+    if choice not in BACKEND_CHOICES:
+        raise OpenSSLBackendError(f"unknown OpenSSL backend {choice!r}: use one of {', '.join(BACKEND_CHOICES)}")
+    if choice == "auto":
+        return "provider" if find_provider() is not None else "engine"
+    return choice
+
+
+def key_backend(module_path: str, choice: str = "auto") -> KeyBackend:
+    """The process's one engine or provider instance for a PKCS#11 module."""
+    kind = choose_backend(choice)
+    real = os.path.realpath(module_path)
+    with _backends_lock:
+        backend = _backends.get((kind, real))
+        if backend is None:
+            check_linkage()
+            if kind == "provider":
+                provider = find_provider()
+                if provider is None:
+                    raise OpenSSLBackendError("pkcs11-provider is not installed",
+                                              hint="Debian 13: apt install pkcs11-provider; Debian 12 has only the "
+                                                   "engine: set [pkcs11] openssl_backend = engine or auto")
+                backend = ProviderBackend(real, provider)
+            else:
+                engine = find_engine()
+                if engine is None:
+                    raise OpenSSLBackendError("libp11's engine is not installed (apt install libengine-pkcs11-openssl)")
+                backend = EngineBackend(real, engine)
+            _backends[(kind, real)] = backend
+        return backend

@@ -99,3 +99,17 @@ def runtime(token: Token) -> Iterator[Runtime]:
     rt = Runtime(token.config())
     yield rt
     rt.close()
+
+
+@pytest.fixture(scope="session")
+def shared_runtime(softhsm_state: Path) -> Iterator[Runtime]:
+    """A runtime on the session's first token (``tpp-agent``), which exists before any OpenSSL engine starts.
+
+    Tests that load keys through libp11's engine use it, with their own key labels:
+    the engine only sees tokens that existed when it loaded its first key.
+    """
+    tok = Token(softhsm_state, "tpp-agent", softhsm_state / "shared-config.toml")
+    tok.write_config()
+    rt = Runtime(tok.config())
+    yield rt
+    rt.close()

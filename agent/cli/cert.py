@@ -1,0 +1,104 @@
+"""``tpp-agent cert``: import the certificate issued for a token key, and show it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from asn1crypto import pem
+
+from agent.cli.context import CliContext
+from agent.errors import InputError
+from agent.x509.certificates import KeyCertificates, days_left, import_certificate, key_certificates
+
+_MAX_FILE = 1 << 20
+
+
+def register(sub: Any) -> None:
+    cert = sub.add_parser("cert", help="certificates of token keys")
+    actions = cert.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    imp = actions.add_parser("import", help="store a certificate (and its chain) on the token with its key",
+                             description="FILE: PEM, leaf first then its chain, or one DER certificate ('-' for "
+                                         "stdin). Older certificates of the key are kept for rotation overlap; "
+                                         "the newest is used. --replace removes them.")
+    imp.add_argument("--key", required=True, help="pkcs11: URI or configured alias of the key")
+    imp.add_argument("--replace", action="store_true", help="remove the key's other certificates")
+    imp.add_argument("file", metavar="FILE")
+    imp.set_defaults(handler=import_cert)
+
+    show = actions.add_parser("show", help="show a key's certificates and chain")
+    show.add_argument("--key", required=True, help="pkcs11: URI or configured alias of the key")
+    out = show.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true")
+    out.add_argument("--pem", action="store_true", help="print the certificate in use and its chain as PEM")
+    show.set_defaults(handler=show_cert)
+
+
+def _read(name: str) -> bytes:
+    try:
+        with (open(sys.stdin.fileno(), "rb", closefd=False) if name == "-" else Path(name).open("rb")) as handle:
+            data = handle.read(_MAX_FILE + 1)
+    except FileNotFoundError:
+        raise InputError(f"certificate file not found: {name}") from None
+    except IsADirectoryError:
+        raise InputError(f"{name} is a directory, not a certificate file") from None
+    except PermissionError:
+        raise InputError(f"certificate file not readable: {name}") from None
+    if len(data) > _MAX_FILE:
+        raise InputError(f"{name} is larger than 1 MiB: not a certificate file")
+    return data
+
+
+def import_cert(args: argparse.Namespace, ctx: CliContext) -> int:
+    data = _read(args.file)
+    source = "stdin" if args.file == "-" else args.file
+    result = import_certificate(ctx.runtime.keys, args.key, data, source, replace=args.replace)
+    cert = result.certificate
+    verb = "already on the token" if result.already_present else "imported"
+    print(f"{verb}: {cert.subject} for key {cert.label!r}, valid until {cert.not_after:%Y-%m-%d %H:%M} UTC")
+    print(f"sha256 {cert.sha256_fingerprint}")
+    for label in result.chain_added:
+        print(f"stored chain certificate {label!r}")
+    if result.replaced:
+        print(f"removed {result.replaced} older certificate(s) of this key")
+    return 0
+
+
+def show_cert(args: argparse.Namespace, ctx: CliContext) -> int:
+    found = key_certificates(ctx.runtime.keys, args.key)
+    if args.json:
+        print(json.dumps(_as_json(found), indent=2))
+        return 0
+    if found.current is None:
+        raise InputError(f"key {found.key_label!r} has no certificate",
+                         hint="import one with `tpp-agent cert import --key KEY FILE`")
+    if args.pem:
+        for cert in (found.current, *found.chain):
+            sys.stdout.write(pem.armor("CERTIFICATE", cert.der).decode("ascii"))
+        return 0
+    for number, cert in enumerate(found.certificates):
+        role = "in use" if number == 0 else "older (kept for rotation)"
+        print(f"certificate {number + 1} ({role})")
+        parsed = cert.parsed
+        print(f"  subject   {cert.subject}")
+        print(f"  issuer    {parsed.issuer.human_friendly}")
+        print(f"  serial    {parsed.serial_number:x}")
+        print(f"  valid     {cert.not_before:%Y-%m-%d %H:%M} .. {cert.not_after:%Y-%m-%d %H:%M} UTC "
+              f"({days_left(cert):.0f} days left)")
+        print(f"  sha256    {cert.sha256_fingerprint}")
+    for cert in found.chain:
+        print(f"chain: {cert.label!r} {cert.subject} (until {cert.not_after:%Y-%m-%d})")
+    return 0
+
+
+def _as_json(found: KeyCertificates) -> dict[str, object]:
+    def entry(cert: Any) -> dict[str, object]:
+        return {**cert.as_dict(), "issuer": cert.parsed.issuer.human_friendly,
+                "serial": f"{cert.parsed.serial_number:x}", "days_left": round(days_left(cert), 1)}
+
+    return {"key": found.key_label, "certificates": [entry(c) for c in found.certificates],
+            "chain": [entry(c) for c in found.chain]}

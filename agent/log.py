@@ -1,0 +1,76 @@
+"""Logging for the whole agent: structlog, configured here and nowhere else.
+
+    from agent import log
+    log.configure("json")          # the daemon: one JSON object per line
+    log.configure("console")       # the CLI: human-readable lines on stderr
+    logger = log.get_logger("transport")
+    logger.info("http.request", method="GET", url=url, status=200)
+
+Every event passes the redaction processor: values under keys that can carry
+secrets (PIN, Authorization, client assertions, bodies…) never reach a sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, Literal, TextIO
+
+import structlog
+
+REDACTED = "[redacted]"
+SECRET_KEYS = frozenset({
+    "pin", "user_pin", "so_pin", "password", "passphrase", "secret", "authorization", "proxy-authorization",
+    "cookie", "set-cookie", "assertion", "client_assertion", "request", "body", "response_body", "access_token",
+    "refresh_token", "id_token", "private_key",
+})
+
+Mode = Literal["json", "console"]
+
+
+def _is_secret(key: object) -> bool:
+    return isinstance(key, str) and key.lower().replace("_", "-") in {k.replace("_", "-") for k in SECRET_KEYS}
+
+
+def _scrub(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {k: REDACTED if _is_secret(k) else _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def redact(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Replace the values of secret-bearing keys, also inside nested mappings (headers)."""
+    for key in list(event):
+        event[key] = REDACTED if _is_secret(key) else _scrub(event[key])
+    return event
+
+
+def processors(mode: Mode) -> list[structlog.typing.Processor]:
+    chain: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    if mode == "json":
+        chain += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(sort_keys=True)]
+    else:
+        chain.append(structlog.dev.ConsoleRenderer(colors=False))
+    return chain
+
+
+def configure(mode: Mode = "console", level: str = "info", stream: TextIO | None = None) -> None:
+    structlog.configure(
+        processors=processors(mode),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A bound logger tagged with the component's name (structlog's types are loose: Any)."""
+    return structlog.get_logger(component=name)

@@ -1,0 +1,28 @@
+"""Mutual TLS with the client key on the token against a Python ``ssl`` server."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.runtime import Runtime
+from agent.transport.client import open_transport
+from tests.transport.conftest import TestCa, client_identity, server_context, settings_for
+
+
+@pytest.mark.parametrize("spec", ["rsa:2048", "ec:p256"])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_request_with_token_key(shared_runtime: Runtime, bank_ca: TestCa, pki_dir: Path, serve: Any, spec: str,
+                                 version: ssl.TLSVersion) -> None:
+    key = client_identity(shared_runtime, bank_ca, spec)
+    server = serve(server_context(*bank_ca.server_identity(pki_dir), bank_ca.pem_path, max_version=version))
+    with open_transport(shared_runtime, settings_for("bank1", bank_ca, key)) as transport:
+        response = transport.get(f"https://localhost:{server.port}/hello")
+    assert response.status == 200
+    seen = response.json()
+    assert seen["client_cn"] == "tpp " + key.split("object=")[1].split(";")[0]
+    assert seen["interaction_id"] == response.interaction_id
+    assert seen["tls_version"] == ("TLSv1.3" if version is ssl.TLSVersion.TLSv1_3 else "TLSv1.2")
