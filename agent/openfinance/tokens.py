@@ -13,7 +13,7 @@
 ``[tokens]`` settings::
 
     [tokens]
-    client_id = "…"            # the application's client ID in the directory (default: CN of the transport cert)
+    client_id = "…"            # the application's client ID in the directory (the transport certificate's CN)
     signing_key = "signing"    # alias or pkcs11: URI of the JWS signing key
     refresh_margin = 30        # seconds before expiry a cached token is replaced
 """
