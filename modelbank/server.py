@@ -24,6 +24,7 @@ from typing import Any
 from cryptography import x509
 
 from modelbank.ca import ServerCredentials, TestCA
+from modelbank.token_endpoint import TokenEndpoint
 
 REGISTRATION_PATH = "/tpp-registration"
 MTLS_PREFIX = "/mtls"
@@ -89,6 +90,9 @@ class ModelBank:
         self.behaviour = behaviour or Behaviour()
         self.ca = TestCA(state_dir / "ca")
         self.registrations: list[Registration] = []
+        # /token, /par and /accounts live in modelbank/token_endpoint.py.
+        self.tokens = TokenEndpoint(lambda: self.issuer,
+                                    lambda sha256: any(r.sha256 == sha256 for r in self.registrations))
         self.requests: list[tuple[str, str, str]] = []  # (method, path, x-fapi-interaction-id)
         self.handshakes = 0
         self._contexts: dict[tuple[ServerCert, bool, bool], ssl.SSLContext] = {}
@@ -244,8 +248,18 @@ class _Handler(BaseHTTPRequestHandler):
         with self.bank._lock:
             self.bank.requests.append((self.command, self.path, self._interaction_id()))
 
+    def _answer_tokens(self, body: bytes) -> bool:
+        der = self.connection.getpeercert(binary_form=True)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        answer = self.bank.tokens.handle(self.command, self.path, headers, body, der)
+        if answer is not None:
+            self._send(*answer)
+        return answer is not None
+
     def do_GET(self) -> None:
         self._record()
+        if self._answer_tokens(b""):
+            return
         if self.path == DISCOVERY_PATH:
             self._send(200, self.bank.discovery_document())
         else:
@@ -255,6 +269,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._record()
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if self._answer_tokens(body):
+            return
         if self.path not in (REGISTRATION_PATH, MTLS_PREFIX + REGISTRATION_PATH):
             self._error(404, "NotFound", f"no resource at {self.path}")
             return
