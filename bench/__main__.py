@@ -1,0 +1,68 @@
+"""The benchmark suite (issue 7): every figure next to a baseline measured in the same run.
+
+    make bench                                  # = python -m bench
+    python -m bench --seconds 2 --only signing  # one benchmark, shorter windows
+    python -m bench --docs                      # also put the tables into docs/performance.md
+
+Benchmarks: ``signing`` (targets 1 and 4), ``forward`` (target 2), ``handshakes`` (target 3). Each creates its
+own SoftHSM2 token in a temporary directory. Results go to ``.bench/results.md`` and ``.bench/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import forward, handshakes, signing
+from bench.common import REPO, Outcome, machine
+from bench.report import render, update_docs
+
+BENCHMARKS = ("signing", "forward", "handshakes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured window of each load (default 3)")
+    parser.add_argument("--clients", default="1,2,8,32", help="concurrent clients for signing (default 1,2,8,32)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
+    parser.add_argument("--profile", action="store_true", help="profile fresh handshakes with py-spy (on PATH)")
+    parser.add_argument("--out", type=Path, default=REPO / ".bench", help="where results.md/json go")
+    parser.add_argument("--docs", action="store_true", help="also write the tables into docs/performance.md")
+    args = parser.parse_args(argv)
+    clients = tuple(int(n) for n in args.clients.split(","))
+    command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    info = machine()
+    outcomes: dict[str, Outcome] = {}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tpp-bench-") as tmp:
+        work = Path(tmp)
+        for name in args.only or BENCHMARKS:
+            print(f"== {name}", file=sys.stderr, flush=True)
+            if name == "signing":
+                outcomes[name] = signing.run(work, args.seconds, clients)
+            elif name == "forward":
+                outcomes[name] = forward.run(work, args.seconds)
+            else:
+                outcomes[name] = handshakes.run(work, args.seconds, args.profile)
+    info["load_after"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    info["duration"] = f"{time.monotonic() - started:.0f} s"
+    markdown = render(info, command, outcomes)
+    args.out.mkdir(exist_ok=True)
+    (args.out / "results.md").write_text(markdown)
+    (args.out / "results.json").write_text(json.dumps(
+        {"machine": info, "command": command,
+         "results": {name: {"checks": [vars(c) for c in o.checks], "data": o.data} for name, o in outcomes.items()}},
+        indent=2) + "\n")
+    if args.docs:
+        update_docs(markdown, args.out / "results.json")
+    print(markdown)
+    return 0 if all(c.ok for o in outcomes.values() for c in o.checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""What the benchmarks share: a throw-away token, a daemon started the way systemd starts it, load, results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TPP_AGENT = Path(sys.executable).parent / "tpp-agent"
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# -- results ---------------------------------------------------------------------
+@dataclasses.dataclass
+class Check:
+    """One target of issue 7: a measured value against its bound."""
+
+    name: str
+    value: str
+    target: str
+    ok: bool
+
+
+@dataclasses.dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Outcome:
+    tables: list[Table] = dataclasses.field(default_factory=list)
+    checks: list[Check] = dataclasses.field(default_factory=list)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# -- machine -----------------------------------------------------------------------
+def machine() -> dict[str, str]:
+    def first(pattern: str, text: str) -> str:
+        found = re.search(pattern, text, re.M)
+        return found.group(1).strip() if found else "unknown"
+
+    import ssl
+
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    os_release = Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""
+    softhsm = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "softhsm2"], capture_output=True, text=True)
+    libp11 = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libengine-pkcs11-openssl"], capture_output=True,
+                            text=True)
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": first(r"^model name\s*:\s*(.*)$", cpuinfo),
+        "os": first(r'^PRETTY_NAME="?([^"\n]*)"?$', os_release),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "softhsm2": softhsm.stdout or "unknown",
+        "libp11": libp11.stdout or "unknown",
+        "load_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }
+
+
+# -- a token and its configuration ---------------------------------------------------
+@dataclasses.dataclass
+class State:
+    """A state dir with its own SoftHSM2 token (``label``)."""
+
+    dir: Path
+    label: str
+
+    @classmethod
+    def create(cls, directory: Path, label: str) -> State:
+        subprocess.run([sys.executable, str(REPO / "softhsm" / "make_token.py"), "--state-dir", str(directory),
+                        "--label", label], check=True, capture_output=True)
+        return cls(directory, label)
+
+    @property
+    def softhsm_conf(self) -> Path:
+        return self.dir / "softhsm" / "softhsm2.conf"
+
+    def config_text(self, body: str, module: str | None = None) -> str:
+        module_line = f'module = "{module}"\n' if module else ""
+        return (f'[state]\ndir = "{self.dir}"\n'
+                f'[pkcs11]\n{module_line}token = "{self.label}"\npin_file = "{self.dir}/softhsm/user.pin"\n'
+                f'[pkcs11.environment]\nSOFTHSM2_CONF = "{self.softhsm_conf}"\n'
+                f'[policy]\nadmin_users = [{os.getuid()}]\n' + body)
+
+    def write_config(self, name: str, body: str, module: str | None = None) -> Path:
+        path = self.dir / name
+        path.write_text(self.config_text(body, module))
+        return path
+
+
+# -- the daemon --------------------------------------------------------------------
+@dataclasses.dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket_path: Path
+    ready_seconds: float
+
+    @classmethod
+    def start(cls, config: Path, socket_path: Path, env: dict[str, str] | None = None) -> Daemon:
+        """``tpp-agent serve``; READY=1 awaited on a real NOTIFY_SOCKET, timed from process start."""
+        notify_path = config.parent / f"notify-{time.monotonic_ns()}.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        notify.settimeout(60)
+        log = (config.parent / "daemon.log").open("ab")
+        started = time.monotonic()
+        proc = subprocess.Popen([str(TPP_AGENT), "--config", str(config), "serve"], stderr=log,
+                                env={**os.environ, **(env or {}), "NOTIFY_SOCKET": str(notify_path)})
+        try:
+            while b"READY=1" not in notify.recv(4096):
+                pass
+        except TimeoutError:
+            proc.kill()
+            raise RuntimeError(f"daemon not ready within 60 s; see {config.parent / 'daemon.log'}") from None
+        ready = time.monotonic() - started
+        notify.close()
+        notify_path.unlink()
+        log.close()
+        return cls(proc, socket_path, ready)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICK  # utime + stime, all threads
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(VmRSS, VmHWM) in MB: now and the peak so far."""
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
+        return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def http_request(method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
+    data = json.dumps(body).encode() if body is not None else b""
+    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    return (head + f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+# -- load --------------------------------------------------------------------------
+@dataclasses.dataclass
+class Load:
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    count: int
+    cpu_seconds: float = 0.0  # the daemon's, over the measured window
+
+
+def drive(spec: dict[str, Any], daemon: Daemon | None = None) -> Load:
+    """Run ``bench.load`` in its own process; the daemon's CPU time is read around the measured window."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            cwd=REPO, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(spec))
+    proc.stdin.close()
+    go = proc.stdout.readline()
+    cpu0 = daemon.cpu_seconds() if daemon else 0.0
+    line = proc.stdout.readline()
+    cpu1 = daemon.cpu_seconds() if daemon else 0.0
+    proc.wait(60)
+    if go.strip() != "go" or not line:
+        raise RuntimeError(f"load generator failed (exit {proc.returncode})")
+    result = json.loads(line)
+    if result["errors"]:
+        raise RuntimeError(f"load generator: {result['errors']}")
+    return Load(result["rate"], result["p50_ms"], result["p99_ms"], result["count"], cpu1 - cpu0)
+
+
+def in_threads(threads: int, seconds: float, setup: Callable[[], Callable[[], object]],
+               warmup: float = 0.3) -> tuple[float, float, float, float]:
+    """Closed loop in this process: (ops/s, p50 ms, p99 ms, CPU seconds of this process per op)."""
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    ready = threading.Barrier(threads + 1)
+    begin: list[float] = []
+
+    def loop(n: int) -> None:
+        work = setup()
+        ready.wait()
+        start, end = begin[0], begin[0] + seconds
+        own = latencies[n]
+        while True:
+            t0 = time.monotonic()
+            if t0 >= end:
+                return
+            work()
+            if t0 >= start:
+                own.append(time.monotonic() - t0)
+
+    pool = [threading.Thread(target=loop, args=(n,)) for n in range(threads)]
+    for thread in pool:
+        thread.start()
+    begin.append(time.monotonic() + warmup)
+    ready.wait()
+    time.sleep(max(0.0, begin[0] - time.monotonic()))
+    cpu0 = time.process_time()
+    for thread in pool:
+        thread.join()
+    cpu = time.process_time() - cpu0
+    merged = sorted(x for own in latencies for x in own)
+    count = max(1, len(merged))
+    return len(merged) / seconds, _pct(merged, 50) * 1000, _pct(merged, 99) * 1000, cpu / count
+
+
+def _pct(values: list[float], pct: float) -> float:
+    return values[min(len(values) - 1, int(len(values) * pct / 100))] if values else float("nan")

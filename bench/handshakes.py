@@ -1,0 +1,121 @@
+"""Target 3: full mTLS handshakes per second, the token key (libp11) against the same client with a key in memory.
+
+Each handshake is a fresh ``BankTransport`` (new pool, empty session cache) doing one GET against the model bank
+(its own process). With ``--profile``, py-spy samples this process (native frames included) during the token
+loop and the samples are summed by where they were: SoftHSM2, libp11, OpenSSL, Python.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from OpenSSL import crypto
+
+from agent import config as config_module
+from agent import log
+from agent.runtime import Runtime
+from agent.transport.client import BankTransport
+from agent.transport.tls import TlsContext, TlsSettings, build_context
+from bench.bank import DISCOVERY_PATH, Bank
+from bench.common import Check, Outcome, State, Table
+
+# Where a sample's innermost recognisable frame lies (first match wins, innermost frame first).
+_PLACES = (("SoftHSM2 (RSA sign on the token)", ("libsofthsm2", "SoftHSM", "OSSLRSA", "Botan")),
+           ("libp11 engine / PKCS#11 glue", ("libp11", "pkcs11_", "libpkcs11", "pkcs11.so")),
+           ("OpenSSL (handshake crypto, X.509 verify)", ("libcrypto", "libssl", "EVP_", "SSL_", "ossl_", "BN_")),
+           ("Python: urllib3 / pyOpenSSL / agent", (".py",)))
+
+
+def rate(seconds: float, step: Callable[[], object]) -> tuple[float, float]:
+    """(operations/s, CPU ms of this process per operation)."""
+    count, start, cpu = 0, time.monotonic(), time.process_time()
+    while time.monotonic() - start < seconds:
+        step()
+        count += 1
+    return count / (time.monotonic() - start), (time.process_time() - cpu) / count * 1000
+
+
+def run(work: Path, seconds: float, profile: bool) -> Outcome:
+    log.configure("console", level="warning")
+    bank = Bank.start(work / "bank-hs")
+    state = State.create(work / "handshakes", "hs")
+    runtime = Runtime(config_module.load(str(state.write_config("config.toml", ""))))
+    settings = TlsSettings("mb", bank.ca_bundle, client_key=bank.token_identity(runtime))
+    on_token = build_context(runtime, settings)
+    memory_key, cert_path, _ = bank.memory_identity(work)
+    in_memory = build_context(runtime, settings)  # same policy, then a software key and its certificate
+    in_memory.context.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, cert_path.read_bytes()))
+    in_memory.context.use_privatekey(crypto.PKey.from_cryptography_key(memory_key))
+    url = bank.url + DISCOVERY_PATH
+
+    def handshake(tls: TlsContext) -> Callable[[], object]:
+        def once() -> None:
+            with BankTransport(settings, tls) as transport:
+                transport.get(url)
+                assert transport.stats.full == 1
+        return once
+
+    token_rate, token_cpu = rate(seconds, handshake(on_token))
+    memory_rate, memory_cpu = rate(seconds, handshake(in_memory))
+    ratio = token_rate / memory_rate
+    outcome = Outcome()
+    table = Table("Full mTLS handshakes (TLS 1.3, RSA-2048 client key, fresh pool each)",
+                  ["client key", "handshakes/s", "client CPU ms/handshake"])
+    table.rows += [[f"token ({on_token.backend})", f"{token_rate:,.0f}", f"{token_cpu:.2f}"],
+                   ["in memory", f"{memory_rate:,.0f}", f"{memory_cpu:.2f}"]]
+    table.notes.append(f"Ratio token / in memory: {ratio:.0%}. Client and model bank share the machine's cores.")
+    outcome.data["handshakes"] = {"token": token_rate, "memory": memory_rate, "ratio": ratio,
+                                  "token_cpu_ms": token_cpu, "memory_cpu_ms": memory_cpu}
+    outcome.checks.append(Check("fresh handshakes/s, token key / in-memory key (reported, no bound)",
+                                f"{ratio:.0%}", "report", True))
+    outcome.tables.append(table)
+    if profile:
+        outcome.tables.append(_profile(work, seconds, handshake(on_token)))
+    runtime.close()
+    bank.stop()
+    return outcome
+
+
+def _profile(work: Path, seconds: float, step: Callable[[], object]) -> Table:
+    table = Table("Where a token-key handshake's time goes (py-spy, native frames, client process)",
+                  ["place", "share of samples"])
+    spy = shutil.which("py-spy")
+    if spy is None:
+        table.notes.append("py-spy not on PATH: install it in a throw-away venv and put it on PATH to profile.")
+        return table
+    out = work / "handshakes.pyspy"
+    proc = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--native", "--threads", "--idle",
+                             "--format", "raw", "--rate", "250", "--duration", str(int(seconds) + 1),
+                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        step()
+    proc.wait(60)
+    shares: collections.Counter[str] = collections.Counter()
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if "MainThread" not in frames[0] and "main" not in frames[0].lower():
+            continue  # only the handshaking thread
+        shares[_place(frames)] += int(count)
+    total = sum(shares.values()) or 1
+    table.rows += [[place, f"{n / total:.0%}"] for place, n in shares.most_common()]
+    table.notes.append("A sample waiting in recv/poll (`idle`) is the bank's turn: the other process works then.")
+    return table
+
+
+def _place(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        if any(mark in frame for mark in ("recv", "poll", "select", "__libc_read", "wait_for_read")):
+            return "waiting for the bank (socket)"
+        for place, marks in _PLACES:
+            if any(mark in frame for mark in marks):
+                return place
+    return "other"
