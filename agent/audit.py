@@ -5,7 +5,12 @@ Each record carries ``seq`` (its line number when the trail was written), ``prev
 without ``hash``). So :func:`verify` can say which line was edited (its hash does
 not match, or the next record no longer chains to it) and which records were
 removed (a gap in ``seq``). Records hold the SHA-256 of the signed input, never
-the input itself. Every record is fsync'ed before the signature is returned.
+the input itself. Every record is on disk before the signature is returned.
+
+Group commit: records are appended in ``seq`` order under one lock, then each caller
+waits until an ``fdatasync`` that started after its own write has returned. Callers
+arriving while a sync runs share the next one, so concurrent signers pay one disk
+flush per batch instead of one each, and nobody returns before its record is durable.
 
 Removing records at the *end* of the trail is not visible in the trail itself;
 the daemon reports the last ``seq`` in its journal status for that reason.
@@ -59,7 +64,9 @@ class KeyUse:
 class AuditTrail:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # seq order: chaining and appending a record
+        self._durable = threading.Condition()  # group commit: who syncs, and up to which seq
+        self._syncing = False
         try:
             path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -70,13 +77,15 @@ class AuditTrail:
             # A crash cut the last line short: end it, so the next record starts on a line of its own.
             os.write(self._fd, b"\n")
             self._seq += 1
+        self._synced = self._seq
+        self._failed = 0  # the highest seq covered by a failed sync
 
     @property
     def last_seq(self) -> int:
         return self._seq
 
     def record(self, use: KeyUse) -> None:
-        """Append and fsync one record; raises :class:`AuditError` if it is not on disk."""
+        """Append one record and return once it is on disk; raises :class:`AuditError` if it is not."""
         entry: dict[str, Any] = {
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
             "uid": use.uid, "pid": use.pid, "key": use.key, "operation": use.operation,
@@ -90,10 +99,36 @@ class AuditTrail:
             line = _canonical(entry) + b"\n"
             try:
                 os.write(self._fd, line)
-                os.fsync(self._fd)
             except OSError as exc:
                 raise AuditError(f"cannot write the audit trail {self.path}: {exc.strerror}") from None
             self._seq, self._prev = entry["seq"], entry["hash"]
+        self._sync(entry["seq"])
+
+    def _sync(self, seq: int) -> None:
+        """Return once record ``seq`` is durable: lead a sync, or wait for the one that covers it."""
+        with self._durable:
+            while self._synced < seq:
+                if self._failed >= seq:
+                    raise AuditError(f"cannot write the audit trail {self.path}: the disk refused to sync it")
+                if self._syncing:
+                    self._durable.wait()
+                    continue
+                self._syncing = True
+                covered = self._seq  # every record up to here has been written (os.write returned)
+                self._durable.release()
+                try:
+                    os.fdatasync(self._fd)  # an append's new size is flushed too: the data is reachable
+                    failed = False
+                except OSError:
+                    failed = True
+                finally:
+                    self._durable.acquire()
+                    self._syncing = False
+                    self._durable.notify_all()
+                if failed:
+                    self._failed = max(self._failed, covered)
+                else:
+                    self._synced = max(self._synced, covered)
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,75 @@
+"""Group commit in the audit trail: concurrent records share a disk sync, and none returns before its own is durable.
+
+The real ``os.fdatasync`` runs; the test wraps it to learn how far the file was durable when each sync returned.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import audit
+from agent.audit import AuditError, AuditTrail, KeyUse, verify
+
+
+def _use(n: int) -> KeyUse:
+    return KeyUse(0, 1, "pkcs11:object=k", "sign", "PS256", f"input {n}".encode(), "ok", f"id-{n}")
+
+
+def test_each_record_returns_only_once_synced_and_concurrent_records_share_syncs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(path)
+    durable = [0]  # file size covered by the last sync that returned
+    syncs = [0]
+    real = os.fdatasync
+
+    def observed_sync(fd: int) -> None:
+        size = os.fstat(fd).st_size  # what this sync is about to cover
+        time.sleep(0.005)  # a slow disk, so that records pile up behind a running sync
+        real(fd)
+        syncs[0] += 1
+        durable[0] = max(durable[0], size)
+
+    monkeypatch.setattr(audit.os, "fdatasync", observed_sync)
+    late: list[str] = []
+
+    def writer(n: int) -> None:
+        for i in range(20):
+            use = _use(n * 100 + i)
+            trail.record(use)
+            # On return, this record's line must lie within what a finished sync covered.
+            content = path.read_bytes()
+            end = content.index(use.interaction_id.encode()) + content[content.index(
+                use.interaction_id.encode()):].index(b"\n") + 1
+            if end > durable[0]:
+                late.append(use.interaction_id)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    trail.close()
+    assert late == []
+    assert verify(path) == (160, [])
+    assert syncs[0] < 160  # the writers shared syncs
+
+
+def test_a_failed_sync_fails_every_record_it_covered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trail = AuditTrail(tmp_path / "audit.jsonl")
+    trail.record(_use(1))
+
+    def refuse(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(audit.os, "fdatasync", refuse)
+    with pytest.raises(AuditError, match="refused to sync"):
+        trail.record(_use(2))
+    monkeypatch.undo()
+    trail.record(_use(3))  # a disk that recovers serves the next records
+    trail.close()
