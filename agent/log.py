@@ -26,11 +26,13 @@ SECRET_KEYS = frozenset({
     "refresh_token", "id_token", "private_key",
 })
 
+_SECRET_NAMES = frozenset(k.replace("_", "-") for k in SECRET_KEYS)  # every log line checks each of its keys
+
 Mode = Literal["json", "console"]
 
 
 def _is_secret(key: object) -> bool:
-    return isinstance(key, str) and key.lower().replace("_", "-") in {k.replace("_", "-") for k in SECRET_KEYS}
+    return isinstance(key, str) and key.lower().replace("_", "-") in _SECRET_NAMES
 
 
 def _scrub(value: object) -> object:
@@ -62,12 +64,14 @@ def processors(mode: Mode) -> list[structlog.typing.Processor]:
     return chain
 
 
-def configure(mode: Mode = "console", level: str = "info", stream: TextIO | None = None) -> None:
+def configure(mode: Mode = "console", level: str = "info", stream: TextIO | None = None,
+              final: bool = False) -> None:
+    """``final``: no later reconfiguration (the daemon), so loggers may be built once instead of on every call."""
     structlog.configure(
         processors=processors(mode),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=final,
     )
 
 

@@ -58,9 +58,11 @@ def machine() -> dict[str, str]:
 
     cpuinfo = Path("/proc/cpuinfo").read_text()
     os_release = Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""
-    softhsm = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "softhsm2"], capture_output=True, text=True)
-    libp11 = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libengine-pkcs11-openssl"], capture_output=True,
-                            text=True)
+    def package(name: str) -> str:
+        found = subprocess.run(["dpkg-query", "-W", "-f=${Version}", name], capture_output=True, text=True,
+                               check=False)
+        return found.stdout or "unknown"
+
     return {
         "nproc": str(os.cpu_count()),
         "cpu": first(r"^model name\s*:\s*(.*)$", cpuinfo),
@@ -68,8 +70,8 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION,
-        "softhsm2": softhsm.stdout or "unknown",
-        "libp11": libp11.stdout or "unknown",
+        "softhsm2": package("softhsm2"),
+        "libp11": package("libengine-pkcs11-openssl"),
         "load_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
     }
 
@@ -118,17 +120,19 @@ class Daemon:
         notify_path = config.parent / f"notify-{time.monotonic_ns()}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
-        notify.settimeout(60)
+        notify.settimeout(0.2)
         log = (config.parent / "daemon.log").open("ab")
         started = time.monotonic()
         proc = subprocess.Popen([str(TPP_AGENT), "--config", str(config), "serve"], stderr=log,
                                 env={**os.environ, **(env or {}), "NOTIFY_SOCKET": str(notify_path)})
-        try:
-            while b"READY=1" not in notify.recv(4096):
-                pass
-        except TimeoutError:
-            proc.kill()
-            raise RuntimeError(f"daemon not ready within 60 s; see {config.parent / 'daemon.log'}") from None
+        while True:
+            try:
+                if b"READY=1" in notify.recv(4096):
+                    break
+            except TimeoutError:
+                if proc.poll() is not None or time.monotonic() - started > 60:
+                    proc.kill()
+                    raise RuntimeError(f"daemon not ready; see {config.parent / 'daemon.log'}") from None
         ready = time.monotonic() - started
         notify.close()
         notify_path.unlink()

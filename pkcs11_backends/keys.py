@@ -155,9 +155,29 @@ class KeyStore:
         self.aliases = dict(aliases or {})
         self._generate_lock = threading.Lock()
 
+    @property
+    def aliases(self) -> dict[str, str]:
+        return self._aliases
+
+    @aliases.setter
+    def aliases(self, value: dict[str, str]) -> None:
+        # Parsing a name costs more than the rest of a request's bookkeeping: each is parsed once per alias set.
+        self._aliases = value
+        self._resolved: dict[str, Pkcs11Uri] = {}
+
     # -- naming --------------------------------------------------------------
     def resolve(self, name: str) -> Pkcs11Uri:
         """A user's key name (URI or alias) as a URI for a private key on our token."""
+        try:
+            return self._resolved[name]
+        except KeyError:
+            pass
+        uri = self._resolve(name)
+        if len(self._resolved) < 1024:  # names come from callers: bound what they can make us keep
+            self._resolved[name] = uri
+        return uri
+
+    def _resolve(self, name: str) -> Pkcs11Uri:
         text = self.aliases.get(name, name)
         if not text.lower().startswith("pkcs11:"):
             known = ", ".join(sorted(self.aliases)) or "none configured"

@@ -36,7 +36,7 @@ log = get_logger("tpp-agent.daemon")
 def run(config_path: str | None, socket_override: str | None) -> int:
     config = config_module.load(config_path)
     settings = DaemonSettings.parse(config, socket_override)
-    configure("json", settings.log_level)
+    configure("json", settings.log_level, final=True)
     _raise_fd_limit()
     notifier = systemd.Notifier()
     activated = systemd.listen_sockets()
