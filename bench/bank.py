@@ -14,6 +14,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from agent.runtime import Runtime
 from agent.x509.certificates import import_certificate
@@ -54,24 +55,30 @@ class Bank:
     def token_identity(self, runtime: Runtime) -> str:
         """An RSA-2048 key on the token with the bank CA's certificate imported next to it; its URI."""
         info = runtime.keys.generate(f"transport-{uuid.uuid4().hex[:8]}", KeySpec.parse("rsa:2048"))
-        csr = build_csr(runtime.keys, str(info.uri), _subject())
+        subject = directory_subject("Bench TPP L.L.C.", "org-bench", str(uuid.uuid4()))
+        csr = build_csr(runtime.keys, str(info.uri), subject)
         import_certificate(runtime.keys, str(info.uri), self.ca.issue_from_csr(csr.pem.encode()), "bench")
         return str(info.uri)
 
     def memory_identity(self, directory: Path) -> tuple[rsa.RSAPrivateKey, Path, Path]:
         """An RSA-2048 key in memory (also as a PEM file, for urllib3) and its certificate: (key, cert, key file)."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        csr = x509.CertificateSigningRequestBuilder().subject_name(_subject()).sign(key, hashes.SHA256())
+        name = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "AE"),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bench TPP L.L.C."),
+                          x509.NameAttribute(NameOID.COMMON_NAME, str(uuid.uuid4()))])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
         cert_path, key_path = directory / "memory-client.pem", directory / "memory-client.key"
         cert_path.write_bytes(self.ca.issue_from_csr(csr.public_bytes(serialization.Encoding.PEM)))
         key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
         return key, cert_path, key_path
 
+    def __enter__(self) -> Bank:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-
-
-def _subject() -> x509.Name:
-    return directory_subject("Bench TPP L.L.C.", "org-bench", str(uuid.uuid4()))

@@ -57,7 +57,7 @@ def run(work: Path, seconds: float, clients: tuple[int, ...]) -> Outcome:
                        "client sends a JWS signing input and gets the raw signature, the token work is the same).")
     table.notes.append(f"Raw: python-pkcs11 on min(clients, {WORKERS}) sessions/threads; daemon `workers = "
                        f"{WORKERS}`, audit trail fsync'ed on ext4, log level info to a file.")
-    table.notes.append("Agent's own CPU = daemon CPU time per request − raw in-process CPU time per signature at "
+    table.notes.append("Agent's own CPU = daemon CPU time per request - raw in-process CPU time per signature at "
                        "the same concurrency (both include SoftHSM2's signing).")
     sessions: list[pkcs11.Session] = []
     peaks: dict[str, float] = {}
