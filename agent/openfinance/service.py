@@ -8,7 +8,7 @@ import functools
 from collections.abc import Mapping
 
 from agent.config import Config
-from agent.openfinance.banks import BankConfig, get_bank
+from agent.openfinance.banks import BankConfig, get_bank, parse_banks
 from agent.openfinance.discovery import Discovery
 from agent.openfinance.records import RegistrationLog
 from agent.openfinance.registration import Identity, Registrar
@@ -28,8 +28,14 @@ class OpenFinance:
     def records(self) -> RegistrationLog:
         return RegistrationLog(self.config.state_dir)
 
+    @functools.cached_property
+    def _banks(self) -> dict[str, BankConfig]:
+        # Parsed once per configuration (a reload builds a new OpenFinance): a forward call asks three times.
+        return parse_banks(self.config)
+
     def bank(self, name: str) -> BankConfig:
-        return get_bank(self.config, name)
+        found = self._banks.get(name)
+        return found if found is not None else get_bank(self.config, name)  # raises UnknownBankError
 
     def transport(self, name: str) -> BankTransport:
         if name not in self._transports:
