@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-TPP_AGENT = Path(sys.executable).parent / "tpp-agent"
+# BENCH_AGENT: another build's ``tpp-agent`` to compare against (e.g. a wrapper setting PYTHONPATH to a checkout).
+TPP_AGENT = Path(os.environ.get("BENCH_AGENT") or Path(sys.executable).parent / "tpp-agent")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 
