@@ -66,14 +66,11 @@ def find_certificate(session: pkcs11.Session, key_id: bytes) -> StoredCertificat
     return max(certs, key=lambda c: c.not_after) if certs else None
 
 
-def store_certificate(session: pkcs11.Session, der: bytes, label: str, key_id: bytes,
-                      category: int | None = None) -> StoredCertificate:
+def store_certificate(session: pkcs11.Session, der: bytes, label: str, key_id: bytes) -> StoredCertificate:
     cert = x509.Certificate.load(der)
     tbs = cert["tbs_certificate"]
-    extra = {} if category is None else {Attribute.CERTIFICATE_CATEGORY: category}
     try:
         session.create_object({
-            **extra,
             Attribute.CLASS: ObjectClass.CERTIFICATE,
             Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
             Attribute.TOKEN: True,
@@ -102,12 +99,10 @@ def delete_certificates(session: pkcs11.Session, key_id: bytes, keep: bytes | No
 
 
 # -- CA certificates of a key's chain -------------------------------------------
-# They are stored as CKO_CERTIFICATE objects of category "authority" with their own
-# label and, as CKA_ID, their subject key identifier (never a key's CKA_ID, so that
+# They are stored as CKO_CERTIFICATE objects with their own label and, as CKA_ID,
+# their subject key identifier (never a key's CKA_ID, so that
 # find_certificate() only sees end-entity certificates). A leaf finds its chain by
 # CKA_SUBJECT == issuer, the usual PKCS#11 way.
-CATEGORY_AUTHORITY = 2
-
 
 def has_certificate(session: pkcs11.Session, der: bytes) -> bool:
     return bool(list(session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.VALUE: der})))
@@ -116,7 +111,7 @@ def has_certificate(session: pkcs11.Session, der: bytes) -> bool:
 def store_ca_certificate(session: pkcs11.Session, der: bytes, label: str) -> StoredCertificate:
     cert = x509.Certificate.load(der)
     key_id = cert.key_identifier or cert.public_key.sha1
-    return store_certificate(session, der, label, key_id, category=CATEGORY_AUTHORITY)
+    return store_certificate(session, der, label, key_id)
 
 
 def delete_certificate(session: pkcs11.Session, der: bytes) -> int:

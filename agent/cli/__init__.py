@@ -11,12 +11,12 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.cli import cert, csr, doctor, keys
+from agent.cli import banks, cert, csr, daemon, doctor, jose, keys
 from agent.cli.context import CliContext
 from agent.errors import AgentError
 from pkcs11_backends.errors import Pkcs11Error
 
-COMMAND_GROUPS = (keys, csr, cert, doctor)
+COMMAND_GROUPS = (keys, csr, cert, doctor, banks, jose, daemon)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ What ``import_certificate`` does, in this order, and why:
    refresh); the one with the latest ``notAfter`` is the one used. ``replace=True``
    removes the others once the new one is stored.
 4. Stores chain certificates not yet on the token as separate ``CKO_CERTIFICATE``
-   objects (category authority, label ``ca:<CN>``, ``CKA_ID`` = their key identifier),
+   objects (label ``ca:<CN>``, ``CKA_ID`` = their subject key identifier, never a key's id),
    so the token alone holds what a TLS client needs to present.
 
 If the token fails half-way, what this import created is removed again.
@@ -33,7 +33,6 @@ from agent.errors import InputError
 from agent.x509.signatures import is_valid, same_public_key
 from pkcs11_backends import certificates as token_certs
 from pkcs11_backends.certificates import StoredCertificate
-from pkcs11_backends.errors import CertificateStoreError
 from pkcs11_backends.keys import KeyStore
 from pkcs11_backends.sessions import PooledSession
 
@@ -140,10 +139,7 @@ def import_certificate(store: KeyStore, key: str, data: bytes, source: str, *, r
                     label = token_certs.store_ca_certificate(session, der, _ca_label(cert)).label
                     created.append(der)
                     chain_added.append(label)
-        except pkcs11.PKCS11Error as exc:
-            _roll_back(session, created)
-            raise CertificateStoreError(f"the token refused a certificate: {exc!r}") from exc
-        except Exception:
+        except Exception:  # store_certificate already names the token's refusal
             _roll_back(session, created)
             raise
         replaced = token_certs.delete_certificates(session, info.id, keep=leaf_der) if replace else 0

@@ -1,0 +1,100 @@
+"""``tpp-agent discover|register|registrations``: a bank's discovery document, registering
+the application with it over mTLS, and the log of every registration attempt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from typing import Any
+
+from agent import log
+from agent.cli.context import CliContext
+from agent.openfinance.discovery import ENDPOINTS
+from agent.openfinance.records import RegistrationLog
+from agent.openfinance.service import OpenFinance
+
+
+def register(sub: Any) -> None:
+    disc = sub.add_parser("discover", help="fetch (or show the cached) discovery document of a bank")
+    disc.add_argument("bank", metavar="BANK", help="a [banks.NAME] of the configuration")
+    disc.add_argument("--refresh", action="store_true", help="fetch even if the cached document is fresh")
+    disc.add_argument("--json", action="store_true", help="print the document and its fetch time as JSON")
+    disc.set_defaults(handler=discover)
+
+    reg = sub.add_parser("register", help="register the application with a bank (POST registration_endpoint)")
+    reg.add_argument("bank", metavar="BANK", help="a [banks.NAME] of the configuration")
+    reg.add_argument("--force", action="store_true",
+                     help="register again even if this certificate is already registered with the bank")
+    reg.add_argument("--json", action="store_true")
+    reg.set_defaults(handler=register_bank)
+
+    lst = sub.add_parser("registrations", help="list every registration attempt")
+    lst.add_argument("--bank", help="only this bank")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(handler=list_registrations)
+
+
+def discover(args: argparse.Namespace, ctx: CliContext) -> int:
+    log.configure("console")  # request lines (with interaction ids) on stderr, results on stdout
+    service = OpenFinance(ctx.runtime)
+    try:
+        discovery = service.discovery(args.bank)
+        before = discovery.cached()
+        doc = discovery.get(refresh=args.refresh)
+    finally:
+        service.close()
+    fetched = before is None or doc.fetched_at != before.fetched_at
+    use_aliases = discovery.bank.use_mtls_aliases
+    if args.json:
+        print(json.dumps({**doc.as_dict(), "fetched_now": fetched, "cache_file": str(discovery.cache_file)},
+                         indent=2))
+        return 0
+    age = int(doc.age().total_seconds())
+    print(f"bank {args.bank}: issuer {doc.issuer} (matches the configuration)")
+    print(f"  {'fetched now' if fetched else f'cached, fetched {age} s ago'} from {doc.url}")
+    print(f"  cache: {discovery.cache_file}")
+    for name in ENDPOINTS:
+        if name in doc.document:
+            alias = use_aliases and name in (doc.document.get("mtls_endpoint_aliases") or {})
+            print(f"  {name:<38} {doc.endpoint(name, use_aliases)}{'  (mTLS alias)' if alias else ''}")
+    return 0
+
+
+def register_bank(args: argparse.Namespace, ctx: CliContext) -> int:
+    log.configure("console")
+    service = OpenFinance(ctx.runtime)
+    try:
+        result = service.registrar(args.bank).register(force=args.force)
+    finally:
+        service.close()
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    elif result.already is not None:
+        print(f"already registered with {args.bank} at {result.already.attempted_at} "
+              f"(HTTP {result.status}, x-fapi-interaction-id {result.interaction_id}); nothing sent")
+        print("use --force to register again")
+    else:
+        print(f"registered with {args.bank}: HTTP {result.status} in {result.duration_ms:.0f} ms")
+        print(f"  endpoint: {result.endpoint}")
+        print(f"  x-fapi-interaction-id: {result.interaction_id}")
+    return 0
+
+
+def list_registrations(args: argparse.Namespace, ctx: CliContext) -> int:
+    attempts = RegistrationLog(ctx.config.state_dir).attempts(args.bank)
+    if args.json:
+        print(json.dumps([a.as_dict() for a in attempts], indent=2))
+        return 0
+    if not attempts:
+        print("no registration attempts yet (register with `tpp-agent register BANK`)")
+        return 0
+    print(f"{'TIME (UTC)':<20} {'BANK':<12} {'OUTCOME':<11} {'HTTP':<4} {'INTERACTION ID':<36} {'CERT SHA-256':<16} "
+          "DETAIL")
+    for a in attempts:
+        when = datetime.datetime.fromisoformat(a.attempted_at).strftime("%Y-%m-%d %H:%M:%S")
+        detail = (a.error or "").split(" (")[0] or a.endpoint
+        print(f"{when:<20} {a.bank:<12} {a.outcome:<11} {a.status or '-'!s:<4} {a.interaction_id:<36} "
+              f"{a.cert_sha256[:16]:<16} {detail}")
+    return 0

@@ -1,0 +1,162 @@
+"""A small client for the agent's Unix socket, for Python services and the CLI.
+
+::
+
+    from agent.client import AgentClient
+    agent = AgentClient("/run/tpp-agent/agent.sock")
+    signature = agent.sign("signing", b"header.payload", "PS256")
+
+One keep-alive connection per thread; a connection the agent closed (idle timeout,
+restart) is reopened once, transparently, for requests that are safe to repeat.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AgentError
+
+DEFAULT_SOCKET = Path("/run/tpp-agent/agent.sock")
+
+
+class AgentUnavailableError(AgentError):
+    hint = "start the agent (systemctl start tpp-agent) or pass the right socket path"
+
+
+class AgentRequestError(AgentError):
+    """The agent answered with an error; ``code`` is stable, ``interaction_id`` finds its log line."""
+
+    def __init__(self, status: int, code: str, message: str, hint: str, interaction_id: str) -> None:
+        super().__init__(message, hint or None)
+        self.status = status
+        self.code = code
+        self.interaction_id = interaction_id
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} ({self.code}, interaction {self.interaction_id})"
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class AgentClient:
+    def __init__(self, socket_path: str | Path | None = None, timeout: float = 30.0) -> None:
+        self.socket_path = str(socket_path or os.environ.get("TPP_AGENT_SOCKET") or DEFAULT_SOCKET)
+        self.timeout = timeout
+        self._local = threading.local()
+
+    # -- endpoints -----------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/v1/health")
+
+    def ready(self) -> dict[str, Any]:
+        return self._json("GET", "/v1/ready")
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._json("GET", "/v1/keys")["keys"]
+        return result
+
+    def public_key_pem(self, alias: str) -> str:
+        return self._request("GET", f"/v1/keys/{alias}/public")[1].decode("ascii")
+
+    def sign(self, alias: str, data: bytes, alg: str) -> bytes:
+        body = {"alg": alg, "data_b64": base64.b64encode(data).decode("ascii")}
+        return base64.b64decode(self._json("POST", f"/v1/keys/{alias}/sign", body)["signature_b64"])
+
+    def csr(self, alias: str, subject: str) -> str:
+        """A PEM CSR for the key (admins only)."""
+        return str(self._json("POST", f"/v1/keys/{alias}/csr", {"subject": subject})["pem"])
+
+    def discovery(self, bank: str, refresh: bool = False) -> dict[str, Any]:
+        return self._json("GET", f"/v1/banks/{bank}/discovery" + ("?refresh=1" if refresh else ""))
+
+    def register(self, bank: str, force: bool = False) -> dict[str, Any]:
+        return self._json("POST", f"/v1/banks/{bank}/registration", {"force": force})
+
+    def forward(self, bank: str, method: str, path: str, headers: dict[str, str] | None = None,
+                body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+        """Send a request to the bank over the agent's mTLS; returns the bank's (status, headers, body)."""
+        request: dict[str, Any] = {"method": method, "headers": headers or {}}
+        request["url" if path.startswith("https://") else "path"] = path
+        if body is not None:
+            request["body_b64"] = base64.b64encode(body).decode("ascii")
+        answer = self._json("POST", f"/v1/banks/{bank}/forward", request)
+        return int(answer["status"]), dict(answer["headers"]), base64.b64decode(answer["body_b64"])
+
+    def close(self) -> None:
+        conn: _UnixConnection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- plumbing ------------------------------------------------------------
+    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        _, payload = self._request(method, path, body)
+        value: dict[str, Any] = json.loads(payload)
+        return value
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                response = conn.getresponse()
+                payload = response.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                # The agent closed an idle keep-alive connection: reopen once. Nothing reached a key.
+                self.close()
+                if attempt == 2:
+                    raise AgentUnavailableError(f"agent at {self.socket_path} closed the connection: {exc}") from None
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                self.close()
+                raise AgentUnavailableError(f"no agent listening on {self.socket_path} ({exc.strerror})") from None
+            except PermissionError:
+                self.close()
+                raise AgentUnavailableError(f"not allowed to connect to {self.socket_path}",
+                                            hint="the socket is for the tpp-agent group: add this user to it") from None
+            except (TimeoutError, OSError) as exc:
+                self.close()
+                raise AgentUnavailableError(f"agent at {self.socket_path} did not answer: {exc}") from None
+        if response.will_close:
+            self.close()
+        if response.status >= 400:
+            raise _error(response.status, payload)
+        return response.status, payload
+
+    def _connection(self) -> _UnixConnection:
+        conn: _UnixConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = _UnixConnection(self.socket_path, self.timeout)
+        return conn
+
+
+def _error(status: int, payload: bytes) -> AgentRequestError:
+    try:
+        body = json.loads(payload)
+        return AgentRequestError(status, str(body["code"]), str(body["message"]), str(body.get("hint", "")),
+                                 str(body.get("interaction_id", "")))
+    except (ValueError, KeyError, TypeError):
+        return AgentRequestError(status, "http_error", f"agent answered HTTP {status}", "", "")

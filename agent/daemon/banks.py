@@ -1,0 +1,115 @@
+"""Bank endpoints: discovery, registration and the forward call, each for a configured bank only.
+
+The forward call is no open proxy: the URL is built from the bank's configured
+origin (``issuer``, ``discovery_url``, and the endpoints of its verified discovery
+document), redirects are returned to the caller, never followed, and the mTLS
+connection carries the bank's own CA bundle and client key.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from urllib.parse import urlsplit
+
+from agent.audit import KeyUse
+from agent.daemon.app import Agent
+from agent.daemon.http import HttpError, Request, Response, base64_field
+from agent.daemon.routing import route
+
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+# Set by the transport, or meaningless across the hop.
+_DROPPED_HEADERS = frozenset({"host", "connection", "keep-alive", "content-length", "transfer-encoding", "upgrade",
+                              "proxy-authorization", "te", "trailer", "x-fapi-interaction-id"})
+
+
+@route("GET", "/v1/banks/{bank}/discovery")
+def discovery(agent: Agent, request: Request, params: dict[str, str]) -> Response:
+    bank = params["bank"]
+    request.log.update(operation="discovery", bank=bank)
+    agent.policy.check(request.peer, "discovery", bank=bank)
+    document = agent.openfinance.discovery(bank).get(refresh=request.query.get("refresh") in ("1", "true"))
+    return Response.json(200, document.as_dict())
+
+
+@route("POST", "/v1/banks/{bank}/registration")
+def registration(agent: Agent, request: Request, params: dict[str, str]) -> Response:
+    bank = params["bank"]
+    request.log.update(operation="register", bank=bank)
+    agent.policy.check(request.peer, "register", bank=bank)
+    force = request.json().get("force", False) if request.body else False
+    if not isinstance(force, bool):
+        raise HttpError(400, "bad_field", "field 'force' must be true or false")
+    result = agent.openfinance.registrar(bank).register(force=force)
+    return Response.json(200, result.as_dict())
+
+
+@route("POST", "/v1/banks/{bank}/forward")
+def forward(agent: Agent, request: Request, params: dict[str, str]) -> Response:
+    bank = params["bank"]
+    request.log.update(operation="forward", bank=bank)
+    agent.policy.check(request.peer, "forward", bank=bank)
+    body = request.json()
+    method = body.get("method")
+    if method not in _METHODS:
+        raise HttpError(400, "bad_field", f"field 'method' must be one of {', '.join(sorted(_METHODS))}")
+    url = _bank_url(agent, bank, body.get("path"), body.get("url"))
+    headers = body.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise HttpError(400, "bad_field", "field 'headers' must be an object of strings")
+    if any("\r" in k + v or "\n" in k + v for k, v in headers.items()):
+        raise HttpError(400, "bad_field", "header names and values must not contain line breaks")
+    sent = {k: v for k, v in headers.items() if k.lower() not in _DROPPED_HEADERS}
+    data = base64_field(body, "body_b64") if "body_b64" in body else None
+    request.log["method_forwarded"] = method
+    tls = agent.openfinance.bank(bank).tls
+    use = KeyUse(request.peer.uid, request.peer.pid, agent.runtime.keys.aliases.get(tls.client_key, tls.client_key),
+                 "forward", "tls-client-auth", f"{method} {url}\n".encode() + (data or b""), "ok",
+                 request.interaction_id)
+    try:
+        answer = agent.openfinance.transport(bank).request(method, url, body=data, headers=sent,
+                                                           interaction_id=request.interaction_id)
+    except Exception as exc:
+        agent.audit.record(dataclasses.replace(use, result=f"error: {type(exc).__name__}"))
+        raise
+    agent.audit.record(dataclasses.replace(use, result=f"http {answer.status}"))
+    return Response.json(200, {"status": answer.status, "headers": dict(answer.headers),
+                               "body_b64": base64.b64encode(answer.body).decode("ascii"),
+                               "interaction_id": answer.interaction_id, "url": url})
+
+
+def allowed_origins(agent: Agent, bank: str) -> list[str]:
+    """Where requests to ``bank`` may go: its configured origins and its verified discovery document's."""
+    config = agent.openfinance.bank(bank)
+    urls = [config.issuer, config.discovery_url]
+    cached = agent.openfinance.discovery(bank).cached()
+    if cached is not None:
+        document = cached.document
+        urls += [v for v in document.values() if isinstance(v, str)]
+        aliases = document.get("mtls_endpoint_aliases")
+        if isinstance(aliases, dict):
+            urls += [v for v in aliases.values() if isinstance(v, str)]
+    origins = []
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme == "https" and parts.netloc and "@" not in parts.netloc:
+            origin = f"https://{parts.netloc.lower()}"
+            if origin not in origins:
+                origins.append(origin)
+    return origins
+
+
+def _bank_url(agent: Agent, bank: str, path: object, url: object) -> str:
+    origins = allowed_origins(agent, bank)
+    if isinstance(path, str) and url is None:
+        if not path.startswith("/") or path.startswith("//") or any(c in path for c in " \r\n#\\"):
+            raise HttpError(400, "bad_path", f"path {path[:80]!r} must be an absolute path like /open-finance/...")
+        return origins[0] + path
+    if isinstance(url, str) and path is None:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc.lower()}"
+        if parts.scheme != "https" or "@" in parts.netloc or origin not in origins or any(c in url for c in " \r\n"):
+            raise HttpError(400, "host_not_allowed", f"{origin} is not an endpoint of bank {bank!r}",
+                            f"the agent forwards only to {', '.join(origins)}")
+        return url.split("#", 1)[0]
+    raise HttpError(400, "missing_field", "give exactly one of 'path' (on the bank's issuer host) or 'url'")

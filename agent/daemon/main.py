@@ -1,0 +1,133 @@
+"""``tpp-agent serve``: start-up order, signals, watchdog, shutdown.
+
+Order matters: the socket is bound first (socket-activated clients queue meanwhile),
+then the token is logged in and checked, and only then READY=1 is sent. A wrong
+PIN or a bad config ends the process with status 78 (EX_CONFIG), which the unit
+file excludes from restarts: restarting would spend another PIN try.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from agent import config as config_module
+from agent.audit import AuditTrail
+from agent.daemon import api, banks, routing, systemd
+from agent.daemon.app import Agent
+from agent.daemon.listener import bind_unix
+from agent.daemon.server import Server
+from agent.daemon.settings import DaemonSettings
+from agent.errors import AgentError, ConfigError
+from agent.log import configure, get_logger
+from agent.runtime import Runtime
+from pkcs11_backends.errors import PinError, Pkcs11Error
+
+EX_CONFIG = 78
+ENDPOINTS = (api, banks)  # importing them registers their routes
+log = get_logger("tpp-agent.daemon")
+
+
+def run(config_path: str | None, socket_override: str | None) -> int:
+    config = config_module.load(config_path)
+    settings = DaemonSettings.parse(config, socket_override)
+    configure("json", settings.log_level)
+    _raise_fd_limit()
+    notifier = systemd.Notifier()
+    activated = systemd.listen_sockets()
+    if len(activated) > 1:
+        raise ConfigError(f"systemd passed {len(activated)} sockets; the agent listens on one",
+                          hint="give tpp-agent.socket a single ListenStream=")
+    listener = activated[0] if activated else bind_unix(settings.socket, settings.socket_gid, settings.socket_mode)
+    where = "socket activation" if activated else str(settings.socket)
+    runtime = Runtime(config)
+    audit = AuditTrail(settings.audit_file)
+    try:
+        agent = Agent(config, settings, runtime, audit)
+        notifier.status("logging in to the token and checking keys")
+        started = time.monotonic()
+        try:
+            status = agent.preflight()
+        except (PinError, AgentError) as exc:
+            log.error("startup_failed", error=str(exc), hint=exc.hint)
+            notifier.status(f"start-up failed: {exc}")
+            return EX_CONFIG
+        except Pkcs11Error as exc:
+            log.error("startup_failed", error=str(exc), hint=exc.hint)
+            notifier.status(f"start-up failed: {exc}")
+            return 1
+        server = Server(listener, routing.handler(agent), settings.limits)
+        _install_signals(agent, server, notifier)
+        stop_health = threading.Event()
+        health = threading.Thread(target=_health_loop, args=(agent, server, notifier, settings, stop_health),
+                                  name="health", daemon=True)
+        health.start()
+        log.info("ready", socket=where, status=status, seconds=round(time.monotonic() - started, 3))
+        notifier.ready(status)
+        server.serve_forever()
+        stop_health.set()
+        log.info("stopped", audit_last_seq=audit.last_seq)
+        return 0
+    finally:
+        runtime.close()
+        audit.close()
+        listener.close()
+        if not activated:
+            with contextlib.suppress(FileNotFoundError):
+                Path(settings.socket).unlink()
+        notifier.close()
+
+
+def _install_signals(agent: Agent, server: Server, notifier: systemd.Notifier) -> None:
+    def terminate(signum: int, _: FrameType | None) -> None:
+        notifier.stopping()
+        log.info("stopping", signal=signal.Signals(signum).name, in_flight=server.in_flight)
+        server.stop()
+
+    def reload(_: int, __: FrameType | None) -> None:
+        # Token calls must not run in the signal handler (it interrupts the I/O loop).
+        threading.Thread(target=_reload, args=(agent, notifier), name="reload", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+    signal.signal(signal.SIGHUP, reload)
+
+
+def _reload(agent: Agent, notifier: systemd.Notifier) -> None:
+    notifier.notify(RELOADING="1", STATUS="reloading configuration",
+                    MONOTONIC_USEC=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+    agent.reload()
+    notifier.ready(agent.readiness.detail)
+
+
+def _health_loop(agent: Agent, server: Server, notifier: systemd.Notifier, settings: DaemonSettings,
+                 stop: threading.Event) -> None:
+    """WATCHDOG=1 after each token check that *returned* and while the I/O loop turns.
+
+    A token that is away is recovered in place (the check fails fast meanwhile), so
+    only a hung token call or a stuck loop stops the pings and lets systemd restart us.
+    """
+    interval = systemd.watchdog_interval() or settings.health_interval
+    last_ready = True
+    while not stop.wait(interval):
+        state = agent.health_check()
+        if state.ready != last_ready:
+            log.warning("readiness_changed", ready=state.ready, detail=state.detail)
+            notifier.status(state.detail)
+            last_ready = state.ready
+        if time.monotonic() - server.heartbeat < max(2 * interval, 2.0):
+            notifier.watchdog()
+
+
+def _raise_fd_limit() -> None:
+    # Each client connection is an fd; the soft default (1024) is too low for max_connections.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+

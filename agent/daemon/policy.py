@@ -1,0 +1,191 @@
+"""Who may do what over the socket: the peer's uid/gid from ``SO_PEERCRED`` against ``[policy]``.
+
+::
+
+    [policy]
+    admin_users = ["root"]          # admins may do everything, and only they may create CSRs
+    admin_groups = ["tpp-admin"]
+
+    [policy.rules.payments]         # one named rule per client service
+    users = ["payments", 1001]      # names or numeric ids
+    groups = ["tpp-clients"]
+    operations = ["keys", "public", "sign", "forward"]
+    keys = ["signing"]              # configured key aliases, or "*"
+    banks = ["modelbank"]           # configured banks, or "*"
+
+Nothing is allowed unless a rule says so. A refusal names the rule that is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import pwd
+import socket
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from agent.errors import AgentError, ConfigError
+
+OPERATIONS = frozenset({"keys", "public", "sign", "jws", "discovery", "register", "forward"})
+ADMIN_OPERATIONS = frozenset({"csr"})
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python does not name it
+
+
+class PolicyDenied(AgentError):
+    """The peer is not allowed; ``str()`` says what is missing, ``hint`` how to add it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    uid: int
+    gid: int
+    pid: int
+    groups: frozenset[int]
+
+    @classmethod
+    def of(cls, conn: socket.socket) -> Peer:
+        pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return cls(uid, gid, pid, frozenset({gid, *_peer_groups(conn)}))
+
+    @property
+    def user(self) -> str:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return str(self.uid)
+
+    def describe(self) -> str:
+        return f"uid {self.uid} ({self.user}) pid {self.pid}"
+
+
+def _peer_groups(conn: socket.socket) -> list[int]:
+    """The peer's supplementary groups as the kernel saw them at connect time."""
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 256)
+    except OSError:
+        return []
+    return list(struct.unpack(f"{len(raw) // 4}I", raw))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str
+    uids: frozenset[int]
+    gids: frozenset[int]
+    operations: frozenset[str]
+    keys: frozenset[str]
+    banks: frozenset[str]
+
+    def matches(self, peer: Peer) -> bool:
+        return peer.uid in self.uids or bool(peer.groups & self.gids)
+
+    def grants(self, operation: str, key: str | None, bank: str | None) -> bool:
+        return (operation in self.operations
+                and (key is None or key in self.keys or "*" in self.keys)
+                and (bank is None or bank in self.banks or "*" in self.banks))
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    admin_uids: frozenset[int]
+    admin_gids: frozenset[int]
+    rules: tuple[Rule, ...]
+
+    @classmethod
+    def parse(cls, section: Mapping[str, Any]) -> Policy:
+        _known(section, {"admin_users", "admin_groups", "rules"}, "policy")
+        rules_raw = section.get("rules", {})
+        if not isinstance(rules_raw, Mapping):
+            raise ConfigError("[policy.rules] must be a table of named rules, e.g. [policy.rules.payments]")
+        rules = []
+        for name, entry in rules_raw.items():
+            where = f"policy.rules.{name}"
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"[{where}] must be a table")
+            _known(entry, {"users", "groups", "operations", "keys", "banks"}, where)
+            operations = frozenset(_strings(entry.get("operations", []), f"{where}.operations"))
+            if operations & ADMIN_OPERATIONS:
+                raise ConfigError(f"[{where}] grants {', '.join(sorted(operations & ADMIN_OPERATIONS))}, "
+                                  "which only admins may do", hint="list the user in [policy] admin_users instead")
+            unknown = operations - OPERATIONS
+            if unknown:
+                raise ConfigError(f"[{where}] has unknown operation(s) {', '.join(sorted(unknown))}",
+                                  hint=f"operations: {', '.join(sorted(OPERATIONS))}")
+            rules.append(Rule(name, _uids(entry.get("users", []), where), _gids(entry.get("groups", []), where),
+                              operations, frozenset(_strings(entry.get("keys", []), f"{where}.keys")),
+                              frozenset(_strings(entry.get("banks", []), f"{where}.banks"))))
+        return cls(_uids(section.get("admin_users", []), "policy.admin_users"),
+                   _gids(section.get("admin_groups", []), "policy.admin_groups"), tuple(rules))
+
+    def is_admin(self, peer: Peer) -> bool:
+        return peer.uid in self.admin_uids or bool(peer.groups & self.admin_gids)
+
+    def allows(self, peer: Peer, operation: str, key: str | None = None, bank: str | None = None) -> bool:
+        if self.is_admin(peer):
+            return True
+        if operation in ADMIN_OPERATIONS:
+            return False
+        return any(rule.matches(peer) and rule.grants(operation, key, bank) for rule in self.rules)
+
+    def check(self, peer: Peer, operation: str, key: str | None = None, bank: str | None = None) -> None:
+        if self.allows(peer, operation, key, bank):
+            return
+        target = "".join(f" {what} {name!r}" for what, name in (("on key", key), ("at bank", bank)) if name)
+        if operation in ADMIN_OPERATIONS:
+            raise PolicyDenied(f"{peer.describe()} may not {operation}: it is an admin operation and no "
+                               "[policy] admin_users/admin_groups entry names this user or its groups",
+                               hint=f'add "{peer.user}" to [policy] admin_users')
+        mine = [rule.name for rule in self.rules if rule.matches(peer)]
+        near = f" (rules for this user: {', '.join(mine)})" if mine else " (no rule names this user or its groups)"
+        snippet = f'users = ["{peer.user}"], operations = ["{operation}"]'
+        snippet += f', keys = ["{key}"]' if key else ""
+        snippet += f', banks = ["{bank}"]' if bank else ""
+        raise PolicyDenied(f"{peer.describe()} may not {operation}{target}: missing rule "
+                           f"[policy.rules.*] granting {operation!r}{target}{near}",
+                           hint=f"add a rule to the config: [policy.rules.NAME] {snippet}")
+
+    def permitted(self, peer: Peer, operation: str, keys: Iterable[str]) -> list[str]:
+        return [key for key in keys if self.allows(peer, operation, key=key)]
+
+
+def _known(table: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in [{where}]",
+                          hint=f"known settings: {', '.join(sorted(known))}")
+
+
+def _strings(value: object, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a list of names")
+    return value
+
+
+def _ids(value: object, where: str) -> list[str | int]:
+    if not isinstance(value, list) or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{where} must be a list of names or numeric ids")
+    return value
+
+
+def _uids(value: object, where: str) -> frozenset[int]:
+    result = set()
+    for item in _ids(value, where):
+        try:
+            result.add(item if isinstance(item, int) else pwd.getpwnam(item).pw_uid)
+        except KeyError:
+            raise ConfigError(f"{where}: no user {item!r} on this host",
+                              hint="create it or use a numeric uid") from None
+    return frozenset(result)
+
+
+def _gids(value: object, where: str) -> frozenset[int]:
+    result = set()
+    for item in _ids(value, where):
+        try:
+            result.add(item if isinstance(item, int) else grp.getgrnam(item).gr_gid)
+        except KeyError:
+            raise ConfigError(f"{where}: no group {item!r} on this host",
+                              hint="create it or use a numeric gid") from None
+    return frozenset(result)

@@ -1,0 +1,92 @@
+"""Routes and error mapping: each endpoint checks the policy, does one thing, answers JSON.
+
+Errors carry a stable ``code`` (clients branch on it), a ``message``, a ``hint``
+and the ``interaction_id`` that the request log line also carries.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from agent.audit import AuditError
+from agent.daemon.app import Agent
+from agent.daemon.http import HttpError, Request, Response
+from agent.daemon.policy import PolicyDenied
+from agent.errors import AgentError, InputError
+from agent.openfinance.banks import UnknownBankError
+from agent.openfinance.discovery import DiscoveryError
+from agent.openfinance.registration import RegistrationError
+from agent.transport.errors import TransportError
+from pkcs11_backends.errors import (
+    AmbiguousKeyError,
+    KeyNotFoundError,
+    MechanismError,
+    PinError,
+    Pkcs11Error,
+    TokenUnavailableError,
+)
+
+Route = Callable[[Agent, Request, dict[str, str]], Response]
+_ROUTES: list[tuple[str, re.Pattern[str], Route]] = []
+
+
+def route(method: str, pattern: str) -> Callable[[Route], Route]:
+    compiled = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+
+    def register(func: Route) -> Route:
+        _ROUTES.append((method, compiled, func))
+        return func
+
+    return register
+
+
+def handler(agent: Agent) -> Callable[[Request], Response]:
+    def handle(request: Request) -> Response:
+        allowed: list[str] = []
+        for method, pattern, func in _ROUTES:
+            match = pattern.match(request.path)
+            if match is None:
+                continue
+            if method != request.method:
+                allowed.append(method)
+                continue
+            try:
+                return func(agent, request, match.groupdict())
+            except HttpError:
+                raise
+            except PolicyDenied as exc:
+                raise HttpError(403, "forbidden", str(exc), exc.hint) from None
+            except (Pkcs11Error, AgentError) as exc:
+                raise http_error(exc) from None
+        if allowed:
+            raise HttpError(405, "method_not_allowed", f"{request.path} accepts {', '.join(allowed)}",
+                            headers=(("Allow", ", ".join(allowed)),))
+        raise HttpError(404, "not_found", f"no endpoint {request.path}", "see GET /v1/health, /v1/keys")
+
+    return handle
+
+
+def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
+    hint = exc.hint or ""
+    if isinstance(exc, KeyNotFoundError | AmbiguousKeyError):
+        return HttpError(404 if isinstance(exc, KeyNotFoundError) else 409, "key_not_found", str(exc), hint)
+    if isinstance(exc, MechanismError):
+        return HttpError(400, "unsupported_algorithm", str(exc), hint)
+    if isinstance(exc, PinError):
+        return HttpError(503, "token_login_refused", str(exc), hint)
+    if isinstance(exc, TokenUnavailableError):
+        return HttpError(503, "token_unavailable", str(exc), hint, (("Retry-After", "1"),))
+    if isinstance(exc, AuditError):
+        return HttpError(500, "audit_unavailable", str(exc), hint)
+    if isinstance(exc, UnknownBankError):
+        return HttpError(404, "unknown_bank", str(exc), hint)
+    if isinstance(exc, TransportError):
+        return HttpError(502, "bank_unreachable", str(exc), hint)
+    if isinstance(exc, DiscoveryError):
+        return HttpError(502, "discovery_failed", str(exc), hint)
+    if isinstance(exc, RegistrationError):
+        return HttpError(502, "registration_failed", str(exc), hint)
+    if isinstance(exc, InputError):
+        return HttpError(400, "bad_input", str(exc), hint)
+    return HttpError(500, "internal_error", str(exc), hint)

@@ -1,0 +1,83 @@
+"""The ``[daemon]`` section: socket, limits, health checks, audit trail."""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.config import Config
+from agent.daemon.server import Limits
+from agent.errors import ConfigError
+
+_KNOWN = {"socket", "socket_group", "socket_mode", "workers", "max_connections", "max_request_bytes",
+          "request_timeout", "idle_timeout", "health_interval", "audit_file", "log_level"}
+
+
+def default_socket() -> Path:
+    runtime_dir = os.environ.get("RUNTIME_DIRECTORY")  # systemd's RuntimeDirectory=
+    return Path(runtime_dir.split(":")[0]) / "agent.sock" if runtime_dir else Path("/run/tpp-agent/agent.sock")
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonSettings:
+    socket: Path
+    socket_gid: int | None
+    socket_mode: int
+    limits: Limits
+    health_interval: float
+    audit_file: Path
+    log_level: str
+
+    @classmethod
+    def parse(cls, config: Config, socket_override: str | None = None) -> DaemonSettings:
+        section = config.section("daemon")
+        unknown = sorted(set(section) - _KNOWN)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in [daemon]",
+                              hint=f"known settings: {', '.join(sorted(_KNOWN))}")
+        base = config.path.parent if config.path else Path.cwd()
+        socket = Path(socket_override or _text(section, "socket", str(default_socket())))
+        group = section.get("socket_group")
+        gid: int | None = None
+        if group is not None:
+            try:
+                gid = group if isinstance(group, int) else grp.getgrnam(str(group)).gr_gid
+            except KeyError:
+                raise ConfigError(f"[daemon] socket_group: no group {group!r} on this host") from None
+        mode_text = _text(section, "socket_mode", "0660")
+        try:
+            mode = int(mode_text, 8)
+        except ValueError:
+            raise ConfigError(f"[daemon] socket_mode must be octal like \"0660\", got {mode_text!r}") from None
+        if mode & 0o007:
+            raise ConfigError("[daemon] socket_mode must give others no access", hint='use "0660" or "0600"')
+        limits = Limits(
+            max_connections=_number(section, "max_connections", 256, int, low=1, high=100_000),
+            workers=_number(section, "workers", 8, int, low=1, high=256),
+            max_request_bytes=_number(section, "max_request_bytes", 1 << 20, int, low=1024, high=1 << 30),
+            request_timeout=_number(section, "request_timeout", 10.0, float, low=0.1, high=3600),
+            idle_timeout=_number(section, "idle_timeout", 60.0, float, low=0.1, high=86400),
+        )
+        audit = Path(_text(section, "audit_file", str(config.state_dir / "audit.jsonl"))).expanduser()
+        return cls(socket, gid, mode, limits, _number(section, "health_interval", 10.0, float, low=0.1, high=3600),
+                   audit if audit.is_absolute() else base / audit, _text(section, "log_level", "info"))
+
+
+def _text(section: Mapping[str, Any], name: str, default: str) -> str:
+    value = section.get(name, default)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"[daemon] {name} must be a non-empty string")
+    return value
+
+
+def _number(section: Mapping[str, Any], name: str, default: Any, kind: type, *, low: float, high: float) -> Any:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+        raise ConfigError(f"[daemon] {name} must be a number")
+    if not low <= value <= high:
+        raise ConfigError(f"[daemon] {name} must be from {low:g} to {high:g}, got {value}")
+    return kind(value)

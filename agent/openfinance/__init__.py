@@ -1,0 +1,1 @@
+"""The LFI-facing flows: bank configuration, discovery, registration."""

@@ -1,0 +1,99 @@
+"""``[banks.NAME]`` tables: where a bank's discovery document lives and how to reach it.
+
+    [banks.modelbank]
+    discovery_url = "https://127.0.0.1:8443/.well-known/openid-configuration"
+    issuer = "https://127.0.0.1:8443"              # as the directory lists it
+    use_mtls_aliases = true                        # prefer mtls_endpoint_aliases (default false)
+    discovery_ttl = 900                            # seconds a fetched document is used (default 15 min)
+    ca_bundle = "/etc/tpp-agent/ca/al-tareq.pem"   # transport settings, read by agent.transport's
+    client_key = "transport"                       # TlsSettings: CAs, our key, timeouts…
+
+An unknown key is an error, so a typo never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.config import Config
+from agent.errors import ConfigError
+from agent.transport.tls import TlsSettings
+
+DEFAULT_DISCOVERY_TTL = 15 * 60.0  # the directory's own caching period
+_OWN = {"discovery_url", "issuer", "use_mtls_aliases", "discovery_ttl"}
+_KNOWN = _OWN | {f.name for f in dataclasses.fields(TlsSettings)} - {"bank"}
+
+
+class UnknownBankError(ConfigError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class BankConfig:
+    name: str
+    discovery_url: str
+    issuer: str
+    tls: TlsSettings
+    use_mtls_aliases: bool = False
+    discovery_ttl: float = DEFAULT_DISCOVERY_TTL
+
+
+def parse_banks(config: Config) -> dict[str, BankConfig]:
+    where = str(config.path) if config.path else "the configuration"
+    base = config.path.parent if config.path else Path.cwd()
+    banks: dict[str, BankConfig] = {}
+    for name, table in config.section("banks").items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[banks.{name}] must be a table in {where}")
+        banks[name] = _parse_bank(name, table, base, where)
+    return banks
+
+
+def get_bank(config: Config, name: str) -> BankConfig:
+    banks = parse_banks(config)
+    if name not in banks:
+        known = ", ".join(sorted(banks)) or "none"
+        raise UnknownBankError(f"no bank {name!r} in the configuration (configured: {known})",
+                               hint=f"add a [banks.{name}] table with discovery_url, issuer and ca_bundle")
+    return banks[name]
+
+
+def _parse_bank(name: str, table: Mapping[str, Any], base: Path, where: str) -> BankConfig:
+    section = f"[banks.{name}]"
+    unknown = sorted(set(table) - _KNOWN)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {section} of {where}",
+                          hint=f"known settings: {', '.join(sorted(_KNOWN))}")
+    for required in ("discovery_url", "issuer"):
+        if required not in table:
+            raise ConfigError(f"{section} lacks {required} in {where}",
+                              hint="a bank needs discovery_url, issuer and ca_bundle (from the directory)")
+    discovery_url = _text(table, "discovery_url", section, where)
+    parsed = urllib.parse.urlsplit(discovery_url)
+    if parsed.scheme != "https" or not parsed.hostname:
+        raise ConfigError(f"{section} discovery_url must be an https:// URL in {where}, got {discovery_url!r}")
+    use_aliases = table.get("use_mtls_aliases", False)
+    if not isinstance(use_aliases, bool):
+        raise ConfigError(f"{section} use_mtls_aliases must be true or false in {where}")
+    ttl = table.get("discovery_ttl", DEFAULT_DISCOVERY_TTL)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
+        raise ConfigError(f"{section} discovery_ttl must be a positive number of seconds in {where}")
+    return BankConfig(
+        name=name,
+        discovery_url=discovery_url,
+        issuer=_text(table, "issuer", section, where),
+        tls=TlsSettings.from_table(name, table, base),
+        use_mtls_aliases=use_aliases,
+        discovery_ttl=float(ttl),
+    )
+
+
+def _text(table: Mapping[str, Any], key: str, section: str, where: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{section} {key} must be a non-empty string in {where}")
+    return value

@@ -1,0 +1,27 @@
+"""What discovery and registration need from the transport: one HTTP exchange with a bank.
+
+The production implementation is the token-backed mTLS pool in ``agent.transport``;
+failures below HTTP arrive as ``agent.transport.errors.TransportError`` subclasses,
+which already name the bank, the URL and the interaction id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+
+class BankResponse(Protocol):
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def interaction_id(self) -> str: ...
+
+
+class BankHttp(Protocol):
+    def request(self, method: str, url: str, *, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> BankResponse: ...

@@ -1,0 +1,122 @@
+"""A bank's OpenID discovery document: fetched over the bank's mTLS transport, its issuer
+checked, kept in ``STATE_DIR/discovery/NAME.json`` with its fetch time, fetched again
+when older than the bank's ``discovery_ttl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AgentError
+from agent.openfinance.banks import BankConfig
+from agent.openfinance.client import BankHttp
+
+ENDPOINTS = ("registration_endpoint", "token_endpoint", "pushed_authorization_request_endpoint")
+_REQUIRED = ("issuer", "registration_endpoint")
+
+
+class DiscoveryError(AgentError):
+    hint = "check discovery_url in [banks.NAME] and that the bank serves its OpenID discovery document"
+
+
+class IssuerMismatchError(DiscoveryError):
+    hint = ("the document does not belong to the bank configured: compare issuer in [banks.NAME] with the "
+            "directory's entry for this bank; a wrong URL or an impostor gives this")
+
+
+class MissingEndpointError(DiscoveryError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscoveryDocument:
+    bank: str
+    url: str
+    fetched_at: datetime.datetime
+    document: Mapping[str, Any]
+
+    @property
+    def issuer(self) -> str:
+        return str(self.document["issuer"])
+
+    def age(self, now: datetime.datetime | None = None) -> datetime.timedelta:
+        return (now or _now()) - self.fetched_at
+
+    def endpoint(self, name: str, use_mtls_aliases: bool) -> str:
+        """An endpoint's URL; its ``mtls_endpoint_aliases`` entry when asked for and present (RFC 8705 §5)."""
+        aliases = self.document.get("mtls_endpoint_aliases")
+        if use_mtls_aliases and isinstance(aliases, Mapping) and isinstance(aliases.get(name), str):
+            return str(aliases[name])
+        value = self.document.get(name)
+        if not isinstance(value, str) or not value:
+            raise MissingEndpointError(f"bank {self.bank!r}: the discovery document has no {name}",
+                                       hint=f"ask the bank; the document was fetched from {self.url}")
+        return value
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bank": self.bank, "url": self.url, "fetched_at": self.fetched_at.isoformat(),
+                "document": dict(self.document)}
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class Discovery:
+    def __init__(self, bank: BankConfig, state_dir: Path, http: BankHttp) -> None:
+        self.bank = bank
+        self.http = http
+        self.cache_file = state_dir / "discovery" / f"{bank.name}.json"
+
+    def get(self, refresh: bool = False) -> DiscoveryDocument:
+        """The cached document if fresh and from the configured URL, else a newly fetched one."""
+        cached = None if refresh else self.cached()
+        if cached is not None and cached.url == self.bank.discovery_url and cached.issuer == self.bank.issuer \
+                and cached.age().total_seconds() < self.bank.discovery_ttl:
+            return cached
+        return self.fetch()
+
+    def cached(self) -> DiscoveryDocument | None:
+        try:
+            raw = json.loads(self.cache_file.read_text(encoding="utf-8"))
+            return DiscoveryDocument(raw["bank"], raw["url"], datetime.datetime.fromisoformat(raw["fetched_at"]),
+                                     raw["document"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # absent or damaged: fetching again is always safe
+
+    def fetch(self) -> DiscoveryDocument:
+        bank = self.bank
+        response = self.http.request("GET", bank.discovery_url, headers={"Accept": "application/json"})
+        where = f"bank {bank.name!r}: {bank.discovery_url} (x-fapi-interaction-id {response.interaction_id})"
+        if response.status != 200:
+            raise DiscoveryError(f"{where} answered HTTP {response.status}, not the discovery document")
+        try:
+            document = json.loads(response.body)
+        except ValueError:
+            raise DiscoveryError(f"{where} did not return JSON") from None
+        if not isinstance(document, dict):
+            raise DiscoveryError(f"{where} returned JSON that is not an object")
+        for field in _REQUIRED:
+            if not isinstance(document.get(field), str) or not document[field]:
+                raise DiscoveryError(f"{where} returned a document without {field}")
+        if document["issuer"] != bank.issuer:
+            raise IssuerMismatchError(
+                f"{where}: issuer is {document['issuer']!r}, expected {bank.issuer!r}")
+        result = DiscoveryDocument(bank.name, bank.discovery_url, _now(), document)
+        self._store(result)
+        return result
+
+    def _store(self, doc: DiscoveryDocument) -> None:
+        # Write-then-rename: a reader sees the old document or the new one, never half.
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=f".{self.bank.name}.", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(doc.as_dict(), handle, indent=2, sort_keys=True)
+        os.replace(tmp, self.cache_file)

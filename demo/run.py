@@ -1,0 +1,218 @@
+"""The seed flow, run with the operator's real commands:
+
+ 1. an isolated SoftHSM2 token            softhsm/make_token.py
+ 2. the transport key, RSA 2048, on it     tpp-agent keys generate
+ 3. a CSR in the directory's profile       tpp-agent csr   (signed on the token)
+ 4. a certificate from the model bank's CA (standing in for the directory)
+ 5. the certificate onto the token         tpp-agent cert import
+ 6. the bank's discovery document          tpp-agent discover
+ 7. registration over mTLS                 tpp-agent register, tpp-agent registrations
+ 8. proof that no private key file exists
+
+The TPP's state lives in ``--state-dir`` (default ``./.state/demo``, kept between runs:
+running again reuses the token and the key). The model bank is a separate process with
+its own CA and server keys in its own temporary directory, removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from demo.proof import scan
+
+REPO = Path(__file__).resolve().parent.parent
+BANK = "modelbank"
+KEY = "transport"
+TOKEN = "tpp-agent"
+LEGAL_NAME = "Demo Payments Services L.L.C."
+ORG_ID = "e7c5ad3a-3b3d-4d5c-9c42-1f2b6a0d9e11"
+CLIENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://tpp-agent.invalid/demo-client"))
+
+
+class DemoError(Exception):
+    pass
+
+
+class Demo:
+    def __init__(self, state_dir: Path) -> None:
+        self.state = state_dir.resolve()
+        self.config = self.state / "config.toml"
+        self.step_no = 0
+        self.env = {**os.environ, "TPP_AGENT_CONFIG": str(self.config),
+                    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        self.env.pop("SOFTHSM2_CONF", None)  # the config names the demo's own token directory
+
+    # -- output --------------------------------------------------------------
+    def step(self, title: str) -> None:
+        self.step_no += 1
+        print(f"\n[{self.step_no}] {title}", flush=True)
+
+    @staticmethod
+    def say(text: str) -> None:
+        print(f"    {text}", flush=True)
+
+    def run(self, *argv: str, shown: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a command the way an operator would, echo it and indent what it prints."""
+        print(f"    $ {shown or shlex.join(argv)}", flush=True)
+        program = str(Path(sys.executable).parent / argv[0]) if argv[0] == "tpp-agent" else argv[0]
+        result = subprocess.run([program, *argv[1:]], capture_output=True, text=True, env=self.env, cwd=REPO,
+                                timeout=180, check=False)
+        for line in (result.stdout + result.stderr).splitlines():
+            print(f"      {line}", flush=True)
+        if check and result.returncode != 0:
+            raise DemoError(f"`{shown or shlex.join(argv)}` failed with exit status {result.returncode}")
+        return result
+
+    def rel(self, path: Path) -> str:
+        with contextlib.suppress(ValueError):
+            return str(path.relative_to(Path.cwd()))
+        return str(path)
+
+    # -- configuration ---------------------------------------------------------
+    def write_config(self, bank_url: str | None = None, ca_bundle: Path | None = None) -> None:
+        softhsm = self.state / "softhsm"
+        text = (
+            f'[state]\ndir = "{self.state}"\n\n'
+            f'[pkcs11]\ntoken = "{TOKEN}"\npin_file = "{softhsm / "user.pin"}"\n\n'
+            f'[pkcs11.environment]\nSOFTHSM2_CONF = "{softhsm / "softhsm2.conf"}"\n\n'
+            f'[keys.{KEY}]\nuri = "pkcs11:token={TOKEN};object={KEY};type=private"\n'
+        )
+        if bank_url is not None:
+            text += (
+                f'\n[banks.{BANK}]\ndiscovery_url = "{bank_url}/.well-known/openid-configuration"\n'
+                f'issuer = "{bank_url}"\nca_bundle = "{ca_bundle}"\nclient_key = "{KEY}"\nuse_mtls_aliases = true\n'
+                "read_timeout = 10\n"
+            )
+        self.config.write_text(text)
+
+    # -- the flow --------------------------------------------------------------
+    def main(self) -> None:
+        print("tpp-agent demo: register a TPP application with a bank, the transport key never leaving the HSM")
+        print(f"TPP state dir: {self.rel(self.state)}  (config: {self.rel(self.config)})")
+        self.state.mkdir(parents=True, exist_ok=True)
+
+        self.step("Create an isolated SoftHSM2 token (own token dir, random PINs in 0600 files)")
+        self.run(sys.executable, "softhsm/make_token.py", "--state-dir", str(self.state), "--label", TOKEN,
+                 shown=f"python softhsm/make_token.py --state-dir {self.rel(self.state)} --label {TOKEN}")
+        self.write_config()
+        self.say(f"export TPP_AGENT_CONFIG={self.rel(self.config)}   # every tpp-agent command below uses it")
+
+        self.step("Generate the transport key (RSA 2048) on the token")
+        listed = json.loads(self.run("tpp-agent", "keys", "list", "--json").stdout)
+        if any(key["label"] == KEY for key in listed):
+            self.say(f"key {KEY!r} already exists (re-run): reused")
+        else:
+            self.run("tpp-agent", "keys", "generate", "--label", KEY, "--type", "rsa:2048")
+
+        self.step("Make the CSR in the directory's profile, signed on the token (C=AE, O, OU=org id, CN=client id)")
+        csr = self.state / "transport.csr"
+        self.run("tpp-agent", "csr", "--key", KEY, "--org-name", LEGAL_NAME, "--org-id", ORG_ID,
+                 "--client-id", CLIENT_ID, "--out", str(csr), "--force",
+                 shown=shlex.join(["tpp-agent", "csr", "--key", KEY, "--org-name", LEGAL_NAME, "--org-id", ORG_ID,
+                                   "--client-id", CLIENT_ID, "--out", self.rel(csr), "--force"]))
+        self.run("openssl", "req", "-in", str(csr), "-noout", "-verify", "-subject",
+                 shown=f"openssl req -in {self.rel(csr)} -noout -verify -subject")
+
+        bank_dir = Path(tempfile.mkdtemp(prefix="tpp-agent-modelbank-"))
+        try:
+            with self.model_bank(bank_dir) as (url, ca_bundle, bank_lines):
+                self.with_bank(bank_dir, url, ca_bundle, csr, bank_lines)
+        finally:
+            shutil.rmtree(bank_dir, ignore_errors=True)
+
+        self.step("Proof: no private key file in the TPP's state dir or the repository")
+        self.run("tpp-agent", "keys", "list")
+        self.run(sys.executable, "-m", "demo.attributes", KEY, shown=f"python -m demo.attributes {KEY}")
+        result = scan([self.state, REPO])
+        for path in result.key_files:
+            self.say(f"PRIVATE KEY FILE: {path}")
+        if result.key_files:
+            raise DemoError(f"{len(result.key_files)} file(s) hold a private key")
+        self.say(f"scanned {result.files} files under {self.rel(self.state)} and {REPO}: "
+                 "no PEM or DER private key in any of them")
+        self.say("the token's own store (softhsm/tokens) holds the key encrypted by SoftHSM2, as a real HSM would")
+        self.say(f"the model bank's CA and server keys were its own test data in {bank_dir} (now removed)")
+        print("\ndemo complete: key on the token, certificate issued and imported, bank discovered, "
+              "application registered.")
+
+    def with_bank(self, bank_dir: Path, url: str, ca_bundle: Path, csr: Path, bank_lines: queue.Queue[str]) -> None:
+        self.step("Get the certificate from the model bank's CA (standing in for the directory)")
+        self.say(f"model bank: {url}  (its CA and server keys: test data in its own temp dir {bank_dir})")
+        cert = self.state / "transport.pem"
+        self.run(sys.executable, "-m", "modelbank", "issue", "--state-dir", str(bank_dir), "--csr", str(csr),
+                 "--out", str(cert),
+                 shown=f"python -m modelbank issue --state-dir {bank_dir} --csr {self.rel(csr)} --out {self.rel(cert)}")
+        self.run("openssl", "x509", "-in", str(cert), "-noout", "-subject", "-issuer", "-enddate",
+                 shown=f"openssl x509 -in {self.rel(cert)} -noout -subject -issuer -enddate")
+
+        self.step("Import the certificate onto the token, next to its key")
+        self.run("tpp-agent", "cert", "import", "--key", KEY, "--replace", str(cert),
+                 shown=f"tpp-agent cert import --key {KEY} --replace {self.rel(cert)}")
+
+        self.write_config(url, ca_bundle)
+        self.step(f"Discover the bank (configured as [banks.{BANK}] with its issuer and CA bundle)")
+        self.run("tpp-agent", "discover", BANK, "--refresh")
+
+        self.step("Register the application: POST registration_endpoint {} over mTLS with the token key")
+        self.run("tpp-agent", "register", BANK)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.say(f"[model bank] {bank_lines.get(timeout=2)}")
+        self.run("tpp-agent", "register", BANK)  # shows that a success is not repeated
+        self.run("tpp-agent", "registrations", "--bank", BANK)
+
+    @contextlib.contextmanager
+    def model_bank(self, bank_dir: Path) -> Iterator[tuple[str, Path, queue.Queue[str]]]:
+        """``python -m modelbank serve`` in its own process; its ``registered:`` lines come through the queue."""
+        process = subprocess.Popen([sys.executable, "-m", "modelbank", "serve", "--state-dir", str(bank_dir)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
+                                   cwd=REPO)
+        assert process.stdout is not None
+        lines: queue.Queue[str] = queue.Queue()
+        info: dict[str, str] = {}
+        try:
+            for raw in process.stdout:
+                line = raw.strip()
+                if line == "ready":
+                    break
+                key, _, value = line.partition(": ")
+                info[key] = value
+            if "url" not in info or "ca_bundle" not in info:
+                raise DemoError(f"the model bank did not start: {info}")
+            stdout = process.stdout
+
+            def forward() -> None:
+                for raw in stdout:
+                    lines.put(raw.strip())
+
+            threading.Thread(target=forward, daemon=True).start()
+            yield info["url"], Path(info["ca_bundle"]), lines
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--state-dir", type=Path, default=Path(".state/demo"),
+                        help="the TPP's state (token, config, registrations); default ./.state/demo")
+    args = parser.parse_args(argv)
+    try:
+        Demo(args.state_dir).main()
+    except DemoError as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        return 1
+    return 0

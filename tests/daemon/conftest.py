@@ -1,0 +1,192 @@
+"""A real daemon (``tpp-agent serve`` in a subprocess) on a SoftHSM2 token, and ways to talk to it.
+
+The socket lives under a directory ``nobody`` can traverse, so tests can connect
+from processes running as other users (the suite runs as root and ``setuid``\\s
+children). READY is awaited on a real datagram socket passed as ``NOTIFY_SOCKET``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.client import AgentClient
+from agent.runtime import Runtime
+from pkcs11_backends.keys import KeySpec
+from tests.conftest import Token
+
+NOBODY = 65534
+TPP_AGENT = str(Path(sys.executable).parent / "tpp-agent")
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket_path: Path
+    config_path: Path
+    audit_file: Path
+    notify: socket.socket
+    messages: list[str] = field(default_factory=list)
+
+    def client(self) -> AgentClient:
+        return AgentClient(self.socket_path, timeout=10)
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(self.socket_path))
+        return sock
+
+    def raw(self, data: bytes) -> bytes:
+        """Send bytes on a new connection and read until the agent closes it."""
+        with self.connect() as sock:
+            sock.sendall(data)
+            return read_all(sock)
+
+    def wait_for(self, prefix: str, timeout: float = 60) -> str:
+        """The next notify datagram with a line starting with ``prefix``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.stderr()}")
+            self.notify.settimeout(0.2)
+            try:
+                message = self.notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.messages.append(message)
+            if any(line.startswith(prefix) for line in message.splitlines()):
+                return message
+        raise AssertionError(f"no {prefix} within {timeout}s; got {self.messages}")
+
+    def stderr(self) -> str:
+        return (self.config_path.parent / "daemon.log").read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response from a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed mid-response: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers["content-length"])
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory under /tmp that other users can traverse (pytest's tmp dirs are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="tpp-agent-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def keyed_token(token: Token, runtime: Runtime) -> Token:
+    runtime.keys.generate("signing", KeySpec.parse("rsa:2048"))
+    runtime.keys.generate("ecsign", KeySpec.parse("ec:p256"))
+    return token
+
+
+def daemon_config(token: Token, public_dir: Path, extra: str = "") -> str:
+    return textwrap.dedent(f"""\
+        [keys.signing]
+        uri = "pkcs11:token={token.label};object=signing;type=private"
+        algorithms = ["PS256", "RS256"]
+        kid = "sig-1"
+
+        [keys.ecsign]
+        uri = "pkcs11:token={token.label};object=ecsign;type=private"
+        algorithms = ["ES256"]
+
+        [daemon]
+        socket = "{public_dir}/run/agent.sock"
+        socket_group = "nogroup"
+        max_connections = 64
+        workers = 4
+        max_request_bytes = 65536
+        request_timeout = 1.0
+        audit_file = "{token.config_path.parent}/audit.jsonl"
+        health_interval = 0.5
+
+        [policy]
+        admin_users = ["root"]
+
+        [policy.rules.nobody-signs]
+        users = ["nobody"]
+        operations = ["keys", "public", "sign"]
+        keys = ["signing"]
+        """) + extra
+
+
+def start_daemon(token: Token, public_dir: Path, extra: str = "", env: dict[str, str] | None = None,
+                 wait_ready: bool = True) -> Daemon:
+    return launch(token.write_config(daemon_config(token, public_dir, extra)), public_dir, env, wait_ready)
+
+
+def launch(config: Path, public_dir: Path, env: dict[str, str] | None = None, wait_ready: bool = True) -> Daemon:
+    """``tpp-agent serve`` on ``config`` (its socket in ``public_dir/run``), READY awaited on a notify socket."""
+    notify_path = public_dir / "notify.sock"
+    with contextlib.suppress(FileNotFoundError):
+        notify_path.unlink()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    log = (config.parent / "daemon.log").open("ab")
+    full_env = {**os.environ, "TPP_AGENT_CONFIG": str(config), "NOTIFY_SOCKET": str(notify_path), **(env or {})}
+    proc = subprocess.Popen([TPP_AGENT, "serve"], env=full_env, stdout=log, stderr=log)
+    daemon = Daemon(proc, public_dir / "run" / "agent.sock", config, config.parent / "audit.jsonl", notify)
+    if wait_ready:
+        daemon.wait_for("READY=1")
+    return daemon
+
+
+@pytest.fixture
+def daemon(keyed_token: Token, public_dir: Path) -> Iterator[Daemon]:
+    running = start_daemon(keyed_token, public_dir)
+    yield running
+    running.stop()
+    running.notify.close()

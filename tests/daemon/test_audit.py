@@ -1,0 +1,60 @@
+"""The audit trail: every signature recorded; removed and edited lines are found by line number."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from agent.audit import AuditTrail, KeyUse, record_hash, verify
+from tests.daemon.conftest import TPP_AGENT, Daemon
+
+
+def _use(n: int) -> KeyUse:
+    return KeyUse(0, 1, "pkcs11:object=k", "sign", "PS256", f"input {n}".encode(), "ok", f"id-{n}")
+
+
+def test_chain_survives_reopen_and_flags_edits_rehashed_edits_and_removals(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(path)
+    for n in range(5):
+        trail.record(_use(n))
+    trail.close()
+    trail = AuditTrail(path)  # a restart continues the chain
+    for n in range(5, 10):
+        trail.record(_use(n))
+    trail.close()
+    assert verify(path) == (10, [])
+
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[3])
+    record["uid"] = 1234  # edited and re-hashed: only the chain from line 5 gives it away
+    record["hash"] = record_hash(record)
+    lines[3] = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    del lines[7]
+    path.write_text("\n".join(lines) + "\n")
+    _, findings = verify(path)
+    assert [(f.line, f.problem.split(":")[0]) for f in findings] == [(4, "edited"), (8, "removed")]
+
+
+def test_thousand_signatures_then_delete_one_line_and_edit_another(daemon: Daemon) -> None:
+    client = daemon.client()
+    for n in range(1000):
+        client.sign("signing", f"payload {n}".encode(), "PS256")
+    lines = daemon.audit_file.read_text().splitlines()
+    signs = [json.loads(line) for line in lines if '"operation":"sign"' in line]
+    assert len(signs) == 1000 and all(s["result"] == "ok" and len(s["input_sha256"]) == 64 for s in signs)
+    assert "payload" not in daemon.audit_file.read_text()
+    ok = subprocess.run([TPP_AGENT, "audit", "verify", "--file", str(daemon.audit_file)], capture_output=True,
+                        text=True, timeout=60, check=False)
+    assert ok.returncode == 0 and f"{len(lines)} record(s), chain intact" in ok.stdout
+
+    lines[699] = lines[699].replace('"uid":0', '"uid":1000')  # edit line 700
+    del lines[499]                                             # remove line 500
+    daemon.audit_file.write_text("\n".join(lines) + "\n")
+    bad = subprocess.run([TPP_AGENT, "audit", "verify", "--file", str(daemon.audit_file)], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert bad.returncode == 1
+    assert f"{daemon.audit_file}:500: removed: record 500 missing" in bad.stdout
+    assert f"{daemon.audit_file}:699: edited: record 700 does not match its hash" in bad.stdout
+    assert len(bad.stdout.splitlines()) == 2

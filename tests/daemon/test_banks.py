@@ -1,0 +1,88 @@
+"""Bank endpoints and CSRs through the daemon, against the model bank over real mTLS."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from modelbank import ModelBank
+from tests.daemon.conftest import NOBODY, Daemon, launch
+from tests.daemon.test_policy import as_user
+from tests.openfinance.conftest import Tpp, bank, tpp  # noqa: F401 -- fixtures
+
+MB = "mb"
+
+
+@pytest.fixture
+def bank_daemon(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[Daemon]:  # noqa: F811
+    config = tpp.write_config(bank)
+    base = config.read_text()
+    extra = textwrap.dedent(f"""
+        [keys.transport]
+        uri = "{tpp.key_uri}"
+        algorithms = ["PS256"]
+
+        [daemon]
+        socket = "{public_dir}/run/agent.sock"
+        socket_group = "nogroup"
+        audit_file = "{tpp.state_dir}/audit.jsonl"
+
+        [policy]
+        admin_users = ["root"]
+
+        [policy.rules.nobody-forwards]
+        users = ["nobody"]
+        operations = ["forward", "discovery"]
+        banks = ["{MB}"]
+        """)
+
+    config.write_text(base + extra)
+    daemon = launch(config, public_dir)
+    yield daemon
+    daemon.stop()
+    daemon.notify.close()
+
+
+def test_discovery_registration_and_forward_through_the_socket(bank_daemon: Daemon, bank: ModelBank) -> None:  # noqa: F811
+    client = bank_daemon.client()
+    document = client.discovery(MB)
+    assert document["bank"] == MB and document["document"]["issuer"] == bank.issuer
+    registered = client.register(MB)
+    assert registered["bank"] == MB and registered["status"] in (200, 201, 204)
+
+    discovery_path = bank.discovery_url[len(bank.issuer):]
+    status, headers, body = client.forward(MB, "GET", discovery_path)
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    assert json.loads(body)["issuer"] == bank.issuer
+    audit = [json.loads(line) for line in bank_daemon.audit_file.read_text().splitlines()]
+    assert audit[-1]["operation"] == "forward" and audit[-1]["result"] == "http 200"
+
+
+def test_forward_is_no_open_proxy(bank_daemon: Daemon) -> None:
+    cases = [({"method": "GET", "url": "https://example.org/"}, "host_not_allowed"),
+             ({"method": "GET", "url": "https://user@127.0.0.1/"}, "host_not_allowed"),
+             ({"method": "GET", "path": "//example.org/x"}, "bad_path"),
+             ({"method": "GET", "path": "/x", "url": "https://example.org/"}, "missing_field"),
+             ({"method": "CONNECT", "path": "/x"}, "bad_field")]
+    for body, code in cases:
+        result = as_user(bank_daemon, 0, 0, "POST", f"/v1/banks/{MB}/forward", json.dumps(body))
+        assert result["status"] == 400 and json.loads(str(result["body"]))["code"] == code, body
+    unknown = as_user(bank_daemon, 0, 0, "POST", "/v1/banks/elsewhere/forward", json.dumps(cases[2][0]))
+    assert unknown["status"] == 404 and json.loads(str(unknown["body"]))["code"] == "unknown_bank"
+
+
+def test_policy_for_banks_and_admin_only_csr(bank_daemon: Daemon) -> None:
+    denied = as_user(bank_daemon, NOBODY, NOBODY, "POST", f"/v1/banks/{MB}/registration", "{}")
+    assert denied["status"] == 403 and "'register' at bank 'mb'" in json.loads(str(denied["body"]))["message"]
+    subject = json.dumps({"subject": "CN=2f0c8e8e-9a0e-4d6e-8f53-0a7b7c1d2e3f,OU=org-0001,O=Test TPP,C=AE"})
+    refused = as_user(bank_daemon, NOBODY, NOBODY, "POST", "/v1/keys/transport/csr", subject)
+    assert refused["status"] == 403 and "admin operation" in json.loads(str(refused["body"]))["message"]
+    made = as_user(bank_daemon, 0, 0, "POST", "/v1/keys/transport/csr", subject)
+    assert made["status"] == 200
+    request = x509.load_pem_x509_csr(json.loads(str(made["body"]))["pem"].encode())
+    assert request.is_signature_valid and "OU=org-0001" in request.subject.rfc4514_string()

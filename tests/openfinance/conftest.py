@@ -1,0 +1,100 @@
+"""A model bank per test, a transport key on the session's token with a certificate from the
+bank's CA, and a configuration naming both (state dir: the test's own).
+
+Keys live on the session's first token (``shared_runtime``): libp11's engine only sees
+tokens that existed when it loaded its first key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from agent import config as config_module
+from agent.config import Config
+from agent.openfinance.service import OpenFinance
+from agent.runtime import Runtime
+from agent.x509.certificates import import_certificate
+from agent.x509.csr import build_csr
+from agent.x509.subject import directory_subject
+from modelbank import ModelBank
+from pkcs11_backends.keys import KeySpec
+
+BANK = "mb"
+
+
+@dataclasses.dataclass
+class Tpp:
+    runtime: Runtime
+    key_uri: str
+    subject: str
+    state_dir: Path
+    softhsm_state: Path
+
+    def config(self, bank: ModelBank, **settings: object) -> Config:
+        """The configuration a TPP would write for ``bank``; ``settings`` add to or override [banks.mb]."""
+        table: dict[str, object] = {"discovery_url": bank.discovery_url, "issuer": bank.issuer,
+                                    "ca_bundle": str(bank.ca_bundle), "client_key": self.key_uri, **settings}
+        raw = {"state": {"dir": str(self.state_dir)}, "banks": {BANK: table}}
+        return config_module.parse(raw, self.state_dir / "config.toml")
+
+    def write_config(self, bank: ModelBank, **settings: object) -> Path:
+        """The same as a TOML file, for the console script (token and PIN of the session's token)."""
+        lines = [f'[state]\ndir = "{self.state_dir}"\n',
+                 f'[pkcs11]\nmodule = "{config_module.default_module()}"\ntoken = "tpp-agent"',
+                 f'pin_file = "{self.softhsm_state / "softhsm" / "user.pin"}"\n',
+                 f'[pkcs11.environment]\nSOFTHSM2_CONF = "{self.softhsm_state / "softhsm" / "softhsm2.conf"}"\n',
+                 f"[banks.{BANK}]"]
+        table = {"discovery_url": bank.discovery_url, "issuer": bank.issuer, "ca_bundle": str(bank.ca_bundle),
+                 "client_key": self.key_uri, **settings}
+        for key, value in table.items():
+            lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else repr(value)}")
+        path = self.state_dir / "config.toml"
+        path.write_text("\n".join(lines).replace("'", '"') + "\n")
+        return path
+
+
+@pytest.fixture
+def bank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelBank]:
+    with ModelBank(tmp_path_factory.mktemp("modelbank")) as running:
+        yield running
+
+
+def issue_identity(runtime: Runtime, bank: ModelBank, *, expired: bool = False) -> tuple[str, str, bytes]:
+    """A new RSA key on the token, its CSR in the directory's profile, a certificate from the bank's CA.
+
+    Returns (key URI, subject, certificate PEM); the certificate is imported unless expired
+    (import refuses expired certificates: tests hand those to the transport as a PEM file).
+    """
+    label = f"transport-{uuid.uuid4().hex[:10]}"
+    info = runtime.keys.generate(label, KeySpec.parse("rsa:2048"))
+    subject = directory_subject("Test TPP L.L.C.", "org-0001", str(uuid.uuid4()))
+    csr = build_csr(runtime.keys, str(info.uri), subject)
+    if expired:
+        not_before = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+        pem = bank.ca.issue_from_csr(csr.pem.encode(), days=10, not_before=not_before)
+    else:
+        pem = bank.ca.issue_from_csr(csr.pem.encode())
+        import_certificate(runtime.keys, str(info.uri), pem, "test")
+    return str(info.uri), x509.load_pem_x509_certificate(pem).subject.rfc4514_string(), pem
+
+
+@pytest.fixture
+def tpp(shared_runtime: Runtime, bank: ModelBank, tmp_path: Path, softhsm_state: Path) -> Tpp:
+    uri, subject, _ = issue_identity(shared_runtime, bank)
+    state = tmp_path / "tpp-state"
+    state.mkdir()
+    return Tpp(shared_runtime, uri, subject, state, softhsm_state)
+
+
+@pytest.fixture
+def service(tpp: Tpp, bank: ModelBank) -> Iterator[OpenFinance]:
+    of = OpenFinance(tpp.runtime, tpp.config(bank))
+    yield of
+    of.close()

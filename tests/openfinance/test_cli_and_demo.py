@@ -1,0 +1,80 @@
+"""The operator's view: the console script against the model bank, and ``make demo`` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from demo.run import main as demo_main
+from modelbank import Behaviour, ModelBank
+from tests.openfinance.conftest import BANK, Tpp
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TPP_AGENT_CONFIG": str(config)}
+    env.pop("SOFTHSM2_CONF", None)
+    return subprocess.run([str(Path(sys.executable).parent / "tpp-agent"), *args], capture_output=True, text=True,
+                          env=env, timeout=120, check=False)
+
+
+def test_cli_discover_register_and_list(tpp: Tpp, bank: ModelBank) -> None:
+    config = tpp.write_config(bank, use_mtls_aliases=True)
+
+    shown = cli(config, "discover", BANK)
+    assert shown.returncode == 0, shown.stderr
+    assert f"issuer {bank.issuer}" in shown.stdout and "/mtls/tpp-registration  (mTLS alias)" in shown.stdout
+    as_json = json.loads(cli(config, "discover", BANK, "--json").stdout)
+    assert as_json["document"]["issuer"] == bank.issuer and as_json["fetched_now"] is False
+
+    bank.behaviour = Behaviour.failing("500")
+    failed = cli(config, "register", BANK)
+    assert failed.returncode == 1
+    error = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    hint = [line for line in failed.stderr.splitlines() if line.startswith("hint: ")]
+    assert len(error) == 1 and "HTTP 500" in error[0] and f"bank {BANK!r}" in error[0]
+    assert len(hint) == 1 and "x-fapi-interaction-id" in hint[0]
+
+    bank.behaviour = Behaviour()
+    done = cli(config, "register", BANK)
+    assert done.returncode == 0, done.stderr
+    assert "HTTP 204" in done.stdout
+    [registration] = bank.registrations
+    assert f"x-fapi-interaction-id: {registration.interaction_id}" in done.stdout
+    assert registration.path == "/mtls/tpp-registration" and registration.subject == tpp.subject
+
+    again = cli(config, "register", BANK)
+    assert again.returncode == 0 and "already registered" in again.stdout and "--force" in again.stdout
+    assert len(bank.registrations) == 1
+
+    listed = json.loads(cli(config, "registrations", "--json").stdout)
+    assert [(a["outcome"], a["status"]) for a in listed] == [("failed", 500), ("registered", 204)]
+    assert listed[1]["interaction_id"] == registration.interaction_id
+    assert listed[1]["cert_sha256"] == registration.sha256
+    table = cli(config, "registrations").stdout
+    assert "registered" in table and registration.interaction_id in table
+
+
+def test_cli_unknown_bank(tpp: Tpp, bank: ModelBank) -> None:
+    result = cli(tpp.write_config(bank), "register", "nosuchbank")
+    assert result.returncode == 1
+    assert "error: no bank 'nosuchbank' in the configuration (configured: mb)" in result.stderr
+
+
+def test_make_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "demo"
+    assert demo_main(["--state-dir", str(state)]) == 0
+    out = capsys.readouterr().out
+    for step in range(1, 9):
+        assert f"\n[{step}] " in out
+    assert "registered with modelbank: HTTP 204" in out and "x-fapi-interaction-id: " in out
+    assert "[model bank] registered: subject=CN=" in out
+    assert "no PEM or DER private key in any of them" in out
+    assert "CKA_EXTRACTABLE = False" in out
+    # Idempotent: a second run reuses the token and the key.
+    assert demo_main(["--state-dir", str(state)]) == 0
+    assert "already exists (re-run): reused" in capsys.readouterr().out

@@ -1,0 +1,147 @@
+"""Registration with the model bank over mTLS: success, each failure distinct, the log, no repeats."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from agent.openfinance.records import DB_NAME, FAILED, REGISTERED
+from agent.openfinance.registration import (
+    UNCERTAIN,
+    BankServerError,
+    RegistrationError,
+    RegistrationForbiddenError,
+    RegistrationRejectedError,
+    RegistrationUnauthorizedError,
+)
+from agent.openfinance.service import OpenFinance
+from agent.transport import errors
+from modelbank import Behaviour, ModelBank
+from tests.openfinance.conftest import BANK, Tpp, issue_identity
+
+
+@pytest.mark.parametrize("status", [204, 200, 201])
+def test_any_2xx_registers_and_is_logged(service: OpenFinance, bank: ModelBank, tpp: Tpp, status: int) -> None:
+    bank.behaviour = Behaviour(registration_status=status)
+    result = service.registrar(BANK).register()
+    assert result.status == status and result.already is None
+    assert [r.subject for r in bank.registrations] == [tpp.subject]
+    assert bank.registrations[0].interaction_id == result.interaction_id
+    [attempt] = service.records.attempts()
+    assert (attempt.bank, attempt.outcome, attempt.status, attempt.interaction_id) == (
+        BANK, REGISTERED, status, result.interaction_id)
+    assert attempt.endpoint == bank.url + "/tpp-registration"
+    assert attempt.cert_sha256 == bank.registrations[0].sha256 and attempt.cert_subject == tpp.subject
+    assert attempt.duration_ms is not None and attempt.error is None
+    post = [r for r in bank.requests if r[0] == "POST"]
+    assert post == [("POST", "/tpp-registration", result.interaction_id)]
+
+
+def test_success_not_repeated_unless_forced(service: OpenFinance, bank: ModelBank) -> None:
+    first = service.registrar(BANK).register()
+    second = service.registrar(BANK).register()
+    assert second.already is not None and second.interaction_id == first.interaction_id
+    assert len(bank.registrations) == 1
+    forced = service.registrar(BANK).register(force=True)
+    assert forced.already is None and forced.interaction_id != first.interaction_id
+    assert len(bank.registrations) == 2 and len(service.records.attempts()) == 2
+
+
+def test_log_is_wal_with_full_sync_and_keeps_bodies(service: OpenFinance, bank: ModelBank, tpp: Tpp) -> None:
+    bank.behaviour = Behaviour(registration_status=400)
+    with pytest.raises(RegistrationRejectedError):
+        service.registrar(BANK).register()
+    db = sqlite3.connect(tpp.state_dir / DB_NAME)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    body, error = db.execute("SELECT response_body, error FROM registrations").fetchone()
+    assert "model bank configured to answer 400" in body and error.startswith("RegistrationRejectedError")
+
+
+@pytest.mark.parametrize("mode,error", [
+    ("400", RegistrationRejectedError),
+    ("403", RegistrationForbiddenError),
+    ("500", BankServerError),
+    ("503", BankServerError),
+    ("no-client-auth", RegistrationUnauthorizedError),
+])
+def test_http_failures_are_distinct_and_agent_stays_usable(service: OpenFinance, bank: ModelBank, mode: str,
+                                                           error: type[RegistrationError]) -> None:
+    bank.behaviour = Behaviour.failing(mode)
+    registrar = service.registrar(BANK)
+    with pytest.raises(error) as caught:
+        registrar.register()
+    exc = caught.value
+    assert type(exc) is error
+    assert f"bank {BANK!r}" in str(exc) and exc.interaction_id in str(exc) and exc.interaction_id in exc.hint
+    assert exc.status == (401 if mode == "no-client-auth" else int(mode))
+    [attempt] = service.records.attempts()
+    assert attempt.outcome == FAILED and attempt.status == exc.status and attempt.interaction_id == exc.interaction_id
+
+    bank.behaviour = Behaviour()
+    if mode == "no-client-auth":
+        service.close()  # its pooled connection was made without a certificate request; a new one gets one
+    assert registrar.register().status == 204  # same service: still works
+    assert [a.outcome for a in service.records.attempts()] == [FAILED, REGISTERED]
+
+
+def _discovered_then(service: OpenFinance, bank: ModelBank, behaviour: Behaviour) -> None:
+    """Fetch discovery normally, then make the bank misbehave for new connections."""
+    service.discovery(BANK).get()
+    service.close()  # drop pooled connections: the next request needs a new handshake
+    bank.behaviour = behaviour
+
+
+@pytest.mark.parametrize("mode,error", [
+    ("unknown-ca", errors.ServerUntrustedError),
+    ("expired-server-cert", errors.ServerUntrustedError),
+    ("wrong-host", errors.HostnameMismatchError),
+    ("untrusted-client", errors.ClientCertUnknownCaError),
+])
+def test_tls_failures_are_distinct_and_agent_stays_usable(service: OpenFinance, bank: ModelBank, mode: str,
+                                                          error: type[errors.TransportError]) -> None:
+    _discovered_then(service, bank, Behaviour.failing(mode))
+    registrar = service.registrar(BANK)
+    with pytest.raises(error) as caught:
+        registrar.register()
+    exc = caught.value
+    assert type(exc) is error and exc.bank == BANK and exc.interaction_id in exc.hint
+    [attempt] = service.records.attempts()
+    assert attempt.outcome == FAILED and attempt.status is None and attempt.interaction_id == exc.interaction_id
+    assert attempt.error is not None and attempt.error.startswith(error.__name__)
+    assert not bank.registrations
+
+    bank.behaviour = Behaviour()
+    assert registrar.register().status == 204
+
+
+def test_expired_client_certificate(tpp: Tpp, bank: ModelBank) -> None:
+    uri, _, pem = issue_identity(tpp.runtime, bank, expired=True)
+    cert_file = tpp.state_dir / "expired.pem"
+    cert_file.write_bytes(pem)
+    service = OpenFinance(tpp.runtime, tpp.config(bank, client_key=uri, client_certificate=str(cert_file)))
+    try:
+        with pytest.raises(errors.ClientCertExpiredError) as caught:
+            service.registrar(BANK).register()
+        assert "expired" in caught.value.hint
+    finally:
+        service.close()
+    assert not bank.registrations
+
+
+def test_bank_that_never_answers_times_out_once(tpp: Tpp, bank: ModelBank) -> None:
+    service = OpenFinance(tpp.runtime, tpp.config(bank, read_timeout=0.5))
+    try:
+        _discovered_then(service, bank, Behaviour.failing("hang"))
+        registrar = service.registrar(BANK)
+        with pytest.raises(errors.ReadTimeoutError) as caught:
+            registrar.register()
+        [attempt] = service.records.attempts()
+        assert attempt.outcome == UNCERTAIN and attempt.interaction_id == caught.value.interaction_id
+        posts = [r for r in bank.requests if r[0] == "POST"]
+        assert len(posts) == 1, "a POST that may have landed is never resent on its own"
+
+        bank.behaviour = Behaviour()
+        assert registrar.register().status == 204
+    finally:
+        service.close()
