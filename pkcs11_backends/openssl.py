@@ -253,6 +253,14 @@ class ProviderBackend:
     the token; only keys loaded here live there. OpenSSL runs an operation on a
     provider key with that key's own provider, whatever context the TLS
     connection uses.
+
+    Settings (pkcs11-provider 1.0, Debian 13): ``no-deinit``, because the module
+    is shared with python-pkcs11 and must not be finalised under it when OpenSSL
+    winds the provider down; ``cache-keys = false``, because the cache is a
+    session copy of the private key (same label and id) that our own lookups on
+    the same module would then find twice. The store is opened with OpenSSL's
+    null UI: the agent logs in through its pool, and the provider must never
+    prompt for a PIN on a terminal.
     """
 
     name = "provider"
@@ -288,6 +296,8 @@ class ProviderBackend:
         lib.OSSL_STORE_INFO_get1_PKEY.argtypes = [ctypes.c_void_p]
         lib.OSSL_STORE_INFO_free.restype = None
         lib.OSSL_STORE_INFO_free.argtypes = [ctypes.c_void_p]
+        lib.UI_null.restype = ctypes.c_void_p
+        lib.UI_null.argtypes = []
         self._lib = lib
         self._libctx = self._start()
 
@@ -300,10 +310,12 @@ class ProviderBackend:
         # The provider's own digests and public-key operations need the default provider beside it.
         if not lib.OSSL_PROVIDER_load(libctx, b"default"):
             raise OpenSSLBackendError(f"cannot load OpenSSL's default provider: {_openssl_errors(lib)}")
-        module = self.module_path.encode()
-        params = (_OsslParam * 2)()
-        params[0] = _OsslParam(b"pkcs11-module-path", _OSSL_PARAM_UTF8_STRING,
-                               ctypes.cast(ctypes.c_char_p(module), ctypes.c_void_p), len(module), 0)
+        settings = ((b"pkcs11-module-path", self.module_path.encode()), (b"pkcs11-module-quirks", b"no-deinit"),
+                    (b"pkcs11-module-cache-keys", b"false"))
+        params = (_OsslParam * (len(settings) + 1))()  # the last one stays zeroed: the end marker
+        for i, (key, value) in enumerate(settings):
+            params[i] = _OsslParam(key, _OSSL_PARAM_UTF8_STRING, ctypes.cast(ctypes.c_char_p(value), ctypes.c_void_p),
+                                   len(value), 0)
         # Loaded by name from OpenSSL's module directory: the name is what "provider=pkcs11" matches.
         if not lib.OSSL_PROVIDER_load_ex(libctx, b"pkcs11", params):
             raise OpenSSLBackendError(
@@ -315,7 +327,7 @@ class ProviderBackend:
         with self._lock:
             lib.ERR_clear_error()
             store = lib.OSSL_STORE_open_ex(uri.encode("utf-8"), self._libctx, b"provider=pkcs11",
-                                           None, None, None, None, None)
+                                           lib.UI_null(), None, None, None, None)
             if not store:
                 raise OpenSSLKeyError(f"pkcs11-provider cannot open {uri}: {_openssl_errors(lib)}")
             try:
