@@ -352,6 +352,11 @@ _backends: dict[tuple[str, str], KeyBackend] = {}
 _backends_lock = threading.Lock()
 
 
+def installed_backends() -> list[str]:
+    """The OpenSSL routes to the token this machine has: ``engine`` (Debian 12 and 13), ``provider`` (Debian 13)."""
+    return [name for name, found in (("engine", find_engine()), ("provider", find_provider())) if found is not None]
+
+
 def choose_backend(choice: str = "auto") -> str:
     """``provider`` where pkcs11-provider is installed, else ``engine``; or what the config says."""
     if choice not in BACKEND_CHOICES:

@@ -14,12 +14,8 @@ from agent.transport.tls import build_context
 from pkcs11_backends import openssl
 from tests.transport.conftest import TestCa, client_identity, server_context, settings_for
 
-# Every OpenSSL route to the token that this machine has: the engine (Debian 12 and 13), the provider (Debian 13).
-INSTALLED_BACKENDS = [name for name, found in (("engine", openssl.find_engine()), ("provider", openssl.find_provider()))
-                      if found is not None]
 
-
-@pytest.mark.parametrize("backend", INSTALLED_BACKENDS)
+@pytest.mark.parametrize("backend", openssl.installed_backends())
 @pytest.mark.parametrize("spec", ["rsa:2048", "ec:p256"])
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_request_with_token_key(shared_runtime: Runtime, bank_ca: TestCa, pki_dir: Path, serve: Any, spec: str,
