@@ -25,7 +25,8 @@ class CountingStore(KeyStore):
 
     signed = 0
 
-    def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme, timeout: float | None = None) -> bytes:
+    def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme,
+             timeout: float | None = None) -> bytes:
         self.signed += 1
         return super().sign(name, data, scheme, timeout)
 
