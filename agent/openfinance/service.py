@@ -39,7 +39,7 @@ class OpenFinance:
         self.keys = keys
         self._transports: dict[str, BankTransport] = {}
         self._tokens: dict[str, TokenClient] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @functools.cached_property
     def records(self) -> RegistrationLog:
@@ -49,9 +49,10 @@ class OpenFinance:
         return get_bank(self.config, name)
 
     def transport(self, name: str) -> BankTransport:
-        if name not in self._transports:
-            self._transports[name] = open_transport(self.runtime, self.bank(name).tls)
-        return self._transports[name]
+        with self._lock:  # the daemon's workers share this object: one transport (one pool) per bank
+            if name not in self._transports:
+                self._transports[name] = open_transport(self.runtime, self.bank(name).tls)
+            return self._transports[name]
 
     def discovery(self, name: str) -> Discovery:
         # A fresh cached document needs no connection, so no PIN and no handshake either.
