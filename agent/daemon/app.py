@@ -19,6 +19,7 @@ from pkcs11 import Attribute, ObjectClass
 from agent import config as config_module
 from agent.audit import AuditTrail, KeyUse
 from agent.config import Config, KeyConfig, pin_reader
+from agent.daemon.audited import AuditedKeyStore
 from agent.daemon.policy import Policy
 from agent.daemon.settings import DaemonSettings
 from agent.errors import AgentError
@@ -50,9 +51,18 @@ class Agent:
         self.policy = Policy.parse(config.section("policy"))
         self.runtime = runtime
         self.audit = audit
-        self.openfinance = OpenFinance(runtime, config)
+        self.openfinance = self._banks(config)
         self.readiness = Readiness(False, "start-up checks not run yet")
         self._reload_lock = threading.Lock()
+
+    def _banks(self, config: Config) -> OpenFinance:
+        """Banks (transports, token clients with their caches) for ``config``; JWTs signed through the audit."""
+        return OpenFinance(self.runtime, config, keys=self.signer)
+
+    @property
+    def signer(self) -> AuditedKeyStore:
+        """The token's keys for flows that sign deep inside (JWS, assertions): every signature audited."""
+        return AuditedKeyStore(self.runtime.keys, self.audit)
 
     @property
     def keys(self) -> dict[str, KeyConfig]:
@@ -107,17 +117,17 @@ class Agent:
             if new_settings != self.settings:
                 log.warning("reload_needs_restart", reason="[daemon] settings change on restart only")
             self.config, self.policy = config, policy
-            old_banks, self.openfinance = self.openfinance, OpenFinance(self.runtime, config)
-            old_banks.close()
             self.runtime.keys.aliases = dict(config.aliases)
+            old_banks, self.openfinance = self.openfinance, self._banks(config)
+            old_banks.close()
             self.runtime.pool.set_pin_source(pin_reader(config.pkcs11))
             try:
                 status = self.preflight()
             except (AgentError, Pkcs11Error) as exc:
                 log.error("reload_rejected", error=str(exc), hint=exc.hint)
                 self.config, self.policy = old_config, old_policy
-                self.openfinance = OpenFinance(self.runtime, old_config)
                 self.runtime.keys.aliases = dict(old_config.aliases)
+                self.openfinance = self._banks(old_config)
                 self.preflight()
                 return
             log.info("reloaded", status=status)
