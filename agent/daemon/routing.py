@@ -16,7 +16,7 @@ from agent.daemon.policy import PolicyDenied
 from agent.errors import AgentError, InputError
 from agent.openfinance.banks import UnknownBankError
 from agent.openfinance.discovery import DiscoveryError
-from agent.openfinance.registration import RegistrationError
+from agent.openfinance.registration import RegistrationError, RegistrationOutcomeUnknownError
 from agent.transport.errors import TransportError
 from pkcs11_backends.errors import (
     AmbiguousKeyError,
@@ -85,6 +85,8 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(502, "bank_unreachable", str(exc), hint)
     if isinstance(exc, DiscoveryError):
         return HttpError(502, "discovery_failed", str(exc), hint)
+    if isinstance(exc, RegistrationOutcomeUnknownError):
+        return HttpError(409, "registration_outcome_unknown", str(exc), hint)
     if isinstance(exc, RegistrationError):
         return HttpError(502, "registration_failed", str(exc), hint)
     if isinstance(exc, InputError):

@@ -5,8 +5,10 @@ use, and the discovery, registration and registration log that run over it.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Mapping
 
+from agent import log
 from agent.config import Config
 from agent.openfinance.banks import BankConfig, get_bank
 from agent.openfinance.discovery import Discovery
@@ -14,6 +16,8 @@ from agent.openfinance.records import RegistrationLog
 from agent.openfinance.registration import Identity, Registrar
 from agent.runtime import Runtime
 from agent.transport.client import BankTransport, Response, open_transport
+
+_logger = log.get_logger("openfinance")
 
 
 class OpenFinance:
@@ -23,6 +27,7 @@ class OpenFinance:
         self.runtime = runtime
         self.config = config or runtime.config
         self._transports: dict[str, BankTransport] = {}
+        self._lock = threading.Lock()  # daemon workers share one OpenFinance
 
     @functools.cached_property
     def records(self) -> RegistrationLog:
@@ -32,9 +37,23 @@ class OpenFinance:
         return get_bank(self.config, name)
 
     def transport(self, name: str) -> BankTransport:
-        if name not in self._transports:
-            self._transports[name] = open_transport(self.runtime, self.bank(name).tls)
-        return self._transports[name]
+        """The bank's transport; rebuilt when the PKCS#11 module was re-initialised since it was made.
+
+        A token that is away fails here, fast, with the pool's ``TokenUnavailableError``,
+        not later as a TLS handshake error that would send the operator to the bank.
+        """
+        self.runtime.pool.ensure_ready()
+        with self._lock:
+            transport = self._transports.get(name)
+            if transport is not None and transport.tls.module_generation != self.runtime.module.generation:
+                # Its key's handles died with C_Finalize: a new handshake with it could only fail, or
+                # worse, reach whatever session or object now has the same handle number.
+                _logger.info("transport_renewed", bank=name, reason="PKCS#11 module re-initialised")
+                transport.close()
+                transport = None
+            if transport is None:
+                transport = self._transports[name] = open_transport(self.runtime, self.bank(name).tls)
+            return transport
 
     def discovery(self, name: str) -> Discovery:
         # A fresh cached document needs no connection, so no PIN and no handshake either.
