@@ -20,6 +20,16 @@ from tests.faults.bank_daemon import BANK, daemon_on, isolated_tpp
 from tests.faults.conftest import Shim
 
 
+def shim_daemon_config(token: Token, public_dir: Path, shim: Shim, pkcs11_lines: str = "") -> Path:  # noqa: F811
+    """The daemon's test config with the fault-injection module in front of SoftHSM2."""
+    environment = "".join(f'{k} = "{v}"\n' for k, v in shim.environment().items())
+    path = token.write_config(daemon_config(token, public_dir))
+    config = path.read_text().replace("[pkcs11]\n", "[pkcs11]\n" + pkcs11_lines).replace(
+        f'module = "{shim.environment()["TPP_SHIM_TARGET"]}"', f'module = "{shim.path}"')
+    path.write_text(config.replace("[pkcs11.environment]\n", "[pkcs11.environment]\n" + environment))
+    return path
+
+
 def eventually(check: Callable[[], bool], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -88,11 +98,7 @@ def test_token_away_and_back_signing_and_bank_calls_resume_in_the_same_process(
 
 def test_hung_sign_through_the_daemon_is_bounded_stops_the_watchdog_and_resumes(
         keyed_token: Token, public_dir: Path, shim: Shim) -> None:  # noqa: F811
-    environment = "".join(f'{k} = "{v}"\n' for k, v in shim.environment().items())
-    path = keyed_token.write_config(daemon_config(keyed_token, public_dir))
-    config = path.read_text().replace('[pkcs11]\n', '[pkcs11]\ncall_timeout = 0.5\n').replace(
-        f'module = "{shim.environment()["TPP_SHIM_TARGET"]}"', f'module = "{shim.path}"')
-    path.write_text(config.replace("[pkcs11.environment]\n", "[pkcs11.environment]\n" + environment))
+    path = shim_daemon_config(keyed_token, public_dir, shim, "call_timeout = 0.5\n")
     daemon: Daemon = launch(path, public_dir, env={"WATCHDOG_USEC": "600000"})
     try:
         client = daemon.client()
