@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from pkcs11 import Attribute, ObjectClass
+from pkcs11.exceptions import TokenNotPresent
 
 from agent import config as config_module
 from agent.audit import AuditTrail, KeyUse
@@ -136,7 +137,12 @@ class Agent:
     def health_check(self) -> Readiness:
         """Ask the token something real; stale handles start the pool's recovery."""
         def probe(pooled: PooledSession) -> int:
-            return len(list(pooled.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})))
+            count = len(list(pooled.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})))
+            if count == 0 and self.config.keys:
+                # SoftHSM2 lists nothing once its token directory is gone, where an HSM would say
+                # TOKEN_NOT_PRESENT: treat it the same, so that the pool's recovery starts.
+                raise TokenNotPresent("the token lists no private key, but keys are configured")
+            return count
 
         try:
             count = self.runtime.pool.call(probe)

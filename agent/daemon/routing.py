@@ -17,7 +17,7 @@ from agent.errors import AgentError, ConfigError, InputError
 from agent.jose import AlgorithmNotAllowedError, ClaimsError, JoseError
 from agent.openfinance.banks import UnknownBankError
 from agent.openfinance.discovery import DiscoveryError
-from agent.openfinance.registration import RegistrationError
+from agent.openfinance.registration import RegistrationError, RegistrationOutcomeUnknownError
 from agent.openfinance.tokens import TokenError
 from agent.transport.errors import TransportError
 from pkcs11_backends.errors import (
@@ -89,6 +89,8 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(502, "bank_unreachable", str(exc), hint)
     if isinstance(exc, DiscoveryError):
         return HttpError(502, "discovery_failed", str(exc), hint)
+    if isinstance(exc, RegistrationOutcomeUnknownError):
+        return HttpError(409, "registration_outcome_unknown", str(exc), hint)
     if isinstance(exc, RegistrationError):
         return HttpError(502, "registration_failed", str(exc), hint)
     if isinstance(exc, TokenError):

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from cryptography.x509.oid import NameOID
 
+from agent import log
 from agent.config import Config
 from agent.errors import ConfigError
 from agent.openfinance.banks import BankConfig, get_bank
@@ -24,6 +25,8 @@ from agent.openfinance.tokens import TokenClient, TokenSettings
 from agent.runtime import Runtime
 from agent.transport.client import BankTransport, Response, open_transport
 from pkcs11_backends.keys import KeyStore
+
+_logger = log.get_logger("openfinance")
 
 
 class OpenFinance:
@@ -39,7 +42,7 @@ class OpenFinance:
         self.keys = keys
         self._transports: dict[str, BankTransport] = {}
         self._tokens: dict[str, TokenClient] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # daemon workers share one OpenFinance; tokens() calls transport()
 
     @functools.cached_property
     def records(self) -> RegistrationLog:
@@ -49,10 +52,23 @@ class OpenFinance:
         return get_bank(self.config, name)
 
     def transport(self, name: str) -> BankTransport:
-        with self._lock:  # the daemon's workers share this object: one transport (one pool) per bank
-            if name not in self._transports:
-                self._transports[name] = open_transport(self.runtime, self.bank(name).tls)
-            return self._transports[name]
+        """The bank's transport; rebuilt when the PKCS#11 module was re-initialised since it was made.
+
+        A token that is away fails here, fast, with the pool's ``TokenUnavailableError``,
+        not later as a TLS handshake error that would send the operator to the bank.
+        """
+        self.runtime.pool.ensure_ready()
+        with self._lock:
+            transport = self._transports.get(name)
+            if transport is not None and transport.tls.module_generation != self.runtime.module.generation:
+                # Its key's handles died with C_Finalize: a new handshake with it could only fail, or
+                # worse, reach whatever session or object now has the same handle number.
+                _logger.info("transport_renewed", bank=name, reason="PKCS#11 module re-initialised")
+                transport.close()
+                transport = None
+            if transport is None:
+                transport = self._transports[name] = open_transport(self.runtime, self.bank(name).tls)
+            return transport
 
     def discovery(self, name: str) -> Discovery:
         # A fresh cached document needs no connection, so no PIN and no handshake either.
@@ -70,7 +86,7 @@ class OpenFinance:
                 settings = TokenSettings.from_config(self.config)
                 transport = self.transport(name)
                 self._tokens[name] = TokenClient(
-                    self.keys or self.runtime.keys, self.config, name, transport,
+                    self.keys or self.runtime.keys, self.config, name, _CurrentTransport(self, name),
                     metadata=lambda: self.discovery(name).get(),
                     client_id=settings.client_id or _common_name(transport),
                     use_mtls_aliases=self.bank(name).use_mtls_aliases, settings=settings)
@@ -81,6 +97,18 @@ class OpenFinance:
             transport.close()
         self._transports.clear()
         self._tokens.clear()
+
+
+class _CurrentTransport:
+    """The bank's transport as of each request: a token client outlives transports renewed after recovery."""
+
+    def __init__(self, service: OpenFinance, bank: str) -> None:
+        self.service, self.bank = service, bank
+
+    def request(self, method: str, url: str, *, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> Response:
+        return self.service.transport(self.bank).request(method, url, body=body, headers=headers,
+                                                          interaction_id=interaction_id)
 
 
 def _common_name(transport: BankTransport) -> str:
