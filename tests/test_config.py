@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import config as config_module
@@ -85,10 +85,7 @@ toml_values = st.recursive(
 )
 
 
-# too_slow: input generation is timed, and the suite shares 2 cores with other work.
-@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(["state", "pkcs11", "keys", "banks", "other"]), toml_values, max_size=4))
-@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)  # 2 shared cores: generation can stall
 def test_any_structure_loads_or_raises_config_error(raw: dict[str, Any]) -> None:
     with contextlib.suppress(ConfigError):
         parse(raw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import InputError
@@ -22,7 +22,7 @@ SUBJECT_PIECES = st.sampled_from(["CN", "OU", "O", "C", "L", "ST", "2.5.4.3", "1
 
 
 @given(st.lists(SUBJECT_PIECES | st.text(max_size=12), max_size=14).map("".join))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 def test_subject_parser_accepts_or_says_why(text: str) -> None:
     try:
         name = parse_subject(text)
@@ -51,7 +51,7 @@ def test_garbled_certificates_are_refused_and_the_token_is_unchanged(runtime: Ru
     results: list[str] = []
 
     @given(_garbled(good))
-    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=120)
     def attempt(data: bytes) -> None:
         before = certificate_objects(runtime)
         try:
