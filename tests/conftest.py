@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from agent import config as config_module
 from agent.config import Config
@@ -24,6 +25,10 @@ from pkcs11_backends.module import Module
 from pkcs11_backends.provisioning import init_token
 
 REPO = Path(__file__).resolve().parent.parent
+
+# No timed assertions, property tests included: on 2 busy cores one draw can take a second.
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 _labels = itertools.count()
 
 

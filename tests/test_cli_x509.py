@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from agent.compat import not_valid_after
 from agent.runtime import Runtime
 from pkcs11_backends.certificates import store_certificate
 from tests.conftest import Token
@@ -90,7 +91,7 @@ def test_cert_import_show_and_keys_list(cli_token: Token, tmp_path: Path) -> Non
 
     imported = cli_token.cli("cert", "import", "--key", KEY, bundle, check=True)
     assert "imported" in imported.stdout and "ca:Test Issuing CA" in imported.stdout
-    expiry = leaf.not_valid_after.strftime("%Y-%m-%d")
+    expiry = not_valid_after(leaf).strftime("%Y-%m-%d")
     listed = cli_token.cli("keys", "list", check=True).stdout
     assert f"expires {expiry}" in listed
     (entry,) = json.loads(cli_token.cli("keys", "list", "--json", check=True).stdout)

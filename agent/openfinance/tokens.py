@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from agent import jose
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
+from agent.openfinance.client import BankHttp
 from pkcs11_backends.keys import KeyStore
 
 DEFAULT_SIGNING_KEY = "signing"
@@ -52,22 +53,6 @@ _HINTS = {
     "invalid_request_object": ("the bank refused the request object: check scope, redirect_uri and "
                                "authorization_details against what the bank registered for this client"),
 }
-
-
-class BankResponse(Protocol):
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def body(self) -> bytes: ...
-
-    @property
-    def interaction_id(self) -> str: ...
-
-
-class BankHttp(Protocol):
-    def request(self, method: str, url: str, *, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> BankResponse: ...
 
 
 class BankMetadata(Protocol):

@@ -37,10 +37,11 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 
 from agent import log
+from agent.compat import not_valid_after, pyopenssl_certificate
 from agent.errors import ConfigError
 from agent.runtime import Runtime
 from agent.transport.errors import CaBundleError, ClientCertificateMissingError, KeyCertificateMismatchError
@@ -127,6 +128,7 @@ class TlsContext:
     certificate: x509.Certificate
     key_uri: str
     backend: str
+    module_generation: int = 0  # the PKCS#11 module's generation its key was loaded in
 
     @property
     def certificate_sha256(self) -> str:
@@ -164,13 +166,14 @@ def build_context(runtime: Runtime, settings: TlsSettings, openssl_backend: str 
     context.set_verify(SSL.VERIFY_PEER)
     _load_trust(context, settings)
     chain = _client_chain(runtime, settings)
-    context.use_certificate(crypto.X509.from_cryptography(chain[0]))
+    context.use_certificate(pyopenssl_certificate(chain[0]))
     for extra in chain[1:]:
-        context.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        context.add_extra_chain_cert(pyopenssl_certificate(extra))
 
     uri = str(runtime.keys.info(settings.client_key).uri)
     backend = key_backend(runtime.config.pkcs11.module, openssl_backend or runtime.config.pkcs11.openssl_backend)
-    with backend.load_private_key(uri) as key:
+    generation = runtime.module.generation
+    with backend.load_private_key(uri, generation) as key:
         # The context takes its own reference: the key lives exactly as long as the context.
         if _libssl().SSL_CTX_use_PrivateKey(pointer(context._context), key.address) != 1:
             raise KeyCertificateMismatchError(
@@ -182,7 +185,7 @@ def build_context(runtime: Runtime, settings: TlsSettings, openssl_backend: str 
             f"the client certificate {chain[0].subject.rfc4514_string()} does not belong to the token key {uri}",
         ) from exc
     _warn_if_expiring(settings.bank, chain[0])
-    return TlsContext(settings.bank, context, chain[0], uri, backend.name)
+    return TlsContext(settings.bank, context, chain[0], uri, backend.name, generation)
 
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -231,7 +234,7 @@ def _client_chain(runtime: Runtime, settings: TlsSettings) -> list[x509.Certific
 
 
 def _warn_if_expiring(bank: str, cert: x509.Certificate) -> None:
-    not_after = cert.not_valid_after.replace(tzinfo=datetime.UTC)
+    not_after = not_valid_after(cert)
     left = not_after - datetime.datetime.now(datetime.UTC)
     if left < datetime.timedelta(days=14):
         _logger.warning("tls.client_certificate_expiring", bank=bank, not_after=not_after.isoformat(),

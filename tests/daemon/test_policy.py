@@ -35,8 +35,10 @@ print(json.dumps({"status": int(head.split()[1]), "body": payload.decode()}))
 
 
 def as_user(daemon: Daemon, uid: int, gid: int, method: str, target: str, body: str = "") -> dict[str, object]:
-    result = subprocess.run([sys.executable, "-c", _RAW_CLIENT, str(daemon.socket_path), method, target, body],
-                            user=uid, group=gid, extra_groups=[], capture_output=True, text=True, timeout=30,
+    # The raw client needs only the standard library: run the interpreter behind the venv, whose own path
+    # may lie where other users cannot go (a checkout under /root).
+    client = [os.path.realpath(sys.executable), "-c", _RAW_CLIENT, str(daemon.socket_path), method, target, body]
+    result = subprocess.run(client, user=uid, group=gid, extra_groups=[], capture_output=True, text=True, timeout=30,
                             check=True, cwd="/")
     out: dict[str, object] = json.loads(result.stdout)
     return out

@@ -9,19 +9,27 @@ from typing import Any
 import pytest
 
 from agent.runtime import Runtime
-from agent.transport.client import open_transport
+from agent.transport.client import BankTransport
+from agent.transport.tls import build_context
+from pkcs11_backends import openssl
 from tests.transport.conftest import TestCa, client_identity, server_context, settings_for
 
 
+@pytest.mark.parametrize("backend", openssl.installed_backends())
 @pytest.mark.parametrize("spec", ["rsa:2048", "ec:p256"])
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_request_with_token_key(shared_runtime: Runtime, bank_ca: TestCa, pki_dir: Path, serve: Any, spec: str,
-                                 version: ssl.TLSVersion) -> None:
+                                 version: ssl.TLSVersion, backend: str) -> None:
     key = client_identity(shared_runtime, bank_ca, spec)
     server = serve(server_context(*bank_ca.server_identity(pki_dir), bank_ca.pem_path, max_version=version))
-    with open_transport(shared_runtime, settings_for("bank1", bank_ca, key)) as transport:
+    settings = settings_for("bank1", bank_ca, key)
+    tls = build_context(shared_runtime, settings, openssl_backend=backend)
+    assert tls.backend == backend
+    with BankTransport(settings, tls) as transport:
         response = transport.get(f"https://localhost:{server.port}/hello")
     assert response.status == 200
+    # The backend left the token as it was: one private key under the label (no cached session copy).
+    assert shared_runtime.keys.info(key).uri.object == key.split("object=")[1].split(";")[0]
     seen = response.json()
     assert seen["client_cn"] == "tpp " + key.split("object=")[1].split(";")[0]
     assert seen["interaction_id"] == response.interaction_id

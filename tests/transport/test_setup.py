@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import Any
 
 import OpenSSL.SSL
 import pytest
@@ -15,11 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from agent.errors import ConfigError
 from agent.runtime import Runtime
 from agent.transport import errors
-from agent.transport.client import BankTransport, open_transport
+from agent.transport.client import open_transport
 from agent.transport.tls import FAPI_TLS12_CIPHERS, TlsSettings, build_context
 from pkcs11_backends import openssl
 from pkcs11_backends.keys import KeySpec
-from tests.transport.conftest import TestCa, client_identity, server_context, settings_for
+from tests.transport.conftest import TestCa, client_identity, settings_for
 
 
 def test_pyopenssl_runs_on_the_system_libssl() -> None:
@@ -37,18 +36,6 @@ def test_backend_choice() -> None:
     assert openssl.choose_backend("engine") == "engine"
     with pytest.raises(openssl.OpenSSLBackendError, match="unknown OpenSSL backend"):
         openssl.choose_backend("hsm")
-
-
-@pytest.mark.skipif(openssl.find_provider() is None,
-                    reason="pkcs11-provider is not installed: Debian 12 has no package (Debian 13: pkcs11-provider)")
-def test_provider_backend_mtls(shared_runtime: Runtime, bank_ca: TestCa, pki_dir: Path, serve: Any) -> None:
-    key = client_identity(shared_runtime, bank_ca, "ec:p256")
-    server = serve(server_context(*bank_ca.server_identity(pki_dir), bank_ca.pem_path))
-    settings = settings_for("bank1", bank_ca, key)
-    tls = build_context(shared_runtime, settings, openssl_backend="provider")
-    assert tls.backend == "provider"
-    with BankTransport(settings, tls) as transport:
-        assert transport.get(f"https://localhost:{server.port}/").status == 200
 
 
 @pytest.mark.skipif(openssl.find_provider() is not None, reason="pkcs11-provider is installed")
