@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from agent import audit
 from agent.audit import AuditError, AuditTrail, KeyUse, verify
 
 
@@ -35,7 +34,7 @@ def test_each_record_returns_only_once_synced_and_concurrent_records_share_syncs
         syncs[0] += 1
         durable[0] = max(durable[0], size)
 
-    monkeypatch.setattr(audit.os, "fdatasync", observed_sync)
+    monkeypatch.setattr(os, "fdatasync", observed_sync)
     late: list[str] = []
 
     def writer(n: int) -> None:
@@ -67,7 +66,7 @@ def test_a_failed_sync_fails_every_record_it_covered(tmp_path: Path, monkeypatch
     def refuse(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(audit.os, "fdatasync", refuse)
+    monkeypatch.setattr(os, "fdatasync", refuse)
     with pytest.raises(AuditError, match="refused to sync"):
         trail.record(_use(2))
     monkeypatch.undo()
