@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import re
 import uuid
@@ -119,8 +120,8 @@ class Request:
     def method(self) -> str:
         return self.head.method
 
-    @property
-    def path(self) -> str:
+    @functools.cached_property
+    def path(self) -> str:  # the router asks once per route
         return unquote(urlsplit(self.head.target).path)
 
     @property
