@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench stress clean
 
 setup:
 	@scripts/bootstrap
@@ -16,6 +16,10 @@ test: lint
 
 demo: setup
 	$(PY) -m demo
+
+# Bounded stress/soak runs (tests marked slow, left out of `make test`); see docs/reliability.md.
+stress: setup
+	$(PY) -m pytest -q -s -m slow tests/stress
 
 bench: setup
 	$(PY) -m bench

@@ -5,6 +5,7 @@
     from agent.client import AgentClient
     agent = AgentClient("/run/tpp-agent/agent.sock")
     signature = agent.sign("signing", b"header.payload", "PS256")
+    token = agent.token("examplebank", "accounts")["access_token"]
 
 One keep-alive connection per thread; a connection the agent closed (idle timeout,
 restart) is reopened once, transparently, for requests that are safe to repeat.
@@ -18,6 +19,7 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +85,49 @@ class AgentClient:
         body = {"alg": alg, "data_b64": base64.b64encode(data).decode("ascii")}
         return base64.b64decode(self._json("POST", f"/v1/keys/{alias}/sign", body)["signature_b64"])
 
-    def csr(self, alias: str, subject: str) -> str:
-        """A PEM CSR for the key (admins only)."""
-        return str(self._json("POST", f"/v1/keys/{alias}/csr", {"subject": subject})["pem"])
+    def public_jwk(self, alias: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/keys/{alias}/public?format=jwk")
+
+    def jwks(self) -> dict[str, Any]:
+        """The JWK Set of the configured keys this caller may read."""
+        return self._json("GET", "/v1/jwks")
+
+    def jws(self, alias: str, payload: bytes, alg: str | None = None,
+            header: Mapping[str, Any] | None = None) -> str:
+        """A compact JWS over ``payload`` signed on the token (``alg`` default: the key's first allowed)."""
+        body: dict[str, Any] = {"payload_b64": base64.b64encode(payload).decode("ascii")}
+        if alg is not None:
+            body["alg"] = alg
+        if header is not None:
+            body["header"] = dict(header)
+        return str(self._json("POST", f"/v1/keys/{alias}/jws", body)["jws"])
+
+    def csr(self, alias: str, subject: str, alg: str | None = None) -> str:
+        """A PEM CSR for the key (admins only); ``alg``: rsa-pkcs1, rsa-pss or ecdsa (default by key type)."""
+        body = {"subject": subject, **({"alg": alg} if alg else {})}
+        return str(self._json("POST", f"/v1/keys/{alias}/csr", body)["pem"])
 
     def discovery(self, bank: str, refresh: bool = False) -> dict[str, Any]:
         return self._json("GET", f"/v1/banks/{bank}/discovery" + ("?refresh=1" if refresh else ""))
 
     def register(self, bank: str, force: bool = False) -> dict[str, Any]:
         return self._json("POST", f"/v1/banks/{bank}/registration", {"force": force})
+
+    def client_assertion(self, bank: str) -> dict[str, Any]:
+        """``{"client_assertion", "client_assertion_type", "client_id", "bank"}``: fresh, single use."""
+        return self._json("POST", f"/v1/banks/{bank}/client-assertion", {})
+
+    def token(self, bank: str, scope: str, refresh: bool = False) -> dict[str, Any]:
+        """``{"access_token", "token_type", "expires_in", "scope", ...}`` (cached by the agent per bank and scope)."""
+        return self._json("POST", f"/v1/banks/{bank}/token", {"scope": scope, "refresh": refresh})
+
+    def par(self, bank: str, scope: str, redirect_uri: str, *,
+            authorization_details: list[dict[str, Any]] | None = None,
+            state: str | None = None, nonce: str | None = None) -> dict[str, Any]:
+        """Push an authorization request: ``{"request_uri", "expires_in", "code_verifier", "state", "nonce", ...}``."""
+        body = {"scope": scope, "redirect_uri": redirect_uri, "authorization_details": authorization_details,
+                "state": state, "nonce": nonce}
+        return self._json("POST", f"/v1/banks/{bank}/par", {k: v for k, v in body.items() if v is not None})
 
     def forward(self, bank: str, method: str, path: str, headers: dict[str, str] | None = None,
                 body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:

@@ -7,7 +7,10 @@
  5. the certificate onto the token         tpp-agent cert import
  6. the bank's discovery document          tpp-agent discover
  7. registration over mTLS                 tpp-agent register, tpp-agent registrations
- 8. proof that no private key file exists
+ 8. a separate signing key, its certificate and its JWKS published to the directory
+ 9. an access token: client_credentials with a client assertion signed on the token, bound to the
+    transport certificate (cnf.x5t#S256)    tpp-agent token
+10. proof that no private key file exists
 
 The TPP's state lives in ``--state-dir`` (default ``./.state/demo``, kept between runs:
 running again reuses the token and the key). The model bank is a separate process with
@@ -17,7 +20,9 @@ its own CA and server keys in its own temporary directory, removed at the end.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import queue
@@ -31,11 +36,16 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from demo.proof import scan
 
 REPO = Path(__file__).resolve().parent.parent
 BANK = "modelbank"
 KEY = "transport"
+SIGNING_KEY = "signing"
+SCOPE = "accounts"
 TOKEN = "tpp-agent"
 LEGAL_NAME = "Demo Payments Services L.L.C."
 ORG_ID = "e7c5ad3a-3b3d-4d5c-9c42-1f2b6a0d9e11"
@@ -64,13 +74,16 @@ class Demo:
     def say(text: str) -> None:
         print(f"    {text}", flush=True)
 
-    def run(self, *argv: str, shown: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run a command the way an operator would, echo it and indent what it prints."""
-        print(f"    $ {shown or shlex.join(argv)}", flush=True)
+    def run(self, *argv: str, shown: str | None = None, check: bool = True,
+            out: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a command the way an operator would, echo it and indent what it prints (stdout to ``out``)."""
+        print(f"    $ {shown or shlex.join(argv)}" + (f" > {self.rel(out)}" if out else ""), flush=True)
         program = str(Path(sys.executable).parent / argv[0]) if argv[0] == "tpp-agent" else argv[0]
         result = subprocess.run([program, *argv[1:]], capture_output=True, text=True, env=self.env, cwd=REPO,
                                 timeout=180, check=False)
-        for line in (result.stdout + result.stderr).splitlines():
+        if out is not None and result.returncode == 0:
+            out.write_text(result.stdout)
+        for line in ((result.stdout if out is None else "") + result.stderr).splitlines():
             print(f"      {line}", flush=True)
         if check and result.returncode != 0:
             raise DemoError(f"`{shown or shlex.join(argv)}` failed with exit status {result.returncode}")
@@ -88,7 +101,11 @@ class Demo:
             f'[state]\ndir = "{self.state}"\n\n'
             f'[pkcs11]\ntoken = "{TOKEN}"\npin_file = "{softhsm / "user.pin"}"\n\n'
             f'[pkcs11.environment]\nSOFTHSM2_CONF = "{softhsm / "softhsm2.conf"}"\n\n'
-            f'[keys.{KEY}]\nuri = "pkcs11:token={TOKEN};object={KEY};type=private"\n'
+            f'[keys.{KEY}]\nuri = "pkcs11:token={TOKEN};object={KEY};type=private"\n\n'
+            f'[keys.{SIGNING_KEY}]\nuri = "pkcs11:token={TOKEN};object={SIGNING_KEY};type=private"\n'
+            'algorithms = ["PS256"]\n\n'
+            # The demo's own socket: a CLI finds no agent there and uses the demo's token, never a system agent.
+            f'[daemon]\nsocket = "{self.state / "agent.sock"}"\n'
         )
         if bank_url is not None:
             text += (
@@ -111,11 +128,7 @@ class Demo:
         self.say(f"export TPP_AGENT_CONFIG={self.rel(self.config)}   # every tpp-agent command below uses it")
 
         self.step("Generate the transport key (RSA 2048) on the token")
-        listed = json.loads(self.run("tpp-agent", "keys", "list", "--json").stdout)
-        if any(key["label"] == KEY for key in listed):
-            self.say(f"key {KEY!r} already exists (re-run): reused")
-        else:
-            self.run("tpp-agent", "keys", "generate", "--label", KEY, "--type", "rsa:2048")
+        self.ensure_key(KEY)
 
         self.step("Make the CSR in the directory's profile, signed on the token (C=AE, O, OU=org id, CN=client id)")
         csr = self.state / "transport.csr"
@@ -145,8 +158,8 @@ class Demo:
                  "no PEM or DER private key in any of them")
         self.say("the token's own store (softhsm/tokens) holds the key encrypted by SoftHSM2, as a real HSM would")
         self.say(f"the model bank's CA and server keys were its own test data in {bank_dir} (now removed)")
-        print("\ndemo complete: key on the token, certificate issued and imported, bank discovered, "
-              "application registered.")
+        print("\ndemo complete: keys on the token, certificates issued and imported, bank discovered, "
+              "application registered, certificate-bound access token issued.")
 
     def with_bank(self, bank_dir: Path, url: str, ca_bundle: Path, csr: Path, bank_lines: queue.Queue[str]) -> None:
         self.step("Get the certificate from the model bank's CA (standing in for the directory)")
@@ -174,10 +187,52 @@ class Demo:
         self.run("tpp-agent", "register", BANK)  # shows that a success is not repeated
         self.run("tpp-agent", "registrations", "--bank", BANK)
 
+        self.step("A separate signing key for JWTs (RSA 2048, PS256): certificate and JWKS from the directory")
+        self.ensure_key(SIGNING_KEY)
+        signing_csr, signing_cert = self.state / "signing.csr", self.state / "signing.pem"
+        self.run("tpp-agent", "csr", "--key", SIGNING_KEY, "--org-name", LEGAL_NAME, "--org-id", ORG_ID,
+                 "--client-id", CLIENT_ID, "--out", str(signing_csr), "--force",
+                 shown=f"tpp-agent csr --key {SIGNING_KEY} ... --out {self.rel(signing_csr)} --force")
+        self.run(sys.executable, "-m", "modelbank", "issue", "--state-dir", str(bank_dir), "--csr", str(signing_csr),
+                 "--out", str(signing_cert),
+                 shown=f"python -m modelbank issue ... --csr {self.rel(signing_csr)} --out {self.rel(signing_cert)}")
+        self.run("tpp-agent", "cert", "import", "--key", SIGNING_KEY, "--replace", str(signing_cert),
+                 shown=f"tpp-agent cert import --key {SIGNING_KEY} --replace {self.rel(signing_cert)}")
+        published = bank_dir / "directory" / f"{CLIENT_ID}.json"
+        self.run("tpp-agent", "jwks", "--key", SIGNING_KEY, out=published)
+        [jwk] = json.loads(published.read_text())["keys"]
+        self.say(f"the directory now serves the client's signing key: kid {jwk['kid']} alg {jwk['alg']} "
+                 "(the bank checks client assertions against it)")
+
+        self.step("Get an access token: client_credentials, client assertion signed on the token, over mTLS")
+        self.run("tpp-agent", "token", BANK, "--scope", SCOPE)
+        issued = ""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                line = bank_lines.get(timeout=2)
+                self.say(f"[model bank] {line}")
+                issued = line if line.startswith("issued token:") else issued
+        bound = issued.rpartition("cnf.x5t#S256=")[2]
+        transport = x5t_s256(self.state / "transport.pem")
+        self.say(f"transport certificate x5t#S256: {transport}")
+        if bound != transport:
+            raise DemoError(f"the bank bound the token to {bound!r}, not to the transport certificate")
+        self.say("the token is bound to the transport certificate (RFC 8705): "
+                 "it works only over mTLS with the key on this token")
+
+    def ensure_key(self, label: str) -> None:
+        listed = json.loads(self.run("tpp-agent", "keys", "list", "--json").stdout)
+        if any(key["label"] == label for key in listed):
+            self.say(f"key {label!r} already exists (re-run): reused")
+        else:
+            self.run("tpp-agent", "keys", "generate", "--label", label, "--type", "rsa:2048")
+
     @contextlib.contextmanager
     def model_bank(self, bank_dir: Path) -> Iterator[tuple[str, Path, queue.Queue[str]]]:
         """``python -m modelbank serve`` in its own process; its ``registered:`` lines come through the queue."""
-        process = subprocess.Popen([sys.executable, "-m", "modelbank", "serve", "--state-dir", str(bank_dir)],
+        (bank_dir / "directory").mkdir()
+        process = subprocess.Popen([sys.executable, "-m", "modelbank", "serve", "--state-dir", str(bank_dir),
+                                    "--directory", str(bank_dir / "directory")],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
                                    cwd=REPO)
         assert process.stdout is not None
@@ -203,6 +258,12 @@ class Demo:
         finally:
             process.terminate()
             process.wait(timeout=10)
+
+
+def x5t_s256(pem_file: Path) -> str:
+    """RFC 8705's cnf.x5t#S256: base64url SHA-256 of the certificate's DER."""
+    der = x509.load_pem_x509_certificate(pem_file.read_bytes()).public_bytes(serialization.Encoding.DER)
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """``python -m modelbank serve|issue``: run the model bank, or let its CA issue a certificate.
 
-    python -m modelbank serve --state-dir D [--fail MODE]
+    python -m modelbank serve --state-dir D [--fail MODE] [--directory JWKS_DIR]
     python -m modelbank issue --state-dir D --csr FILE [--out FILE] [--days N]
 
 The state dir holds the model bank's own test CA and server keys; keep it apart from
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from modelbank.ca import CsrError, TestCA
 from modelbank.server import FAILURE_MODES, Behaviour, ModelBank, Registration
+from modelbank.token_endpoint import IssuedToken
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -28,7 +29,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"registered: subject={reg.subject} sha256={reg.sha256} x-fapi-interaction-id={reg.interaction_id}",
               flush=True)
 
+    def announce_token(token: IssuedToken) -> None:
+        print(f"issued token: client_id={token.client_id} scope={token.scope} cnf.x5t#S256={token.cnf_x5t_s256}",
+              flush=True)
+
     with ModelBank(args.state_dir.resolve(), host=args.host, behaviour=behaviour, on_registration=announce) as bank:
+        bank.tokens.directory = args.directory.resolve() if args.directory else None
+        bank.tokens.on_token = announce_token
         print(f"url: {bank.url}")
         print(f"discovery_url: {bank.discovery_url}")
         print(f"issuer: {bank.issuer}")
@@ -62,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--state-dir", type=Path, required=True, help="the model bank's own CA and server keys")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--fail", choices=FAILURE_MODES, help="play this failure")
+    s.add_argument("--directory", type=Path,
+                   help="folder of CLIENT_ID.json JWKS files: the clients' signing keys, as the directory serves them")
     s.set_defaults(handler=serve)
     i = sub.add_parser("issue", help="issue a client certificate from a CSR (stands in for the directory)")
     i.add_argument("--state-dir", type=Path, required=True)

@@ -46,6 +46,7 @@ class Behaviour:
     hang: bool = False  # registration requests are read and never answered
     issuer: str | None = None  # the discovery document's issuer (default: the bank's own)
     server_cert: ServerCert = ServerCert.VALID
+    keep_alive: bool = True  # False: every answer closes its connection (each request costs a handshake)
 
     @classmethod
     def failing(cls, mode: str) -> Behaviour:
@@ -95,6 +96,7 @@ class ModelBank:
                                     lambda sha256: any(r.sha256 == sha256 for r in self.registrations))
         self.requests: list[tuple[str, str, str]] = []  # (method, path, x-fapi-interaction-id)
         self.handshakes = 0
+        self.discovery_failures = 0  # answer 503 to this many discovery requests (a 5xx storm)
         self._contexts: dict[tuple[ServerCert, bool, bool], ssl.SSLContext] = {}
         self._lock = threading.Lock()
         self.stopping = threading.Event()
@@ -238,6 +240,9 @@ class _Handler(BaseHTTPRequestHandler):
         if body is not None:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if not self.bank.behaviour.keep_alive:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
@@ -261,6 +266,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self._answer_tokens(b""):
             return
         if self.path == DISCOVERY_PATH:
+            with self.bank._lock:
+                failing = self.bank.discovery_failures > 0
+                self.bank.discovery_failures -= failing
+            if failing:
+                self._error(503, "Unavailable", "model bank told to fail discovery")
+                return
             self._send(200, self.bank.discovery_document())
         else:
             self._error(404, "NotFound", f"no resource at {self.path}")

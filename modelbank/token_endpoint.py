@@ -1,7 +1,9 @@
 """The model bank's token, PAR and one protected resource endpoint, as strict as an Al Tareq bank.
 
 Test infrastructure, not product. A TPP's signing keys are known the way a bank knows them: from the
-directory's JWKS for the client (here ``register_client(client_id, jwks)``, what the directory would serve).
+directory's JWKS for the client (here ``register_client(client_id, jwks)``, what the directory would serve, or
+a file ``<client_id>.json`` in the ``directory`` folder, read when an unknown client first authenticates: how
+the demo, in another process, publishes its JWKS).
 The client assertion is checked against that JWKS, never against the mTLS certificate's key, because the
 ecosystem uses a separate signing certificate.
 
@@ -20,13 +22,17 @@ Tokens are opaque, certificate-bound (RFC 8705): the bank records ``cnf.x5t#S256
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
+import json
+import re
 import secrets
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -41,6 +47,7 @@ MAX_ASSERTION_LIFETIME = 300
 MAX_REQUEST_WINDOW = 600
 SKEW = 10
 Answer = tuple[int, dict[str, Any]]
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class OAuthError(Exception):
@@ -88,6 +95,8 @@ class TokenEndpoint:
         self.issued: dict[str, IssuedToken] = {}
         self.pushed: dict[str, PushedRequest] = {}
         self.refusals: list[tuple[str, str]] = []  # (path, error_description), for the tests' asserts
+        self.directory: Path | None = None
+        self.on_token: Callable[[IssuedToken], None] | None = None
         self._jti_seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -127,8 +136,11 @@ class TokenEndpoint:
             raise OAuthError(400, "invalid_scope", "scope is required")
         assert cert is not None
         token = secrets.token_urlsafe(32)
+        issued = IssuedToken(client_id, scope, x5t_s256(cert), time.time() + self.token_lifetime)
         with self._lock:
-            self.issued[token] = IssuedToken(client_id, scope, x5t_s256(cert), time.time() + self.token_lifetime)
+            self.issued[token] = issued
+        if self.on_token is not None:
+            self.on_token(issued)
         return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.token_lifetime, "scope": scope}
 
     def _par(self, form: dict[str, str], cert: bytes | None) -> Answer:
@@ -176,6 +188,8 @@ class TokenEndpoint:
             client_id = jwt.decode(assertion, options={"verify_signature": False}).get("iss")
         except jwt.PyJWTError as exc:
             raise _invalid_client(f"client_assertion is not a JWT: {exc}") from None
+        if isinstance(client_id, str) and client_id not in self.clients:
+            self._look_up(client_id)
         if not isinstance(client_id, str) or client_id not in self.clients:
             raise _invalid_client(f"unknown client {client_id!r}")
         if "client_id" in form and form["client_id"] != client_id:
@@ -198,6 +212,13 @@ class TokenEndpoint:
                 raise _invalid_client("client assertion replayed (jti already used)")
             self._jti_seen[jti] = claims["exp"]
         return client_id
+
+    def _look_up(self, client_id: str) -> None:
+        """The directory's JWKS for a client, if the directory folder has one."""
+        if self.directory is None or not _SAFE_NAME.fullmatch(client_id):
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.register_client(client_id, json.loads((self.directory / f"{client_id}.json").read_text()))
 
     def _verify(self, token: str, client_id: str, what: str, status: int, code: str) -> dict[str, Any]:
         def refuse(why: str) -> OAuthError:

@@ -232,16 +232,17 @@ class KeyStore:
         return self.pool.call(read)
 
     # -- generation ----------------------------------------------------------
+    def check_free(self, label: str, key_id: bytes | None = None) -> None:
+        """Raise :class:`DuplicateKeyError` if an object already has this label (or id): before a slow generate."""
+        self.pool.call(lambda pooled: _check_free(pooled.session, label, key_id))
+
     def generate(self, label: str, spec: KeySpec, key_id: bytes | None = None) -> KeyInfo:
         if not label or len(label.encode("utf-8")) > 128:
             raise KeySpecError("a key label must be 1 to 128 bytes", hint="pass --label NAME")
         key_id = key_id if key_id is not None else os.urandom(8)
         with self._generate_lock, self.pool.session() as pooled:
             session = pooled.session
-            for attrs, what in (({Attribute.LABEL: label}, f"label {label!r}"),
-                                ({Attribute.ID: key_id}, f"id {key_id.hex()}")):
-                if list(session.get_objects(attrs)):
-                    raise DuplicateKeyError(f"the token already has an object with {what}; nothing was created")
+            _check_free(session, label, key_id)
             common: dict[str, Any] = {"label": label, "id": key_id, "store": True,
                       "public_template": _PUBLIC_TEMPLATE, "private_template": _PRIVATE_TEMPLATE}
             if spec.kind is KeyKind.RSA:
@@ -273,6 +274,15 @@ class KeyStore:
             return KeyKind.RSA if key_type == KeyType.RSA else KeyKind.EC
 
         return self.pool.call(read)
+
+
+def _check_free(session: pkcs11.Session, label: str, key_id: bytes | None) -> None:
+    checks: list[tuple[dict[Attribute, Any], str]] = [({Attribute.LABEL: label}, f"label {label!r}")]
+    if key_id is not None:
+        checks.append(({Attribute.ID: key_id}, f"id {key_id.hex()}"))
+    for attrs, what in checks:
+        if list(session.get_objects(attrs)):
+            raise DuplicateKeyError(f"the token already has an object with {what}; nothing was created")
 
 
 def sign_with(key: SignMixin, data: bytes, scheme: SignatureScheme) -> bytes:

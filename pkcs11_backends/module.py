@@ -79,6 +79,9 @@ class Module:
         self.native = NativeModule(path)
         self.lib = _make_lib(path, self.native)
         self.pid = os.getpid()
+        # Bumped by every C_Finalize: handles held elsewhere in the process (the OpenSSL
+        # engine's sessions and keys) are worthless once it changes.
+        self.generation = 0
 
     @classmethod
     def load(cls, path: str) -> Module:
@@ -134,6 +137,7 @@ class Module:
         engine's or provider's included.
         """
         self.native.finalize()
+        self.generation += 1
         rv = self.native.initialize()
         if rv not in (ReturnValue.OK, ReturnValue.CRYPTOKI_ALREADY_INITIALIZED):
             raise TokenUnavailableError(f"C_Initialize failed after finalize: {ReturnValue.name_of(rv)}")

@@ -170,7 +170,7 @@ class TokenPrivateKey:
 class KeyBackend(Protocol):
     name: str
 
-    def load_private_key(self, uri: str) -> TokenPrivateKey: ...
+    def load_private_key(self, uri: str, module_generation: int = 0) -> TokenPrivateKey: ...
 
 
 class EngineBackend:
@@ -185,6 +185,15 @@ class EngineBackend:
     visible to it; its ``RE_ENUMERATE`` control frees slot objects that live keys
     still point to (it crashed here), so it is not used. Keys added later to a
     listed token are found.
+
+    After the module was finalized and initialised again (``Module.generation``
+    changed), every session and object handle libp11 holds is stale, and libp11
+    0.4.12 renews them only after a fork. So the engine's per-engine state (its
+    ``ENGINE_CTX``, kept in the engine's ex_data) is swapped for a fresh one: the
+    next key load makes a new libp11 context that lists the slots and opens
+    sessions again. The old context is left alone (keys of live TLS contexts still
+    point into it); a second engine instance is no way out, as OpenSSL refuses to
+    bind the same engine library twice.
     """
 
     name = "engine"
@@ -194,6 +203,8 @@ class EngineBackend:
         self.engine_path = engine_path
         self._lock = threading.Lock()
         self._engine: int | None = None
+        self._ctx_index: int | None = None  # libp11's ex_data slot on the engine
+        self._generation = 0  # the module generation the engine's libp11 context was made in
         lib = _crypto()
         lib.ENGINE_by_id.restype = ctypes.c_void_p
         lib.ENGINE_by_id.argtypes = [ctypes.c_char_p]
@@ -203,6 +214,10 @@ class EngineBackend:
         lib.ENGINE_init.argtypes = [ctypes.c_void_p]
         lib.ENGINE_load_private_key.restype = ctypes.c_void_p
         lib.ENGINE_load_private_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.ENGINE_get_ex_data.restype = ctypes.c_void_p
+        lib.ENGINE_get_ex_data.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.ENGINE_set_ex_data.restype = ctypes.c_int
+        lib.ENGINE_set_ex_data.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         self._lib = lib
 
 
@@ -213,22 +228,47 @@ class EngineBackend:
         if not engine:
             raise OpenSSLBackendError(f"OpenSSL has no dynamic engine loader: {_openssl_errors(lib)}")
         commands = ((b"SO_PATH", str(self.engine_path).encode()), (b"ID", b"pkcs11"), (b"LIST_ADD", b"0"),
-                    (b"LOAD", None), (b"MODULE_PATH", self.module_path.encode()))
+                    (b"LOAD", None))
         for command, argument in commands:
-            if not lib.ENGINE_ctrl_cmd_string(engine, command, argument, 0):
-                raise OpenSSLBackendError(
-                    f"cannot load libp11's engine {self.engine_path} ({command.decode()}): {_openssl_errors(lib)}")
+            self._ctrl(engine, command, argument)
+        # libp11 makes its ENGINE_CTX on the first control command: the ex_data slot
+        # that appears now is libp11's (the one already there is the dynamic loader's).
+        before = self._ex_data_slots(engine)
+        self._ctrl(engine, b"MODULE_PATH", self.module_path.encode())
+        added = self._ex_data_slots(engine) - before
+        self._ctx_index = added.pop() if len(added) == 1 else None
         # The module is usually initialised already (python-pkcs11 with locking):
         # libp11 gets CKR_CRYPTOKI_ALREADY_INITIALIZED and carries on.
         if not lib.ENGINE_init(engine):
             raise OpenSSLBackendError(f"libp11's engine failed to start on {self.module_path}: {_openssl_errors(lib)}")
         return int(engine)
 
-    def load_private_key(self, uri: str) -> TokenPrivateKey:
+    def _ctrl(self, engine: int, command: bytes, argument: bytes | None) -> None:
+        if not self._lib.ENGINE_ctrl_cmd_string(engine, command, argument, 0):
+            raise OpenSSLBackendError(
+                f"cannot load libp11's engine {self.engine_path} ({command.decode()}): {_openssl_errors(self._lib)}")
+
+    def _ex_data_slots(self, engine: int) -> set[int]:
+        return {i for i in range(64) if self._lib.ENGINE_get_ex_data(engine, i)}
+
+    def _renew(self, engine: int) -> None:
+        """A fresh libp11 context for keys loaded from now on (see the class docstring)."""
+        if self._ctx_index is None:
+            raise OpenSSLBackendError(
+                "the PKCS#11 module was re-initialised and libp11's engine cannot be renewed in place",
+                hint="restart the agent to give TLS a working token key again")
+        self._lib.ENGINE_set_ex_data(engine, self._ctx_index, None)
+        self._ctrl(engine, b"MODULE_PATH", self.module_path.encode())
+
+    def load_private_key(self, uri: str, module_generation: int = 0) -> TokenPrivateKey:
         with self._lock:
             if self._engine is None:
                 self._engine = self._start()
+                self._generation = module_generation
             engine = self._engine
+            if module_generation != self._generation:
+                self._renew(engine)
+                self._generation = module_generation
             self._lib.ERR_clear_error()
             pkey = self._lib.ENGINE_load_private_key(engine, uri.encode("utf-8"), None, None)
             if not pkey:
@@ -322,7 +362,8 @@ class ProviderBackend:
                 f"cannot load pkcs11-provider {self.provider_path} for {self.module_path}: {_openssl_errors(lib)}")
         return int(libctx)
 
-    def load_private_key(self, uri: str) -> TokenPrivateKey:
+    def load_private_key(self, uri: str, module_generation: int = 0) -> TokenPrivateKey:
+        # pkcs11-provider keeps its own sessions; its recovery after C_Finalize is its business.
         lib = self._lib
         with self._lock:
             lib.ERR_clear_error()

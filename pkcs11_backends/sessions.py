@@ -243,7 +243,7 @@ class SessionPool:
         A PKCS#11 error that means the handles are stale is turned into
         :class:`TokenUnavailableError` after starting recovery.
         """
-        self._ensure_ready()
+        self.ensure_ready()
         if not self._slots.acquire(timeout=timeout):
             raise TokenUnavailableError(
                 f"no free PKCS#11 session within {timeout:.0f}s ({self._max} in use)",
@@ -346,7 +346,8 @@ class SessionPool:
             pooled.session.close()
 
     # -- recovery ------------------------------------------------------------
-    def _ensure_ready(self) -> None:
+    def ensure_ready(self) -> None:
+        """Return at once when ready; else log in or walk the recovery ladder (rate-limited), or raise."""
         state = self._health.state
         if state is PoolState.READY:
             return

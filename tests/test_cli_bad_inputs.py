@@ -100,7 +100,9 @@ CASES: dict[str, Callable[[Token, Path], tuple[tuple[str, ...], dict[str, str], 
 def test_bad_input_is_one_error_line_and_changes_nothing(cli_token: Token, tmp_path: Path, case: str) -> None:
     args, env, needle = CASES[case](cli_token, tmp_path)
     before = token_state(cli_token)
-    assert_one_line_error(cli_token.cli(*args, env=env), needle)
+    result = cli_token.cli(*args, env=env)
+    assert_one_line_error(result, needle)
+    assert "generating" not in result.stderr  # refused before any progress line
     assert token_state(cli_token) == before
 
 

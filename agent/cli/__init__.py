@@ -10,19 +10,21 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from agent import __version__
-from agent.cli import banks, cert, csr, daemon, doctor, jose, keys
+from agent import __version__, log
+from agent.cli import banks, cert, csr, daemon, doctor, jose, keys, tokens
 from agent.cli.context import CliContext
 from agent.errors import AgentError
 from pkcs11_backends.errors import Pkcs11Error
 
-COMMAND_GROUPS = (keys, csr, cert, doctor, banks, jose, daemon)
+COMMAND_GROUPS = (keys, csr, cert, doctor, banks, jose, tokens, daemon)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tpp-agent", description="HSM-backed keys, CSRs and mTLS for UAE Open Finance")
     parser.add_argument("--config", help="TOML config file (default: $TPP_AGENT_CONFIG or /etc/tpp-agent/config.toml)")
+    parser.add_argument("--direct", action="store_true",
+                        help="use the token in this process even when an agent is running (needs the PIN)")
     parser.add_argument("--version", action="version", version=f"tpp-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in COMMAND_GROUPS:
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    context = CliContext(args.config)
+    log.configure("console")  # log lines (requests, interaction ids) on stderr; results on stdout
+    context = CliContext(args.config, direct=args.direct)
     try:
         code: int = args.handler(args, context)
         return code

@@ -1,5 +1,8 @@
 """``tpp-agent discover|register|registrations``: a bank's discovery document, registering
 the application with it over mTLS, and the log of every registration attempt.
+
+``discover`` and ``register`` go through a running agent (see agent/cli/context.py); ``registrations``
+reads the local registration log.
 """
 
 from __future__ import annotations
@@ -9,11 +12,9 @@ import datetime
 import json
 from typing import Any
 
-from agent import log
 from agent.cli.context import CliContext
-from agent.openfinance.discovery import ENDPOINTS
+from agent.openfinance.discovery import ENDPOINTS, DiscoveryDocument
 from agent.openfinance.records import RegistrationLog
-from agent.openfinance.service import OpenFinance
 
 
 def register(sub: Any) -> None:
@@ -37,24 +38,17 @@ def register(sub: Any) -> None:
 
 
 def discover(args: argparse.Namespace, ctx: CliContext) -> int:
-    log.configure("console")  # request lines (with interaction ids) on stderr, results on stdout
-    service = OpenFinance(ctx.runtime)
-    try:
-        discovery = service.discovery(args.bank)
-        before = discovery.cached()
-        doc = discovery.get(refresh=args.refresh)
-    finally:
-        service.close()
-    fetched = before is None or doc.fetched_at != before.fetched_at
-    use_aliases = discovery.bank.use_mtls_aliases
+    answer = ctx.backend.discover(args.bank, args.refresh)
     if args.json:
-        print(json.dumps({**doc.as_dict(), "fetched_now": fetched, "cache_file": str(discovery.cache_file)},
-                         indent=2))
+        print(json.dumps(answer, indent=2))
         return 0
+    doc = DiscoveryDocument(answer["bank"], answer["url"], datetime.datetime.fromisoformat(answer["fetched_at"]),
+                            answer["document"])
+    use_aliases = answer["use_mtls_aliases"]
     age = int(doc.age().total_seconds())
     print(f"bank {args.bank}: issuer {doc.issuer} (matches the configuration)")
-    print(f"  {'fetched now' if fetched else f'cached, fetched {age} s ago'} from {doc.url}")
-    print(f"  cache: {discovery.cache_file}")
+    print(f"  {'fetched now' if answer['fetched_now'] else f'cached, fetched {age} s ago'} from {doc.url}")
+    print(f"  cache: {answer['cache_file']}")
     for name in ENDPOINTS:
         if name in doc.document:
             alias = use_aliases and name in (doc.document.get("mtls_endpoint_aliases") or {})
@@ -63,22 +57,17 @@ def discover(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def register_bank(args: argparse.Namespace, ctx: CliContext) -> int:
-    log.configure("console")
-    service = OpenFinance(ctx.runtime)
-    try:
-        result = service.registrar(args.bank).register(force=args.force)
-    finally:
-        service.close()
+    result = ctx.backend.register(args.bank, args.force)
     if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
-    elif result.already is not None:
-        print(f"already registered with {args.bank} at {result.already.attempted_at} "
-              f"(HTTP {result.status}, x-fapi-interaction-id {result.interaction_id}); nothing sent")
+        print(json.dumps(result, indent=2))
+    elif result["already_registered"] is not None:
+        print(f"already registered with {args.bank} at {result['already_registered']['attempted_at']} "
+              f"(HTTP {result['status']}, x-fapi-interaction-id {result['interaction_id']}); nothing sent")
         print("use --force to register again")
     else:
-        print(f"registered with {args.bank}: HTTP {result.status} in {result.duration_ms:.0f} ms")
-        print(f"  endpoint: {result.endpoint}")
-        print(f"  x-fapi-interaction-id: {result.interaction_id}")
+        print(f"registered with {args.bank}: HTTP {result['status']} in {result['duration_ms']:.0f} ms")
+        print(f"  endpoint: {result['endpoint']}")
+        print(f"  x-fapi-interaction-id: {result['interaction_id']}")
     return 0
 
 

@@ -1,17 +1,30 @@
-"""What a CLI command gets: the config and the runtime, both built only when first used."""
+"""What a CLI command gets: the config, the runtime and the backend, each built only when first used.
+
+The backend: when an agent is running (``[daemon] socket`` answers ``GET /v1/health``), the operations it
+serves go through it (no PIN here; its policy and audit trail apply); else, or with ``--direct``, they run in
+this process on the token. Provisioning (keys generate, csr, cert import) always uses the token directly: it is
+an operator's job, done before the agent serves, and ``cert import``/``generate`` change what the agent checked.
+"""
 
 from __future__ import annotations
 
 import functools
 
 from agent import config as config_module
+from agent.cli.backend import Backend, Direct, ThroughAgent
+from agent.client import AgentClient, AgentUnavailableError
 from agent.config import Config
+from agent.log import get_logger
 from agent.runtime import Runtime
+
+_HEALTH_TIMEOUT = 2.0
+_CALL_TIMEOUT = 60.0  # calls may wait for a bank (the agent's own read_timeout bounds that)
 
 
 class CliContext:
-    def __init__(self, config_path: str | None) -> None:
+    def __init__(self, config_path: str | None, direct: bool = False) -> None:
         self.config_path = config_path
+        self.direct = direct
 
     @functools.cached_property
     def config(self) -> Config:
@@ -21,6 +34,31 @@ class CliContext:
     def runtime(self) -> Runtime:
         return Runtime(self.config, interactive=True)
 
+    @functools.cached_property
+    def backend(self) -> Backend:
+        agent = None if self.direct else self._running_agent()
+        if agent is None:
+            return Direct(self.runtime)
+        get_logger("cli").info("through_agent", socket=agent.socket_path, hint="--direct uses the token instead")
+        return ThroughAgent(agent)
+
+    def _running_agent(self) -> AgentClient | None:
+        from agent.daemon.settings import DaemonSettings
+
+        path = DaemonSettings.parse(self.config).socket
+        if not path.exists():
+            return None
+        probe = AgentClient(path, timeout=_HEALTH_TIMEOUT)
+        try:
+            probe.health()
+        except AgentUnavailableError:
+            return None
+        finally:
+            probe.close()
+        return AgentClient(path, timeout=_CALL_TIMEOUT)
+
     def close(self) -> None:
+        if "backend" in self.__dict__:
+            self.backend.close()
         if "runtime" in self.__dict__:
             self.runtime.close()

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent import jose
 from agent.cli.context import CliContext
 from agent.errors import InputError
 
@@ -27,14 +26,14 @@ def register(sub: Any) -> None:
 
 
 def jwks(args: argparse.Namespace, ctx: CliContext) -> int:
-    print(json.dumps(jose.jwks(ctx.runtime.keys, ctx.config, args.key), indent=2))
+    print(json.dumps(ctx.backend.jwks(args.key), indent=2))
     return 0
 
 
 def sign_jws(args: argparse.Namespace, ctx: CliContext) -> int:
     payload = read_input(args.payload, "--payload")
     header = parse_json_object(args.header, "--header") if args.header else None
-    print(jose.sign_jws(ctx.runtime.keys, ctx.config, args.key, payload, alg=args.alg, header=header))
+    print(ctx.backend.sign_jws(args.key, payload, args.alg, header))
     return 0
 
 
@@ -47,11 +46,15 @@ def read_input(name: str, option: str) -> bytes:
         raise InputError(f"{option}: cannot read {name}: {exc.strerror}") from None
 
 
-def parse_json_object(text: str, option: str) -> dict[str, Any]:
+def parse_json_value(text: str, option: str) -> Any:
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except ValueError as exc:
         raise InputError(f"{option} is not JSON: {exc}") from None
+
+
+def parse_json_object(text: str, option: str) -> dict[str, Any]:
+    value = parse_json_value(text, option)
     if not isinstance(value, dict):
         raise InputError(f"{option} must be a JSON object")
     return value

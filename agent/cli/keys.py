@@ -1,4 +1,8 @@
-"""``tpp-agent keys``: generate, list and show the public half of key pairs on the token."""
+"""``tpp-agent keys``: generate, list and show the public half of key pairs on the token.
+
+``list`` and ``public`` go through a running agent (see agent/cli/context.py); there ``list`` shows the
+configured keys the user's policy lets it see. ``generate`` always works on the token directly.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any
 
 from agent.cli.context import CliContext
 from agent.errors import InputError
-from pkcs11_backends.keys import KeyInfo, KeySpec
+from pkcs11_backends.keys import KeySpec
 
 
 def register(sub: Any) -> None:
@@ -45,7 +49,8 @@ def generate(args: argparse.Namespace, ctx: CliContext) -> int:
         if not key_id:
             raise InputError("--id must not be empty")
     store = ctx.runtime.keys
-    ctx.runtime.pool.start()  # ask for the PIN before the progress line starts
+    # PIN and duplicates first: the progress line only starts for work that will be done.
+    store.check_free(args.label, key_id)
     info = _with_progress(f"generating {spec} key {args.label!r} on the token",
                           lambda: store.generate(args.label, spec, key_id))
     if args.json:
@@ -57,30 +62,26 @@ def generate(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def list_keys(args: argparse.Namespace, ctx: CliContext) -> int:
-    found = ctx.runtime.keys.list()
+    found = ctx.backend.list_keys()
     if args.json:
-        print(json.dumps([k.as_dict() for k in found], indent=2))
+        print(json.dumps(found, indent=2))
         return 0
     if not found:
         print("no keys on the token (create one with `tpp-agent keys generate --label NAME`)")
         return 0
     print(f"{'LABEL':<20} {'TYPE':<9} {'ID':<18} {'CERTIFICATE':<28} URI")
     for key in found:
-        print(f"{key.label:<20} {key.spec!s:<9} {key.id.hex():<18} {_cert_column(key):<28} {key.uri}")
+        print(f"{key['label']:<20} {key['type']:<9} {key['id']:<18} {_cert_column(key):<28} {key['uri']}")
     return 0
 
 
-def _cert_column(key: KeyInfo) -> str:
-    if key.certificate is None:
-        return "none"
-    return "expires " + key.certificate.not_after.strftime("%Y-%m-%d")
+def _cert_column(key: dict[str, Any]) -> str:
+    cert = key["certificate"]
+    return "none" if cert is None else "expires " + str(cert["not_after"])[:10]
 
 
 def public(args: argparse.Namespace, ctx: CliContext) -> int:
-    from asn1crypto import pem
-
-    spki = ctx.runtime.keys.public_key_info(args.key)
-    sys.stdout.write(pem.armor("PUBLIC KEY", spki.dump()).decode("ascii"))
+    sys.stdout.write(ctx.backend.public_pem(args.key))
     return 0
 
 

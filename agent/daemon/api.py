@@ -1,4 +1,4 @@
-"""Health, readiness and key endpoints (``/v1/health``, ``/v1/ready``, ``/v1/keys/...``)."""
+"""Health, readiness and key endpoints (``/v1/health``, ``/v1/ready``, ``/v1/keys/...``, ``/v1/jwks``)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import os
 
 from asn1crypto import pem
 
+from agent import jose
 from agent.audit import KeyUse
 from agent.daemon.app import Agent
+from agent.daemon.audited import on_behalf_of
 from agent.daemon.http import HttpError, Request, Response, base64_field
 from agent.daemon.routing import route
 from agent.errors import AgentError
+from agent.jose.encoding import compact_json
 from agent.x509.csr import build_csr
+from agent.x509.signatures import CsrAlgorithm
 from agent.x509.subject import parse_subject
 from pkcs11_backends.errors import Pkcs11Error
 from pkcs11_backends.keys import SignatureScheme
@@ -56,18 +60,64 @@ def list_keys(agent: Agent, request: Request, _: dict[str, str]) -> Response:
         key = agent.config.keys[alias]
         info = agent.runtime.keys.info(alias)
         result.append({"alias": alias, "uri": key.uri, "type": str(info.spec), "algorithms": list(key.algorithms),
-                       "kid": key.kid, "certificate": info.certificate.as_dict() if info.certificate else None})
+                       "kid": key.kid, "certificate": info.certificate.as_dict() if info.certificate else None,
+                       "label": info.label, "id": info.id.hex(), "token_uri": str(info.uri)})
     return Response.json(200, {"keys": result})
 
 
 @route("GET", "/v1/keys/{alias}/public")
 def public_key(agent: Agent, request: Request, params: dict[str, str]) -> Response:
+    """PEM SubjectPublicKeyInfo, or with ``?format=jwk`` the JWK (``kid``, ``alg``, ``x5c``…)."""
     alias = params["alias"]
     request.log.update(operation="public", key=alias)
     agent.policy.check(request.peer, "public", key=alias)
     _known_key(agent, alias)
+    form = request.query.get("format", "pem")
+    if form == "jwk":
+        return Response.json(200, jose.to_jwk(jose.resolve(agent.runtime.keys, agent.config, alias)))
+    if form != "pem":
+        raise HttpError(400, "bad_query", f"format must be pem or jwk, not {form[:20]!r}")
     spki = agent.runtime.keys.public_key_info(alias)
     return Response(200, pem.armor("PUBLIC KEY", spki.dump()), content_type="application/x-pem-file")
+
+
+@route("GET", "/v1/jwks")
+def jwks(agent: Agent, request: Request, _: dict[str, str]) -> Response:
+    """The JWK Set of the configured keys whose public half the peer may read."""
+    request.log["operation"] = "public"
+    visible = agent.policy.permitted(request.peer, "public", agent.config.keys)
+    if not visible:
+        agent.policy.check(request.peer, "public", "*")
+        return Response.json(200, {"keys": []})
+    return Response.json(200, jose.jwks(agent.runtime.keys, agent.config, visible))
+
+
+@route("POST", "/v1/keys/{alias}/jws")
+def jws(agent: Agent, request: Request, params: dict[str, str]) -> Response:
+    """A compact JWS over the caller's payload: ``payload_b64`` (exact bytes) or ``payload`` (a JSON object)."""
+    alias = params["alias"]
+    request.log.update(operation="jws", key=alias)
+    agent.policy.check(request.peer, "jws", key=alias)
+    _known_key(agent, alias)
+    body = request.json()
+    if ("payload" in body) == ("payload_b64" in body):
+        raise HttpError(400, "missing_field", "give exactly one of 'payload_b64' (bytes) or 'payload' (JSON object)")
+    if "payload" in body:
+        if not isinstance(body["payload"], dict):
+            raise HttpError(400, "bad_field", "field 'payload' must be a JSON object (or send 'payload_b64')")
+        payload = compact_json(body["payload"])
+    else:
+        payload = base64_field(body, "payload_b64")
+    alg, header = body.get("alg"), body.get("header")
+    if alg is not None and not isinstance(alg, str):
+        raise HttpError(400, "bad_field", "field 'alg' must be PS256, ES256, ES384 or RS256")
+    if header is not None and not isinstance(header, dict):
+        raise HttpError(400, "bad_field", "field 'header' must be a JSON object of extra protected header members")
+    key = jose.resolve(agent.runtime.keys, agent.config, alias)
+    request.log["alg"] = alg or key.algorithms[0]
+    with on_behalf_of(request, "jws"):
+        signed = jose.sign_jws(agent.signer, agent.config, key, payload, alg=alg, header=header)
+    return Response.json(200, {"key": alias, "kid": key.kid, "alg": alg or key.algorithms[0], "jws": signed})
 
 
 @route("POST", "/v1/keys/{alias}/sign")
@@ -106,11 +156,14 @@ def csr(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     request.log.update(operation="csr", key=alias)
     agent.policy.check(request.peer, "csr", key=alias)
     _known_key(agent, alias)
-    subject = request.json().get("subject")
+    body = request.json()
+    subject, alg = body.get("subject"), body.get("alg")
     if not isinstance(subject, str):
         raise HttpError(400, "missing_field", "field 'subject' (RFC 4514, e.g. \"CN=client-id,OU=org-id,O=Name,C=AE\") "
                                               "is required")
-    signed = build_csr(agent.runtime.keys, alias, parse_subject(subject))
+    if alg is not None and not isinstance(alg, str):
+        raise HttpError(400, "bad_field", f"field 'alg' must be one of {', '.join(a.value for a in CsrAlgorithm)}")
+    signed = build_csr(agent.runtime.keys, alias, parse_subject(subject), CsrAlgorithm.parse(alg) if alg else None)
     agent.audit.record(KeyUse(request.peer.uid, request.peer.pid, agent.config.keys[alias].uri, "csr",
                               signed.scheme.jose_name, signed.request["certification_request_info"].dump(), "ok",
                               request.interaction_id))

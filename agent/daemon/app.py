@@ -15,10 +15,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from pkcs11 import Attribute, ObjectClass
+from pkcs11.exceptions import TokenNotPresent
 
 from agent import config as config_module
 from agent.audit import AuditTrail, KeyUse
 from agent.config import Config, KeyConfig, pin_reader
+from agent.daemon.audited import AuditedKeyStore
 from agent.daemon.policy import Policy
 from agent.daemon.settings import DaemonSettings
 from agent.errors import AgentError
@@ -50,9 +52,18 @@ class Agent:
         self.policy = Policy.parse(config.section("policy"))
         self.runtime = runtime
         self.audit = audit
-        self.openfinance = OpenFinance(runtime, config)
+        self.openfinance = self._banks(config)
         self.readiness = Readiness(False, "start-up checks not run yet")
         self._reload_lock = threading.Lock()
+
+    def _banks(self, config: Config) -> OpenFinance:
+        """Banks (transports, token clients with their caches) for ``config``; JWTs signed through the audit."""
+        return OpenFinance(self.runtime, config, keys=self.signer)
+
+    @property
+    def signer(self) -> AuditedKeyStore:
+        """The token's keys for flows that sign deep inside (JWS, assertions): every signature audited."""
+        return AuditedKeyStore(self.runtime.keys, self.audit)
 
     @property
     def keys(self) -> dict[str, KeyConfig]:
@@ -107,17 +118,17 @@ class Agent:
             if new_settings != self.settings:
                 log.warning("reload_needs_restart", reason="[daemon] settings change on restart only")
             self.config, self.policy = config, policy
-            old_banks, self.openfinance = self.openfinance, OpenFinance(self.runtime, config)
-            old_banks.close()
             self.runtime.keys.aliases = dict(config.aliases)
+            old_banks, self.openfinance = self.openfinance, self._banks(config)
+            old_banks.close()
             self.runtime.pool.set_pin_source(pin_reader(config.pkcs11))
             try:
                 status = self.preflight()
             except (AgentError, Pkcs11Error) as exc:
                 log.error("reload_rejected", error=str(exc), hint=exc.hint)
                 self.config, self.policy = old_config, old_policy
-                self.openfinance = OpenFinance(self.runtime, old_config)
                 self.runtime.keys.aliases = dict(old_config.aliases)
+                self.openfinance = self._banks(old_config)
                 self.preflight()
                 return
             log.info("reloaded", status=status)
@@ -126,7 +137,12 @@ class Agent:
     def health_check(self) -> Readiness:
         """Ask the token something real; stale handles start the pool's recovery."""
         def probe(pooled: PooledSession) -> int:
-            return len(list(pooled.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})))
+            count = len(list(pooled.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})))
+            if count == 0 and self.config.keys:
+                # SoftHSM2 lists nothing once its token directory is gone, where an HSM would say
+                # TOKEN_NOT_PRESENT: treat it the same, so that the pool's recovery starts.
+                raise TokenNotPresent("the token lists no private key, but keys are configured")
+            return count
 
         try:
             count = self.runtime.pool.call(probe)

@@ -1,4 +1,4 @@
-"""Bank endpoints: discovery, registration and the forward call, each for a configured bank only.
+"""Bank endpoints: discovery, registration, tokens, PAR and the forward call, each for a configured bank only.
 
 The forward call is no open proxy: the URL is built from the bank's configured
 origin (``issuer``, ``discovery_url``, and the endpoints of its verified discovery
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+from typing import Any
 from urllib.parse import urlsplit
 
 from agent.audit import KeyUse
 from agent.daemon.app import Agent
+from agent.daemon.audited import on_behalf_of
 from agent.daemon.http import HttpError, Request, Response, base64_field
 from agent.daemon.routing import route
+from agent.jose import CLIENT_ASSERTION_TYPE
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 # Set by the transport, or meaningless across the hop.
@@ -28,8 +31,13 @@ def discovery(agent: Agent, request: Request, params: dict[str, str]) -> Respons
     bank = params["bank"]
     request.log.update(operation="discovery", bank=bank)
     agent.policy.check(request.peer, "discovery", bank=bank)
-    document = agent.openfinance.discovery(bank).get(refresh=request.query.get("refresh") in ("1", "true"))
-    return Response.json(200, document.as_dict())
+    discovery = agent.openfinance.discovery(bank)
+    before = discovery.cached()
+    document = discovery.get(refresh=request.query.get("refresh") in ("1", "true"))
+    return Response.json(200, {**document.as_dict(),
+                               "fetched_now": before is None or before.fetched_at != document.fetched_at,
+                               "cache_file": str(discovery.cache_file),
+                               "use_mtls_aliases": discovery.bank.use_mtls_aliases})
 
 
 @route("POST", "/v1/banks/{bank}/registration")
@@ -42,6 +50,59 @@ def registration(agent: Agent, request: Request, params: dict[str, str]) -> Resp
         raise HttpError(400, "bad_field", "field 'force' must be true or false")
     result = agent.openfinance.registrar(bank).register(force=force)
     return Response.json(200, result.as_dict())
+
+
+@route("POST", "/v1/banks/{bank}/client-assertion")
+def client_assertion(agent: Agent, request: Request, params: dict[str, str]) -> Response:
+    """A fresh client assertion (``aud`` = the bank's issuer), for a caller that posts to the bank itself."""
+    bank = params["bank"]
+    request.log.update(operation="client_assertion", bank=bank)
+    agent.policy.check(request.peer, "client_assertion", bank=bank)
+    tokens = agent.openfinance.tokens(bank)
+    with on_behalf_of(request, "client_assertion"):
+        assertion = tokens.client_assertion()
+    return Response.json(200, {"bank": bank, "client_id": tokens.client_id, "client_assertion": assertion,
+                               "client_assertion_type": CLIENT_ASSERTION_TYPE})
+
+
+@route("POST", "/v1/banks/{bank}/token")
+def token(agent: Agent, request: Request, params: dict[str, str]) -> Response:
+    """An access token for ``{"scope": ...}``: cached per bank and scope, else fetched with a fresh assertion.
+
+    The token goes back to the caller (that is the point) and nowhere else: not the log, not the audit trail.
+    """
+    bank = params["bank"]
+    request.log.update(operation="token", bank=bank)
+    agent.policy.check(request.peer, "token", bank=bank)
+    body = request.json()
+    scope, refresh = body.get("scope"), body.get("refresh", False)
+    if not isinstance(scope, str) or not scope.strip():
+        raise HttpError(400, "missing_field", "field 'scope' (space-separated scopes, e.g. \"accounts\") is required")
+    if not isinstance(refresh, bool):
+        raise HttpError(400, "bad_field", "field 'refresh' must be true or false")
+    request.log["scope"] = scope
+    with on_behalf_of(request, "token"):
+        issued = agent.openfinance.tokens(bank).token(scope, refresh=refresh)
+    return Response.json(200, issued.as_dict())
+
+
+@route("POST", "/v1/banks/{bank}/par")
+def par(agent: Agent, request: Request, params: dict[str, str]) -> Response:
+    """Sign a request object and push it; the ``request_uri`` and the PKCE verifier, state, nonce come back."""
+    bank = params["bank"]
+    request.log.update(operation="par", bank=bank)
+    agent.policy.check(request.peer, "par", bank=bank)
+    body = request.json()
+    fields: dict[str, Any] = {name: body.get(name) for name in ("scope", "redirect_uri", "state", "nonce")}
+    for name, value in fields.items():
+        if (value is not None or name in ("scope", "redirect_uri")) and not isinstance(value, str):
+            raise HttpError(400, "missing_field" if value is None else "bad_field", f"field {name!r} must be a string")
+    details = body.get("authorization_details")
+    if details is not None and not (isinstance(details, list) and all(isinstance(d, dict) for d in details)):
+        raise HttpError(400, "bad_field", "field 'authorization_details' must be a list of objects")
+    with on_behalf_of(request, "par"):
+        pushed = agent.openfinance.tokens(bank).push_authorization(authorization_details=details, **fields)
+    return Response.json(200, pushed.as_dict())
 
 
 @route("POST", "/v1/banks/{bank}/forward")

@@ -27,6 +27,7 @@ from agent.errors import AgentError, ConfigError
 from agent.log import configure, get_logger
 from agent.runtime import Runtime
 from pkcs11_backends.errors import PinError, Pkcs11Error
+from pkcs11_backends.sessions import PoolState
 
 EX_CONFIG = 78
 ENDPOINTS = (api, banks)  # importing them registers their routes
@@ -120,7 +121,10 @@ def _health_loop(agent: Agent, server: Server, notifier: systemd.Notifier, setti
             log.warning("readiness_changed", ready=state.ready, detail=state.detail)
             notifier.status(state.detail)
             last_ready = state.ready
-        if time.monotonic() - server.heartbeat < max(2 * interval, 2.0):
+        # A PKCS#11 call that does not return is a wedged HSM session: no ping, so that
+        # systemd restarts us if it lasts past WatchdogSec; pings resume when it returns.
+        hung = agent.runtime.pool.health.state is PoolState.HUNG
+        if not hung and time.monotonic() - server.heartbeat < max(2 * interval, 2.0):
             notifier.watchdog()
 
 

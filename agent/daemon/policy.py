@@ -9,7 +9,7 @@
     [policy.rules.payments]         # one named rule per client service
     users = ["payments", 1001]      # names or numeric ids
     groups = ["tpp-clients"]
-    operations = ["keys", "public", "sign", "forward"]
+    operations = ["keys", "public", "sign", "jws", "forward", "token"]
     keys = ["signing"]              # configured key aliases, or "*"
     banks = ["modelbank"]           # configured banks, or "*"
 
@@ -28,7 +28,8 @@ from typing import Any
 
 from agent.errors import AgentError, ConfigError
 
-OPERATIONS = frozenset({"keys", "public", "sign", "jws", "discovery", "register", "forward"})
+OPERATIONS = frozenset({"keys", "public", "sign", "jws", "discovery", "register", "forward", "client_assertion",
+                        "token", "par"})
 ADMIN_OPERATIONS = frozenset({"csr"})
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python does not name it
 

@@ -13,10 +13,12 @@ from agent.audit import AuditError
 from agent.daemon.app import Agent
 from agent.daemon.http import HttpError, Request, Response
 from agent.daemon.policy import PolicyDenied
-from agent.errors import AgentError, InputError
+from agent.errors import AgentError, ConfigError, InputError
+from agent.jose import AlgorithmNotAllowedError, ClaimsError, JoseError
 from agent.openfinance.banks import UnknownBankError
 from agent.openfinance.discovery import DiscoveryError
-from agent.openfinance.registration import RegistrationError
+from agent.openfinance.registration import RegistrationError, RegistrationOutcomeUnknownError
+from agent.openfinance.tokens import TokenError
 from agent.transport.errors import TransportError
 from pkcs11_backends.errors import (
     AmbiguousKeyError,
@@ -81,12 +83,24 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(500, "audit_unavailable", str(exc), hint)
     if isinstance(exc, UnknownBankError):
         return HttpError(404, "unknown_bank", str(exc), hint)
+    if isinstance(exc, ConfigError):
+        return HttpError(500, "config_error", str(exc), hint)
     if isinstance(exc, TransportError):
         return HttpError(502, "bank_unreachable", str(exc), hint)
     if isinstance(exc, DiscoveryError):
         return HttpError(502, "discovery_failed", str(exc), hint)
+    if isinstance(exc, RegistrationOutcomeUnknownError):
+        return HttpError(409, "registration_outcome_unknown", str(exc), hint)
     if isinstance(exc, RegistrationError):
         return HttpError(502, "registration_failed", str(exc), hint)
+    if isinstance(exc, TokenError):
+        return HttpError(502, "bank_refused", str(exc), hint)
+    if isinstance(exc, AlgorithmNotAllowedError):
+        return HttpError(403, "algorithm_not_allowed", str(exc), hint)
+    if isinstance(exc, ClaimsError):
+        return HttpError(400, "claims_refused", str(exc), hint)
+    if isinstance(exc, JoseError):
+        return HttpError(400, "jose_refused", str(exc), hint)
     if isinstance(exc, InputError):
         return HttpError(400, "bad_input", str(exc), hint)
     return HttpError(500, "internal_error", str(exc), hint)

@@ -10,16 +10,25 @@ import datetime
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent import log
 from agent.errors import AgentError
 from agent.openfinance.banks import BankConfig
-from agent.openfinance.client import BankHttp
+from agent.openfinance.client import BankHttp, BankResponse
+from agent.transport.errors import BankTimeoutError, ConnectFailedError, ConnectionLostError
 
 ENDPOINTS = ("registration_endpoint", "token_endpoint", "pushed_authorization_request_endpoint")
 _REQUIRED = ("issuer", "registration_endpoint")
+# A GET of the document is safe to repeat: after a network failure or a 5xx/429, try again after
+# these pauses (then give up with the last error). TLS failures are not retried: they do not pass.
+RETRY_DELAYS = (0.25, 1.0)
+_RETRIED_ERRORS = (ConnectFailedError, BankTimeoutError, ConnectionLostError)
+
+_logger = log.get_logger("openfinance.discovery")
 
 
 class DiscoveryError(AgentError):
@@ -93,7 +102,7 @@ class Discovery:
 
     def fetch(self) -> DiscoveryDocument:
         bank = self.bank
-        response = self.http.request("GET", bank.discovery_url, headers={"Accept": "application/json"})
+        response = self._get()
         where = f"bank {bank.name!r}: {bank.discovery_url} (x-fapi-interaction-id {response.interaction_id})"
         if response.status != 200:
             raise DiscoveryError(f"{where} answered HTTP {response.status}, not the discovery document")
@@ -112,6 +121,24 @@ class Discovery:
         result = DiscoveryDocument(bank.name, bank.discovery_url, _now(), document)
         self._store(result)
         return result
+
+    def _get(self) -> BankResponse:
+        for pause in (*RETRY_DELAYS, None):
+            try:
+                response = self.http.request("GET", self.bank.discovery_url, headers={"Accept": "application/json"})
+            except _RETRIED_ERRORS as exc:
+                if pause is None:
+                    raise
+                failure = f"{type(exc).__name__}: {exc.detail}"
+                interaction_id = exc.interaction_id
+            else:
+                if pause is None or (response.status < 500 and response.status != 429):
+                    return response
+                failure, interaction_id = f"HTTP {response.status}", response.interaction_id
+            _logger.warning("discovery.retry", bank=self.bank.name, failure=failure, interaction_id=interaction_id,
+                            pause_s=pause)
+            time.sleep(pause)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _store(self, doc: DiscoveryDocument) -> None:
         # Write-then-rename: a reader sees the old document or the new one, never half.

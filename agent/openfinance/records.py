@@ -110,6 +110,13 @@ class RegistrationLog:
                 " ORDER BY id DESC LIMIT 1", (bank, cert_sha256, REGISTERED)).fetchone()
         return Attempt(**dict(row)) if row else None
 
+    def latest(self, bank: str, cert_sha256: str) -> Attempt | None:
+        """The last attempt for this bank and certificate, whatever its outcome."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM registrations WHERE bank = ? AND cert_sha256 = ? ORDER BY id DESC LIMIT 1",
+                             (bank, cert_sha256)).fetchone()
+        return Attempt(**dict(row)) if row else None
+
     def attempts(self, bank: str | None = None) -> list[Attempt]:
         with self._connect() as db:
             if bank is None:

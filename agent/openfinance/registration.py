@@ -20,7 +20,7 @@ from agent.errors import AgentError
 from agent.openfinance.banks import BankConfig
 from agent.openfinance.client import BankHttp
 from agent.openfinance.discovery import Discovery
-from agent.openfinance.records import FAILED, REGISTERED, Attempt, RegistrationLog, truncate_body
+from agent.openfinance.records import FAILED, PENDING, REGISTERED, Attempt, RegistrationLog, truncate_body
 from agent.transport.errors import BankTimeoutError, ConnectionLostError, TransportError
 
 UNCERTAIN = "uncertain"  # the request may have reached the bank; its answer never came
@@ -60,6 +60,19 @@ class RegistrationForbiddenError(RegistrationError):  # 403
 class BankServerError(RegistrationError):  # 5xx
     what_to_check = ("the bank failed on its side; it may or may not have recorded the registration: try again "
                      "later with --force, and quote the interaction id to the bank")
+
+
+class RegistrationOutcomeUnknownError(AgentError):
+    """The last attempt may have reached the bank and its answer never came: nothing is sent blindly."""
+
+    def __init__(self, attempt: Attempt) -> None:
+        self.attempt = attempt
+        super().__init__(
+            f"bank {attempt.bank!r}: the registration attempt of {attempt.attempted_at} "
+            f"(x-fapi-interaction-id {attempt.interaction_id}) may have reached the bank, its outcome is unknown "
+            f"({attempt.outcome}{': ' + attempt.error if attempt.error else ''})",
+            hint=f"ask the bank whether it registered x-fapi-interaction-id {attempt.interaction_id}; "
+                 "if it did not, register again with --force")
 
 
 class UnexpectedStatusError(RegistrationError):
@@ -129,6 +142,10 @@ class Registrar:
         if previous is not None and not force:
             return RegistrationResult(bank.name, previous.endpoint, previous.interaction_id, previous.status or 0,
                                       0.0, already=previous)
+        last = self.records.latest(bank.name, identity.sha256)
+        if last is not None and last.outcome in (UNCERTAIN, PENDING) and not force:
+            # A timeout, a lost connection or a crash mid-request: the bank may hold it. Never resend blindly.
+            raise RegistrationOutcomeUnknownError(last)
         endpoint = self.discovery.get().endpoint("registration_endpoint", bank.use_mtls_aliases)
         interaction_id = str(uuid.uuid4())
         row = self.records.begin(bank.name, endpoint, identity.sha256, identity.subject, interaction_id)

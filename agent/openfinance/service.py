@@ -1,28 +1,48 @@
 """Banks as a running agent sees them: one pooled mTLS transport per bank, built on first
-use, and the discovery, registration and registration log that run over it.
+use, and the discovery, registration, registration log and access tokens that run over it.
+
+``client_id`` (for client assertions and request objects) is ``[tokens] client_id``, else the CN of the bank's
+transport certificate: the directory issues that certificate with CN = the application's client ID, one per
+application and the same at every bank, so it is one setting, not one per bank.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Mapping
 
+from cryptography.x509.oid import NameOID
+
+from agent import log
 from agent.config import Config
+from agent.errors import ConfigError
 from agent.openfinance.banks import BankConfig, get_bank
 from agent.openfinance.discovery import Discovery
 from agent.openfinance.records import RegistrationLog
 from agent.openfinance.registration import Identity, Registrar
+from agent.openfinance.tokens import TokenClient, TokenSettings
 from agent.runtime import Runtime
 from agent.transport.client import BankTransport, Response, open_transport
+from pkcs11_backends.keys import KeyStore
+
+_logger = log.get_logger("openfinance")
 
 
 class OpenFinance:
-    """``config`` (default: the runtime's) names the banks and the state dir; the token is the runtime's."""
+    """``config`` (default: the runtime's) names the banks and the state dir; the token is the runtime's.
 
-    def __init__(self, runtime: Runtime, config: Config | None = None) -> None:
+    ``keys`` signs client assertions and request objects (default: the runtime's key store; the daemon passes
+    one that audits every signature).
+    """
+
+    def __init__(self, runtime: Runtime, config: Config | None = None, keys: KeyStore | None = None) -> None:
         self.runtime = runtime
         self.config = config or runtime.config
+        self.keys = keys
         self._transports: dict[str, BankTransport] = {}
+        self._tokens: dict[str, TokenClient] = {}
+        self._lock = threading.RLock()  # daemon workers share one OpenFinance; tokens() calls transport()
 
     @functools.cached_property
     def records(self) -> RegistrationLog:
@@ -32,9 +52,23 @@ class OpenFinance:
         return get_bank(self.config, name)
 
     def transport(self, name: str) -> BankTransport:
-        if name not in self._transports:
-            self._transports[name] = open_transport(self.runtime, self.bank(name).tls)
-        return self._transports[name]
+        """The bank's transport; rebuilt when the PKCS#11 module was re-initialised since it was made.
+
+        A token that is away fails here, fast, with the pool's ``TokenUnavailableError``,
+        not later as a TLS handshake error that would send the operator to the bank.
+        """
+        self.runtime.pool.ensure_ready()
+        with self._lock:
+            transport = self._transports.get(name)
+            if transport is not None and transport.tls.module_generation != self.runtime.module.generation:
+                # Its key's handles died with C_Finalize: a new handshake with it could only fail, or
+                # worse, reach whatever session or object now has the same handle number.
+                _logger.info("transport_renewed", bank=name, reason="PKCS#11 module re-initialised")
+                transport.close()
+                transport = None
+            if transport is None:
+                transport = self._transports[name] = open_transport(self.runtime, self.bank(name).tls)
+            return transport
 
     def discovery(self, name: str) -> Discovery:
         # A fresh cached document needs no connection, so no PIN and no handshake either.
@@ -45,10 +79,44 @@ class OpenFinance:
         identity = Identity(transport.tls.certificate_sha256, transport.tls.certificate.subject.rfc4514_string())
         return Registrar(self.bank(name), self.discovery(name), transport, self.records, identity)
 
+    def tokens(self, name: str) -> TokenClient:
+        """The bank's token client; one per bank for the life of this object, so its token cache is shared."""
+        with self._lock:
+            if name not in self._tokens:
+                settings = TokenSettings.from_config(self.config)
+                transport = self.transport(name)
+                self._tokens[name] = TokenClient(
+                    self.keys or self.runtime.keys, self.config, name, _CurrentTransport(self, name),
+                    metadata=lambda: self.discovery(name).get(),
+                    client_id=settings.client_id or _common_name(transport),
+                    use_mtls_aliases=self.bank(name).use_mtls_aliases, settings=settings)
+            return self._tokens[name]
+
     def close(self) -> None:
         for transport in self._transports.values():
             transport.close()
         self._transports.clear()
+        self._tokens.clear()
+
+
+class _CurrentTransport:
+    """The bank's transport as of each request: a token client outlives transports renewed after recovery."""
+
+    def __init__(self, service: OpenFinance, bank: str) -> None:
+        self.service, self.bank = service, bank
+
+    def request(self, method: str, url: str, *, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> Response:
+        return self.service.transport(self.bank).request(method, url, body=body, headers=headers,
+                                                          interaction_id=interaction_id)
+
+
+def _common_name(transport: BankTransport) -> str:
+    names = transport.tls.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise ConfigError(f"bank {transport.bank!r}: the transport certificate has no CN to use as client_id",
+                         hint="set [tokens] client_id to the application's client ID from the directory")
+    return str(names[0].value)
 
 
 class _OnFirstUse:

@@ -128,6 +128,7 @@ class TlsContext:
     certificate: x509.Certificate
     key_uri: str
     backend: str
+    module_generation: int = 0  # the PKCS#11 module's generation its key was loaded in
 
     @property
     def certificate_sha256(self) -> str:
@@ -171,7 +172,8 @@ def build_context(runtime: Runtime, settings: TlsSettings, openssl_backend: str 
 
     uri = str(runtime.keys.info(settings.client_key).uri)
     backend = key_backend(runtime.config.pkcs11.module, openssl_backend or runtime.config.pkcs11.openssl_backend)
-    with backend.load_private_key(uri) as key:
+    generation = runtime.module.generation
+    with backend.load_private_key(uri, generation) as key:
         # The context takes its own reference: the key lives exactly as long as the context.
         if _libssl().SSL_CTX_use_PrivateKey(pointer(context._context), key.address) != 1:
             raise KeyCertificateMismatchError(
@@ -183,7 +185,7 @@ def build_context(runtime: Runtime, settings: TlsSettings, openssl_backend: str 
             f"the client certificate {chain[0].subject.rfc4514_string()} does not belong to the token key {uri}",
         ) from exc
     _warn_if_expiring(settings.bank, chain[0])
-    return TlsContext(settings.bank, context, chain[0], uri, backend.name)
+    return TlsContext(settings.bank, context, chain[0], uri, backend.name, generation)
 
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)

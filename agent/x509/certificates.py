@@ -81,7 +81,7 @@ def _load(der: bytes, source: str) -> x509.Certificate:
     try:
         cert = x509.Certificate.load(der, strict=True)
         _ = cert.native  # parse every field now, not later in the middle of the import
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, KeyError):  # asn1crypto: KeyError for an algorithm OID it cannot map
         raise InputError(f"{source} is neither a PEM nor a DER X.509 certificate", hint=IMPORT_HINT) from None
     return cert
 

@@ -138,7 +138,8 @@ class _Parser:
         self.pos = 0
 
     def fail(self, problem: str) -> InputError:
-        return InputError(f"malformed subject '{self.text}': {problem}", hint=SUBJECT_HINT)
+        # repr() keeps a hostile subject (line breaks, control characters) on one line of the error.
+        return InputError(f"malformed subject {self.text!r}: {problem}", hint=SUBJECT_HINT)
 
     def parse(self) -> list[list[tuple[str, str | bytes]]]:
         if not self.text.strip():

@@ -100,20 +100,23 @@ def read_all(sock: socket.socket) -> bytes:
 
 
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP response from a keep-alive connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed mid-response: {data!r}")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
+    """One HTTP response from a keep-alive connection, leaving the next (pipelined) one unread."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):  # byte by byte: a larger read could swallow the next response
+        byte = sock.recv(1)
+        if not byte:
+            raise AssertionError(f"connection closed mid-response: {head!r}")
+        head += byte
+    lines = head[:-4].decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     length = int(headers["content-length"])
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return int(lines[0].split()[1]), headers, rest[:length]
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        if not chunk:
+            raise AssertionError(f"connection closed mid-body: {body!r}")
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
 
 
 @pytest.fixture

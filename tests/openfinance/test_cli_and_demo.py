@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,12 +70,17 @@ def test_make_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     state = tmp_path / "demo"
     assert demo_main(["--state-dir", str(state)]) == 0
     out = capsys.readouterr().out
-    for step in range(1, 9):
+    for step in range(1, 11):
         assert f"\n[{step}] " in out
     assert "registered with modelbank: HTTP 204" in out and "x-fapi-interaction-id: " in out
     assert "[model bank] registered: subject=CN=" in out
+    assert "Bearer token for modelbank: scope 'accounts', expires in " in out
+    bound = re.search(r"\[model bank\] issued token: .* cnf\.x5t#S256=(\S+)", out)
+    assert bound and f"transport certificate x5t#S256: {bound.group(1)}" in out
     assert "no PEM or DER private key in any of them" in out
     assert "CKA_EXTRACTABLE = False" in out
     # Idempotent: a second run reuses the token and the key.
     assert demo_main(["--state-dir", str(state)]) == 0
-    assert "already exists (re-run): reused" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "key 'transport' already exists (re-run): reused" in again and "key 'signing' already exists" in again
+    assert "the token is bound to the transport certificate" in again

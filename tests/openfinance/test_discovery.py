@@ -10,9 +10,10 @@ import pytest
 from agent import config as config_module
 from agent.errors import ConfigError
 from agent.openfinance.banks import UnknownBankError, get_bank
-from agent.openfinance.discovery import DiscoveryDocument, IssuerMismatchError
+from agent.openfinance.discovery import DiscoveryDocument, DiscoveryError, IssuerMismatchError
 from agent.openfinance.service import OpenFinance
 from modelbank import Behaviour, ModelBank
+from modelbank.server import DISCOVERY_PATH
 from tests.openfinance.conftest import BANK, Tpp
 
 
@@ -100,3 +101,19 @@ def test_unknown_bank_names_the_configured_ones() -> None:
                                                       "ca_bundle": "ca.pem"}}})
     with pytest.raises(UnknownBankError, match=r"no bank 'beta'.*configured: alpha"):
         get_bank(config, "beta")
+
+
+def test_a_5xx_storm_is_ridden_out_with_back_off_and_a_longer_one_fails_clearly(service: OpenFinance,
+                                                                                 bank: ModelBank) -> None:
+    bank.discovery_failures = 2  # fewer than the retries: the caller never sees them
+    assert service.discovery(BANK).get(refresh=True).issuer == bank.issuer
+    gets = [r for r in bank.requests if r[1] == DISCOVERY_PATH]
+    assert len(gets) == 3 and len({r[2] for r in gets}) == 3  # each attempt its own interaction id
+
+    bank.discovery_failures = 10
+    with pytest.raises(DiscoveryError) as caught:
+        service.discovery(BANK).get(refresh=True)
+    last = [r for r in bank.requests if r[1] == DISCOVERY_PATH][-1]
+    assert "HTTP 503" in str(caught.value) and last[2] in str(caught.value)
+    assert len([r for r in bank.requests if r[1] == DISCOVERY_PATH]) == 6  # bounded: 3 attempts, no more
+    assert bank.discovery_failures == 7

@@ -12,6 +12,7 @@ from agent.openfinance.registration import (
     BankServerError,
     RegistrationError,
     RegistrationForbiddenError,
+    RegistrationOutcomeUnknownError,
     RegistrationRejectedError,
     RegistrationUnauthorizedError,
 )
@@ -142,6 +143,10 @@ def test_bank_that_never_answers_times_out_once(tpp: Tpp, bank: ModelBank) -> No
         assert len(posts) == 1, "a POST that may have landed is never resent on its own"
 
         bank.behaviour = Behaviour()
-        assert registrar.register().status == 204
+        with pytest.raises(RegistrationOutcomeUnknownError) as unknown:
+            registrar.register()  # nor on the operator's plain retry: first ask the bank
+        assert caught.value.interaction_id in str(unknown.value) and "--force" in unknown.value.hint
+        assert len([r for r in bank.requests if r[0] == "POST"]) == 1
+        assert registrar.register(force=True).status == 204
     finally:
         service.close()
