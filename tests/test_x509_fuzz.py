@@ -29,7 +29,10 @@ def test_subject_parser_accepts_or_says_why(text: str) -> None:
     except InputError as exc:
         assert str(exc) and "\n" not in str(exc)
     else:
-        assert parse_subject(oneline(name)) == name or oneline(name)  # what it printed reads back
+        # oneline() prints OpenSSL's /C=../CN=.. form, which is not RFC 4514 and does not parse back
+        # (hypothesis found 'CN=CN'): check what holds instead.
+        assert parse_subject(text).dump() == name.dump()  # the same text always gives the same DER
+        assert oneline(name).startswith("/")  # and what was accepted can be shown
 
 
 def _garbled(pem: bytes) -> st.SearchStrategy[bytes]:
