@@ -20,7 +20,7 @@ from pkcs11.exceptions import TokenNotPresent
 from agent import config as config_module
 from agent.audit import AuditTrail, KeyUse
 from agent.config import Config, KeyConfig, pin_reader
-from agent.daemon.audited import AuditedKeyStore
+from agent.daemon.audited import AuditedBankCalls, AuditedKeyStore
 from agent.daemon.policy import Policy
 from agent.daemon.settings import DaemonSettings
 from agent.errors import AgentError
@@ -58,7 +58,7 @@ class Agent:
 
     def _banks(self, config: Config) -> OpenFinance:
         """Banks (transports, token clients with their caches) for ``config``; JWTs signed through the audit."""
-        return OpenFinance(self.runtime, config, keys=self.signer)
+        return OpenFinance(self.runtime, config, keys=self.signer, observer=AuditedBankCalls(self.audit))
 
     @property
     def signer(self) -> AuditedKeyStore:

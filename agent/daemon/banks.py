@@ -9,11 +9,9 @@ connection carries the bank's own CA bundle and client key.
 from __future__ import annotations
 
 import base64
-import dataclasses
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.audit import KeyUse
 from agent.daemon.app import Agent
 from agent.daemon.audited import on_behalf_of
 from agent.daemon.http import HttpError, Request, Response, base64_field
@@ -33,7 +31,8 @@ def discovery(agent: Agent, request: Request, params: dict[str, str]) -> Respons
     agent.policy.check(request.peer, "discovery", bank=bank)
     discovery = agent.openfinance.discovery(bank)
     before = discovery.cached()
-    document = discovery.get(refresh=request.query.get("refresh") in ("1", "true"))
+    with on_behalf_of(request, "discovery"):
+        document = discovery.get(refresh=request.query.get("refresh") in ("1", "true"))
     return Response.json(200, {**document.as_dict(),
                                "fetched_now": before is None or before.fetched_at != document.fetched_at,
                                "cache_file": str(discovery.cache_file),
@@ -48,7 +47,8 @@ def registration(agent: Agent, request: Request, params: dict[str, str]) -> Resp
     force = request.json().get("force", False) if request.body else False
     if not isinstance(force, bool):
         raise HttpError(400, "bad_field", "field 'force' must be true or false")
-    result = agent.openfinance.registrar(bank).register(force=force)
+    with on_behalf_of(request, "register"):
+        result = agent.openfinance.registrar(bank).register(force=force)
     return Response.json(200, result.as_dict())
 
 
@@ -123,17 +123,9 @@ def forward(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     sent = {k: v for k, v in headers.items() if k.lower() not in _DROPPED_HEADERS}
     data = base64_field(body, "body_b64") if "body_b64" in body else None
     request.log["method_forwarded"] = method
-    tls = agent.openfinance.bank(bank).tls
-    use = KeyUse(request.peer.uid, request.peer.pid, agent.runtime.keys.aliases.get(tls.client_key, tls.client_key),
-                 "forward", "tls-client-auth", f"{method} {url}\n".encode() + (data or b""), "ok",
-                 request.interaction_id)
-    try:
-        answer = agent.openfinance.transport(bank).request(method, url, body=data, headers=sent,
-                                                           interaction_id=request.interaction_id)
-    except Exception as exc:
-        agent.audit.record(dataclasses.replace(use, result=f"error: {type(exc).__name__}"))
-        raise
-    agent.audit.record(dataclasses.replace(use, result=f"http {answer.status}"))
+    with on_behalf_of(request, "forward"):
+        answer = agent.openfinance.http(bank).request(method, url, body=data, headers=sent,
+                                                      interaction_id=request.interaction_id)
     return Response.json(200, {"status": answer.status, "headers": dict(answer.headers),
                                "body_b64": base64.b64encode(answer.body).decode("ascii"),
                                "interaction_id": answer.interaction_id, "url": url})

@@ -8,9 +8,11 @@ application and the same at every bank, so it is one setting, not one per bank.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Mapping
+from typing import Protocol
 
 from cryptography.x509.oid import NameOID
 
@@ -33,13 +35,16 @@ class OpenFinance:
     """``config`` (default: the runtime's) names the banks and the state dir; the token is the runtime's.
 
     ``keys`` signs client assertions and request objects (default: the runtime's key store; the daemon passes
-    one that audits every signature).
+    one that audits every signature). ``observer`` hears of every request sent with the transport key (the
+    daemon audits them: each is a use of that key, whether or not it needed a new handshake).
     """
 
-    def __init__(self, runtime: Runtime, config: Config | None = None, keys: KeyStore | None = None) -> None:
+    def __init__(self, runtime: Runtime, config: Config | None = None, keys: KeyStore | None = None,
+                 observer: BankCallObserver | None = None) -> None:
         self.runtime = runtime
         self.config = config or runtime.config
         self.keys = keys
+        self.observer = observer
         self._transports: dict[str, BankTransport] = {}
         self._tokens: dict[str, TokenClient] = {}
         self._lock = threading.RLock()  # daemon workers share one OpenFinance; tokens() calls transport()
@@ -76,14 +81,18 @@ class OpenFinance:
                 transport = self._transports[name] = open_transport(self.runtime, self.bank(name).tls)
             return transport
 
+    def http(self, name: str) -> ObservedTransport:
+        """Requests to the bank, on its transport as of each request, told to the observer."""
+        return ObservedTransport(self, name)
+
     def discovery(self, name: str) -> Discovery:
         # A fresh cached document needs no connection, so no PIN and no handshake either.
-        return Discovery(self.bank(name), self.config.state_dir, _OnFirstUse(self, name))
+        return Discovery(self.bank(name), self.config.state_dir, self.http(name))
 
     def registrar(self, name: str) -> Registrar:
         transport = self.transport(name)
         identity = Identity(transport.tls.certificate_sha256, transport.tls.certificate.subject.rfc4514_string())
-        return Registrar(self.bank(name), self.discovery(name), transport, self.records, identity)
+        return Registrar(self.bank(name), self.discovery(name), self.http(name), self.records, identity)
 
     def tokens(self, name: str) -> TokenClient:
         """The bank's token client; one per bank for the life of this object, so its token cache is shared."""
@@ -92,7 +101,7 @@ class OpenFinance:
                 settings = TokenSettings.from_config(self.config)
                 transport = self.transport(name)
                 self._tokens[name] = TokenClient(
-                    self.keys or self.runtime.keys, self.config, name, _CurrentTransport(self, name),
+                    self.keys or self.runtime.keys, self.config, name, self.http(name),
                     metadata=lambda: self.discovery(name).get(),
                     client_id=settings.client_id or _common_name(transport),
                     use_mtls_aliases=self.bank(name).use_mtls_aliases, settings=settings)
@@ -105,18 +114,6 @@ class OpenFinance:
         self._tokens.clear()
 
 
-class _CurrentTransport:
-    """The bank's transport as of each request: a token client outlives transports renewed after recovery."""
-
-    def __init__(self, service: OpenFinance, bank: str) -> None:
-        self.service, self.bank = service, bank
-
-    def request(self, method: str, url: str, *, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> Response:
-        return self.service.transport(self.bank).request(method, url, body=body, headers=headers,
-                                                          interaction_id=interaction_id)
-
-
 def _common_name(transport: BankTransport) -> str:
     names = transport.tls.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
@@ -125,8 +122,26 @@ def _common_name(transport: BankTransport) -> str:
     return str(names[0].value)
 
 
-class _OnFirstUse:
-    """A bank's transport, opened when the first request goes out."""
+@dataclasses.dataclass(frozen=True)
+class BankCall:
+    """One request sent to a bank with the transport key, and how it ended."""
+
+    bank: str
+    key: str
+    method: str
+    url: str
+    body: bytes | None
+    interaction_id: str | None
+    result: str
+
+
+class BankCallObserver(Protocol):
+    def bank_call(self, call: BankCall) -> None: ...
+
+
+class ObservedTransport:
+    """A bank's transport as of each request: opened at the first one, renewed after a module re-initialisation
+    (a token client or discovery object outlives transports), every request told to the observer."""
 
     def __init__(self, owner: OpenFinance, bank: str) -> None:
         self.owner = owner
@@ -134,5 +149,19 @@ class _OnFirstUse:
 
     def request(self, method: str, url: str, *, body: bytes | None = None,
                 headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> Response:
-        return self.owner.transport(self.bank).request(method, url, body=body, headers=headers,
-                                                       interaction_id=interaction_id)
+        observer = self.owner.observer
+        try:
+            response = self.owner.transport(self.bank).request(method, url, body=body, headers=headers,
+                                                               interaction_id=interaction_id)
+        except Exception as exc:
+            if observer is not None:
+                observer.bank_call(self._call(method, url, body, interaction_id, f"error: {type(exc).__name__}"))
+            raise
+        if observer is not None:
+            observer.bank_call(self._call(method, url, body, response.interaction_id, f"http {response.status}"))
+        return response
+
+    def _call(self, method: str, url: str, body: bytes | None, interaction_id: str | None, result: str) -> BankCall:
+        client_key = self.owner.bank(self.bank).tls.client_key
+        key = self.owner.runtime.keys.aliases.get(client_key, client_key)
+        return BankCall(self.bank, key, method, url, body, interaction_id, result)

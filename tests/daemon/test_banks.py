@@ -59,8 +59,11 @@ def test_discovery_registration_and_forward_through_the_socket(bank_daemon: Daem
     status, headers, body = client.forward(MB, "GET", discovery_path)
     assert status == 200 and headers["content-type"].startswith("application/json")
     assert json.loads(body)["issuer"] == bank.issuer
+    # Every request sent with the transport key is a use of it, audited like a signature.
     audit = [json.loads(line) for line in bank_daemon.audit_file.read_text().splitlines()]
-    assert audit[-1]["operation"] == "forward" and audit[-1]["result"] == "http 200"
+    bank_calls = [(r["operation"], r["result"]) for r in audit if r["algorithm"] == "tls-client-auth"]
+    assert bank_calls == [("discovery", "http 200"), ("register", f"http {registered['status']}"),
+                          ("forward", "http 200")]
 
 
 def test_forward_is_no_open_proxy(bank_daemon: Daemon) -> None:
