@@ -12,23 +12,39 @@ waits until an ``fdatasync`` that started after its own write has returned. Call
 arriving while a sync runs share the next one, so concurrent signers pay one disk
 flush per batch instead of one each, and nobody returns before its record is durable.
 
+Several processes may append to one trail (the daemon, and the CLI signing on the token directly): each
+append holds ``flock`` on the file, and a process that finds the file grown since its own last append first
+reads the tail, so the chain continues from the other process's last record.
+
 Removing records at the *end* of the trail is not visible in the trail itself;
 the daemon reports the last ``seq`` in its journal status for that reason.
+
+Flows sign deep inside (JWS, client assertions, request objects, bank calls): they get an
+:class:`AuditedKeyStore` and an :class:`AuditedBankCalls` observer, which record each key use for the caller
+named with :func:`on_behalf_of` (the daemon: the socket peer; the CLI: the operator running it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError
+from pkcs11_backends.keys import KeyStore, SignatureScheme
+from pkcs11_backends.uri import Pkcs11Uri
+
+if TYPE_CHECKING:
+    from agent.openfinance.service import BankCall
 
 GENESIS = "0" * 64
 _FIELDS = ("seq", "time", "uid", "pid", "key", "operation", "algorithm", "input_sha256", "result",
@@ -69,14 +85,18 @@ class AuditTrail:
         self._syncing = False
         try:
             path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            # Readable too: the tail another process appended is read through this descriptor.
+            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as exc:
             raise AuditError(f"cannot open the audit trail {path}: {exc.strerror}") from None
-        self._seq, self._prev, torn = _tail(path)
-        if torn:
-            # A crash cut the last line short: end it, so the next record starts on a line of its own.
-            os.write(self._fd, b"\n")
-            self._seq += 1
+        self._seq, self._prev = 0, GENESIS
+        self._size = -1  # the file's size after our last append (-1: the tail was never read)
+        try:
+            with self._file_lock():
+                self._catch_up()
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._synced = self._seq
         self._failed = 0  # the highest seq covered by a failed sync
 
@@ -92,17 +112,45 @@ class AuditTrail:
             "algorithm": use.algorithm, "input_sha256": hashlib.sha256(use.signed_input).hexdigest(),
             "result": use.result, "interaction_id": use.interaction_id,
         }
-        with self._lock:
+        with self._lock, self._file_lock():
+            self._catch_up()
             entry["seq"] = self._seq + 1
             entry["prev"] = self._prev
             entry["hash"] = record_hash(entry)
             line = _canonical(entry) + b"\n"
             try:
                 os.write(self._fd, line)
+                self._size = os.fstat(self._fd).st_size
             except OSError as exc:
                 raise AuditError(f"cannot write the audit trail {self.path}: {exc.strerror}") from None
             self._seq, self._prev = entry["seq"], entry["hash"]
         self._sync(entry["seq"])
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Exclusive use of the file's end among processes (released by the kernel if this one dies)."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise AuditError(f"cannot lock the audit trail {self.path}: {exc.strerror}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _catch_up(self) -> None:
+        """Under the file lock: continue the chain from what another process appended since our last append."""
+        try:
+            if os.fstat(self._fd).st_size == self._size:
+                return
+            self._seq, self._prev, torn = _tail(self._fd, self.path)
+            if torn:
+                # A crash cut the last line short: end it, so the next record starts on a line of its own.
+                os.write(self._fd, b"\n")
+                self._seq += 1
+            self._size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise AuditError(f"cannot read the audit trail {self.path}: {exc.strerror}") from None
 
     def _sync(self, seq: int) -> None:
         """Return once record ``seq`` is durable: lead a sync, or wait for the one that covers it."""
@@ -137,15 +185,13 @@ class AuditTrail:
                 self._fd = -1
 
 
-def _tail(path: Path) -> tuple[int, str, bool]:
+def _tail(fd: int, path: Path) -> tuple[int, str, bool]:
     """(seq, hash, torn) of the trail's last record; a torn last line still counts as a line."""
-    with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        if size == 0:
-            return 0, GENESIS, False
-        handle.seek(max(0, size - 65536))
-        chunk = handle.read()
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0, GENESIS, False
+    start = max(0, size - 65536)
+    chunk = os.pread(fd, size - start, start)
     torn = not chunk.endswith(b"\n")
     lines = chunk.rstrip(b"\n").split(b"\n")
     for raw in reversed(lines):
@@ -156,6 +202,76 @@ def _tail(path: Path) -> tuple[int, str, bool]:
             continue
     raise AuditError(f"the audit trail {path} ends with no readable record",
                      hint="run `tpp-agent audit verify`, then move the damaged file aside")
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who a key is used for: the process that asked, the operation it asked for, its interaction id."""
+
+    uid: int
+    pid: int
+    operation: str
+    interaction_id: str
+
+
+_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("tpp_agent_caller", default=None)
+
+
+@contextlib.contextmanager
+def on_behalf_of(uid: int, pid: int, operation: str, interaction_id: str) -> Iterator[None]:
+    """Attribute the key uses made inside the block (audited store, audited bank calls) to this caller."""
+    reset = _caller.set(Caller(uid, pid, operation, interaction_id))
+    try:
+        yield
+    finally:
+        _caller.reset(reset)
+
+
+def current_caller(what: str) -> Caller:
+    caller = _caller.get()
+    if caller is None:
+        # A code path that uses a key without saying for whom is a bug: refuse rather than use it unaudited.
+        raise RuntimeError(f"{what} outside on_behalf_of()")
+    return caller
+
+
+class AuditedKeyStore(KeyStore):
+    """The same token keys (same session pool and aliases), every ``sign`` audited.
+
+    A signature is returned only once its record is on disk; a failed signature is recorded too.
+    """
+
+    def __init__(self, store: KeyStore, audit: AuditTrail) -> None:
+        super().__init__(store.pool, store.aliases)
+        self.audit = audit
+
+    def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme,
+             timeout: float | None = None) -> bytes:
+        caller = current_caller("AuditedKeyStore.sign")
+        key = self.aliases.get(name, name) if isinstance(name, str) else str(name)
+        use = KeyUse(caller.uid, caller.pid, key, caller.operation, scheme.jose_name, data, "ok",
+                     caller.interaction_id)
+        try:
+            signature = super().sign(name, data, scheme, timeout)
+        except Exception as exc:
+            self.audit.record(dataclasses.replace(use, result=f"error: {type(exc).__name__}"))
+            raise
+        self.audit.record(use)
+        return signature
+
+
+class AuditedBankCalls:
+    """An ``OpenFinance`` observer: every request sent with the transport key (TLS client authentication) is a
+    use of that key, recorded like a signature."""
+
+    def __init__(self, audit: AuditTrail) -> None:
+        self.audit = audit
+
+    def bank_call(self, call: BankCall) -> None:
+        caller = current_caller(f"a request to bank {call.bank!r}")
+        self.audit.record(KeyUse(caller.uid, caller.pid, call.key, caller.operation, "tls-client-auth",
+                                 f"{call.method} {call.url}\n".encode() + (call.body or b""), call.result,
+                                 call.interaction_id or caller.interaction_id))
 
 
 @dataclasses.dataclass(frozen=True)

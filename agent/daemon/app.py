@@ -18,9 +18,8 @@ from pkcs11 import Attribute, ObjectClass
 from pkcs11.exceptions import TokenNotPresent
 
 from agent import config as config_module
-from agent.audit import AuditTrail, KeyUse
+from agent.audit import AuditedBankCalls, AuditedKeyStore, AuditTrail, KeyUse
 from agent.config import Config, KeyConfig, pin_reader
-from agent.daemon.audited import AuditedBankCalls, AuditedKeyStore
 from agent.daemon.policy import Policy
 from agent.daemon.settings import DaemonSettings
 from agent.errors import AgentError
