@@ -7,10 +7,12 @@ Every failure the agent or the PKCS#11 layer can name is printed as one line
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import uuid
 from collections.abc import Sequence
 
-from agent import __version__, log
+from agent import __version__, audit, log
 from agent.cli import banks, cert, csr, daemon, doctor, jose, keys, tokens
 from agent.cli.context import CliContext
 from agent.errors import AgentError
@@ -37,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure("console")  # log lines (requests, interaction ids) on stderr; results on stdout
     context = CliContext(args.config, direct=args.direct)
     try:
-        code: int = args.handler(args, context)
+        # Key uses in this process are the operator's, for this command (see agent/cli/context.py).
+        with audit.on_behalf_of(os.getuid(), os.getpid(), args.command, str(uuid.uuid4())):
+            code: int = args.handler(args, context)
         return code
     except (AgentError, Pkcs11Error) as exc:
         print(f"error: {exc}", file=sys.stderr)

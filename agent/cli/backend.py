@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from asn1crypto import pem
 
 from agent import jose
+from agent.audit import AuditedBankCalls, AuditedKeyStore
 from agent.client import AgentClient
 from agent.openfinance.service import OpenFinance
 from agent.runtime import Runtime
@@ -46,16 +47,25 @@ class Backend(Protocol):
 
 
 class Direct:
-    """On the token, in this process (needs the PIN and the token to itself)."""
+    """On the token, in this process (needs the PIN and the token to itself).
+
+    Signatures and bank requests go through ``signer`` (called on first use: reading keys needs no audit
+    trail), which records each one in the audit trail.
+    """
 
     via = "token"
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, signer: Callable[[], AuditedKeyStore]) -> None:
         self.runtime = runtime
+        self._signer = signer
+
+    @functools.cached_property
+    def signer(self) -> AuditedKeyStore:
+        return self._signer()
 
     @functools.cached_property
     def banks(self) -> OpenFinance:
-        return OpenFinance(self.runtime)
+        return OpenFinance(self.runtime, keys=self.signer, observer=AuditedBankCalls(self.signer.audit))
 
     def list_keys(self) -> list[dict[str, Any]]:
         return [key.as_dict() for key in self.runtime.keys.list()]
@@ -68,7 +78,7 @@ class Direct:
         return jose.jwks(self.runtime.keys, self.runtime.config, keys)
 
     def sign_jws(self, key: str, payload: bytes, alg: str | None, header: Mapping[str, Any] | None) -> str:
-        return jose.sign_jws(self.runtime.keys, self.runtime.config, key, payload, alg=alg, header=header)
+        return jose.sign_jws(self.signer, self.runtime.config, key, payload, alg=alg, header=header)
 
     def discover(self, bank: str, refresh: bool) -> dict[str, Any]:
         discovery = self.banks.discovery(bank)

@@ -4,6 +4,10 @@ The backend: when an agent is running (``[daemon] socket`` answers ``GET /v1/hea
 serves go through it (no PIN here; its policy and audit trail apply); else, or with ``--direct``, they run in
 this process on the token. Provisioning (keys generate, csr, cert import) always uses the token directly: it is
 an operator's job, done before the agent serves, and ``cert import``/``generate`` change what the agent checked.
+
+Every key use in this process (a signature, a request sent to a bank with the transport key) goes into the
+agent's audit trail (``[daemon] audit_file``), attributed to the operator running the command: a direct path
+that cannot write it refuses to sign rather than sign unaudited.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import functools
 
 from agent import config as config_module
+from agent.audit import AuditedKeyStore, AuditError, AuditTrail
 from agent.cli.backend import Backend, Direct, ThroughAgent
 from agent.client import AgentClient, AgentUnavailableError
 from agent.config import Config
@@ -35,10 +40,28 @@ class CliContext:
         return Runtime(self.config, interactive=True)
 
     @functools.cached_property
+    def audit(self) -> AuditTrail:
+        """The agent's audit trail, shared with it (appends are locked across processes)."""
+        from agent.daemon.settings import DaemonSettings
+
+        path = DaemonSettings.parse(self.config).audit_file
+        try:
+            return AuditTrail(path)
+        except AuditError as exc:
+            raise AuditError(f"{exc}; nothing was signed", hint=(
+                "signing on the token from the CLI is audited into [daemon] audit_file: run this as a user who "
+                "may write it (e.g. the agent's user), or let a running agent do it (drop --direct)")) from None
+
+    @functools.cached_property
+    def signer(self) -> AuditedKeyStore:
+        """The token's keys, every signature recorded in :attr:`audit`."""
+        return AuditedKeyStore(self.runtime.keys, self.audit)
+
+    @functools.cached_property
     def backend(self) -> Backend:
         agent = None if self.direct else self._running_agent()
         if agent is None:
-            return Direct(self.runtime)
+            return Direct(self.runtime, lambda: self.signer)
         get_logger("cli").info("through_agent", socket=agent.socket_path, hint="--direct uses the token instead")
         return ThroughAgent(agent)
 
@@ -62,3 +85,5 @@ class CliContext:
             self.backend.close()
         if "runtime" in self.__dict__:
             self.runtime.close()
+        if "audit" in self.__dict__:
+            self.audit.close()

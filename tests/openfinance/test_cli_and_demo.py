@@ -84,3 +84,21 @@ def test_make_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     again = capsys.readouterr().out
     assert "key 'transport' already exists (re-run): reused" in again and "key 'signing' already exists" in again
     assert "the token is bound to the transport certificate" in again
+
+
+def test_cli_direct_register_audits_the_transport_key(tpp: Tpp, bank: ModelBank) -> None:
+    config = tpp.write_config(bank)
+    done = cli(config, "--direct", "register", BANK)
+    assert done.returncode == 0, done.stderr
+    [registration] = bank.registrations
+
+    trail = tpp.state_dir / "audit.jsonl"
+    calls = [json.loads(line) for line in trail.read_text().splitlines()]
+    registered = [c for c in calls if c["interaction_id"] == registration.interaction_id]
+    assert len(registered) == 1
+    [call] = registered
+    assert (call["operation"], call["algorithm"], call["key"]) == ("register", "tls-client-auth", tpp.key_uri)
+    assert call["uid"] == os.getuid() and call["result"] == "http 204"
+    assert {c["operation"] for c in calls} == {"register"}
+    verified = cli(config, "audit", "verify")
+    assert verified.returncode == 0 and f"{len(calls)} record(s), chain intact" in verified.stdout

@@ -1,0 +1,65 @@
+"""Signing on the token from the CLI (no agent, or ``--direct``) leaves the same audit records as the agent."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asn1crypto import csr, pem
+
+from tests.conftest import Token
+
+KEY = "pkcs11:object=transport"
+
+
+@pytest.fixture
+def audited_token(token: Token, tmp_path: Path) -> Token:
+    token.write_config(f'[daemon]\naudit_file = "{tmp_path / "trail" / "audit.jsonl"}"\n')
+    token.cli("keys", "generate", "--label", "transport", "--type", "rsa:2048", check=True)
+    return token
+
+
+def records(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (tmp_path / "trail" / "audit.jsonl").read_text().splitlines()]
+
+
+def test_csr_and_direct_jws_are_audited_as_the_operator(audited_token: Token, tmp_path: Path) -> None:
+    made = audited_token.cli("csr", "--key", KEY, "--subject", "CN=audited", check=True)
+    signed = audited_token.cli("--direct", "sign-jws", "--key", KEY, "--alg", "PS256", "--payload", "-",
+                               input='{"hello":"world"}', check=True)
+
+    request = csr.CertificationRequest.load(pem.unarmor(made.stdout.encode())[2])
+    jws = signed.stdout.strip()
+    csr_record, jws_record = records(tmp_path)
+    assert (csr_record["operation"], csr_record["algorithm"], csr_record["result"]) == ("csr", "RS256", "ok")
+    assert csr_record["input_sha256"] == hashlib.sha256(request["certification_request_info"].dump()).hexdigest()
+    assert (jws_record["operation"], jws_record["algorithm"], jws_record["result"]) == ("sign-jws", "PS256", "ok")
+    assert jws_record["input_sha256"] == hashlib.sha256(jws.rsplit(".", 1)[0].encode()).hexdigest()
+    assert base64.urlsafe_b64decode(jws.split(".")[1] + "==") == b'{"hello":"world"}'
+    for record in (csr_record, jws_record):
+        assert "object=transport" in record["key"]
+        assert record["uid"] == os.getuid() and record["pid"] != os.getpid()
+    assert csr_record["interaction_id"] != jws_record["interaction_id"]
+
+    verified = audited_token.cli("audit", "verify", check=True)
+    assert "2 record(s), chain intact" in verified.stdout
+
+
+def test_reading_keys_needs_no_trail_but_signing_refuses_without_one(token: Token, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    token.write_config(f'[daemon]\naudit_file = "{blocker / "audit.jsonl"}"\n')
+    token.cli("keys", "generate", "--label", "transport", "--type", "ec:secp256r1", check=True)
+    token.cli("keys", "public", KEY, check=True)
+
+    refused = token.cli("--direct", "sign-jws", "--key", KEY, "--payload", "-", input="{}")
+    assert refused.returncode == 1 and refused.stdout == ""
+    [error] = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    [hint] = [line for line in refused.stderr.splitlines() if line.startswith("hint: ")]
+    assert f"cannot open the audit trail {blocker / 'audit.jsonl'}" in error and "nothing was signed" in error
+    assert "[daemon] audit_file" in hint and "--direct" in hint
