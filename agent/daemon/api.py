@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import os
 
 from asn1crypto import pem
 
 from agent import jose
-from agent.audit import KeyUse
 from agent.daemon.app import Agent
 from agent.daemon.audited import on_behalf_of
 from agent.daemon.http import HttpError, Request, Response, base64_field
 from agent.daemon.routing import route
-from agent.errors import AgentError
 from agent.jose.encoding import compact_json
 from agent.x509.csr import build_csr
 from agent.x509.signatures import CsrAlgorithm
 from agent.x509.subject import parse_subject
-from pkcs11_backends.errors import Pkcs11Error
 from pkcs11_backends.keys import SignatureScheme
 
 
@@ -136,15 +132,8 @@ def sign(agent: Agent, request: Request, params: dict[str, str]) -> Response:
         raise HttpError(403, "algorithm_not_allowed",
                         f"key {alias!r} may sign with {', '.join(key.algorithms) or 'no algorithm'}, not {alg!r}",
                         f"add {alg!r} to [keys.{alias}] algorithms if this key should make {alg} signatures")
-    scheme = SignatureScheme.from_jose(alg)
-    use = KeyUse(request.peer.uid, request.peer.pid, key.uri, "sign", alg, data, "ok", request.interaction_id)
-    try:
-        signature = agent.runtime.keys.sign(alias, data, scheme)
-    except (Pkcs11Error, AgentError) as exc:
-        agent.audit.record(dataclasses.replace(use, result=f"error: {type(exc).__name__}"))
-        raise
-    # The signature leaves only once its audit record is on disk.
-    agent.audit.record(use)
+    with on_behalf_of(request, "sign"):  # the signature leaves only once its audit record is on disk
+        signature = agent.signer.sign(alias, data, SignatureScheme.from_jose(alg))
     return Response.json(200, {"key": alias, "kid": key.kid, "alg": alg,
                                "signature_b64": base64.b64encode(signature).decode("ascii")})
 
@@ -163,8 +152,6 @@ def csr(agent: Agent, request: Request, params: dict[str, str]) -> Response:
                                               "is required")
     if alg is not None and not isinstance(alg, str):
         raise HttpError(400, "bad_field", f"field 'alg' must be one of {', '.join(a.value for a in CsrAlgorithm)}")
-    signed = build_csr(agent.runtime.keys, alias, parse_subject(subject), CsrAlgorithm.parse(alg) if alg else None)
-    agent.audit.record(KeyUse(request.peer.uid, request.peer.pid, agent.config.keys[alias].uri, "csr",
-                              signed.scheme.jose_name, signed.request["certification_request_info"].dump(), "ok",
-                              request.interaction_id))
+    with on_behalf_of(request, "csr"):
+        signed = build_csr(agent.signer, alias, parse_subject(subject), CsrAlgorithm.parse(alg) if alg else None)
     return Response.json(200, {"key": alias, "alg": signed.scheme.jose_name, "pem": signed.pem})

@@ -51,6 +51,9 @@ class Agent:
         self.policy = Policy.parse(config.section("policy"))
         self.runtime = runtime
         self.audit = audit
+        # The token's keys for flows that sign deep inside (JWS, assertions, CSRs, /sign): every signature audited.
+        # One instance, so its parsed key names are cached across requests (reset when the aliases change).
+        self.signer = AuditedKeyStore(runtime.keys, audit)
         self.openfinance = self._banks(config)
         self.readiness = Readiness(False, "start-up checks not run yet")
         self._reload_lock = threading.Lock()
@@ -59,10 +62,9 @@ class Agent:
         """Banks (transports, token clients with their caches) for ``config``; JWTs signed through the audit."""
         return OpenFinance(self.runtime, config, keys=self.signer, observer=AuditedBankCalls(self.audit))
 
-    @property
-    def signer(self) -> AuditedKeyStore:
-        """The token's keys for flows that sign deep inside (JWS, assertions): every signature audited."""
-        return AuditedKeyStore(self.runtime.keys, self.audit)
+    def _use_aliases(self, config: Config) -> None:
+        self.runtime.keys.aliases = dict(config.aliases)
+        self.signer.aliases = dict(config.aliases)
 
     @property
     def keys(self) -> dict[str, KeyConfig]:
@@ -117,7 +119,7 @@ class Agent:
             if new_settings != self.settings:
                 log.warning("reload_needs_restart", reason="[daemon] settings change on restart only")
             self.config, self.policy = config, policy
-            self.runtime.keys.aliases = dict(config.aliases)
+            self._use_aliases(config)
             old_banks, self.openfinance = self.openfinance, self._banks(config)
             old_banks.close()
             self.runtime.pool.set_pin_source(pin_reader(config.pkcs11))
@@ -126,7 +128,7 @@ class Agent:
             except (AgentError, Pkcs11Error) as exc:
                 log.error("reload_rejected", error=str(exc), hint=exc.hint)
                 self.config, self.policy = old_config, old_policy
-                self.runtime.keys.aliases = dict(old_config.aliases)
+                self._use_aliases(old_config)
                 self.openfinance = self._banks(old_config)
                 self.preflight()
                 return
