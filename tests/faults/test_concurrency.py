@@ -30,7 +30,9 @@ def test_32_clients_sign_and_forward_every_signature_verifies_and_no_fd_leaks(
         after = settled(daemon.proc.pid, before)
         assert set(report.outcomes) == {"sign ok", "forward 200"}, report.outcomes
         assert report.signatures_verified == 32 * 36 and report.forwards_ok == 32 * 4
-        assert after.fds == before.fds, (before, after)  # every client connection closed again
+        # Every client connection closed again: no growth. (Fewer is fine: the bank may have closed one of
+        # the agent's pooled keep-alive connections meanwhile.)
+        assert after.fds <= before.fds, (before, after)
         assert daemon.proc.poll() is None
     finally:
         daemon.stop()

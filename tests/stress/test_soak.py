@@ -4,7 +4,7 @@
     TPP_STRESS_REQUESTS=200000 make stress
 
 Prints the daemon's RSS, open fds and threads before and after; asserts no failure, every
-signature verified, fds back to where they were, RSS growth under 16 MiB.
+signature verified, no more fds than before, RSS growth under 16 MiB.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_100k_requests_from_32_clients(tmp_path: Path, public_dir: Path, bank: M
         print(f"stress: signatures verified {report.signatures_verified}, forwards ok {report.forwards_ok}")
         print(f"stress: before {before}\nstress: after  {after}")
         assert set(report.outcomes) <= {"sign ok", "forward 200"}, report.outcomes
-        assert after.fds == before.fds
+        assert after.fds <= before.fds  # no growth (the bank may close a pooled connection meanwhile)
         assert after.rss_kb - before.rss_kb < 16 * 1024
         assert daemon.proc.poll() is None
     finally:
