@@ -23,7 +23,7 @@ import grp
 import pwd
 import socket
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from agent.errors import AgentError, ConfigError
@@ -171,22 +171,20 @@ def _ids(value: object, where: str) -> list[str | int]:
 
 
 def _uids(value: object, where: str) -> frozenset[int]:
-    result = set()
-    for item in _ids(value, where):
-        try:
-            result.add(item if isinstance(item, int) else pwd.getpwnam(item).pw_uid)
-        except KeyError:
-            raise ConfigError(f"{where}: no user {item!r} on this host",
-                              hint="create it or use a numeric uid") from None
-    return frozenset(result)
+    return _numeric(value, where, "user", "uid", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def _gids(value: object, where: str) -> frozenset[int]:
+    return _numeric(value, where, "group", "gid", lambda name: grp.getgrnam(name).gr_gid)
+
+
+def _numeric(value: object, where: str, kind: str, id_name: str, lookup: Callable[[str], int]) -> frozenset[int]:
+    """Names or numeric ids → ids; a name unknown on this host is a config error, not a silent gap."""
     result = set()
     for item in _ids(value, where):
         try:
-            result.add(item if isinstance(item, int) else grp.getgrnam(item).gr_gid)
+            result.add(item if isinstance(item, int) else lookup(item))
         except KeyError:
-            raise ConfigError(f"{where}: no group {item!r} on this host",
-                              hint="create it or use a numeric gid") from None
+            raise ConfigError(f"{where}: no {kind} {item!r} on this host",
+                              hint=f"create it or use a numeric {id_name}") from None
     return frozenset(result)
