@@ -8,6 +8,7 @@ children). READY is awaited on a real datagram socket passed as ``NOTIFY_SOCKET`
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -164,6 +165,16 @@ def daemon_config(token: Token, public_dir: Path, extra: str = "") -> str:
         operations = ["keys", "public", "sign"]
         keys = ["signing"]
         """) + extra
+
+
+def nobody_rule(public_dir: Path, audit_file: Path, rule: str, operations: list[str], keys: list[str] | None = None,
+                banks: list[str] | None = None) -> str:
+    """[daemon] on a socket other users can reach, root as admin, and one rule for ``nobody``."""
+    scope = "".join(f"{name} = {json.dumps(values)}\n" for name, values in (("keys", keys), ("banks", banks))
+                    if values is not None)
+    return (f'[daemon]\nsocket = "{public_dir}/run/agent.sock"\nsocket_group = "nogroup"\n'
+            f'audit_file = "{audit_file}"\n\n[policy]\nadmin_users = ["root"]\n\n'
+            f'[policy.rules.{rule}]\nusers = ["nobody"]\noperations = {json.dumps(operations)}\n{scope}')
 
 
 def start_daemon(token: Token, public_dir: Path, extra: str = "", env: dict[str, str] | None = None,

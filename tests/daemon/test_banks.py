@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from cryptography import x509
 
 from modelbank import ModelBank
-from tests.daemon.conftest import NOBODY, Daemon, launch
+from tests.daemon.conftest import NOBODY, Daemon, launch, nobody_rule
 from tests.daemon.test_policy import as_user
 from tests.openfinance.conftest import Tpp, bank, tpp  # noqa: F401 -- fixtures
 
@@ -22,25 +21,8 @@ MB = "mb"
 def bank_daemon(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[Daemon]:  # noqa: F811
     config = tpp.write_config(bank)
     base = config.read_text()
-    extra = textwrap.dedent(f"""
-        [keys.transport]
-        uri = "{tpp.key_uri}"
-        algorithms = ["PS256"]
-
-        [daemon]
-        socket = "{public_dir}/run/agent.sock"
-        socket_group = "nogroup"
-        audit_file = "{tpp.state_dir}/audit.jsonl"
-
-        [policy]
-        admin_users = ["root"]
-
-        [policy.rules.nobody-forwards]
-        users = ["nobody"]
-        operations = ["forward", "discovery"]
-        banks = ["{MB}"]
-        """)
-
+    extra = f'\n[keys.transport]\nuri = "{tpp.key_uri}"\nalgorithms = ["PS256"]\n\n' + nobody_rule(
+        public_dir, tpp.state_dir / "audit.jsonl", "nobody-forwards", ["forward", "discovery"], banks=[MB])
     config.write_text(base + extra)
     daemon = launch(config, public_dir)
     yield daemon

@@ -28,7 +28,7 @@ from agent.x509.csr import build_csr
 from agent.x509.subject import directory_subject
 from modelbank import ModelBank
 from pkcs11_backends.keys import KeySpec
-from tests.daemon.conftest import NOBODY, Daemon, launch
+from tests.daemon.conftest import NOBODY, Daemon, launch, nobody_rule
 from tests.daemon.test_policy import as_user
 from tests.openfinance.conftest import Tpp, bank, tpp  # noqa: F401 -- fixtures
 from tests.openfinance.test_cli_and_demo import cli
@@ -69,20 +69,8 @@ def setup(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[Setup]:  # no
         uri = "{signing.uri}"
         algorithms = ["PS256"]
 
-        [daemon]
-        socket = "{public_dir}/run/agent.sock"
-        socket_group = "nogroup"
-        audit_file = "{tpp.state_dir}/audit.jsonl"
-
-        [policy]
-        admin_users = ["root"]
-
-        [policy.rules.nobody-signs]
-        users = ["nobody"]
-        operations = ["jws", "public", "forward"]
-        keys = ["signing"]
-        banks = ["{MB}"]
-        """))
+        """) + nobody_rule(public_dir, tpp.state_dir / "audit.jsonl", "nobody-signs", ["jws", "public", "forward"],
+                           keys=["signing"], banks=[MB]))
     bank.tokens.register_client(client_id, jose.jwks(store, tpp.config(bank), [str(signing.uri)]))
     daemon = launch(config, public_dir)
     daemon.client().register(MB)  # the bank gives tokens to registered certificates only
