@@ -11,6 +11,10 @@
   callers fail fast with :class:`TokenUnavailableError`.
 * ``C_Finalize`` while another thread is inside the module crashes it, so the last
   rung waits, under a :class:`_Gate`, until no borrowed session is in use.
+* A bounded call (``call_timeout``) runs on a spare thread so that a hung HSM cannot
+  hold its caller; but when a :class:`CallSupervisor` covers the calling thread (the
+  daemon's request workers), it runs inline, with no thread hand-off, and a watch
+  thread tells the supervisor about a caller that is overdue so that it answers for it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import pkcs11
 from pkcs11.constants import TokenFlag
@@ -102,6 +106,62 @@ class PooledSession:
         return found
 
 
+class CallSupervisor(Protocol):
+    """Someone who can answer for a thread stuck in a PKCS#11 call (the daemon answers its client)."""
+
+    def covers(self, thread: int) -> bool:
+        """Whether calls on this thread (``threading.get_ident()``) may run inline under supervision."""
+
+    def overdue(self, thread: int, error: TokenTimeoutError) -> None:
+        """The call on ``thread`` passed its limit: answer its caller with ``error`` now (watch thread)."""
+
+
+class _Watch:
+    """Deadlines of the supervised calls in flight, checked by one thread a few times per limit.
+
+    Registering a call costs a dict entry, not a wake-up: the thread polls, which is
+    cheap at this rate, and a limit is seconds long.
+    """
+
+    def __init__(self, supervisor: CallSupervisor, on_overdue: Callable[[float], TokenTimeoutError]) -> None:
+        self.supervisor = supervisor
+        self._on_overdue = on_overdue
+        self._calls: dict[int, tuple[float, float]] = {}  # thread -> (deadline, limit)
+        self._reported: set[int] = set()
+        self._lock = threading.Lock()
+        self._tick = 1.0
+        self._thread: threading.Thread | None = None
+
+    def enter(self, thread: int, limit: float) -> None:
+        with self._lock:
+            self._calls[thread] = (time.monotonic() + limit, limit)
+            if limit / 5 < self._tick:
+                self._tick = max(0.01, limit / 5)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pkcs11-watch", daemon=True)
+                self._thread.start()
+
+    def leave(self, thread: int) -> bool:
+        """Forget the call; True if it had been reported overdue."""
+        with self._lock:
+            del self._calls[thread]
+            if thread in self._reported:
+                self._reported.discard(thread)
+                return True
+            return False
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._tick)
+            now = time.monotonic()
+            with self._lock:  # marked hung before leave() can see the report: the pool's count stays exact
+                late = [(thread, self._on_overdue(limit)) for thread, (deadline, limit) in self._calls.items()
+                        if deadline <= now and thread not in self._reported]
+                self._reported.update(thread for thread, _ in late)
+            for thread, error in late:
+                self.supervisor.overdue(thread, error)
+
+
 class _Gate:
     """Many threads may be inside the module at once; ``C_Finalize`` needs none to be."""
 
@@ -150,6 +210,7 @@ class SessionPool:
     ) -> None:
         self.module = module
         self.call_timeout = call_timeout
+        self._watch: _Watch | None = None
         self._hung = 0
         self.selector = selector
         self._pin = pin
@@ -280,18 +341,40 @@ class SessionPool:
         With a ``timeout`` (or the pool's ``call_timeout``) the operation runs on a
         worker thread and the caller waits at most that long: a hung HSM cannot hold
         the caller. The hung call keeps its thread; until it returns the pool is
-        ``HUNG`` and every new call fails at once.
+        ``HUNG`` and every new call fails at once. On a thread the supervisor covers
+        (:meth:`supervise`) the operation runs inline instead, and the supervisor
+        answers for the caller when the limit passes; the late result is dropped.
         """
         limit = timeout if timeout is not None else self.call_timeout
         if limit is None:
             return self._call(operation)
         self._fail_if_hung()
+        watch, thread = self._watch, threading.get_ident()
+        if watch is not None and watch.supervisor.covers(thread):
+            return self._supervised(watch, thread, operation, limit)
         future = self._executor.submit(self._call, operation)
         try:
             return future.result(limit)
         except concurrent.futures.TimeoutError:
-            self._note_hung(future, limit)
-            raise TokenTimeoutError(f"token {self.selector} did not answer within {limit:g}s") from None
+            error = self._note_hung(limit)
+            future.add_done_callback(self._hung_call_returned)
+            raise error from None
+
+    def supervise(self, supervisor: CallSupervisor) -> None:
+        """Run bounded calls inline on the threads ``supervisor`` covers; it answers for overdue callers."""
+        self._watch = _Watch(supervisor, self._note_hung)
+
+    def _supervised(self, watch: _Watch, thread: int, operation: Callable[[PooledSession], T], limit: float) -> T:
+        watch.enter(thread, limit)
+        try:
+            result = self._call(operation)
+        finally:
+            late = watch.leave(thread)
+            if late:
+                self._hung_call_returned()
+        if late:  # its caller was already told it failed: the result must not leave
+            raise TokenTimeoutError(f"token {self.selector} did not answer within {limit:g}s")
+        return result
 
     def _call(self, operation: Callable[[PooledSession], T]) -> T:
         try:
@@ -309,14 +392,15 @@ class SessionPool:
         if self._health.state is PoolState.HUNG:
             raise TokenTimeoutError(f"token {self.selector} is not answering: {self._health.detail}")
 
-    def _note_hung(self, future: concurrent.futures.Future[Any], limit: float) -> None:
+    def _note_hung(self, limit: float) -> TokenTimeoutError:
+        """A call passed its limit: the pool is HUNG until every such call has returned."""
         with self._lock:
             self._hung += 1
             if self._health.state is PoolState.READY:
                 self._set_state(PoolState.HUNG, f"a PKCS#11 call has not returned after {limit:g}s")
-        future.add_done_callback(self._hung_call_returned)
+        return TokenTimeoutError(f"token {self.selector} did not answer within {limit:g}s")
 
-    def _hung_call_returned(self, _: concurrent.futures.Future[Any]) -> None:
+    def _hung_call_returned(self, _: object = None) -> None:
         with self._lock:
             self._hung -= 1
             if self._hung == 0 and self._health.state is PoolState.HUNG:

@@ -26,7 +26,7 @@ from agent.daemon.settings import DaemonSettings
 from agent.errors import AgentError, ConfigError
 from agent.log import configure, get_logger
 from agent.runtime import Runtime
-from pkcs11_backends.errors import PinError, Pkcs11Error
+from pkcs11_backends.errors import PinError, Pkcs11Error, TokenTimeoutError
 from pkcs11_backends.sessions import PoolState
 
 EX_CONFIG = 78
@@ -63,6 +63,7 @@ def run(config_path: str | None, socket_override: str | None) -> int:
             notifier.status(f"start-up failed: {exc}")
             return 1
         server = Server(listener, routing.handler(agent), settings.limits)
+        runtime.pool.supervise(_AnswerHungCalls(server))
         _install_signals(agent, server, notifier)
         stop_health = threading.Event()
         health = threading.Thread(target=_health_loop, args=(agent, server, notifier, settings, stop_health),
@@ -82,6 +83,20 @@ def run(config_path: str | None, socket_override: str | None) -> int:
             with contextlib.suppress(FileNotFoundError):
                 Path(settings.socket).unlink()
         notifier.close()
+
+
+class _AnswerHungCalls:
+    """The session pool's supervisor: workers make token calls on their own thread, and a client whose call
+    passes ``call_timeout`` gets its 503 from the watch thread instead of waiting for the HSM."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def covers(self, thread: int) -> bool:
+        return self.server.serving(thread)
+
+    def overdue(self, thread: int, error: TokenTimeoutError) -> None:
+        self.server.answer_for(thread, routing.http_error(error))
 
 
 def _install_signals(agent: Agent, server: Server, notifier: systemd.Notifier) -> None:

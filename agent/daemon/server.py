@@ -5,12 +5,18 @@ its whole request is buffered, so a slow or half-sent request costs no worker an
 is answered 408 when its deadline passes. Beyond ``max_connections`` a new
 connection gets 503 with ``Retry-After`` and is closed.
 
-Connections sit in epoll with ``EPOLLONESHOT``: once readable, a connection is
-out of the I/O thread's sight until it is re-armed. So after a keep-alive
-response the worker re-arms it itself (``epoll_ctl`` is thread-safe) instead of
-handing it back through a queue and a wake-up of the I/O thread: one system call
-instead of four and no thread switch per request. Only a connection with a
-pipelined request already buffered goes back through the queue.
+A worker that has answered a keep-alive request waits a moment (``linger``) for the
+same client's next one, when no other connection is waiting for a worker: a client
+that sends request after request is then served by one thread, with no hand-off
+and no thread woken but the one that reads its socket. That next request must
+arrive whole to be served at once; a partial one goes back to the I/O thread with
+its deadline. Connections sit in epoll with ``EPOLLONESHOT``: out of the I/O
+thread's sight from when they become readable until a worker re-arms them.
+
+Token calls run on the worker's own thread (:meth:`Server.serving` tells the
+session pool which threads those are); if one passes ``[pkcs11] call_timeout``, the
+pool's watch thread has the server answer that client (:meth:`Server.answer_for`)
+and the worker's late answer is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from agent.daemon.http import Head, HttpError, Request, Response, interaction_id, parse_head
 from agent.daemon.policy import Peer
@@ -45,6 +50,7 @@ class Limits:
     idle_timeout: float = 60.0      # keep-alive connection with no request under way
     write_timeout: float = 10.0
     drain_timeout: float = 30.0
+    linger: float = 0.002           # a worker's wait for the same client's next request
 
 
 class _Connection:
@@ -58,10 +64,17 @@ class _Connection:
         self.started = 0.0
         self.deadline = now + idle_timeout
         self.busy = False  # a worker has it: no deadline, no reads until re-armed
+        self.answered = False  # the request under way was answered for its worker (hung token call)
+        self.writing = threading.Lock()  # the worker and the watch thread may both answer
+        self.poller: select.poll | None = None  # for lingering, made on first use
 
     def reset(self, now: float, idle_timeout: float) -> None:
         self.head, self.head_end, self.length, self.started = None, 0, 0, 0.0
         self.deadline = now + idle_timeout
+
+    def request_started(self, now: float, timeout: float) -> None:
+        self.started = now
+        self.deadline = now + timeout
 
 
 class Server:
@@ -71,11 +84,12 @@ class Server:
         self.limits = limits
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._returned: queue.SimpleQueue[_Connection] = queue.SimpleQueue()
-        self._pool = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="worker")
+        self._queue: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
         self._connections: dict[int, _Connection] = {}  # by fd, busy ones included (guarded by _lock)
+        self._serving: dict[int, tuple[_Connection, Request]] = {}  # by worker thread, while the handler runs
         self._stopping = threading.Event()
-        self._in_flight = 0
+        self._in_flight = 0  # connections a worker has or will have: from dispatch to hand-back
         self._lock = threading.Lock()
         self.heartbeat = time.monotonic()  # the watchdog checks that the I/O loop turns
         self._next_sweep = 0.0
@@ -91,6 +105,11 @@ class Server:
         self._epoll.register(self.listener.fileno(), select.EPOLLIN)
         self._wake_r.setblocking(False)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        # Daemon threads: a worker stuck in a hung token call must not keep the process from exiting.
+        self._workers = [threading.Thread(target=self._work, name=f"worker_{n}", daemon=True)
+                         for n in range(self.limits.workers)]
+        for worker in self._workers:
+            worker.start()
         try:
             while not self._stopping.is_set():
                 self._turn()
@@ -108,7 +127,6 @@ class Server:
             elif fd == wake:
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(4096)
-                self._take_back()
             else:
                 conn = self._connections.get(fd)
                 if conn is not None:
@@ -135,9 +153,8 @@ class Server:
         deadline = time.monotonic() + self.limits.drain_timeout
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        while not self._returned.empty():
-            self._returned.get().busy = False
+        for _ in self._workers:
+            self._queue.put(None)
         self._close_idle()
 
     def _close_idle(self) -> None:
@@ -199,15 +216,20 @@ class Server:
             self._close(conn)
             return
         if not conn.buffer and conn.head is None:
-            conn.started = time.monotonic()
-            conn.deadline = conn.started + self.limits.request_timeout
+            conn.request_started(time.monotonic(), self.limits.request_timeout)
         conn.buffer += data
-        self._progress(conn)
-
-    def _progress(self, conn: _Connection) -> None:
-        """Dispatch the request if it is complete, else wait for more (re-armed); errors close the connection."""
-        if self._dispatch(conn) is False:
+        try:
+            request = self._complete(conn)
+        except HttpError as error:
+            self._refuse(conn, error)
+            return
+        if request is None:
             self._arm(conn)
+            return
+        conn.busy = True
+        with self._lock:
+            self._in_flight += 1
+        self._queue.put((conn, request))
 
     def _arm(self, conn: _Connection) -> None:
         try:
@@ -215,37 +237,28 @@ class Server:
         except (OSError, ValueError):  # closed meanwhile (drain): nothing left to watch
             self._close(conn)
 
-    def _dispatch(self, conn: _Connection) -> bool | None:
-        """True: handed to a worker; False: incomplete; None: refused and closed."""
-        try:
-            if conn.head is None:
-                end = conn.buffer.find(b"\r\n\r\n")
-                limit = self.limits.max_header_bytes
-                if end > limit or (end < 0 and len(conn.buffer) > limit):
-                    raise HttpError(431, "header_too_large", f"request head exceeds {limit} bytes")
-                if end < 0:
-                    return False
-                conn.head = parse_head(bytes(conn.buffer[:end]))
-                conn.head_end = end + 4
-                conn.length = conn.head.content_length(self.limits.max_request_bytes)
-                if (conn.head.headers.get("expect", "").lower() == "100-continue"
-                        and len(conn.buffer) < conn.head_end + conn.length):
-                    with contextlib.suppress(OSError):
-                        conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        except HttpError as error:
-            self._refuse(conn, error)
-            return None
+    def _complete(self, conn: _Connection) -> Request | None:
+        """The buffered request if it is whole, else None; HttpError if it can never be served."""
+        if conn.head is None:
+            end = conn.buffer.find(b"\r\n\r\n")
+            limit = self.limits.max_header_bytes
+            if end > limit or (end < 0 and len(conn.buffer) > limit):
+                raise HttpError(431, "header_too_large", f"request head exceeds {limit} bytes")
+            if end < 0:
+                return None
+            conn.head = parse_head(bytes(conn.buffer[:end]))
+            conn.head_end = end + 4
+            conn.length = conn.head.content_length(self.limits.max_request_bytes)
+            if (conn.head.headers.get("expect", "").lower() == "100-continue"
+                    and len(conn.buffer) < conn.head_end + conn.length):
+                with contextlib.suppress(OSError):
+                    conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         total = conn.head_end + conn.length
         if len(conn.buffer) < total:
-            return False
+            return None
         body = bytes(conn.buffer[conn.head_end:total])
         del conn.buffer[:total]
-        request = Request(conn.head, body, conn.peer, interaction_id(conn.head.headers))
-        conn.busy = True
-        with self._lock:
-            self._in_flight += 1
-        self._pool.submit(self._work, conn, request)
-        return True
+        return Request(conn.head, body, conn.peer, interaction_id(conn.head.headers))
 
     def _refuse(self, conn: _Connection, error: HttpError) -> None:
         """Answer a protocol-level error and close (the stream can no longer be trusted)."""
@@ -264,54 +277,121 @@ class Server:
             self._epoll.unregister(conn.sock.fileno())
         conn.sock.close()
 
-    def _take_back(self) -> None:
-        """Connections whose next (pipelined) request is already buffered."""
-        while not self._returned.empty():
-            conn = self._returned.get()
-            conn.busy = False
-            if self._stopping.is_set():
-                self._close(conn)
-                continue
-            conn.started = time.monotonic()
-            conn.deadline = conn.started + self.limits.request_timeout
-            self._progress(conn)
-
     # -- workers -------------------------------------------------------------
-    def _work(self, conn: _Connection, request: Request) -> None:
-        keep_alive = False
-        try:
+    def _work(self) -> None:
+        thread = threading.get_ident()
+        while (item := self._queue.get()) is not None:
+            conn, request = item
             try:
-                response = self.handler(request)
-            except HttpError as error:
-                response = Response.error(error, request.interaction_id)
-            except Exception:
-                log.exception("handler_failed", interaction_id=request.interaction_id)
-                response = Response.error(HttpError(500, "internal_error", "the agent failed to handle the request",
-                                                    "see the agent's log for this interaction id"),
-                                          request.interaction_id)
-            keep_alive = request.head.keep_alive and not self._stopping.is_set()
-            conn.sock.setblocking(True)
-            conn.sock.settimeout(self.limits.write_timeout)
-            try:
-                conn.sock.sendall(response.render(request.interaction_id, keep_alive))
-            except OSError:
-                keep_alive = False
-            log.info("request", peer_uid=request.peer.uid, peer_pid=request.peer.pid, method=request.method,
-                     path=request.path, status=response.status,
-                     duration_ms=round((time.monotonic() - conn.started) * 1000, 2),
-                     interaction_id=request.interaction_id, **request.log)
-        finally:
-            if not keep_alive:
+                next_request: Request | None = request
+                while next_request is not None:
+                    next_request = self._serve(thread, conn, next_request)
+            except Exception:  # never lose a worker: the connection is the only casualty
+                log.exception("worker_failed")
                 self._close(conn)
-            else:
-                conn.sock.setblocking(False)
-                conn.reset(time.monotonic(), self.limits.idle_timeout)
-                if conn.buffer:  # a pipelined request: the I/O thread parses it
-                    self._returned.put(conn)
-                    self._wake()
-                else:
-                    conn.busy = False
-                    self._arm(conn)
-            # Last: the drain closes idle connections once nothing is in flight.
-            with self._lock:
-                self._in_flight -= 1
+            finally:
+                with self._lock:  # last: the drain closes idle connections once nothing is in flight
+                    self._in_flight -= 1
+
+    def _serve(self, thread: int, conn: _Connection, request: Request) -> Request | None:
+        """Answer one request; the same client's next one if it came at once (else the connection is handed back)."""
+        self._serving[thread] = (conn, request)
+        try:
+            response = self._respond(request)
+        finally:
+            del self._serving[thread]
+        keep_alive = request.head.keep_alive and not self._stopping.is_set()
+        with conn.writing:
+            late = conn.answered
+            sent = not late and self._send(conn, response.render(request.interaction_id, keep_alive))
+        log.info("request", peer_uid=request.peer.uid, peer_pid=request.peer.pid, method=request.method,
+                 path=request.path, status=response.status,
+                 duration_ms=round((time.monotonic() - conn.started) * 1000, 2),
+                 interaction_id=request.interaction_id, **request.log,
+                 **({"dropped": "answered already: a token call passed [pkcs11] call_timeout"} if late else {}))
+        if not (keep_alive and sent):
+            self._close(conn)
+            return None
+        return self._next(conn)
+
+    def _respond(self, request: Request) -> Response:
+        try:
+            return self.handler(request)
+        except HttpError as error:
+            return Response.error(error, request.interaction_id)
+        except Exception:
+            log.exception("handler_failed", interaction_id=request.interaction_id)
+            return Response.error(HttpError(500, "internal_error", "the agent failed to handle the request",
+                                            "see the agent's log for this interaction id"), request.interaction_id)
+
+    def _send(self, conn: _Connection, data: bytes) -> bool:
+        try:
+            sent = conn.sock.send(data)  # an answer fits the socket's buffer unless the client stopped reading
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return False
+        if sent == len(data):
+            return True
+        conn.sock.settimeout(self.limits.write_timeout)
+        try:
+            conn.sock.sendall(data[sent:])
+            return True
+        except OSError:
+            return False
+        finally:
+            conn.sock.setblocking(False)
+
+    def _next(self, conn: _Connection) -> Request | None:
+        now = time.monotonic()
+        conn.reset(now, self.limits.idle_timeout)
+        if not conn.buffer and self._queue.empty():  # nobody else waits for a worker: linger
+            if conn.poller is None:
+                conn.poller = select.poll()
+                conn.poller.register(conn.sock.fileno(), select.POLLIN)
+            if conn.poller.poll(self.limits.linger * 1000):
+                try:
+                    data: bytes | None = conn.sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    data = None
+                except OSError:
+                    data = b""
+                if data == b"":
+                    self._close(conn)
+                    return None
+                if data:
+                    conn.buffer += data
+        if conn.buffer:
+            conn.request_started(time.monotonic(), self.limits.request_timeout)
+            try:
+                request = self._complete(conn)
+            except HttpError as error:
+                self._refuse(conn, error)
+                return None
+            if request is not None:
+                return request
+        conn.busy = False
+        self._arm(conn)
+        return None
+
+    # -- hung token calls ----------------------------------------------------
+    def serving(self, thread: int) -> bool:
+        """Whether ``thread`` is a worker handling a request (its token calls may run inline)."""
+        return thread in self._serving
+
+    def answer_for(self, thread: int, error: HttpError) -> None:
+        """Answer the request that ``thread`` is stuck on, now; its own answer will be dropped."""
+        entry = self._serving.get(thread)
+        if entry is None:
+            return
+        conn, request = entry
+        with conn.writing:
+            if conn.answered:
+                return
+            conn.answered = True
+            with contextlib.suppress(OSError):
+                conn.sock.send(Response.error(error, request.interaction_id).render(request.interaction_id, False))
+                conn.sock.shutdown(socket.SHUT_WR)
+        log.warning("request", peer_uid=request.peer.uid, peer_pid=request.peer.pid, method=request.method,
+                    path=request.path, status=error.status, code=error.code,
+                    interaction_id=request.interaction_id)

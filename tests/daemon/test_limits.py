@@ -92,3 +92,30 @@ def test_idle_keep_alive_connection_is_closed_and_client_reconnects(daemon: Daem
         assert read_response(sock)[0] == 200
     time.sleep(0.1)
     assert client.health()["status"] == "alive"
+
+
+def test_keep_alive_requests_pipelined_or_split_are_answered_in_order(daemon: Daemon) -> None:
+    health = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    missing = b"GET /v1/nothing-here HTTP/1.1\r\nHost: x\r\n\r\n"
+    with daemon.connect() as sock:
+        sock.sendall(health)
+        assert read_response(sock)[0] == 200
+        sock.sendall(health + missing + health)  # pipelined: answered one by one, in order
+        assert [read_response(sock)[0] for _ in range(3)] == [200, 404, 200]
+        sock.sendall(missing[:12])  # the next request in two parts, the second long after the worker moved on
+        time.sleep(0.2)
+        sock.sendall(missing[12:])
+        assert read_response(sock)[0] == 404
+
+
+def test_stalled_second_request_on_a_kept_alive_connection_holds_no_worker(daemon: Daemon) -> None:
+    stalled = [daemon.connect() for _ in range(8)]  # more than the daemon's 4 workers
+    for sock in stalled:
+        sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        sock.sendall(b"POST /v1/keys/signing/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"al")
+    assert daemon.client().health()["status"] == "alive"
+    for sock in stalled:
+        status, body = _status(read_all(sock))
+        assert status == 408 and body["code"] == "request_timeout"
+        sock.close()

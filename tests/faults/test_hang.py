@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -37,6 +38,70 @@ def test_hung_sign_is_bounded_and_the_pool_resumes_when_it_returns(token: Token,
     deadline = time.monotonic() + 10
     while not pool.health.ready and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert pool.health.ready and pool.health.recoveries == 1
+    assert len(keys.sign(uri, b"after", SignatureScheme.ECDSA_SHA256)) == 64
+    pool.close()
+
+
+class _Supervisor:
+    """Covers one thread, as the daemon covers a worker serving a request; records what it was told."""
+
+    def __init__(self) -> None:
+        self.thread = 0
+        self.told: list[tuple[int, TokenTimeoutError, float]] = []
+
+    def covers(self, thread: int) -> bool:
+        return thread == self.thread
+
+    def overdue(self, thread: int, error: TokenTimeoutError) -> None:
+        self.told.append((thread, error, time.monotonic()))
+
+
+def test_supervised_call_runs_inline_and_the_supervisor_answers_when_it_hangs(token: Token, shim: Shim) -> None:
+    os.environ.update(shim.environment())
+    pool = SessionPool(Module.load(str(shim.path)), TokenSelector(label=token.label),
+                       lambda: read_pin_file(token.user_pin_file), call_timeout=0.5)
+    keys = KeyStore(pool)
+    uri = keys.generate("hang-inline", KeySpec.parse("ec:p256")).uri
+    supervisor = _Supervisor()
+    pool.supervise(supervisor)
+    outcome: list[object] = []
+
+    def sign(data: bytes) -> None:
+        supervisor.thread = threading.get_ident()
+        try:
+            outcome.append(keys.sign(uri, data, SignatureScheme.ECDSA_SHA256))
+        except TokenTimeoutError as exc:
+            outcome.append(exc)
+
+    # Inline: the operation runs on the covered thread itself, not on one of the pool's call threads.
+    ran_on: list[str] = []
+    supervisor.thread = threading.get_ident()
+    pool.call(lambda _: ran_on.append(threading.current_thread().name))
+    assert ran_on == [threading.current_thread().name]
+    worker = threading.Thread(target=sign, args=(b"before",), name="covered")
+    worker.start()
+    worker.join()
+    assert isinstance(outcome.pop(), bytes) and supervisor.told == []
+
+    shim.set(hang_sign=1)
+    started = time.monotonic()
+    worker = threading.Thread(target=sign, args=(b"hangs",), name="covered")
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not supervisor.told and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [thread for thread, _, _ in supervisor.told] == [worker.ident]
+    _, error, when = supervisor.told[0]
+    assert "did not answer within 0.5s" in str(error) and when - started < 5
+    assert worker.is_alive() and pool.health.state is PoolState.HUNG  # the caller itself is still in C_Sign
+    with pytest.raises(TokenTimeoutError, match="not answering"):  # others are refused at once meanwhile
+        keys.sign(uri, b"refused", SignatureScheme.ECDSA_SHA256)
+
+    shim.set()
+    worker.join(10)
+    # The late signature never reaches the caller: it gets the same error its client was given.
+    assert isinstance(outcome.pop(), TokenTimeoutError)
     assert pool.health.ready and pool.health.recoveries == 1
     assert len(keys.sign(uri, b"after", SignatureScheme.ECDSA_SHA256)) == 64
     pool.close()
