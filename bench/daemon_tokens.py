@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.daemon_sign import rate
+from bench.common import in_threads
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENT_ID = "3f3c2c52-8a43-4f5e-9d0b-6b1a2c3d4e5f"
@@ -96,7 +96,7 @@ def main() -> None:
             def jws() -> None:
                 client.jws("signing", payload, "PS256")
 
-            per_s = rate(jws, 1, args.seconds)
+            per_s = in_threads(1, args.seconds, lambda: jws)[0]
             print(f"JWS PS256 over the socket, 1 client: {per_s:6.0f}/s")
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -77,7 +77,7 @@ def https_sender(spec: dict[str, Any]) -> Callable[[], Send]:
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     connect = unix_sender(spec) if spec["mode"] == "unix" else https_sender(spec)
     threads, seconds, warmup = int(spec["threads"]), float(spec["seconds"]), float(spec.get("warmup", 0.3))
-    rate = spec.get("rate")
+    rate = float(spec["rate"]) if spec.get("rate") else 0.0
     senders = [connect() for _ in range(threads)]
     latencies: list[list[float]] = [[] for _ in range(threads)]
     errors: list[str] = []
@@ -95,8 +95,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 own.append(time.monotonic() - t0)
 
     def opened(n: int) -> None:
-        send, own, interval = senders[n], latencies[n], threads / float(rate)
-        due = begin + n / float(rate)
+        send, own, interval = senders[n], latencies[n], threads / rate
+        due = begin + n / rate
         while due < end:
             now = time.monotonic()
             if due > now:

@@ -13,9 +13,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import pkcs11
 from pkcs11 import ObjectClass
+from pkcs11.types import SignMixin
 
 from agent import config as config_module
 from agent.runtime import Runtime
@@ -102,7 +104,7 @@ def _measure(outcome: Outcome, daemon: Daemon, in_memory: Daemon, runtime: Runti
         def raw_worker(alias: str = alias, scheme: SignatureScheme = scheme) -> object:
             session = runtime.pool.token.open()
             sessions.append(session)
-            key = session.get_key(ObjectClass.PRIVATE_KEY, label=alias)
+            key = cast(SignMixin, session.get_key(ObjectClass.PRIVATE_KEY, label=alias))
             return lambda: sign_with(key, SIGNING_INPUT, scheme)
 
         ratios = []
