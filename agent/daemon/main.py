@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -18,10 +19,11 @@ from types import FrameType
 
 from agent import config as config_module
 from agent.audit import AuditTrail
-from agent.daemon import api, banks, routing, systemd
+from agent.config import Config
+from agent.daemon import api, banks, processes, routing, systemd
 from agent.daemon.app import Agent
 from agent.daemon.listener import bind_unix
-from agent.daemon.server import Server
+from agent.daemon.server import Accept, Server
 from agent.daemon.settings import DaemonSettings
 from agent.errors import AgentError, ConfigError
 from agent.log import configure, get_logger
@@ -46,6 +48,26 @@ def run(config_path: str | None, socket_override: str | None) -> int:
                           hint="give tpp-agent.socket a single ListenStream=")
     listener = activated[0] if activated else bind_unix(settings.socket, settings.socket_gid, settings.socket_mode)
     where = "socket activation" if activated else str(settings.socket)
+    try:
+        if settings.processes == 1:
+            return serve(config, settings, listener, where, notifier)
+        # Nothing PKCS#11 has been loaded in this process yet: each serving process starts its own.
+        def serving(channel: socket.socket) -> int:
+            return serve(config, settings, channel, where, systemd.Notifier(connected=channel),
+                         accept=processes.connections_from(channel))
+
+        return processes.supervise(settings.processes, listener, serving, notifier, settings.limits.drain_timeout)
+    finally:
+        listener.close()
+        if not activated:
+            with contextlib.suppress(FileNotFoundError):
+                Path(settings.socket).unlink()
+        notifier.close()
+
+
+def serve(config: Config, settings: DaemonSettings, listener: socket.socket, where: str,
+          notifier: systemd.Notifier, *, accept: Accept | None = None) -> int:
+    """One serving process: log in, check, serve ``listener``'s connections until SIGTERM; the exit status."""
     runtime = Runtime(config)
     audit = AuditTrail(settings.audit_file)
     try:
@@ -62,7 +84,7 @@ def run(config_path: str | None, socket_override: str | None) -> int:
             log.error("startup_failed", error=str(exc), hint=exc.hint)
             notifier.status(f"start-up failed: {exc}")
             return 1
-        server = Server(listener, routing.handler(agent), settings.limits)
+        server = Server(listener, routing.handler(agent), settings.limits, accept)
         runtime.pool.supervise(_AnswerHungCalls(server))
         _install_signals(agent, server, notifier)
         stop_health = threading.Event()
@@ -78,11 +100,6 @@ def run(config_path: str | None, socket_override: str | None) -> int:
     finally:
         runtime.close()
         audit.close()
-        listener.close()
-        if not activated:
-            with contextlib.suppress(FileNotFoundError):
-                Path(settings.socket).unlink()
-        notifier.close()
 
 
 class _AnswerHungCalls:

@@ -37,6 +37,8 @@ from agent.log import get_logger
 log = get_logger("tpp-agent.daemon")
 
 Handler = Callable[[Request], Response]
+# The next connection from the listener; BlockingIOError when none is waiting.
+Accept = Callable[[], socket.socket]
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 
 
@@ -51,6 +53,16 @@ class Limits:
     write_timeout: float = 10.0
     drain_timeout: float = 30.0
     linger: float = 0.002           # a worker's wait for the same client's next request
+
+
+def refuse_connection(sock: socket.socket, error: HttpError) -> None:
+    """Answer a connection that will not be served, and close it."""
+    interaction = interaction_id({})
+    with contextlib.suppress(OSError):
+        sock.send(Response.error(error, interaction).render(interaction, keep_alive=False))
+        sock.shutdown(socket.SHUT_WR)
+    log.info("request", status=error.status, code=error.code, interaction_id=interaction)
+    sock.close()
 
 
 class _Connection:
@@ -78,8 +90,10 @@ class _Connection:
 
 
 class Server:
-    def __init__(self, listener: socket.socket, handler: Handler, limits: Limits) -> None:
+    def __init__(self, listener: socket.socket, handler: Handler, limits: Limits, accept: Accept | None = None) -> None:
+        """``listener``: readable when a connection waits; ``accept`` takes it (default: ``listener.accept()``)."""
         self.listener = listener
+        self._take = accept or (lambda: listener.accept()[0])
         self.handler = handler
         self.limits = limits
         self._epoll = select.epoll()
@@ -179,7 +193,7 @@ class Server:
     def _accept(self) -> None:
         while True:
             try:
-                sock, _ = self.listener.accept()
+                sock = self._take()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: keep serving the connections we have
@@ -195,15 +209,10 @@ class Server:
             self._epoll.register(sock.fileno(), _ARMED)
 
     def _send_refusal(self, sock: socket.socket) -> None:
-        error = HttpError(503, "too_many_connections",
-                          f"the agent already serves {self.limits.max_connections} connections",
-                          "retry after a second, or reuse keep-alive connections", (("Retry-After", "1"),))
-        interaction = interaction_id({})
-        with contextlib.suppress(OSError):
-            sock.send(Response.error(error, interaction).render(interaction, keep_alive=False))
-            sock.shutdown(socket.SHUT_WR)
-        log.info("request", status=503, code=error.code, interaction_id=interaction)
-        sock.close()
+        refuse_connection(sock, HttpError(503, "too_many_connections",
+                                          f"the agent already serves {self.limits.max_connections} connections",
+                                          "retry after a second, or reuse keep-alive connections",
+                                          (("Retry-After", "1"),)))
 
     def _read(self, conn: _Connection) -> None:
         try:

@@ -14,7 +14,7 @@ from agent.daemon.server import Limits
 from agent.errors import ConfigError
 
 _KNOWN = {"socket", "socket_group", "socket_mode", "workers", "max_connections", "max_request_bytes",
-          "request_timeout", "idle_timeout", "health_interval", "audit_file", "log_level"}
+          "request_timeout", "idle_timeout", "health_interval", "audit_file", "log_level", "processes"}
 
 
 def default_socket() -> Path:
@@ -31,6 +31,7 @@ class DaemonSettings:
     health_interval: float
     audit_file: Path
     log_level: str
+    processes: int = 1
 
     @classmethod
     def parse(cls, config: Config, socket_override: str | None = None) -> DaemonSettings:
@@ -64,7 +65,18 @@ class DaemonSettings:
         )
         audit = Path(_text(section, "audit_file", str(config.state_dir / "audit.jsonl"))).expanduser()
         return cls(socket, gid, mode, limits, _number(section, "health_interval", 10.0, float, low=0.1, high=3600),
-                   audit if audit.is_absolute() else base / audit, _text(section, "log_level", "info"))
+                   audit if audit.is_absolute() else base / audit, _text(section, "log_level", "info"),
+                   _processes(section))
+
+
+def _processes(section: Mapping[str, Any]) -> int:
+    value = section.get("processes", 1)
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ConfigError(f"[daemon] processes must be \"auto\" or a whole number from 1 to 64, got {value!r}",
+                          hint='"auto" runs one serving process per CPU')
+    return value
 
 
 def _text(section: Mapping[str, Any], name: str, default: str) -> str:

@@ -20,12 +20,14 @@ SD_LISTEN_FDS_START = 3
 class Notifier:
     """Sends state changes to the service manager, if there is one."""
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, connected: socket.socket | None = None) -> None:
         address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
         # Abstract sockets start with a NUL byte; systemd writes that as '@'.
         self._address = "\0" + address[1:] if address and address.startswith("@") else address
-        self._socket: socket.socket | None = None
-        if self._address:
+        self._socket: socket.socket | None = connected
+        if connected is not None:
+            self._address = None  # a serving process reports to its supervisor, which tells systemd
+        elif self._address:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     @property
@@ -34,11 +36,14 @@ class Notifier:
 
     def notify(self, **fields: str) -> bool:
         """``notify(READY="1", STATUS="…")``; returns whether a manager was told."""
-        if self._socket is None or self._address is None:
+        if self._socket is None:
             return False
         message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode("utf-8")
         try:
-            self._socket.sendto(message, self._address)
+            if self._address is None:
+                self._socket.send(message)
+            else:
+                self._socket.sendto(message, self._address)
         except OSError:
             # The manager went away (or the socket is not ours to use): keep serving.
             return False

@@ -1,0 +1,281 @@
+"""Several serving processes on one socket (``[daemon] processes``): one interpreter lock each.
+
+Python runs one thread at a time in a process, so one process cannot keep a
+multi-core host's token busy with short signatures (ES256), and its threads spend
+CPU handing the lock to each other. With ``processes = N`` the process systemd
+started stays the one it knows, holds no PKCS#11 state, and forks N serving
+processes, each with its own login, sessions, bank connections and access-token
+cache. This process accepts the connections and hands each one to the serving
+processes in turn (``SCM_RIGHTS`` over a socket pair): a shared listener would let
+the first process awake take them all. The audit trail is shared (its
+appends are locked across processes), and so are the registration records (SQLite).
+
+What this process tells systemd sums up what they tell it:
+
+* READY=1 once every serving process is ready. The first one starts alone and the
+  others only once it has logged in, so a wrong PIN is tried once; a serving process
+  that fails to start passes its exit status on (78 for a wrong PIN or a bad config).
+* WATCHDOG=1 once every serving process has pinged since the last one: a token call
+  that hangs in any of them stops the pings, as with one process.
+* SIGHUP: RELOADING=1, each process reloads, READY=1 once all have.
+* SIGTERM, SIGINT: STOPPING=1, each process drains, exit 0.
+* A serving process that dies unexpectedly stops the others, and the exit status is
+  non-zero so that systemd restarts the whole service: one unit, one state. Serving
+  processes die with this one (``PR_SET_PDEATHSIG``), never outlive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from agent.daemon.http import HttpError
+from agent.daemon.server import Accept, refuse_connection
+from agent.daemon.systemd import Notifier
+from agent.log import get_logger
+
+log = get_logger("tpp-agent.daemon")
+
+Serve = Callable[[socket.socket], int]  # runs in a serving process, given its channel to this one
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclasses.dataclass
+class _Child:
+    index: int
+    pid: int
+    channel: socket.socket  # its sd_notify messages to us, its connections from us
+    exited: int  # a pidfd: readable once the process has ended
+    ready: bool = False
+    pinged: bool = False
+    status: int | None = None
+
+
+def supervise(count: int, listener: socket.socket, serve: Serve, notifier: Notifier, drain_timeout: float) -> int:
+    """Run ``serve`` in ``count`` forked processes until told to stop; the exit status for systemd."""
+    return _Supervisor(count, listener, serve, notifier, drain_timeout).run()
+
+
+def connections_from(channel: socket.socket) -> Accept:
+    """In a serving process: the connections its supervisor hands over (for :class:`Server`)."""
+    def take() -> socket.socket:
+        _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+        if not fds:
+            raise BlockingIOError("no connection handed over")
+        return socket.socket(fileno=fds[0])
+
+    return take
+
+
+class _Supervisor:
+    def __init__(self, count: int, listener: socket.socket, serve: Serve, notifier: Notifier,
+                 drain_timeout: float) -> None:
+        self.count = count
+        self.listener = listener
+        self._turn = 0
+        self.serve = serve
+        self.notifier = notifier
+        self.drain_timeout = drain_timeout
+        self.children: list[_Child] = []
+        self._reloading = False
+        self._signals_r, self._signals_w = socket.socketpair()
+
+    def run(self) -> int:
+        for end in (self._signals_r, self._signals_w):
+            end.setblocking(False)
+        previous = signal.set_wakeup_fd(self._signals_w.fileno(), warn_on_full_buffer=False)
+        for signum in (*_STOP_SIGNALS, signal.SIGHUP):
+            signal.signal(signum, _noted)  # the wake-up fd carries the signal to the loop
+        try:
+            self.notifier.status(f"starting {self.count} serving processes")
+            first = self._start(0)
+            failed = self._until(lambda: first.ready)
+            if failed is not None:
+                return failed
+            for index in range(1, self.count):
+                self._start(index)
+            failed = self._until(lambda: all(child.ready for child in self.children))
+            if failed is not None:
+                return failed
+            log.info("processes_ready", processes=self.count, pids=[child.pid for child in self.children])
+            self.notifier.ready(f"{self.count} serving processes ready")
+            self.listener.setblocking(False)
+            return self._until(lambda: False, accepting=True) or 0
+        finally:
+            self._stop()
+            signal.set_wakeup_fd(previous)
+            self._signals_r.close()
+            self._signals_w.close()
+
+    # -- the serving processes -----------------------------------------------
+    def _start(self, index: int) -> _Child:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for end in (ours, theirs):  # room for a burst of connections handed over (~1,000)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        ours.settimeout(1.0)  # a serving process that takes no connection for a second is skipped
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                ours.close()
+                self._forget_parent_state()
+                _die_with(parent)
+                if os.environ.get("WATCHDOG_PID") == str(parent):
+                    os.environ["WATCHDOG_PID"] = str(os.getpid())  # its pings go to us, at systemd's pace
+                status = self.serve(theirs)
+            except BaseException:
+                log.exception("serving_process_failed", process=index + 1)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        theirs.close()
+        child = _Child(index, pid, ours, os.pidfd_open(pid))
+        self.children.append(child)
+        return child
+
+    def _forget_parent_state(self) -> None:
+        """In a new serving process: the supervisor's fds and signal handling are not its own."""
+        signal.set_wakeup_fd(-1)
+        for signum in (*_STOP_SIGNALS, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        self._signals_r.close()
+        self._signals_w.close()
+        self.listener.close()
+        for child in self.children:
+            child.channel.close()
+            os.close(child.exited)
+
+    def _until(self, done: Callable[[], bool], accepting: bool = False) -> int | None:
+        """Relay and supervise until ``done()``: None; or the exit status when stopping or a process ended."""
+        while not done():
+            watched: list[int] = [self._signals_r.fileno()] + ([self.listener.fileno()] if accepting else [])
+            for child in self.children:
+                if child.status is None:
+                    watched += [child.channel.fileno(), child.exited]
+            readable, _, _ = select.select(watched, [], [], 1.0)
+            for fd in readable:
+                if fd == self.listener.fileno():
+                    self._hand_over()
+                    continue
+                if fd == self._signals_r.fileno():
+                    stop = self._signalled()
+                    if stop:
+                        return 0
+                    continue
+                for child in self.children:
+                    if fd == child.channel.fileno():
+                        self._relay(child, child.channel.recv(4096))
+                    elif fd == child.exited and child.status is None:
+                        return self._ended(child)
+        return None
+
+    def _hand_over(self) -> None:
+        """Each waiting connection to the next serving process (round robin)."""
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: the connection waits in the backlog
+                log.warning("accept_failed", error=exc.strerror)
+                return
+            for _ in range(self.count):
+                child = self.children[self._turn % self.count]
+                self._turn += 1
+                if child.status is not None:
+                    continue
+                try:
+                    socket.send_fds(child.channel, [b"c"], [sock.fileno()])
+                except OSError:
+                    continue
+                sock.close()
+                break
+            else:
+                refuse_connection(sock, HttpError(503, "agent_busy", "no serving process took the connection",
+                                                  "retry after a second", (("Retry-After", "1"),)))
+
+    def _signalled(self) -> bool:
+        try:
+            received = self._signals_r.recv(64)
+        except BlockingIOError:
+            return False
+        if any(signum in received for signum in _STOP_SIGNALS):
+            return True
+        if signal.SIGHUP in received:
+            self._reload()
+        return False
+
+    def _relay(self, child: _Child, message: bytes) -> None:
+        for line in message.decode("utf-8", "replace").split("\n"):
+            key, _, value = line.partition("=")
+            if key == "READY":
+                child.ready = True
+            elif key == "WATCHDOG":
+                child.pinged = True
+            elif key == "STATUS":
+                self.notifier.status(f"process {child.index + 1}/{self.count}: {value}")
+        if all(c.pinged for c in self.children) and len(self.children) == self.count:
+            self.notifier.watchdog()
+            for c in self.children:
+                c.pinged = False
+        if self._reloading and all(c.ready for c in self.children):
+            self._reloading = False
+            self.notifier.ready(f"{self.count} serving processes reloaded")
+
+    def _reload(self) -> None:
+        self.notifier.notify(RELOADING="1", STATUS="reloading configuration",
+                             MONOTONIC_USEC=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        self._reloading = True
+        for child in self.children:
+            child.ready = False
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGHUP)
+
+    def _ended(self, child: _Child) -> int:
+        _, wait_status = os.waitpid(child.pid, 0)
+        child.status = os.waitstatus_to_exitcode(wait_status)
+        log.error("serving_process_ended", process=child.index + 1, pid=child.pid, status=child.status,
+                  hint="the other serving processes are stopped; systemd restarts the service")
+        return child.status if child.status > 0 else 1
+
+    def _stop(self) -> None:
+        """Each living serving process drains (SIGTERM), then is killed if it outlasts the drain."""
+        living = [child for child in self.children if child.status is None]
+        if living:
+            self.notifier.stopping()
+        for child in living:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.drain_timeout + 5
+        for child in living:
+            remaining = max(0.0, deadline - time.monotonic())
+            if not select.select([child.exited], [], [], remaining)[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+            _, wait_status = os.waitpid(child.pid, 0)
+            child.status = os.waitstatus_to_exitcode(wait_status)
+        for child in self.children:
+            child.channel.close()
+            os.close(child.exited)
+
+
+def _noted(signum: int, frame: object) -> None:
+    """A Python-level handler must exist for the wake-up fd to be written instead of the default action."""
+
+
+def _die_with(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
