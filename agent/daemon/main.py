@@ -47,7 +47,7 @@ def run(config_path: str | None, socket_override: str | None) -> int:
     listener = activated[0] if activated else bind_unix(settings.socket, settings.socket_gid, settings.socket_mode)
     where = "socket activation" if activated else str(settings.socket)
     runtime = Runtime(config)
-    audit = AuditTrail(settings.audit_file)
+    audit = AuditTrail(settings.audit_file, settings.audit_sync_interval)
     try:
         agent = Agent(config, settings, runtime, audit)
         notifier.status("logging in to the token and checking keys")
@@ -76,12 +76,12 @@ def run(config_path: str | None, socket_override: str | None) -> int:
         return 0
     finally:
         runtime.close()
-        audit.close()
         listener.close()
         if not activated:
             with contextlib.suppress(FileNotFoundError):
                 Path(settings.socket).unlink()
         notifier.close()
+        audit.close()  # last: its final sync (interval mode) may raise, after everything else is released
 
 
 def _install_signals(agent: Agent, server: Server, notifier: systemd.Notifier) -> None:
