@@ -5,12 +5,18 @@ Each record carries ``seq`` (its line number when the trail was written), ``prev
 without ``hash``). So :func:`verify` can say which line was edited (its hash does
 not match, or the next record no longer chains to it) and which records were
 removed (a gap in ``seq``). Records hold the SHA-256 of the signed input, never
-the input itself. Every record is on disk before the signature is returned.
+the input itself. Every record is written to the file (``write(2)``) before the signature is
+returned, so it survives the agent crashing or being killed; when it also reaches the disk depends on
+``[daemon] audit_sync``:
 
-Group commit: records are appended in ``seq`` order under one lock, then each caller
-waits until an ``fdatasync`` that started after its own write has returned. Callers
-arriving while a sync runs share the next one, so concurrent signers pay one disk
-flush per batch instead of one each, and nobody returns before its record is durable.
+* ``"always"`` (the default): the signature is returned only once its record is durable (``fdatasync``).
+  Group commit: records are appended in ``seq`` order under one lock, then each caller waits until an
+  ``fdatasync`` that started after its own write has returned. Callers arriving while a sync runs share the
+  next one, so concurrent signers pay one disk flush per batch instead of one each.
+* ``"interval"``: a background thread syncs at most every ``audit_sync_interval_ms`` (when records were
+  written since its last sync), so no request waits for the disk. An OS crash or power cut may lose the
+  records of the last interval. A sync the disk refuses fails every later ``record`` (so signing stops, as
+  with ``"always"``) until a sync succeeds.
 
 Several processes may append to one trail (the daemon, and the CLI signing on the token directly): each
 append holds ``flock`` on the file, and a process that finds the file grown since its own last append first
@@ -40,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError
+from agent.log import get_logger
 from pkcs11_backends.keys import KeyStore, SignatureScheme
 from pkcs11_backends.uri import Pkcs11Uri
 
@@ -47,6 +54,8 @@ if TYPE_CHECKING:
     from agent.openfinance.service import BankCall
 
 GENESIS = "0" * 64
+_SYNC_HINT = "check the disk holding the audit trail (dmesg); signing resumes once a sync succeeds"
+log = get_logger("tpp-agent.audit")
 _FIELDS = ("seq", "time", "uid", "pid", "key", "operation", "algorithm", "input_sha256", "result",
            "interaction_id", "prev")
 
@@ -78,7 +87,9 @@ class KeyUse:
 
 
 class AuditTrail:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sync_interval: float | None = None) -> None:
+        """``sync_interval``: None syncs each record before :meth:`record` returns; seconds leave the sync to a
+        background thread that runs at most that often (see the module docstring)."""
         self.path = path
         self._lock = threading.Lock()  # seq order: chaining and appending a record
         self._durable = threading.Condition()  # group commit: who syncs, and up to which seq
@@ -99,13 +110,29 @@ class AuditTrail:
             raise
         self._synced = self._seq
         self._failed = 0  # the highest seq covered by a failed sync
+        self._refused = ""  # interval mode: why the last background sync failed ("" once one succeeds)
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if sync_interval is not None:
+            # A timer, not a wake-up per record: requests never hand work to this thread.
+            self._flusher = threading.Thread(target=self._flush_every, args=(sync_interval,), name="audit-sync",
+                                             daemon=True)
+            self._flusher.start()
 
     @property
     def last_seq(self) -> int:
         return self._seq
 
+    @property
+    def synced_seq(self) -> int:
+        """The last record this process saw reach the disk (an ``fdatasync`` returned after it was written)."""
+        return self._synced
+
     def record(self, use: KeyUse) -> None:
-        """Append one record and return once it is on disk; raises :class:`AuditError` if it is not."""
+        """Append one record and return once it is written (and, syncing always, durable).
+
+        Raises :class:`AuditError` if it is not, or (syncing at intervals) if the last background sync failed.
+        """
         entry: dict[str, Any] = {
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
             "uid": use.uid, "pid": use.pid, "key": use.key, "operation": use.operation,
@@ -124,7 +151,10 @@ class AuditTrail:
             except OSError as exc:
                 raise AuditError(f"cannot write the audit trail {self.path}: {exc.strerror}") from None
             self._seq, self._prev = entry["seq"], entry["hash"]
-        self._sync(entry["seq"])
+        if self._flusher is None:
+            self._sync(entry["seq"])
+        elif self._refused:
+            raise AuditError(self._refused, hint=_SYNC_HINT)
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -178,11 +208,41 @@ class AuditTrail:
                 else:
                     self._synced = max(self._synced, covered)
 
+    def _flush_every(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Interval mode: sync what was written since the last successful sync, if anything."""
+        covered = self._seq  # every record up to here has been written (os.write returned)
+        if covered <= self._synced:
+            return
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            if not self._refused:
+                log.error("audit_sync_failed", file=str(self.path), error=exc.strerror, unsynced_from=self._synced + 1)
+            self._refused = f"the disk refused to sync the audit trail {self.path}: {exc.strerror}"
+            return
+        if self._refused:
+            log.info("audit_sync_recovered", file=str(self.path), synced_seq=covered)
+        self._synced, self._refused = covered, ""
+
     def close(self) -> None:
+        """Stop the background sync (if any) after a last sync; raises :class:`AuditError` if that one fails."""
+        if self._flusher is not None:
+            self._stop.set()
+            self._flusher.join()
         with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            if self._fd < 0:
+                return
+            if self._flusher is not None:
+                self._flush()
+            refused = self._refused
+            os.close(self._fd)
+            self._fd = -1
+        if refused:
+            raise AuditError(f"{refused}; records after {self._synced} may not be on disk", hint=_SYNC_HINT)
 
 
 def _tail(fd: int, path: Path) -> tuple[int, str, bool]:
@@ -190,16 +250,21 @@ def _tail(fd: int, path: Path) -> tuple[int, str, bool]:
     size = os.fstat(fd).st_size
     if size == 0:
         return 0, GENESIS, False
-    start = max(0, size - 65536)
-    chunk = os.pread(fd, size - start, start)
-    torn = not chunk.endswith(b"\n")
-    lines = chunk.rstrip(b"\n").split(b"\n")
-    for raw in reversed(lines):
-        try:
-            last = json.loads(raw)
-            return int(last["seq"]), str(last["hash"]), torn
-        except (ValueError, KeyError, TypeError):
-            continue
+    # A record is ~400 bytes: 4 KiB holds the last one unless damage follows it. Several serving processes
+    # read the tail on most appends, so the small read comes first.
+    for window in (4096, 65536):
+        start = max(0, size - window)
+        chunk = os.pread(fd, size - start, start)
+        torn = not chunk.endswith(b"\n")
+        lines = chunk.rstrip(b"\n").split(b"\n")
+        for raw in reversed(lines[1:] if start else lines):  # a window may begin mid-line
+            try:
+                last = json.loads(raw)
+                return int(last["seq"]), str(last["hash"]), torn
+            except (ValueError, KeyError, TypeError):
+                continue
+        if not start:
+            break
     raise AuditError(f"the audit trail {path} ends with no readable record",
                      hint="run `tpp-agent audit verify`, then move the damaged file aside")
 
@@ -238,7 +303,8 @@ def current_caller(what: str) -> Caller:
 class AuditedKeyStore(KeyStore):
     """The same token keys (same session pool and aliases), every ``sign`` audited.
 
-    A signature is returned only once its record is on disk; a failed signature is recorded too.
+    A signature is returned only once its record is written (and synced, as ``[daemon] audit_sync`` says); a
+    failed signature is recorded too.
     """
 
     def __init__(self, store: KeyStore, audit: AuditTrail) -> None:

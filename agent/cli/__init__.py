@@ -39,9 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure("console")  # log lines (requests, interaction ids) on stderr; results on stdout
     context = CliContext(args.config, direct=args.direct)
     try:
-        # Key uses in this process are the operator's, for this command (see agent/cli/context.py).
-        with audit.on_behalf_of(os.getuid(), os.getpid(), args.command, str(uuid.uuid4())):
-            code: int = args.handler(args, context)
+        try:
+            # Key uses in this process are the operator's, for this command (see agent/cli/context.py).
+            with audit.on_behalf_of(os.getuid(), os.getpid(), args.command, str(uuid.uuid4())):
+                code: int = args.handler(args, context)
+        finally:
+            context.close()  # may fail too: the audit trail's last sync ([daemon] audit_sync = "interval")
         return code
     except (AgentError, Pkcs11Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -51,5 +54,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        context.close()

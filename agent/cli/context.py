@@ -44,9 +44,9 @@ class CliContext:
         """The agent's audit trail, shared with it (appends are locked across processes)."""
         from agent.daemon.settings import DaemonSettings
 
-        path = DaemonSettings.parse(self.config).audit_file
+        settings = DaemonSettings.parse(self.config)
         try:
-            return AuditTrail(path)
+            return AuditTrail(settings.audit_file, settings.audit_sync_interval)
         except AuditError as exc:
             raise AuditError(f"{exc}; nothing was signed", hint=(
                 "signing on the token from the CLI is audited into [daemon] audit_file: run this as a user who "

@@ -69,7 +69,7 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
           notifier: systemd.Notifier, *, accept: Accept | None = None) -> int:
     """One serving process: log in, check, serve ``listener``'s connections until SIGTERM; the exit status."""
     runtime = Runtime(config)
-    audit = AuditTrail(settings.audit_file)
+    audit = AuditTrail(settings.audit_file, settings.audit_sync_interval)
     try:
         agent = Agent(config, settings, runtime, audit)
         notifier.status("logging in to the token and checking keys")

@@ -14,7 +14,9 @@ from agent.daemon.server import Limits
 from agent.errors import ConfigError
 
 _KNOWN = {"socket", "socket_group", "socket_mode", "workers", "max_connections", "max_request_bytes",
-          "request_timeout", "idle_timeout", "health_interval", "audit_file", "log_level", "processes"}
+          "request_timeout", "idle_timeout", "health_interval", "audit_file", "audit_sync",
+          "audit_sync_interval_ms", "log_level", "processes"}
+AUDIT_SYNC_MODES = ("always", "interval")
 
 
 def default_socket() -> Path:
@@ -30,6 +32,7 @@ class DaemonSettings:
     limits: Limits
     health_interval: float
     audit_file: Path
+    audit_sync_interval: float | None  # seconds between background syncs; None: each record synced on its own
     log_level: str
     processes: int = 1
 
@@ -65,8 +68,8 @@ class DaemonSettings:
         )
         audit = Path(_text(section, "audit_file", str(config.state_dir / "audit.jsonl"))).expanduser()
         return cls(socket, gid, mode, limits, _number(section, "health_interval", 10.0, float, low=0.1, high=3600),
-                   audit if audit.is_absolute() else base / audit, _text(section, "log_level", "info"),
-                   _processes(section))
+                   audit if audit.is_absolute() else base / audit, _audit_sync_interval(section),
+                   _text(section, "log_level", "info"), _processes(section))
 
 
 def _processes(section: Mapping[str, Any]) -> int:
@@ -77,6 +80,21 @@ def _processes(section: Mapping[str, Any]) -> int:
         raise ConfigError(f"[daemon] processes must be \"auto\" or a whole number from 1 to 64, got {value!r}",
                           hint='"auto" runs one serving process per CPU')
     return value
+
+
+def _audit_sync_interval(section: Mapping[str, Any]) -> float | None:
+    mode = _text(section, "audit_sync", "always")
+    if mode not in AUDIT_SYNC_MODES:
+        raise ConfigError(f"[daemon] audit_sync must be one of {', '.join(map(repr, AUDIT_SYNC_MODES))}, got {mode!r}",
+                          hint='"always": each record is on disk before the answer; "interval": synced every '
+                               "audit_sync_interval_ms (a power cut may lose the last interval's records)")
+    interval_ms: float = _number(section, "audit_sync_interval_ms", 20.0, float, low=1, high=1000)
+    if mode == "always":
+        if "audit_sync_interval_ms" in section:
+            raise ConfigError('[daemon] audit_sync_interval_ms applies only with audit_sync = "interval"',
+                              hint='set audit_sync = "interval" too, or remove audit_sync_interval_ms')
+        return None
+    return interval_ms / 1000
 
 
 def _text(section: Mapping[str, Any], name: str, default: str) -> str:
