@@ -4,6 +4,10 @@ The row is written *before* the POST (outcome ``pending``) and completed after i
 WAL mode with ``synchronous=FULL``: an attempt that may have reached the bank is on disk
 even if the agent dies during the request. Nothing retries on its own; the log is what
 an operator reads to decide.
+
+The log is also what decides whether a registration may be sent: :meth:`RegistrationLog.claim`
+reads the earlier attempts and writes the new ``pending`` row in one ``BEGIN IMMEDIATE``
+transaction, so of the threads and processes sharing a state dir only one can claim it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ CREATE INDEX IF NOT EXISTS registrations_bank_cert ON registrations (bank, cert_
 """
 
 PENDING, REGISTERED, FAILED = "pending", "registered", "failed"
+UNCERTAIN = "uncertain"  # the request may have reached the bank; its answer never came
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,14 @@ class Attempt:
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+class UnresolvedAttemptError(Exception):
+    """The last attempt for this bank and certificate is pending or uncertain: it may have reached the bank."""
+
+    def __init__(self, attempt: Attempt) -> None:
+        super().__init__(f"registration attempt {attempt.id} for bank {attempt.bank!r} is {attempt.outcome}")
+        self.attempt = attempt
 
 
 def truncate_body(body: bytes) -> str:
@@ -83,16 +96,48 @@ class RegistrationLog:
         finally:
             db.close()
 
-    def begin(self, bank: str, endpoint: str, cert_sha256: str, cert_subject: str, interaction_id: str) -> int:
-        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+    def claim(self, bank: str, cert_sha256: str, cert_subject: str, interaction_id: str, *,
+              force: bool) -> Attempt:
+        """The attempt that stands for this bank and certificate: the last ``registered`` one, or else a new
+        ``pending`` one, which only this caller holds.
+
+        Raises :class:`UnresolvedAttemptError` when the last attempt is pending or uncertain. ``force``
+        skips both checks. The new row's endpoint is empty until :meth:`address` (discovery needs the
+        network, and nothing here may wait on it while holding the write lock).
+        """
         with self._connect() as db:
-            cursor = db.execute(
-                "INSERT INTO registrations (bank, endpoint, attempted_at, cert_sha256, cert_subject, interaction_id,"
-                " outcome) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (bank, endpoint, now, cert_sha256, cert_subject, interaction_id, PENDING))
-            row_id = cursor.lastrowid
-        assert row_id is not None
-        return row_id
+            # IMMEDIATE takes the write lock at BEGIN: a second claimant waits here, then sees this one's row.
+            db.execute("BEGIN IMMEDIATE")
+            now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+            try:
+                if not force:
+                    registered = _last(db, bank, cert_sha256, REGISTERED)
+                    if registered is not None:
+                        return registered
+                    last = _last(db, bank, cert_sha256)
+                    if last is not None and last.outcome in (PENDING, UNCERTAIN):
+                        raise UnresolvedAttemptError(last)
+                cursor = db.execute(
+                    "INSERT INTO registrations (bank, endpoint, attempted_at, cert_sha256, cert_subject,"
+                    " interaction_id, outcome) VALUES (?, '', ?, ?, ?, ?, ?)",
+                    (bank, now, cert_sha256, cert_subject, interaction_id, PENDING))
+                claimed = _attempt(db.execute("SELECT * FROM registrations WHERE id = ?", (cursor.lastrowid,)))
+                db.execute("COMMIT")
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+        assert claimed is not None
+        return claimed
+
+    def address(self, row_id: int, endpoint: str) -> None:
+        """Where the claimed attempt goes: written before it is sent."""
+        with self._connect() as db:
+            db.execute("UPDATE registrations SET endpoint = ? WHERE id = ?", (endpoint, row_id))
+
+    def release(self, row_id: int) -> None:
+        """Give up a claim that was never sent (discovery failed): it was no attempt, the log keeps none."""
+        with self._connect() as db:
+            db.execute("DELETE FROM registrations WHERE id = ? AND outcome = ?", (row_id, PENDING))
 
     def finish(self, row_id: int, outcome: str, *, status: int | None, body: bytes | None, error: str | None,
                duration_ms: float) -> None:
@@ -103,20 +148,6 @@ class RegistrationLog:
                 (outcome, status, truncate_body(body) if body is not None else None, error, round(duration_ms, 1),
                  row_id))
 
-    def successful(self, bank: str, cert_sha256: str) -> Attempt | None:
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT * FROM registrations WHERE bank = ? AND cert_sha256 = ? AND outcome = ?"
-                " ORDER BY id DESC LIMIT 1", (bank, cert_sha256, REGISTERED)).fetchone()
-        return Attempt(**dict(row)) if row else None
-
-    def latest(self, bank: str, cert_sha256: str) -> Attempt | None:
-        """The last attempt for this bank and certificate, whatever its outcome."""
-        with self._connect() as db:
-            row = db.execute("SELECT * FROM registrations WHERE bank = ? AND cert_sha256 = ? ORDER BY id DESC LIMIT 1",
-                             (bank, cert_sha256)).fetchone()
-        return Attempt(**dict(row)) if row else None
-
     def attempts(self, bank: str | None = None) -> list[Attempt]:
         with self._connect() as db:
             if bank is None:
@@ -124,3 +155,15 @@ class RegistrationLog:
             else:
                 rows = db.execute("SELECT * FROM registrations WHERE bank = ? ORDER BY id", (bank,)).fetchall()
         return [Attempt(**dict(row)) for row in rows]
+
+
+def _attempt(cursor: sqlite3.Cursor) -> Attempt | None:
+    row = cursor.fetchone()
+    return Attempt(**dict(row)) if row else None
+
+
+def _last(db: sqlite3.Connection, bank: str, cert_sha256: str, outcome: str | None = None) -> Attempt | None:
+    """The last attempt for this bank and certificate (with this outcome, when given)."""
+    return _attempt(db.execute("SELECT * FROM registrations WHERE bank = ? AND cert_sha256 = ?"
+                               " AND (? IS NULL OR outcome = ?) ORDER BY id DESC LIMIT 1",
+                               (bank, cert_sha256, outcome, outcome)))

@@ -5,7 +5,8 @@ Any 2xx is success. Each failure is its own error naming the bank, the interacti
 and what to check. Every attempt is logged (``records.py``) before it is sent; a
 registration that succeeded for this bank and certificate is not sent again unless
 forced, and nothing here ever retries on its own: a POST that may have reached the bank
-is the operator's call.
+is the operator's call. The log's claim is atomic, so this holds for concurrent callers
+too (daemon threads, agent processes sharing a state dir).
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ from agent.errors import AgentError
 from agent.openfinance.banks import BankConfig
 from agent.openfinance.client import BankHttp
 from agent.openfinance.discovery import Discovery
-from agent.openfinance.records import FAILED, PENDING, REGISTERED, Attempt, RegistrationLog, truncate_body
+from agent.openfinance.records import (
+    FAILED,
+    REGISTERED,
+    UNCERTAIN,
+    Attempt,
+    RegistrationLog,
+    UnresolvedAttemptError,
+    truncate_body,
+)
 from agent.transport.errors import BankTimeoutError, ConnectionLostError, TransportError
-
-UNCERTAIN = "uncertain"  # the request may have reached the bank; its answer never came
 
 _logger = log.get_logger("openfinance.registration")
 
@@ -138,17 +145,23 @@ class Registrar:
 
     def register(self, force: bool = False) -> RegistrationResult:
         bank, identity = self.bank, self.identity
-        previous = self.records.successful(bank.name, identity.sha256)
-        if previous is not None and not force:
-            return RegistrationResult(bank.name, previous.endpoint, previous.interaction_id, previous.status or 0,
-                                      0.0, already=previous)
-        last = self.records.latest(bank.name, identity.sha256)
-        if last is not None and last.outcome in (UNCERTAIN, PENDING) and not force:
-            # A timeout, a lost connection or a crash mid-request: the bank may hold it. Never resend blindly.
-            raise RegistrationOutcomeUnknownError(last)
-        endpoint = self.discovery.get().endpoint("registration_endpoint", bank.use_mtls_aliases)
         interaction_id = str(uuid.uuid4())
-        row = self.records.begin(bank.name, endpoint, identity.sha256, identity.subject, interaction_id)
+        try:
+            claimed = self.records.claim(bank.name, identity.sha256, identity.subject, interaction_id, force=force)
+        except UnresolvedAttemptError as exc:
+            # A timeout, a lost connection or a crash mid-request: the bank may hold it. Never resend blindly.
+            raise RegistrationOutcomeUnknownError(exc.attempt) from None
+        if claimed.outcome == REGISTERED:
+            return RegistrationResult(bank.name, claimed.endpoint, claimed.interaction_id, claimed.status or 0,
+                                      0.0, already=claimed)
+        row = claimed.id
+        try:
+            # After the claim: an answer the log already gives needs no discovery (and no reachable bank).
+            endpoint = self.discovery.get().endpoint("registration_endpoint", bank.use_mtls_aliases)
+        except BaseException:
+            self.records.release(row)
+            raise
+        self.records.address(row, endpoint)
         started = time.monotonic()
 
         def elapsed() -> float:

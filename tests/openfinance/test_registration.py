@@ -6,9 +6,8 @@ import sqlite3
 
 import pytest
 
-from agent.openfinance.records import DB_NAME, FAILED, REGISTERED
+from agent.openfinance.records import DB_NAME, FAILED, REGISTERED, UNCERTAIN
 from agent.openfinance.registration import (
-    UNCERTAIN,
     BankServerError,
     RegistrationError,
     RegistrationForbiddenError,
