@@ -24,7 +24,7 @@ _DROPPED_HEADERS = frozenset({"host", "connection", "keep-alive", "content-lengt
                               "proxy-authorization", "te", "trailer", "x-fapi-interaction-id"})
 
 
-@route("GET", "/v1/banks/{bank}/discovery")
+@route("GET", "/v1/banks/{bank}/discovery", remote=True)
 def discovery(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     bank = params["bank"]
     request.log.update(operation="discovery", bank=bank)
@@ -39,7 +39,7 @@ def discovery(agent: Agent, request: Request, params: dict[str, str]) -> Respons
                                "use_mtls_aliases": discovery.bank.use_mtls_aliases})
 
 
-@route("POST", "/v1/banks/{bank}/registration")
+@route("POST", "/v1/banks/{bank}/registration", remote=True)
 def registration(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     bank = params["bank"]
     request.log.update(operation="register", bank=bank)
@@ -65,7 +65,7 @@ def client_assertion(agent: Agent, request: Request, params: dict[str, str]) -> 
                                "client_assertion_type": CLIENT_ASSERTION_TYPE})
 
 
-@route("POST", "/v1/banks/{bank}/token")
+@route("POST", "/v1/banks/{bank}/token", remote=True)
 def token(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     """An access token for ``{"scope": ...}``: cached per bank and scope, else fetched with a fresh assertion.
 
@@ -86,7 +86,7 @@ def token(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     return Response.json(200, issued.as_dict())
 
 
-@route("POST", "/v1/banks/{bank}/par")
+@route("POST", "/v1/banks/{bank}/par", remote=True)
 def par(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     """Sign a request object and push it; the ``request_uri`` and the PKCE verifier, state, nonce come back."""
     bank = params["bank"]
@@ -105,7 +105,7 @@ def par(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     return Response.json(200, pushed.as_dict())
 
 
-@route("POST", "/v1/banks/{bank}/forward")
+@route("POST", "/v1/banks/{bank}/forward", remote=True)
 def forward(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     bank = params["bank"]
     request.log.update(operation="forward", bank=bank)

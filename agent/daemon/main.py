@@ -84,7 +84,7 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
             log.error("startup_failed", error=str(exc), hint=exc.hint)
             notifier.status(f"start-up failed: {exc}")
             return 1
-        server = Server(listener, routing.handler(agent), settings.limits, accept)
+        server = Server(listener, routing.handler(agent), settings.limits, accept=accept, remote=routing.remote)
         runtime.pool.supervise(_AnswerHungCalls(server))
         _install_signals(agent, server, notifier)
         stop_health = threading.Event()

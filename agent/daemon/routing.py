@@ -31,16 +31,29 @@ from pkcs11_backends.errors import (
 
 Route = Callable[[Agent, Request, dict[str, str]], Response]
 _ROUTES: list[tuple[str, re.Pattern[str], Route]] = []
+_REMOTE: list[tuple[str, re.Pattern[str]]] = []
+_BANKS = "/v1/banks/"
 
 
-def route(method: str, pattern: str) -> Callable[[Route], Route]:
+def route(method: str, pattern: str, *, remote: bool = False) -> Callable[[Route], Route]:
+    """``remote``: the endpoint calls a bank, so its requests go to the bank workers."""
     compiled = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+    if remote:
+        assert pattern.startswith(_BANKS), "remote() looks for bank calls under /v1/banks/ only"
+        _REMOTE.append((method, compiled))
 
     def register(func: Route) -> Route:
         _ROUTES.append((method, compiled, func))
         return func
 
     return register
+
+
+def remote(request: Request) -> bool:
+    """Whether the request calls a bank (the server's ``remote``)."""
+    path = request.path
+    return path.startswith(_BANKS) and any(method == request.method and pattern.match(path)
+                                           for method, pattern in _REMOTE)
 
 
 def handler(agent: Agent) -> Callable[[Request], Response]:

@@ -13,10 +13,14 @@ arrive whole to be served at once; a partial one goes back to the I/O thread wit
 its deadline. Connections sit in epoll with ``EPOLLONESHOT``: out of the I/O
 thread's sight from when they become readable until a worker re-arms them.
 
+Requests that call a bank (``remote``) have workers of their own, ``bank_workers``:
+a bank that answers in seconds cannot hold the workers that sign, and signing needs
+few workers (more threads in one process only hand the interpreter lock around).
+
 Token calls run on the worker's own thread (:meth:`Server.serving` tells the
 session pool which threads those are); if one passes ``[pkcs11] call_timeout``, the
 pool's watch thread has the server answer that client (:meth:`Server.answer_for`)
-and the worker's late answer is dropped.
+and start a worker in its place; the stuck one drops its late answer and ends.
 """
 
 from __future__ import annotations
@@ -39,13 +43,16 @@ log = get_logger("tpp-agent.daemon")
 Handler = Callable[[Request], Response]
 # The next connection from the listener; BlockingIOError when none is waiting.
 Accept = Callable[[], socket.socket]
+# Whether a request calls a bank (it then goes to the bank workers).
+Remote = Callable[[Request], bool]
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
     max_connections: int = 256
-    workers: int = 8
+    workers: int = 8                # for requests that stay on this host (token, policy, JWS)
+    bank_workers: int = 8           # for requests that call a bank
     max_request_bytes: int = 1 << 20
     max_header_bytes: int = 16 << 10
     request_timeout: float = 10.0   # from a request's first byte to its last
@@ -89,8 +96,19 @@ class _Connection:
         self.deadline = now + timeout
 
 
+class _Lane:
+    """Workers for one kind of request, and the requests waiting for them."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.size = size
+        self.queue: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
+        self.started = 0
+
+
 class Server:
-    def __init__(self, listener: socket.socket, handler: Handler, limits: Limits, accept: Accept | None = None) -> None:
+    def __init__(self, listener: socket.socket, handler: Handler, limits: Limits, *, accept: Accept | None = None,
+                 remote: Remote | None = None) -> None:
         """``listener``: readable when a connection waits; ``accept`` takes it (default: ``listener.accept()``)."""
         self.listener = listener
         self._take = accept or (lambda: listener.accept()[0])
@@ -98,8 +116,11 @@ class Server:
         self.limits = limits
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._queue: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
-        self._workers: list[threading.Thread] = []
+        self._local = _Lane("worker", limits.workers)
+        self._remote = remote
+        self._lanes = [self._local] + ([_Lane("bank", limits.bank_workers)] if remote else [])
+        self._lane_of: dict[int, _Lane] = {}  # by worker thread
+        self._replaced: set[int] = set()  # workers stuck in a hung call: they end when it returns
         self._connections: dict[int, _Connection] = {}  # by fd, busy ones included (guarded by _lock)
         self._serving: dict[int, tuple[_Connection, Request]] = {}  # by worker thread, while the handler runs
         self._stopping = threading.Event()
@@ -119,11 +140,9 @@ class Server:
         self._epoll.register(self.listener.fileno(), select.EPOLLIN)
         self._wake_r.setblocking(False)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
-        # Daemon threads: a worker stuck in a hung token call must not keep the process from exiting.
-        self._workers = [threading.Thread(target=self._work, name=f"worker_{n}", daemon=True)
-                         for n in range(self.limits.workers)]
-        for worker in self._workers:
-            worker.start()
+        for lane in self._lanes:
+            for _ in range(lane.size):
+                self._start_worker(lane)
         try:
             while not self._stopping.is_set():
                 self._turn()
@@ -167,8 +186,9 @@ class Server:
         deadline = time.monotonic() + self.limits.drain_timeout
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
-        for _ in self._workers:
-            self._queue.put(None)
+        for lane in self._lanes:
+            for _ in range(lane.started):  # one each; a stuck worker's never gets taken, and does no harm
+                lane.queue.put(None)
         self._close_idle()
 
     def _close_idle(self) -> None:
@@ -236,9 +256,15 @@ class Server:
             self._arm(conn)
             return
         conn.busy = True
+        self._dispatch(conn, request)
+
+    def _dispatch(self, conn: _Connection, request: Request) -> None:
         with self._lock:
             self._in_flight += 1
-        self._queue.put((conn, request))
+        self._lane(request).queue.put((conn, request))
+
+    def _lane(self, request: Request) -> _Lane:
+        return self._lanes[-1] if self._remote is not None and self._remote(request) else self._local
 
     def _arm(self, conn: _Connection) -> None:
         try:
@@ -287,22 +313,33 @@ class Server:
         conn.sock.close()
 
     # -- workers -------------------------------------------------------------
-    def _work(self) -> None:
+    def _start_worker(self, lane: _Lane) -> None:
+        # Daemon threads: a worker stuck in a hung token call must not keep the process from exiting.
+        lane.started += 1
+        worker = threading.Thread(target=self._work, args=(lane,), name=f"{lane.name}_{lane.started}", daemon=True)
+        worker.start()
+
+    def _work(self, lane: _Lane) -> None:
         thread = threading.get_ident()
-        while (item := self._queue.get()) is not None:
+        self._lane_of[thread] = lane
+        while (item := lane.queue.get()) is not None:
             conn, request = item
             try:
                 next_request: Request | None = request
                 while next_request is not None:
-                    next_request = self._serve(thread, conn, next_request)
+                    next_request = self._serve(thread, lane, conn, next_request)
             except Exception:  # never lose a worker: the connection is the only casualty
                 log.exception("worker_failed")
                 self._close(conn)
             finally:
                 with self._lock:  # last: the drain closes idle connections once nothing is in flight
                     self._in_flight -= 1
+            if thread in self._replaced:  # another worker took this one's place while it hung
+                self._replaced.discard(thread)
+                break
+        del self._lane_of[thread]
 
-    def _serve(self, thread: int, conn: _Connection, request: Request) -> Request | None:
+    def _serve(self, thread: int, lane: _Lane, conn: _Connection, request: Request) -> Request | None:
         """Answer one request; the same client's next one if it came at once (else the connection is handed back)."""
         self._serving[thread] = (conn, request)
         try:
@@ -321,7 +358,11 @@ class Server:
         if not (keep_alive and sent):
             self._close(conn)
             return None
-        return self._next(conn)
+        following = self._next(lane, conn)
+        if following is None or self._lane(following) is lane:
+            return following
+        self._dispatch(conn, following)  # a request for the other workers: the connection goes with it
+        return None
 
     def _respond(self, request: Request) -> Response:
         try:
@@ -351,10 +392,10 @@ class Server:
         finally:
             conn.sock.setblocking(False)
 
-    def _next(self, conn: _Connection) -> Request | None:
+    def _next(self, lane: _Lane, conn: _Connection) -> Request | None:
         now = time.monotonic()
         conn.reset(now, self.limits.idle_timeout)
-        if not conn.buffer and self._queue.empty():  # nobody else waits for a worker: linger
+        if not conn.buffer and lane.queue.empty():  # nobody else waits for a worker: linger
             if conn.poller is None:
                 conn.poller = select.poll()
                 conn.poller.register(conn.sock.fileno(), select.POLLIN)
@@ -404,3 +445,7 @@ class Server:
         log.warning("request", peer_uid=request.peer.uid, peer_pid=request.peer.pid, method=request.method,
                     path=request.path, status=error.status, code=error.code,
                     interaction_id=request.interaction_id)
+        lane = self._lane_of.get(thread)
+        if lane is not None and thread not in self._replaced:
+            self._replaced.add(thread)
+            self._start_worker(lane)

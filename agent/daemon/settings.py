@@ -13,7 +13,7 @@ from agent.config import Config
 from agent.daemon.server import Limits
 from agent.errors import ConfigError
 
-_KNOWN = {"socket", "socket_group", "socket_mode", "workers", "max_connections", "max_request_bytes",
+_KNOWN = {"socket", "socket_group", "socket_mode", "workers", "bank_workers", "max_connections", "max_request_bytes",
           "request_timeout", "idle_timeout", "health_interval", "audit_file", "audit_sync",
           "audit_sync_interval_ms", "log_level", "processes"}
 AUDIT_SYNC_MODES = ("always", "interval")
@@ -59,9 +59,12 @@ class DaemonSettings:
             raise ConfigError(f"[daemon] socket_mode must be octal like \"0660\", got {mode_text!r}") from None
         if mode & 0o007:
             raise ConfigError("[daemon] socket_mode must give others no access", hint='use "0660" or "0600"')
+        processes = _processes(section)
         limits = Limits(
             max_connections=_number(section, "max_connections", 256, int, low=1, high=100_000),
-            workers=_number(section, "workers", 8, int, low=1, high=256),
+            # The token's work is CPU work: by default the CPUs, shared among the serving processes.
+            workers=_number(section, "workers", max(1, (os.cpu_count() or 1) // processes), int, low=1, high=256),
+            bank_workers=_number(section, "bank_workers", 8, int, low=1, high=256),
             max_request_bytes=_number(section, "max_request_bytes", 1 << 20, int, low=1024, high=1 << 30),
             request_timeout=_number(section, "request_timeout", 10.0, float, low=0.1, high=3600),
             idle_timeout=_number(section, "idle_timeout", 60.0, float, low=0.1, high=86400),
@@ -69,7 +72,7 @@ class DaemonSettings:
         audit = Path(_text(section, "audit_file", str(config.state_dir / "audit.jsonl"))).expanduser()
         return cls(socket, gid, mode, limits, _number(section, "health_interval", 10.0, float, low=0.1, high=3600),
                    audit if audit.is_absolute() else base / audit, _audit_sync_interval(section),
-                   _text(section, "log_level", "info"), _processes(section))
+                   _text(section, "log_level", "info"), processes)
 
 
 def _processes(section: Mapping[str, Any]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,36 @@ def bank_daemon(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[Daemon]
     yield daemon
     daemon.stop()
     daemon.notify.close()
+
+
+def test_a_bank_that_answers_slowly_holds_no_signing_worker(tpp: Tpp, bank: ModelBank,  # noqa: F811
+                                                             public_dir: Path) -> None:
+    config = tpp.write_config(bank)
+    rules = nobody_rule(public_dir, tpp.state_dir / "audit.jsonl", "nobody-forwards", ["forward"], banks=[MB])
+    config.write_text(config.read_text() + f'\n[keys.transport]\nuri = "{tpp.key_uri}"\nalgorithms = ["PS256"]\n\n'
+                      + rules.replace("[daemon]\n", "[daemon]\nworkers = 1\nbank_workers = 2\n"))
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_: object) -> None:
+        entered.set()
+        release.wait(20)
+
+    bank.on_registration = hold
+    daemon = launch(config, public_dir)
+    try:
+        registering = threading.Thread(target=lambda: daemon.client().register(MB))
+        registering.start()
+        assert entered.wait(10)  # the registration is at the bank, which does not answer yet
+        # The one signing worker is free: the bank call waits on a bank worker.
+        assert len(daemon.client().sign("transport", b"meanwhile", "PS256")) == 256
+        assert registering.is_alive()
+        release.set()
+        registering.join(20)
+        assert [r.interaction_id for r in bank.registrations]
+    finally:
+        release.set()
+        daemon.stop()
+        daemon.notify.close()
 
 
 def test_discovery_registration_and_forward_through_the_socket(bank_daemon: Daemon, bank: ModelBank) -> None:  # noqa: F811
