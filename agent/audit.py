@@ -143,14 +143,16 @@ class AuditTrail:
             self._catch_up()
             entry["seq"] = self._seq + 1
             entry["prev"] = self._prev
-            entry["hash"] = record_hash(entry)
-            line = _canonical(entry) + b"\n"
+            covered = _canonical(entry)  # what the hash covers; the line is the same object plus its hash
+            digest = hashlib.sha256(covered).hexdigest()
+            line = covered[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
             try:
-                os.write(self._fd, line)
-                self._size = os.fstat(self._fd).st_size
+                written = os.write(self._fd, line)
+                # We hold the file lock, so the file grew by our line alone (a short write: ask the kernel).
+                self._size = self._size + written if written == len(line) else os.fstat(self._fd).st_size
             except OSError as exc:
                 raise AuditError(f"cannot write the audit trail {self.path}: {exc.strerror}") from None
-            self._seq, self._prev = entry["seq"], entry["hash"]
+            self._seq, self._prev = entry["seq"], digest
         if self._flusher is None:
             self._sync(entry["seq"])
         elif self._refused:

@@ -12,6 +12,7 @@ secrets (PIN, Authorization, client assertions, bodies…) never reach a sink.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -29,8 +30,10 @@ SECRET_KEYS = frozenset({
 _SECRET_NAMES = frozenset(k.replace("_", "-") for k in SECRET_KEYS)  # every log line checks each of its keys
 
 Mode = Literal["json", "console"]
+_PLAIN = (str, int, float, bool, type(None))  # nothing inside to scrub
 
 
+@functools.lru_cache(maxsize=1024)  # a few dozen distinct keys, on every line
 def _is_secret(key: object) -> bool:
     return isinstance(key, str) and key.lower().replace("_", "-") in _SECRET_NAMES
 
@@ -45,8 +48,11 @@ def _scrub(value: object) -> object:
 
 def redact(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace the values of secret-bearing keys, also inside nested mappings (headers)."""
-    for key in list(event):
-        event[key] = REDACTED if _is_secret(key) else _scrub(event[key])
+    for key, value in event.items():  # values replaced in place: the dict's size never changes
+        if _is_secret(key):
+            event[key] = REDACTED
+        elif not isinstance(value, _PLAIN):
+            event[key] = _scrub(value)
     return event
 
 
