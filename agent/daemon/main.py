@@ -86,7 +86,7 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
             return 1
         server = Server(listener, routing.handler(agent), settings.limits, accept=accept, remote=routing.remote)
         runtime.pool.supervise(_AnswerHungCalls(server))
-        _install_signals(agent, server, notifier)
+        stops = _install_signals(agent, server, notifier)
         stop_health = threading.Event()
         health = threading.Thread(target=_health_loop, args=(agent, server, notifier, settings, stop_health),
                                   name="health", daemon=True)
@@ -95,7 +95,9 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
         notifier.ready(status)
         server.serve_forever()
         stop_health.set()
-        log.info("stopped", audit_last_seq=audit.last_seq)
+        signal_name, in_flight, stopping_since = stops[0]  # only a stop signal ends serve_forever
+        log.info("stopped", signal=signal_name, in_flight_at_signal=in_flight,
+                 drain_seconds=round(time.monotonic() - stopping_since, 3), audit_last_seq=audit.last_seq)
         return 0
     finally:
         runtime.close()
@@ -116,10 +118,18 @@ class _AnswerHungCalls:
         self.server.answer_for(thread, routing.http_error(error))
 
 
-def _install_signals(agent: Agent, server: Server, notifier: systemd.Notifier) -> None:
+def _install_signals(agent: Agent, server: Server, notifier: systemd.Notifier) -> list[tuple[str, int, float]]:
+    """The handlers; the stop signal received (name, connections in flight, when) lands in the list returned."""
+    stops: list[tuple[str, int, float]] = []
+
     def terminate(signum: int, _: FrameType | None) -> None:
+        # The handler runs on the main thread between two bytecodes, maybe inside a log write: logging here
+        # would wait forever for the lock the interrupted write holds. And the stop signal often comes twice
+        # (a serving process gets SIGTERM from systemd's cgroup kill and again from its supervisor).
+        if stops:
+            return
+        stops.append((signal.Signals(signum).name, server.in_flight, time.monotonic()))
         notifier.stopping()
-        log.info("stopping", signal=signal.Signals(signum).name, in_flight=server.in_flight)
         server.stop()
 
     def reload(_: int, __: FrameType | None) -> None:
@@ -129,6 +139,7 @@ def _install_signals(agent: Agent, server: Server, notifier: systemd.Notifier) -
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
     signal.signal(signal.SIGHUP, reload)
+    return stops
 
 
 def _reload(agent: Agent, notifier: systemd.Notifier) -> None:

@@ -12,9 +12,10 @@ appends are locked across processes), and so are the registration records (SQLit
 
 What this process tells systemd sums up what they tell it:
 
-* READY=1 once every serving process is ready. The first one starts alone and the
-  others only once it has logged in, so a wrong PIN is tried once; a serving process
-  that fails to start passes its exit status on (78 for a wrong PIN or a bad config).
+* READY=1 once every serving process is ready. Each starts once the one before is
+  ready, so a wrong PIN is tried once, and no login writes the token's files (SoftHSM2)
+  while another process reads them; a serving process that fails to start passes its
+  exit status on (78 for a wrong PIN or a bad config).
 * WATCHDOG=1 once every serving process has pinged since the last one: a token call
   that hangs in any of them stops the pings, as with one process.
 * SIGHUP: RELOADING=1, each process reloads, READY=1 once all have.
@@ -97,15 +98,11 @@ class _Supervisor:
             signal.signal(signum, _noted)  # the wake-up fd carries the signal to the loop
         try:
             self.notifier.status(f"starting {self.count} serving processes")
-            first = self._start(0)
-            failed = self._until(lambda: first.ready)
-            if failed is not None:
-                return failed
-            for index in range(1, self.count):
+            for index in range(self.count):
                 self._start(index)
-            failed = self._until(lambda: all(child.ready for child in self.children))
-            if failed is not None:
-                return failed
+                failed = self._until(lambda: self.children[-1].ready)
+                if failed is not None:
+                    return failed
             log.info("processes_ready", processes=self.count, pids=[child.pid for child in self.children])
             self.notifier.ready(f"{self.count} serving processes ready")
             self.listener.setblocking(False)
@@ -177,6 +174,10 @@ class _Supervisor:
                     if fd == child.channel.fileno():
                         self._relay(child, child.channel.recv(4096))
                     elif fd == child.exited and child.status is None:
+                        # systemd's stop signals every process of the unit: one may end before our own signal
+                        # shows in this select, and its end is then no failure.
+                        if self._signalled():
+                            return 0
                         return self._ended(child)
         return None
 

@@ -3,24 +3,24 @@
  * to a real module (SoftHSM2) and, as a control file says, can
  *   - add token flags (CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED, ...) to C_GetTokenInfo,
  *   - make C_Sign hang until the control file changes,
- *   - count C_Login and C_Sign calls into a stats file (counts restart with each new file).
+ *   - count C_Login and C_Sign calls into a stats file: the sums over every process using it
+ *     (a new file starts at zero).
  * Environment: TPP_SHIM_TARGET (real module), TPP_SHIM_CONTROL (control file),
  * TPP_SHIM_STATS (stats file). Control file lines: "flags=0x60000", "hang_sign=1".
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <pthread.h>
 #include <unistd.h>
+#include <sys/file.h>
 #include <p11-kit/pkcs11.h>
 
 static CK_FUNCTION_LIST real;
 static CK_FUNCTION_LIST shim;
 static int loaded;
-static pthread_mutex_t stats_lock = PTHREAD_MUTEX_INITIALIZER;
-static unsigned long logins, signs;
 
 static unsigned long control_value(const char *key)
 {
@@ -39,31 +39,29 @@ static unsigned long control_value(const char *key)
     return value;
 }
 
-static void write_stats(void)
+/* Counters live in the stats file, updated under flock: a forking daemon's processes add up. */
+static void count(int is_login)
 {
     const char *path = getenv("TPP_SHIM_STATS");
+    unsigned long logins = 0, signs = 0;
     FILE *f;
+    int fd;
 
-    if (path == NULL || (f = fopen(path, "w")) == NULL)
+    if (path == NULL || (fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) < 0)
         return;
-    fprintf(f, "logins=%lu\nsigns=%lu\n", logins, signs);
-    fclose(f);
-}
-
-static void count(unsigned long *counter)
-{
-    static char counted_for[4096];
-    const char *path = getenv("TPP_SHIM_STATS");
-
-    pthread_mutex_lock(&stats_lock);
-    /* Counts start afresh for each stats file, so every test sees only its own calls. */
-    if (path != NULL && strncmp(path, counted_for, sizeof counted_for) != 0) {
-        snprintf(counted_for, sizeof counted_for, "%s", path);
-        logins = signs = 0;
+    if (flock(fd, LOCK_EX) != 0 || (f = fdopen(fd, "r+")) == NULL) {
+        close(fd);
+        return;
     }
-    (*counter)++;
-    write_stats();
-    pthread_mutex_unlock(&stats_lock);
+    if (fscanf(f, "logins=%lu signs=%lu", &logins, &signs) != 2)
+        logins = signs = 0;
+    if (is_login)
+        logins++;
+    else
+        signs++;
+    rewind(f);
+    fprintf(f, "logins=%lu\nsigns=%lu\n", logins, signs);
+    fclose(f); /* releases the lock */
 }
 
 static CK_RV shim_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
@@ -76,7 +74,7 @@ static CK_RV shim_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
 
 static CK_RV shim_Login(CK_SESSION_HANDLE session, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG len)
 {
-    count(&logins);
+    count(1);
     return real.C_Login(session, user, pin, len);
 }
 
@@ -86,7 +84,7 @@ static CK_RV shim_Sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG len
     while (control_value("hang_sign"))
         usleep(20000);
     if (sig != NULL)
-        count(&signs);
+        count(0);
     return real.C_Sign(session, data, len, sig, sig_len);
 }
 
