@@ -12,6 +12,10 @@ class AgentError(Exception):
             self.hint = hint
 
 
+# sysexits.h EX_CONFIG: the exit status of `tpp-agent serve` for a bad configuration or a refused PIN.
+EX_CONFIG = 78
+
+
 class ConfigError(AgentError):
     hint = "fix the configuration file (see config.example.toml)"
 

@@ -76,7 +76,9 @@ def configure(mode: Mode = "console", level: str = "info", stream: TextIO | None
     structlog.configure(
         processors=processors(mode),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        # One write(2) per line (print() makes two): the serving processes share stderr, so a line is never
+        # split by another process's.
+        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=final,
     )
 

@@ -140,14 +140,34 @@ class Daemon:
         log.close()
         return cls(proc, socket_path, ready)
 
+    def pids(self) -> list[int]:
+        """The daemon and its serving processes (``[daemon] processes`` > 1)."""
+        pid = self.proc.pid
+        return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICK  # utime + stime, all threads
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, all threads
+        return total / CLOCK_TICK
 
     def memory_mb(self) -> tuple[float, float]:
-        """(VmRSS, VmHWM) in MB: now and the peak so far."""
-        status = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
-        return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+        """(VmRSS, VmHWM) in MB of the largest process: now and the peak so far."""
+        rss, peak = 0, 0
+        for pid in self.pids():
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            rss, peak = max(rss, int(status["VmRSS"].split()[0])), max(peak, int(status["VmHWM"].split()[0]))
+        return rss / 1024, peak / 1024
+
+    def pss_mb(self) -> float:
+        """Proportional set size of all its processes together, in MB: pages they share counted once."""
+        total = 0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        return total / 1024
 
     def __enter__(self) -> Daemon:
         return self

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from agent import __version__, audit, log
 from agent.cli import banks, cert, csr, daemon, doctor, jose, keys, tokens
 from agent.cli.context import CliContext
-from agent.errors import AgentError
+from agent.errors import EX_CONFIG, AgentError, ConfigError
 from pkcs11_backends.errors import Pkcs11Error
 
 COMMAND_GROUPS = (keys, csr, cert, doctor, banks, jose, tokens, daemon)
@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
-        return 1
+        # The daemon's unit does not restart on 78: a bad configuration stays bad until someone edits it.
+        return EX_CONFIG if args.command == "serve" and isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -131,11 +131,18 @@ def forward(agent: Agent, request: Request, params: dict[str, str]) -> Response:
                                "interaction_id": answer.interaction_id, "url": url})
 
 
+# The last answer per bank, with the configuration and document it came from (compared by identity).
+_ORIGINS: dict[str, tuple[object, object, list[str]]] = {}
+
+
 def allowed_origins(agent: Agent, bank: str) -> list[str]:
     """Where requests to ``bank`` may go: its configured origins and its verified discovery document's."""
     config = agent.openfinance.bank(bank)
-    urls = [config.issuer, config.discovery_url]
     cached = agent.openfinance.discovery(bank).cached()
+    known = _ORIGINS.get(bank)
+    if known is not None and known[0] is config and known[1] is cached:
+        return known[2]
+    urls = [config.issuer, config.discovery_url]
     if cached is not None:
         document = cached.document
         urls += [v for v in document.values() if isinstance(v, str)]
@@ -149,6 +156,7 @@ def allowed_origins(agent: Agent, bank: str) -> list[str]:
             origin = f"https://{parts.netloc.lower()}"
             if origin not in origins:
                 origins.append(origin)
+    _ORIGINS[bank] = (config, cached, origins)
     return origins
 
 

@@ -25,13 +25,12 @@ from agent.daemon.app import Agent
 from agent.daemon.listener import bind_unix
 from agent.daemon.server import Accept, Server
 from agent.daemon.settings import DaemonSettings
-from agent.errors import AgentError, ConfigError
+from agent.errors import EX_CONFIG, AgentError, ConfigError
 from agent.log import configure, get_logger
 from agent.runtime import Runtime
 from pkcs11_backends.errors import PinError, Pkcs11Error, TokenTimeoutError
 from pkcs11_backends.sessions import PoolState
 
-EX_CONFIG = 78
 ENDPOINTS = (api, banks)  # importing them registers their routes
 log = get_logger("tpp-agent.daemon")
 

@@ -63,7 +63,7 @@ class DaemonSettings:
         limits = Limits(
             max_connections=_number(section, "max_connections", 256, int, low=1, high=100_000),
             # The token's work is CPU work: by default the CPUs, shared among the serving processes.
-            workers=_number(section, "workers", max(1, (os.cpu_count() or 1) // processes), int, low=1, high=256),
+            workers=_number(section, "workers", max(1, _cpus() // processes), int, low=1, high=256),
             bank_workers=_number(section, "bank_workers", 8, int, low=1, high=256),
             max_request_bytes=_number(section, "max_request_bytes", 1 << 20, int, low=1024, high=1 << 30),
             request_timeout=_number(section, "request_timeout", 10.0, float, low=0.1, high=3600),
@@ -75,10 +75,14 @@ class DaemonSettings:
                    _text(section, "log_level", "info"), processes)
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0))  # the CPUs this process may run on (affinity, cpusets)
+
+
 def _processes(section: Mapping[str, Any]) -> int:
     value = section.get("processes", 1)
     if value == "auto":
-        return os.cpu_count() or 1
+        return _cpus()
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
         raise ConfigError(f"[daemon] processes must be \"auto\" or a whole number from 1 to 64, got {value!r}",
                           hint='"auto" runs one serving process per CPU')

@@ -83,6 +83,8 @@ class Discovery:
         self.bank = bank
         self.http = http
         self.cache_file = state_dir / "discovery" / f"{bank.name}.json"
+        # The file as last read, by identity (another process may replace it): every forwarded call asks.
+        self._read: tuple[tuple[int, int, int], DiscoveryDocument] | None = None
 
     def get(self, refresh: bool = False) -> DiscoveryDocument:
         """The cached document if fresh and from the configured URL, else a newly fetched one."""
@@ -94,11 +96,17 @@ class Discovery:
 
     def cached(self) -> DiscoveryDocument | None:
         try:
+            stat = os.stat(self.cache_file)
+            identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if self._read is not None and self._read[0] == identity:
+                return self._read[1]
             raw = json.loads(self.cache_file.read_text(encoding="utf-8"))
-            return DiscoveryDocument(raw["bank"], raw["url"], datetime.datetime.fromisoformat(raw["fetched_at"]),
-                                     raw["document"])
+            document = DiscoveryDocument(raw["bank"], raw["url"], datetime.datetime.fromisoformat(raw["fetched_at"]),
+                                         raw["document"])
         except (OSError, ValueError, KeyError, TypeError):
             return None  # absent or damaged: fetching again is always safe
+        self._read = (identity, document)
+        return document
 
     def fetch(self) -> DiscoveryDocument:
         bank = self.bank

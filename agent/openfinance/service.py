@@ -47,6 +47,7 @@ class OpenFinance:
         self.observer = observer
         self._transports: dict[str, BankTransport] = {}
         self._tokens: dict[str, TokenClient] = {}
+        self._discoveries: dict[str, Discovery] = {}
         self._lock = threading.RLock()  # daemon workers share one OpenFinance; tokens() calls transport()
 
     @functools.cached_property
@@ -86,8 +87,14 @@ class OpenFinance:
         return ObservedTransport(self, name)
 
     def discovery(self, name: str) -> Discovery:
-        # A fresh cached document needs no connection, so no PIN and no handshake either.
-        return Discovery(self.bank(name), self.config.state_dir, self.http(name))
+        """The bank's discovery, one per bank for the life of this object (it keeps the cached document read).
+
+        A fresh cached document needs no connection, so no PIN and no handshake either."""
+        with self._lock:
+            found = self._discoveries.get(name)
+            if found is None:
+                found = self._discoveries[name] = Discovery(self.bank(name), self.config.state_dir, self.http(name))
+            return found
 
     def registrar(self, name: str) -> Registrar:
         transport = self.transport(name)
