@@ -144,8 +144,9 @@ class _Supervisor:
     def _forget_parent_state(self) -> None:
         """In a new serving process: the supervisor's fds and signal handling are not its own."""
         signal.set_wakeup_fd(-1)
-        for signum in (*_STOP_SIGNALS, signal.SIGHUP):
+        for signum in _STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: it has just read the config
         self._signals_r.close()
         self._signals_w.close()
         self.listener.close()
