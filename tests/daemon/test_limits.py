@@ -7,6 +7,8 @@ import json
 import socket
 import time
 
+import pytest
+
 from tests.daemon.conftest import Daemon, read_all, read_response
 
 
@@ -45,10 +47,15 @@ def test_huge_body_is_413_before_it_is_read(daemon: Daemon) -> None:
     assert status == 431
 
 
-def test_half_sent_request_times_out_with_408_and_holds_no_worker(daemon: Daemon) -> None:
-    # More stalled clients than workers (4): if a stalled client held a worker, health would hang.
+@pytest.mark.parametrize("answered_first", [False, True], ids=["first-request", "after-a-keep-alive-answer"])
+def test_half_sent_request_times_out_with_408_and_holds_no_worker(daemon: Daemon, answered_first: bool) -> None:
+    # More stalled clients than workers (4): if a stalled client held a worker, health would hang. After a
+    # keep-alive answer the worker waits a moment for the next request itself: a half one must go back too.
     stalled = [daemon.connect() for _ in range(8)]
     for sock in stalled:
+        if answered_first:
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock)[0] == 200
         sock.sendall(b"POST /v1/keys/signing/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"al")
     assert daemon.client().health()["status"] == "alive"
     for sock in stalled:
@@ -107,15 +114,3 @@ def test_keep_alive_requests_pipelined_or_split_are_answered_in_order(daemon: Da
         sock.sendall(missing[12:])
         assert read_response(sock)[0] == 404
 
-
-def test_stalled_second_request_on_a_kept_alive_connection_holds_no_worker(daemon: Daemon) -> None:
-    stalled = [daemon.connect() for _ in range(8)]  # more than the daemon's 4 workers
-    for sock in stalled:
-        sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert read_response(sock)[0] == 200
-        sock.sendall(b"POST /v1/keys/signing/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"al")
-    assert daemon.client().health()["status"] == "alive"
-    for sock in stalled:
-        status, body = _status(read_all(sock))
-        assert status == 408 and body["code"] == "request_timeout"
-        sock.close()

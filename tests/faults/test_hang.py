@@ -13,16 +13,22 @@ from pkcs11_backends.errors import TokenTimeoutError
 from pkcs11_backends.keys import KeySpec, KeyStore, SignatureScheme
 from pkcs11_backends.module import Module, TokenSelector
 from pkcs11_backends.sessions import PoolState, SessionPool
+from pkcs11_backends.uri import Pkcs11Uri
 from tests.conftest import Token
 from tests.faults.conftest import Shim
 
 
-def test_hung_sign_is_bounded_and_the_pool_resumes_when_it_returns(token: Token, shim: Shim) -> None:
+def _pool_on_the_shim(token: Token, shim: Shim, label: str) -> tuple[SessionPool, KeyStore, Pkcs11Uri]:
+    """A pool with a 0.5 s call limit on the fault-injection module, and a new P-256 key on it."""
     os.environ.update(shim.environment())
     pool = SessionPool(Module.load(str(shim.path)), TokenSelector(label=token.label),
                        lambda: read_pin_file(token.user_pin_file), call_timeout=0.5)
     keys = KeyStore(pool)
-    uri = keys.generate("hang", KeySpec.parse("ec:p256")).uri
+    return pool, keys, keys.generate(label, KeySpec.parse("ec:p256")).uri
+
+
+def test_hung_sign_is_bounded_and_the_pool_resumes_when_it_returns(token: Token, shim: Shim) -> None:
+    pool, keys, uri = _pool_on_the_shim(token, shim, "hang")
     assert len(keys.sign(uri, b"before", SignatureScheme.ECDSA_SHA256)) == 64
 
     shim.set(hang_sign=1)
@@ -58,11 +64,7 @@ class _Supervisor:
 
 
 def test_supervised_call_runs_inline_and_the_supervisor_answers_when_it_hangs(token: Token, shim: Shim) -> None:
-    os.environ.update(shim.environment())
-    pool = SessionPool(Module.load(str(shim.path)), TokenSelector(label=token.label),
-                       lambda: read_pin_file(token.user_pin_file), call_timeout=0.5)
-    keys = KeyStore(pool)
-    uri = keys.generate("hang-inline", KeySpec.parse("ec:p256")).uri
+    pool, keys, uri = _pool_on_the_shim(token, shim, "hang-inline")
     supervisor = _Supervisor()
     pool.supervise(supervisor)
     outcome: list[object] = []
