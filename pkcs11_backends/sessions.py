@@ -24,10 +24,10 @@ import contextlib
 import dataclasses
 import enum
 import functools
-import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar, cast
 
 import pkcs11
@@ -162,38 +162,114 @@ class _Watch:
                 self.supervisor.overdue(thread, error)
 
 
-class _Gate:
-    """Many threads may be inside the module at once; ``C_Finalize`` needs none to be."""
+class _Lending:
+    """Idle sessions, how many are lent, and the gate ``C_Finalize`` closes: all under one lock.
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._inside = 0
+    Borrowing and giving back take that lock once each and wait on nothing unless every
+    session is lent or the gate is closed: this is on the path of every signature.
+    A lent session is one in use inside the module, so the gate waits for none to be lent.
+    """
+
+    def __init__(self, limit: int, name: str) -> None:
+        self._name = name  # the token, for errors
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._idle: list[PooledSession] = []
+        self._lent = 0
+        self._limit = limit
         self._closed = False
+        self._waiting = 0
 
-    def enter(self, timeout: float) -> bool:
-        with self._cond:
-            if not self._cond.wait_for(lambda: not self._closed, timeout):
-                return False
-            self._inside += 1
-            return True
+    def borrow(self, timeout: float) -> PooledSession | None:
+        """Count one more session lent; an idle one, or None (open one). TokenUnavailableError on timeout."""
+        with self._lock:
+            if self._closed or self._lent >= self._limit:
+                self._wait(timeout)
+            self._lent += 1
+            return self._idle.pop() if self._idle else None
 
-    def leave(self) -> None:
-        with self._cond:
-            self._inside -= 1
-            self._cond.notify_all()
+    def _wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._waiting += 1
+        try:
+            while self._closed or self._lent >= self._limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if self._closed:
+                        raise TokenUnavailableError(f"token {self._name} is being re-initialised")
+                    raise TokenUnavailableError(
+                        f"no free PKCS#11 session within {timeout:.0f}s ({self._limit} in use)",
+                        hint="raise [pkcs11] max_sessions or reduce concurrent load")
+                self._changed.wait(left)
+        finally:
+            self._waiting -= 1
+
+    def give_back(self, pooled: PooledSession | None) -> None:
+        """One session less lent; ``pooled`` (if any) is idle again."""
+        with self._lock:
+            self._lent -= 1
+            if pooled is not None:
+                self._idle.append(pooled)
+            if self._waiting:
+                self._changed.notify_all()
+
+    def take_idle(self) -> list[PooledSession]:
+        with self._lock:
+            idle, self._idle = self._idle, []
+            return idle
 
     @contextlib.contextmanager
     def exclusive(self, timeout: float) -> Iterator[bool]:
-        """Yield True once nobody is inside (newcomers wait meanwhile), False on timeout."""
-        with self._cond:
+        """Yield True once no session is lent (newcomers wait meanwhile), False on timeout."""
+        with self._lock:
             self._closed = True
-            drained = self._cond.wait_for(lambda: self._inside == 0, timeout)
+            drained = self._changed.wait_for(lambda: self._lent == 0, timeout)
         try:
             yield drained
         finally:
-            with self._cond:
+            with self._lock:
                 self._closed = False
-                self._cond.notify_all()
+                self._changed.notify_all()
+
+
+class _Loan:
+    """``with pool.session() as pooled``: a class, not a generator, as it is entered for every signature."""
+
+    __slots__ = ("_pool", "_pooled", "_timeout")
+
+    def __init__(self, pool: SessionPool, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._pooled: PooledSession | None = None
+
+    def __enter__(self) -> PooledSession:
+        pool = self._pool
+        pool.ensure_ready()
+        idle = pool._lending.borrow(self._timeout)
+        try:
+            self._pooled = pool._take(idle)
+        except BaseException as exc:
+            self._end(exc)
+            raise
+        return self._pooled
+
+    def __exit__(self, _kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
+        self._end(exc)
+
+    def _end(self, exc: BaseException | None) -> None:
+        pool, pooled = self._pool, self._pooled
+        if isinstance(exc, STALE_ERRORS):
+            generation = pooled.generation if pooled else pool._generation
+            pool._discard(pooled)
+            pool._lending.give_back(None)
+            # Only once given back: recovery may hold the pool lock while it waits for every loan to end.
+            pool._mark_stale(generation, exc)
+            raise TokenUnavailableError(f"token {pool.selector} stopped answering: {exc!r}") from exc
+        if pooled is not None and pooled.generation == pool._generation:
+            pool._lending.give_back(pooled)
+        else:
+            pool._discard(pooled)
+            pool._lending.give_back(None)
 
 
 class SessionPool:
@@ -215,9 +291,7 @@ class SessionPool:
         self.selector = selector
         self._pin = pin
         self._max = max_sessions
-        self._idle: queue.LifoQueue[PooledSession] = queue.LifoQueue()
-        self._slots = threading.BoundedSemaphore(max_sessions)
-        self._gate = _Gate()
+        self._lending = _Lending(max_sessions, str(selector))
         self._lock = threading.Lock()
         self._token: pkcs11.Token | None = None
         self._anchor: pkcs11.Session | None = None
@@ -297,43 +371,13 @@ class SessionPool:
         raise error
 
     # -- borrowing -----------------------------------------------------------
-    @contextlib.contextmanager
-    def session(self, timeout: float = 30.0) -> Iterator[PooledSession]:
+    def session(self, timeout: float = 30.0) -> AbstractContextManager[PooledSession]:
         """Borrow a session for the current thread.
 
         A PKCS#11 error that means the handles are stale is turned into
         :class:`TokenUnavailableError` after starting recovery.
         """
-        self.ensure_ready()
-        if not self._slots.acquire(timeout=timeout):
-            raise TokenUnavailableError(
-                f"no free PKCS#11 session within {timeout:.0f}s ({self._max} in use)",
-                hint="raise [pkcs11] max_sessions or reduce concurrent load",
-            )
-        if not self._gate.enter(timeout):
-            self._slots.release()
-            raise TokenUnavailableError(f"token {self.selector} is being re-initialised")
-        pooled: PooledSession | None = None
-        stale: tuple[int, Exception] | None = None
-        try:
-            pooled = self._take()
-            yield pooled
-        except STALE_ERRORS as exc:
-            stale = (pooled.generation if pooled else self._generation, exc)
-            self._discard(pooled)
-            pooled = None
-            raise TokenUnavailableError(f"token {self.selector} stopped answering: {exc!r}") from exc
-        finally:
-            if pooled is not None:
-                if pooled.generation == self._generation:
-                    self._idle.put(pooled)
-                else:
-                    self._discard(pooled)
-            self._gate.leave()
-            self._slots.release()
-            # Only after leaving the gate: recovery may hold the pool lock while it waits for us.
-            if stale is not None:
-                self._mark_stale(*stale)
+        return _Loan(self, timeout)
 
     def call(self, operation: Callable[[PooledSession], T], timeout: float | None = None) -> T:
         """Run an idempotent operation; retried once on a fresh session after recovery.
@@ -406,20 +450,19 @@ class SessionPool:
             if self._hung == 0 and self._health.state is PoolState.HUNG:
                 self._set_state(PoolState.READY, "the hung PKCS#11 call returned", recovered=True)
 
-    def _take(self) -> PooledSession:
-        while True:
-            try:
-                pooled = self._idle.get_nowait()
-            except queue.Empty:
-                break
-            if pooled.generation == self._generation:
-                return pooled
-            self._discard(pooled)
+    def _take(self, idle: PooledSession | None) -> PooledSession:
+        """The session to lend: ``idle`` if it is still of this login, else a new one."""
+        if idle is not None:
+            if idle.generation == self._generation:
+                return idle
+            self._discard(idle)
+            for stale in self._lending.take_idle():  # all of the same older login
+                self._discard(stale)
         token = self._token
         if token is None or self._health.state is not PoolState.READY:
             # Never wait for the pool lock here: recovery holds it while it waits for us to leave.
             raise TokenUnavailableError(f"token {self.selector} is unavailable: {self._health.detail}")
-        # A stale error here is handled by session(), outside the gate.
+        # A stale error here is handled by the loan, after it has been given back.
         return PooledSession(token.open(rw=True), self._generation, self._epoch)
 
     def _discard(self, pooled: PooledSession | None) -> None:
@@ -485,27 +528,20 @@ class SessionPool:
             self._set_state(PoolState.READY, f"recovered: logged in to {self.selector}", recovered=True)
 
     def _reinitialize(self) -> None:
-        with self._gate.exclusive(self.DRAIN_TIMEOUT) as drained:
+        with self._lending.exclusive(self.DRAIN_TIMEOUT) as drained:
             if not drained:
                 raise TokenUnavailableError(
                     f"PKCS#11 calls on token {self.selector} did not return within {self.DRAIN_TIMEOUT:.0f}s",
                     hint="the HSM may be hung; the agent retries, restart it if this persists")
             self._epoch += 1
-            while True:  # their handles died with C_Finalize: drop them unclosed
-                try:
-                    self._idle.get_nowait()
-                except queue.Empty:
-                    break
+            self._lending.take_idle()  # their handles died with C_Finalize: drop them unclosed
             self.module.reinitialize()
 
     def close(self) -> None:
         with self._lock:
             self._generation += 1
-            while True:
-                try:
-                    self._discard(self._idle.get_nowait())
-                except queue.Empty:
-                    break
+            for pooled in self._lending.take_idle():
+                self._discard(pooled)
             if self._anchor is not None:
                 with contextlib.suppress(pkcs11.PKCS11Error):
                     self.module.native.logout(session_handle(self._anchor))
