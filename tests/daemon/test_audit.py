@@ -37,6 +37,21 @@ def test_chain_survives_reopen_and_flags_edits_rehashed_edits_and_removals(tmp_p
     assert [(f.line, f.problem.split(":")[0]) for f in findings] == [(4, "edited"), (8, "removed")]
 
 
+def test_records_of_any_text_verify_and_read_back_as_written(tmp_path: Path) -> None:
+    """Quotes, backslashes, control characters and non-ASCII in what a record carries keep the chain valid."""
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(path)
+    odd = 'pkcs11:object=cl\u00e9 "1"\\\n\t\u2603'
+    trail.record(KeyUse(7, 8, odd, "jws\x00", "ES256", b"\xff", 'error: "x"', "\u00e9"))
+    trail.record(_use(1))
+    trail.close()
+    assert verify(path) == (2, [])
+    first = json.loads(path.read_text().splitlines()[0])
+    assert (first["key"], first["operation"], first["result"], first["interaction_id"], first["uid"]) == (
+        odd, "jws\x00", 'error: "x"', "\u00e9", 7)
+    assert path.read_bytes().isascii()
+
+
 def test_thousand_signatures_then_delete_one_line_and_edit_another(daemon: Daemon) -> None:
     client = daemon.client()
     for n in range(1000):
