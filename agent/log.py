@@ -13,6 +13,7 @@ secrets (PIN, Authorization, client assertions, bodies…) never reach a sink.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -30,7 +31,7 @@ SECRET_KEYS = frozenset({
 _SECRET_NAMES = frozenset(k.replace("_", "-") for k in SECRET_KEYS)  # every log line checks each of its keys
 
 Mode = Literal["json", "console"]
-_PLAIN = (str, int, float, bool, type(None))  # nothing inside to scrub
+_PLAIN = frozenset({str, int, float, bool, type(None)})  # nothing inside to scrub
 
 
 @functools.lru_cache(maxsize=1024)  # a few dozen distinct keys, on every line
@@ -51,20 +52,28 @@ def redact(_logger: object, _method: str, event: MutableMapping[str, Any]) -> Mu
     for key, value in event.items():  # values replaced in place: the dict's size never changes
         if _is_secret(key):
             event[key] = REDACTED
-        elif not isinstance(value, _PLAIN):
+        elif type(value) not in _PLAIN:
             event[key] = _scrub(value)
     return event
 
 
+# One encoder for every line (json.dumps with options builds a new one per call); anything it cannot encode is
+# logged as its repr rather than lost.
+_JSON = json.JSONEncoder(sort_keys=True, default=repr)
+
+
+def _json_line(event: Mapping[str, Any], **_: Any) -> str:
+    return _JSON.encode(event)
+
+
 def processors(mode: Mode) -> list[structlog.typing.Processor]:
     chain: list[structlog.typing.Processor] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
     if mode == "json":
-        chain += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(sort_keys=True)]
+        chain += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_json_line)]
     else:
         chain.append(structlog.dev.ConsoleRenderer(colors=False))
     return chain

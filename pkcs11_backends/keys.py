@@ -101,10 +101,13 @@ class SignatureScheme(enum.Enum):
 
     @classmethod
     def from_jose(cls, name: str) -> SignatureScheme:
-        for scheme in cls:
-            if scheme.jose_name == name:
-                return scheme
+        scheme = _BY_JOSE_NAME.get(name)
+        if scheme is not None:
+            return scheme
         raise MechanismError(f"unsupported signature algorithm {name!r}", hint="use PS256, ES256, ES384 or RS256")
+
+
+_BY_JOSE_NAME = {scheme.jose_name: scheme for scheme in SignatureScheme}
 
 
 @dataclasses.dataclass(frozen=True)

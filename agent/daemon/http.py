@@ -7,6 +7,7 @@ import binascii
 import dataclasses
 import functools
 import json
+import os
 import re
 import uuid
 from typing import Any
@@ -100,11 +101,19 @@ def parse_head(raw: bytes) -> Head:
 
 def interaction_id(headers: dict[str, str]) -> str:
     """The caller's ``x-fapi-interaction-id`` if it is a UUID, else a new one."""
-    given = headers.get(INTERACTION_HEADER, "")
-    try:
-        return str(uuid.UUID(given))
-    except ValueError:
-        return str(uuid.uuid4())
+    given = headers.get(INTERACTION_HEADER)
+    if given is not None:
+        try:
+            return str(uuid.UUID(given))
+        except ValueError:
+            pass
+    return new_interaction_id()
+
+
+def new_interaction_id() -> str:
+    """A random (version 4) UUID, as ``str(uuid.uuid4())`` at half the cost: most requests need one."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 @dataclasses.dataclass

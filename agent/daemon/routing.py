@@ -6,6 +6,7 @@ and the ``interaction_id`` that the request log line also carries.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -30,57 +31,85 @@ from pkcs11_backends.errors import (
 )
 
 Route = Callable[[Agent, Request, dict[str, str]], Response]
-# (literal prefix, method, pattern, endpoint): the prefix spares most of the regular expressions per request.
-_ROUTES: list[tuple[str, str, re.Pattern[str], Route]] = []
-_REMOTE: list[tuple[str, str, re.Pattern[str]]] = []
+# (literal prefix, method, pattern, endpoint, remote): the prefix spares most of the regular expressions.
+_ROUTES: list[tuple[str, str, re.Pattern[str], Route, bool]] = []
+_CACHE_SIZE = 1024  # distinct (method, path) pairs: every key and bank alias, with room for junk
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """What a (method, path) resolves to: an endpoint, or the methods the path accepts (405), or nothing (404)."""
+
+    endpoint: Route | None
+    params: dict[str, str]
+    remote: bool  # the endpoint calls a bank, so the request goes to the bank workers
+    allowed: tuple[str, ...] = ()
 
 
 def route(method: str, pattern: str, *, remote: bool = False) -> Callable[[Route], Route]:
     """``remote``: the endpoint calls a bank, so its requests go to the bank workers."""
     compiled = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
     prefix = pattern.split("{", 1)[0]
-    if remote:
-        _REMOTE.append((prefix, method, compiled))
 
     def register(func: Route) -> Route:
-        _ROUTES.append((prefix, method, compiled, func))
+        _ROUTES.append((prefix, method, compiled, func, remote))
+        _matches.clear()
         return func
 
     return register
 
 
+# Both the server (which workers?) and the handler (which endpoint?) ask, for every request: resolved once per
+# (method, path), as clients repeat the same few.
+_matches: dict[tuple[str, str], Match] = {}
+
+
+def match(method: str, path: str) -> Match:
+    key = (method, path)
+    found = _matches.get(key)
+    if found is None:
+        found = _resolve(method, path)
+        if len(_matches) >= _CACHE_SIZE:
+            _matches.clear()
+        _matches[key] = found
+    return found
+
+
+def _resolve(method: str, path: str) -> Match:
+    allowed: list[str] = []
+    for prefix, wanted, pattern, endpoint, remote in _ROUTES:
+        if not path.startswith(prefix):
+            continue
+        found = pattern.match(path)
+        if found is None:
+            continue
+        if wanted == method:
+            return Match(endpoint, found.groupdict(), remote)
+        allowed.append(wanted)
+    return Match(None, {}, False, tuple(allowed))
+
+
 def remote(request: Request) -> bool:
     """Whether the request calls a bank (the server's ``remote``)."""
-    path = request.path
-    return any(method == request.method and path.startswith(prefix) and pattern.match(path)
-               for prefix, method, pattern in _REMOTE)
+    return match(request.method, request.path).remote
 
 
 def handler(agent: Agent) -> Callable[[Request], Response]:
     def handle(request: Request) -> Response:
-        allowed: list[str] = []
-        path = request.path
-        for prefix, method, pattern, func in _ROUTES:
-            if not path.startswith(prefix):
-                continue
-            match = pattern.match(path)
-            if match is None:
-                continue
-            if method != request.method:
-                allowed.append(method)
-                continue
-            try:
-                return func(agent, request, match.groupdict())
-            except HttpError:
-                raise
-            except PolicyDenied as exc:
-                raise HttpError(403, "forbidden", str(exc), exc.hint) from None
-            except (Pkcs11Error, AgentError) as exc:
-                raise http_error(exc) from None
-        if allowed:
-            raise HttpError(405, "method_not_allowed", f"{request.path} accepts {', '.join(allowed)}",
-                            headers=(("Allow", ", ".join(allowed)),))
-        raise HttpError(404, "not_found", f"no endpoint {request.path}", "see GET /v1/health, /v1/keys")
+        found = match(request.method, request.path)
+        if found.endpoint is None:
+            if found.allowed:
+                raise HttpError(405, "method_not_allowed", f"{request.path} accepts {', '.join(found.allowed)}",
+                                headers=(("Allow", ", ".join(found.allowed)),))
+            raise HttpError(404, "not_found", f"no endpoint {request.path}", "see GET /v1/health, /v1/keys")
+        try:
+            return found.endpoint(agent, request, dict(found.params))  # a copy: the match is shared
+        except HttpError:
+            raise
+        except PolicyDenied as exc:
+            raise HttpError(403, "forbidden", str(exc), exc.hint) from None
+        except (Pkcs11Error, AgentError) as exc:
+            raise http_error(exc) from None
 
     return handle
 

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.daemon.http import Head, HttpError, Request, Response, interaction_id, parse_head
+from agent.daemon.http import Head, HttpError, Request, Response, interaction_id, new_interaction_id, parse_head
 from agent.daemon.policy import Peer
 from agent.log import get_logger
 
@@ -64,7 +64,7 @@ class Limits:
 
 def refuse_connection(sock: socket.socket, error: HttpError) -> None:
     """Answer a connection that will not be served, and close it."""
-    interaction = interaction_id({})
+    interaction = new_interaction_id()
     with contextlib.suppress(OSError):
         sock.send(Response.error(error, interaction).render(interaction, keep_alive=False))
         sock.shutdown(socket.SHUT_WR)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 import tomllib
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.client import AgentRequestError
 from agent.daemon.app import verify_in_software
+from agent.daemon.http import new_interaction_id
 from pkcs11_backends.keys import SignatureScheme
 from tests.daemon.conftest import Daemon, read_response
 
@@ -52,6 +54,15 @@ def test_unknown_key_and_unknown_path(daemon: Daemon) -> None:
     assert status == 404 and json.loads(body)["code"] == "not_found"
     status, headers, body = _one(daemon, b"DELETE /v1/keys HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 405 and headers["allow"] == "GET"
+
+
+def test_interaction_ids_the_agent_makes_are_distinct_version_4_uuids() -> None:
+    made = [new_interaction_id() for _ in range(5000)]
+    assert len(set(made)) == len(made)
+    parsed = [uuid.UUID(text) for text in made]
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 and str(u) == text for u, text in zip(parsed, made,
+                                                                                                   strict=True))
+    assert {text[19] for text in made} == set("89ab")  # every variant nibble turns up, none other
 
 
 def test_keep_alive_serves_many_requests_on_one_connection_and_echoes_interaction_id(daemon: Daemon) -> None:
