@@ -200,6 +200,7 @@ class Load:
     p99_ms: float
     count: int
     cpu_seconds: float = 0.0  # the daemon's, over the measured window
+    client_cpu_seconds: float = 0.0  # the load generator's, over the same window
 
 
 def drive(spec: dict[str, Any], daemon: Daemon | None = None) -> Load:
@@ -219,7 +220,8 @@ def drive(spec: dict[str, Any], daemon: Daemon | None = None) -> Load:
     result = json.loads(line)
     if result["errors"]:
         raise RuntimeError(f"load generator: {result['errors']}")
-    return Load(result["rate"], result["p50_ms"], result["p99_ms"], result["count"], cpu1 - cpu0)
+    return Load(result["rate"], result["p50_ms"], result["p99_ms"], result["count"], cpu1 - cpu0,
+                result["client_cpu_seconds"])
 
 
 def in_threads(threads: int, seconds: float, setup: Callable[[], Callable[[], object]],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import sys
 import threading
@@ -117,11 +118,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         worker.start()
     time.sleep(max(0.0, start - time.monotonic()))
     print("go", flush=True)
+    cpu0 = sum(os.times()[:2])
     for worker in workers:
         worker.join()
+    cpu = sum(os.times()[:2]) - cpu0
     merged = sorted(x for own in latencies for x in own)
     return {"count": len(merged), "seconds": seconds, "rate": len(merged) / seconds,
-            "p50_ms": percentile(merged, 50) * 1000, "p99_ms": percentile(merged, 99) * 1000, "errors": errors[:3]}
+            "p50_ms": percentile(merged, 50) * 1000, "p99_ms": percentile(merged, 99) * 1000, "client_cpu_seconds": cpu,
+            "errors": errors[:3]}
 
 
 def percentile(values: list[float], pct: float) -> float:
