@@ -42,7 +42,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from agent.errors import AgentError
 from agent.log import get_logger
@@ -83,9 +83,8 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
 
 
-@dataclasses.dataclass(frozen=True)
-class KeyUse:
-    """One use of a key, as the caller knows it."""
+class KeyUse(NamedTuple):
+    """One use of a key, as the caller knows it (a tuple: one is made per signature)."""
 
     uid: int
     pid: int
@@ -287,8 +286,7 @@ def _tail(fd: int, path: Path) -> tuple[int, str, bool]:
                      hint="run `tpp-agent audit verify`, then move the damaged file aside")
 
 
-@dataclasses.dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     """Who a key is used for: the process that asked, the operation it asked for, its interaction id."""
 
     uid: int
@@ -346,7 +344,7 @@ class AuditedKeyStore(KeyStore):
         try:
             signature = super().sign(name, data, scheme, timeout)
         except Exception as exc:
-            self.audit.record(dataclasses.replace(use, result=f"error: {type(exc).__name__}"))
+            self.audit.record(use._replace(result=f"error: {type(exc).__name__}"))
             raise
         self.audit.record(use)
         return signature

@@ -26,6 +26,7 @@ INTERACTION_HEADER = "x-fapi-interaction-id"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _MAX_HEADERS = 100
 _BASE64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # one for every answer: json.dumps with options makes one each
 
 
 class HttpError(Exception):
@@ -43,10 +44,16 @@ class HttpError(Exception):
 
 @dataclasses.dataclass
 class Head:
+    """A parsed request head; never changed once parsed (a connection's requests may share it)."""
+
     method: str
     target: str
     version: str
     headers: dict[str, str]
+
+    @functools.cached_property
+    def path(self) -> str:  # a head is parsed once per connection and asked for its path by every request
+        return unquote(urlsplit(self.target).path)
 
     @property
     def keep_alive(self) -> bool:
@@ -129,9 +136,9 @@ class Request:
     def method(self) -> str:
         return self.head.method
 
-    @functools.cached_property
-    def path(self) -> str:  # the router asks once per route
-        return unquote(urlsplit(self.head.target).path)
+    @property
+    def path(self) -> str:
+        return self.head.path
 
     @property
     def query(self) -> dict[str, str]:
@@ -160,7 +167,7 @@ class Response:
 
     @classmethod
     def json(cls, status: int, value: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:
-        return cls(status, json.dumps(value, separators=(",", ":")).encode("utf-8") + b"\n", headers=headers)
+        return cls(status, _COMPACT.encode(value).encode("utf-8") + b"\n", headers=headers)
 
     @classmethod
     def error(cls, error: HttpError, interaction: str) -> Response:

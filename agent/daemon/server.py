@@ -77,7 +77,9 @@ class _Connection:
         self.sock = sock
         self.peer = peer
         self.buffer = bytearray()
-        self.head: Head | None = None
+        self.head: Head | None = None  # of the request under way
+        self.raw_head = b""  # the last head parsed on this connection, and what it parsed to
+        self.parsed_head: Head | None = None
         self.head_end = 0
         self.length = 0
         self.started = 0.0
@@ -281,7 +283,11 @@ class Server:
                 raise HttpError(431, "header_too_large", f"request head exceeds {limit} bytes")
             if end < 0:
                 return None
-            conn.head = parse_head(bytes(conn.buffer[:end]))
+            raw, head = bytes(conn.buffer[:end]), conn.parsed_head
+            if head is None or raw != conn.raw_head:  # a keep-alive client tends to repeat its head: parse once
+                head = conn.parsed_head = parse_head(raw)
+                conn.raw_head = raw
+            conn.head = head
             conn.head_end = end + 4
             conn.length = conn.head.content_length(self.limits.max_request_bytes)
             if (conn.head.headers.get("expect", "").lower() == "100-continue"

@@ -77,6 +77,14 @@ def test_keep_alive_serves_many_requests_on_one_connection_and_echoes_interactio
             assert status == 200 and headers["connection"] == "keep-alive"
             assert headers["x-fapi-interaction-id"] == interaction
             assert json.loads(payload)["alg"] == "PS256"
+        # Another head on the same connection is read for itself: no interaction id given, a new one each time.
+        made = set()
+        for _ in range(2):
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, _ = read_response(sock)
+            assert status == 200
+            made.add(headers["x-fapi-interaction-id"])
+        assert interaction not in made and len(made) == 2
         # Pipelined: two requests in one write, two answers in order.
         sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_response(sock)[0] == 200
