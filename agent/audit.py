@@ -39,6 +39,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +68,8 @@ def _canonical(record: dict[str, Any]) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
+# How every line _covered() makes ends (JSON escapes any quote inside a string, so no value can fake it).
+_OUR_ENDING = re.compile(rb'"seq":(\d+),"time":"[^"\\]*","uid":\d+,"hash":"([0-9a-f]{64})"}$')
 _quote = json.encoder.encode_basestring_ascii  # how json.dumps(ensure_ascii=True) writes a string
 
 
@@ -188,14 +191,15 @@ class AuditTrail:
     def _catch_up(self) -> None:
         """Under the file lock: continue the chain from what another process appended since our last append."""
         try:
-            if os.fstat(self._fd).st_size == self._size:
+            size = os.fstat(self._fd).st_size
+            if size == self._size:
                 return
-            self._seq, self._prev, torn = _tail(self._fd, self.path)
+            self._seq, self._prev, torn = _tail(self._fd, self.path, size)
             if torn:
                 # A crash cut the last line short: end it, so the next record starts on a line of its own.
-                os.write(self._fd, b"\n")
+                size += os.write(self._fd, b"\n")
                 self._seq += 1
-            self._size = os.fstat(self._fd).st_size
+            self._size = size
         except OSError as exc:
             raise AuditError(f"cannot read the audit trail {self.path}: {exc.strerror}") from None
 
@@ -262,19 +266,23 @@ class AuditTrail:
             raise AuditError(f"{refused}; records after {self._synced} may not be on disk", hint=_SYNC_HINT)
 
 
-def _tail(fd: int, path: Path) -> tuple[int, str, bool]:
-    """(seq, hash, torn) of the trail's last record; a torn last line still counts as a line."""
-    size = os.fstat(fd).st_size
+def _tail(fd: int, path: Path, size: int) -> tuple[int, str, bool]:
+    """(seq, hash, torn) of the trail's last record (the file is ``size`` bytes); a torn last line still counts
+    as a line."""
     if size == 0:
         return 0, GENESIS, False
-    # A record is ~400 bytes: 4 KiB holds the last one unless damage follows it. Several serving processes
-    # read the tail on most appends, so the small read comes first.
-    for window in (4096, 65536):
+    # A record is ~450 bytes: 1 KiB holds the last one unless damage follows it. Serving processes that share
+    # the trail read its tail on most appends, so the small read comes first, and a line this agent wrote is
+    # read by its known ending rather than parsed whole.
+    for window in (1024, 65536):
         start = max(0, size - window)
         chunk = os.pread(fd, size - start, start)
         torn = not chunk.endswith(b"\n")
         lines = chunk.rstrip(b"\n").split(b"\n")
         for raw in reversed(lines[1:] if start else lines):  # a window may begin mid-line
+            ours = _OUR_ENDING.search(raw)
+            if ours is not None:
+                return int(ours[1]), ours[2].decode("ascii"), torn
             try:
                 last = json.loads(raw)
                 return int(last["seq"]), str(last["hash"]), torn
