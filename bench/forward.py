@@ -9,6 +9,7 @@ mode, which counts every real ``C_Sign`` (all processes together): that is how t
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from agent import config as config_module
 from agent.runtime import Runtime
 from bench.bank import DISCOVERY_PATH, Bank
 from bench.common import REPO, Check, Daemon, Outcome, State, Table, drive, http_request
-from bench.load import unix_sender
+from bench.load import answered
 from bench.signing import PROFILES
 
 CLIENTS = (1, 4)  # the bank transport keeps at most 4 connections per bank (TlsSettings.max_connections)
@@ -111,10 +112,17 @@ def _run(work: Path, seconds: float, bank: Bank) -> Outcome:
     # 1,000 calls on a freshly started agent: every token signature they cause is counted by the shim.
     with Daemon.start(configs["throughput"], state.dir / "run-throughput" / "agent.sock", shim_env) as daemon:
         before = signs(stats)
-        send = unix_sender({"socket": str(daemon.socket_path), "request_b64": request})()
         started = time.monotonic()
-        for _ in range(CALLS):
-            send()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(daemon.socket_path))
+            for _ in range(CALLS):
+                sock.sendall(base64.b64decode(request))
+                buffer = bytearray()
+                while not answered(buffer):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise RuntimeError("the agent closed the connection")
+                    buffer += chunk
         elapsed = time.monotonic() - started
         used = signs(stats) - before
         peak_rss = max(peak_rss, daemon.memory_mb()[1])

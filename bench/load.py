@@ -78,7 +78,7 @@ def run_unix(spec: dict[str, Any], window: _Window, latencies: list[float], erro
                 if not chunk:
                     raise RuntimeError("the agent closed the connection")
                 buffer += chunk
-                if not _answered(buffer):
+                if not answered(buffer):
                     continue
                 done = time.monotonic()
                 if due[fd] >= window.start:
@@ -93,7 +93,7 @@ def run_unix(spec: dict[str, Any], window: _Window, latencies: list[float], erro
             sock.close()
 
 
-def _answered(buffer: bytearray) -> bool:
+def answered(buffer: bytearray) -> bool:
     """Whether ``buffer`` holds a whole answer (then consumed); RuntimeError if it is not a 200."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:

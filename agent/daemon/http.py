@@ -55,7 +55,7 @@ class Head:
     def path(self) -> str:  # a head is parsed once per connection and asked for its path by every request
         return unquote(urlsplit(self.target).path)
 
-    @property
+    @functools.cached_property
     def keep_alive(self) -> bool:
         tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
         return "keep-alive" in tokens if self.version == "HTTP/1.0" else "close" not in tokens

@@ -8,7 +8,9 @@ connection gets 503 with ``Retry-After`` and is closed.
 A worker that has answered a keep-alive request waits a moment (``linger``) for the
 same client's next one, when no other connection is waiting for a worker: a client
 that sends request after request is then served by one thread, with no hand-off
-and no thread woken but the one that reads its socket. That next request must
+and no thread woken but the one that reads its socket. A request queued for a
+worker meanwhile ends the wait at once (it would otherwise wait out the linger
+behind a client that has nothing more to ask). That next request must
 arrive whole to be served at once; a partial one goes back to the I/O thread with
 its deadline. Connections sit in epoll with ``EPOLLONESHOT``: out of the I/O
 thread's sight from when they become readable until a worker re-arms them.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import queue
 import select
 import socket
@@ -87,7 +90,6 @@ class _Connection:
         self.busy = False  # a worker has it: no deadline, no reads until re-armed
         self.answered = False  # the request under way was answered for its worker (hung token call)
         self.writing = threading.Lock()  # the worker and the watch thread may both answer
-        self.poller: select.poll | None = None  # for lingering, made on first use
 
     def reset(self, now: float, idle_timeout: float) -> None:
         self.head, self.head_end, self.length, self.started = None, 0, 0, 0.0
@@ -98,14 +100,53 @@ class _Connection:
         self.deadline = now + timeout
 
 
+class _Linger:
+    """A worker's wait for its client's next request, cut short when a request is queued for a worker."""
+
+    def __init__(self) -> None:
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poller = select.poll()
+        self._poller.register(self._wake, select.POLLIN)
+
+    def wait(self, sock: socket.socket, seconds: float) -> bool:
+        """Whether ``sock`` became readable within ``seconds`` (False too when woken)."""
+        fd = sock.fileno()
+        self._poller.register(fd, select.POLLIN)
+        try:
+            ready = self._poller.poll(seconds * 1000)
+        finally:
+            self._poller.unregister(fd)
+        readable = False
+        for ready_fd, _ in ready:
+            if ready_fd == self._wake:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake)
+            else:
+                readable = True
+        return readable
+
+    def wake(self) -> None:
+        os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        os.close(self._wake)
+
+
 class _Lane:
-    """Workers for one kind of request, and the requests waiting for them."""
+    """Workers for one kind of request, the requests waiting for them, and the workers lingering."""
 
     def __init__(self, name: str, size: int) -> None:
         self.name = name
         self.size = size
         self.queue: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
+        self.lingering: set[_Linger] = set()
         self.started = 0
+
+    def put(self, item: tuple[_Connection, Request]) -> None:
+        self.queue.put(item)
+        if self.lingering:  # a worker waiting on its last client would leave this request waiting: wake one
+            with contextlib.suppress(KeyError):
+                self.lingering.pop().wake()
 
 
 class Server:
@@ -263,7 +304,7 @@ class Server:
     def _dispatch(self, conn: _Connection, request: Request) -> None:
         with self._lock:
             self._in_flight += 1
-        self._lane(request).queue.put((conn, request))
+        self._lane(request).put((conn, request))
 
     def _lane(self, request: Request) -> _Lane:
         return self._lanes[-1] if self._remote is not None and self._remote(request) else self._local
@@ -328,12 +369,13 @@ class Server:
     def _work(self, lane: _Lane) -> None:
         thread = threading.get_ident()
         self._lane_of[thread] = lane
+        linger = _Linger()
         while (item := lane.queue.get()) is not None:
             conn, request = item
             try:
                 next_request: Request | None = request
                 while next_request is not None:
-                    next_request = self._serve(thread, lane, conn, next_request)
+                    next_request = self._serve(thread, lane, linger, conn, next_request)
             except Exception:  # never lose a worker: the connection is the only casualty
                 log.exception("worker_failed")
                 self._close(conn)
@@ -344,8 +386,10 @@ class Server:
                 self._replaced.discard(thread)
                 break
         del self._lane_of[thread]
+        linger.close()
 
-    def _serve(self, thread: int, lane: _Lane, conn: _Connection, request: Request) -> Request | None:
+    def _serve(self, thread: int, lane: _Lane, linger: _Linger, conn: _Connection,
+               request: Request) -> Request | None:
         """Answer one request; the same client's next one if it came at once (else the connection is handed back)."""
         self._serving[thread] = (conn, request)
         try:
@@ -364,7 +408,7 @@ class Server:
         if not (keep_alive and sent):
             self._close(conn)
             return None
-        following = self._next(lane, conn)
+        following = self._next(lane, linger, conn)
         if following is None or self._lane(following) is lane:
             return following
         self._dispatch(conn, following)  # a request for the other workers: the connection goes with it
@@ -398,14 +442,16 @@ class Server:
         finally:
             conn.sock.setblocking(False)
 
-    def _next(self, lane: _Lane, conn: _Connection) -> Request | None:
+    def _next(self, lane: _Lane, linger: _Linger, conn: _Connection) -> Request | None:
         now = time.monotonic()
         conn.reset(now, self.limits.idle_timeout)
         if not conn.buffer and lane.queue.empty():  # nobody else waits for a worker: linger
-            if conn.poller is None:
-                conn.poller = select.poll()
-                conn.poller.register(conn.sock.fileno(), select.POLLIN)
-            if conn.poller.poll(self.limits.linger * 1000):
+            lane.lingering.add(linger)
+            try:  # a request queued before we were in the set woke nobody: look again
+                readable = lane.queue.empty() and linger.wait(conn.sock, self.limits.linger)
+            finally:
+                lane.lingering.discard(linger)
+            if readable:
                 try:
                     data: bytes | None = conn.sock.recv(65536)
                 except (BlockingIOError, InterruptedError):
