@@ -210,7 +210,7 @@ class _Lending:
             self._lent -= 1
             if pooled is not None:
                 self._idle.append(pooled)
-            if self._waiting:
+            if self._waiting or self._closed:  # a borrower waits for a session, or exclusive() for none lent
                 self._changed.notify_all()
 
     def take_idle(self) -> list[PooledSession]:
