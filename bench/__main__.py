@@ -2,6 +2,7 @@
 
     make bench                                  # = python -m bench
     python -m bench --seconds 2 --only signing  # one benchmark, shorter windows
+    python -m bench --repeat 1                  # one run per cell instead of the median of 3
     python -m bench --docs                      # also put the tables into docs/performance.md
 
 Benchmarks: ``signing`` (targets 1 and 4), ``forward`` (target 2), ``handshakes`` (target 3). Each creates its
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured window of each load (default 3)")
     parser.add_argument("--clients", default="1,2,8,32", help="concurrent clients for signing (default 1,2,8,32)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per cell, baseline and agent alternating; the median-rate run is reported "
+                             "(default 3)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
     parser.add_argument("--profile", action="store_true", help="profile fresh handshakes with py-spy (on PATH)")
     parser.add_argument("--out", type=Path, default=REPO / ".bench", help="where results.md/json go")
@@ -71,7 +75,8 @@ def _in_child(name: str, args: argparse.Namespace, tmp: Path) -> Outcome:
     work, result = tmp / name, tmp / f"{name}.json"
     work.mkdir()
     command = [sys.executable, "-m", "bench", "--child", name, "--result", str(result), "--out", str(work),
-               "--seconds", str(args.seconds), "--clients", args.clients] + (["--profile"] if args.profile else [])
+               "--seconds", str(args.seconds), "--clients", args.clients, "--repeat", str(args.repeat)]
+    command += ["--profile"] if args.profile else []
     subprocess.run(command, check=True, cwd=REPO)
     raw = json.loads(result.read_text())
     return Outcome([Table(**t) for t in raw["tables"]], [Check(**c) for c in raw["checks"]], raw["data"])
@@ -80,9 +85,9 @@ def _in_child(name: str, args: argparse.Namespace, tmp: Path) -> Outcome:
 def _run(name: str, args: argparse.Namespace, work: Path) -> Outcome:
     clients = tuple(int(n) for n in args.clients.split(","))
     if name == "signing":
-        return signing.run(work, args.seconds, clients)
+        return signing.run(work, args.seconds, clients, args.repeat)
     if name == "forward":
-        return forward.run(work, args.seconds)
+        return forward.run(work, args.seconds, args.repeat)
     return handshakes.run(work, args.seconds, args.profile)
 
 

@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 # BENCH_AGENT: another build's ``tpp-agent`` to compare against (e.g. a wrapper setting PYTHONPATH to a checkout).
 TPP_AGENT = Path(os.environ.get("BENCH_AGENT") or Path(sys.executable).parent / "tpp-agent")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
 # -- results ---------------------------------------------------------------------
@@ -257,6 +258,13 @@ def in_threads(threads: int, seconds: float, setup: Callable[[], Callable[[], ob
     merged = sorted(x for own in latencies for x in own)
     count = max(1, len(merged))
     return len(merged) / seconds, _pct(merged, 50) * 1000, _pct(merged, 99) * 1000, cpu / count
+
+
+def median_run(runs: list[T], rate: Callable[[T], float]) -> T:
+    """The run with the median rate: its rate, latencies and CPU are reported together. The machine's noise
+    moves single runs by 5 to 10 percent; a median of alternating runs is steadier, and unlike the worst run it is not
+    biased by the pick."""
+    return sorted(runs, key=rate)[len(runs) // 2]
 
 
 def _pct(values: list[float], pct: float) -> float:

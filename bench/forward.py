@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from agent import config as config_module
 from agent.runtime import Runtime
 from bench.bank import DISCOVERY_PATH, Bank
-from bench.common import REPO, Check, Daemon, Outcome, State, Table, drive, http_request
+from bench.common import REPO, Check, Daemon, Load, Outcome, State, Table, drive, http_request, median_run
 from bench.load import answered
 from bench.signing import PROFILES
 
@@ -40,12 +40,12 @@ def signs(stats: Path) -> int:
     return int(dict(line.split("=") for line in stats.read_text().split()).get("signs", 0))
 
 
-def run(work: Path, seconds: float) -> Outcome:
+def run(work: Path, seconds: float, repeat: int) -> Outcome:
     with Bank.start(work / "bank") as bank:
-        return _run(work, seconds, bank)
+        return _run(work, seconds, repeat, bank)
 
 
-def _run(work: Path, seconds: float, bank: Bank) -> Outcome:
+def _run(work: Path, seconds: float, repeat: int, bank: Bank) -> Outcome:
     state = State.create(work / "forward", "fwd")
     shim = build_shim(work)
     stats = work / "shim.stats"
@@ -72,24 +72,32 @@ def _run(work: Path, seconds: float, bank: Bank) -> Outcome:
                        "bank keeps connections alive and resumes TLS sessions; every forwarded call is audited. "
                        "Baseline: urllib3 `HTTPSConnectionPool` with cert/key files (stdlib ssl), one pool per "
                        "client thread. Profiles as in the signing table; the target is checked on the throughput "
-                       "profile. Token signatures: the throughput profile's during its run.")
+                       "profile. Token signatures: the throughput profile's during its run. Each cell: the "
+                       "median-rate run of the repeats, baseline and agent alternating.")
     ratios: dict[str, list[float]] = {name: [] for name, _ in PROFILES}
     peak_rss = 0.0
     daemons = {name: Daemon.start(configs[name], state.dir / f"run-{name}" / "agent.sock", shim_env)
                for name, _ in PROFILES}
     try:
         for n in CLIENTS:
-            base = drive({"mode": "https", "host": target.hostname, "port": target.port, "path": DISCOVERY_PATH,
-                          "cert": str(cert_path), "key": str(key_path), "ca": str(bank.ca_bundle), "threads": n,
-                          "seconds": seconds})
+            bases: list[Load] = []
+            runs: dict[str, list[tuple[Load, int]]] = {name: [] for name, _ in PROFILES}
+            for _ in range(repeat):  # baseline and agent alternate, so that a noisy moment hits both
+                bases.append(drive({"mode": "https", "host": target.hostname, "port": target.port,
+                                    "path": DISCOVERY_PATH, "cert": str(cert_path), "key": str(key_path),
+                                    "ca": str(bank.ca_bundle), "threads": n, "seconds": seconds}))
+                for name, _ in PROFILES:
+                    daemon = daemons[name]
+                    before = signs(stats)
+                    agent = drive({"mode": "unix", "socket": str(daemon.socket_path), "threads": n,
+                                   "seconds": seconds, "request_b64": request}, daemon)
+                    runs[name].append((agent, signs(stats) - before))
+            base = median_run(bases, lambda r: r.rate)
             row = [str(n), f"{base.rate:,.0f}", f"{base.p50_ms:.2f}"]
-            record: dict[str, object] = {"clients": n, "urllib3_rate": base.rate}
+            record: dict[str, object] = {"clients": n, "urllib3_rate": base.rate,
+                                         "urllib3_rates": [r.rate for r in bases]}
             for name, _ in PROFILES:
-                daemon = daemons[name]
-                before = signs(stats)
-                agent = drive({"mode": "unix", "socket": str(daemon.socket_path), "threads": n, "seconds": seconds,
-                               "request_b64": request}, daemon)
-                used = signs(stats) - before
+                agent, used = median_run(runs[name], lambda r: r[0].rate)
                 ratio = agent.rate / base.rate
                 ratios[name].append(ratio)
                 if name == "default":
@@ -97,7 +105,8 @@ def _run(work: Path, seconds: float, bank: Bank) -> Outcome:
                 else:
                     row += [f"{agent.rate:,.0f}", f"{ratio:.0%}", f"{agent.p50_ms:.2f}", f"{agent.p99_ms:.2f}",
                             f"{agent.cpu_seconds / max(1, agent.count) * 1e6:,.0f}", str(used)]
-                record[name] = {"rate": agent.rate, "ratio": ratio, "p99_ms": agent.p99_ms}
+                record[name] = {"rate": agent.rate, "ratio": ratio, "p99_ms": agent.p99_ms,
+                                "rates": [r.rate for r, _ in runs[name]]}
             table.rows.append(row)
             outcome.data.setdefault("forward", []).append(record)
         peak_rss = max(daemon.memory_mb()[1] for daemon in daemons.values())

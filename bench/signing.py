@@ -21,7 +21,18 @@ from pkcs11.types import SignMixin
 
 from agent import config as config_module
 from agent.runtime import Runtime
-from bench.common import Check, Daemon, Load, Outcome, State, Table, drive, http_request, in_threads
+from bench.common import (
+    Check,
+    Daemon,
+    Load,
+    Outcome,
+    State,
+    Table,
+    drive,
+    http_request,
+    in_threads,
+    median_run,
+)
 from pkcs11_backends.keys import KeySpec, SignatureScheme, sign_with
 
 RAW_THREADS = 8  # the raw baseline signs on min(clients, 8) sessions/threads
@@ -33,7 +44,7 @@ SIGNING_INPUT = b"eyJhbGciOiJQUzI1NiIsImtpZCI6InNpZy0xIn0." + base64.urlsafe_b64
 PROFILES = (("default", ""), ("throughput", 'processes = "auto"\naudit_sync = "interval"\n'))
 
 
-def run(work: Path, seconds: float, clients: tuple[int, ...]) -> Outcome:
+def run(work: Path, seconds: float, clients: tuple[int, ...], repeat: int) -> Outcome:
     state = State.create(work / "signing", "bench")
     body = "".join(f'[keys.{alias}]\nuri = "pkcs11:token=bench;object={alias};type=private"\n'
                    f'algorithms = ["{alg}"]\n' for alias, _, alg, _ in CASES)
@@ -73,7 +84,7 @@ def run(work: Path, seconds: float, clients: tuple[int, ...]) -> Outcome:
             outcome.checks += [Check(f"daemon READY=1, {name} (median of 3)", f"{ready_times[1]:.2f} s", "< 1 s",
                                      ready_times[1] < 1),
                                Check(f"daemon RSS at rest, {name}", f"{rest_rss:.0f} MB", "< 80 MB", rest_rss < 80)]
-        _measure(outcome, daemons, runtime, seconds, clients)
+        _measure(outcome, daemons, runtime, seconds, clients, repeat)
         for row, (name, _) in zip(footprint.rows, PROFILES, strict=True):
             _, peak = daemons[name].memory_mb()
             row[3] = f"{peak:.1f} MB"
@@ -89,7 +100,7 @@ def run(work: Path, seconds: float, clients: tuple[int, ...]) -> Outcome:
 
 
 def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, seconds: float,
-             clients: tuple[int, ...]) -> None:
+             clients: tuple[int, ...], repeat: int) -> None:
     table = Table("Signing over the socket vs raw python-pkcs11 in-process",
                   ["alg", "clients", "raw sig/s", "raw p50 ms", "default: sig/s", "ratio", "p99 ms", "CPU µs/req",
                    "throughput: sig/s", "ratio", "p50 ms", "p99 ms", "CPU µs/req", "agent's own CPU µs/req"])
@@ -98,6 +109,8 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
                        "builds the JWS).")
     table.notes.append(f"Raw: python-pkcs11 in the bench process on min(clients, {RAW_THREADS}) sessions/threads, "
                        "key found once, nothing audited.")
+    table.notes.append(f"Each cell: the median-rate run of {repeat}, raw and agent runs alternating "
+                       "(every run's rate is in results.json).")
     table.notes.append("default: `tpp-agent serve` with every [daemon] setting at its default (one process, "
                        "workers = CPUs, each audit record fdatasync'ed on ext4 before the answer). throughput: "
                        "`processes = \"auto\"` (one serving process per CPU, workers = 1 each) and "
@@ -120,13 +133,20 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
 
         ratios: dict[str, list[float]] = {name: [] for name, _ in PROFILES}
         for n in clients:
-            raw_rate, raw_p50, _, raw_cpu = in_threads(min(n, RAW_THREADS), seconds, raw_worker)
+            raws: list[tuple[float, float, float, float]] = []
+            runs: dict[str, list[Load]] = {name: [] for name, _ in PROFILES}
+            for _ in range(repeat):  # raw and agent alternate, so that a noisy moment hits both
+                raws.append(in_threads(min(n, RAW_THREADS), seconds, raw_worker))
+                for name, _ in PROFILES:
+                    daemon = daemons[name]
+                    runs[name].append(drive({"mode": "unix", "socket": str(daemon.socket_path), "threads": n,
+                                             "seconds": seconds, "request_b64": request}, daemon))
+            raw_rate, raw_p50, _, raw_cpu = median_run(raws, lambda r: r[0])
             row = [alg, str(n), f"{raw_rate:,.0f}", f"{raw_p50:.2f}"]
-            record: dict[str, object] = {"alg": alg, "clients": n, "raw_rate": raw_rate, "raw_cpu_us": raw_cpu * 1e6}
+            record: dict[str, object] = {"alg": alg, "clients": n, "raw_rate": raw_rate, "raw_cpu_us": raw_cpu * 1e6,
+                                         "raw_rates": [r[0] for r in raws]}
             for name, _ in PROFILES:
-                daemon = daemons[name]
-                load = drive({"mode": "unix", "socket": str(daemon.socket_path), "threads": n, "seconds": seconds,
-                              "request_b64": request}, daemon)
+                load = median_run(runs[name], lambda r: r.rate)
                 per_request = load.cpu_seconds / max(1, load.count) * 1e6
                 ratio = load.rate / raw_rate
                 ratios[name].append(ratio)
@@ -137,7 +157,7 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
                     row += [f"{load.rate:,.0f}", f"{ratio:.0%}", f"{load.p50_ms:.2f}", f"{load.p99_ms:.2f}",
                             f"{per_request:,.0f}", f"{per_request - raw_cpu * 1e6:,.0f}"]
                 record[name] = {"rate": load.rate, "ratio": ratio, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms,
-                                "cpu_us_per_request": per_request}
+                                "cpu_us_per_request": per_request, "rates": [r.rate for r in runs[name]]}
             table.rows.append(row)
             outcome.data.setdefault("signing", []).append(record)
         worst = min(ratios["throughput"])

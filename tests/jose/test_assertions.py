@@ -89,7 +89,7 @@ def test_check_client_assertion_names_the_broken_rule(change: dict[str, Any], me
 
 def test_no_repeated_jti_in_100000_assertions() -> None:
     # Uniqueness comes from the claims, not the signature, so the claims are built without signing:
-    # 1e5 token signatures would take about a minute (see bench/jws.py for the signing rates).
+    # 1e5 token signatures would take about a minute (see docs/performance.md for the signing rates).
     settings = JoseSettings()
     now = time.time()
     jtis = {client_assertion_claims(CLIENT_ID, ISSUER, settings, now=now)["jti"] for _ in range(100_000)}
