@@ -122,10 +122,11 @@ def _run(work: Path, seconds: float, repeat: int, bank: Bank) -> Outcome:
     with Daemon.start(configs["throughput"], state.dir / "run-throughput" / "agent.sock", shim_env) as daemon:
         before = signs(stats)
         started = time.monotonic()
+        raw = base64.b64decode(request)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(str(daemon.socket_path))
             for _ in range(CALLS):
-                sock.sendall(base64.b64decode(request))
+                sock.sendall(raw)
                 buffer = bytearray()
                 while not answered(buffer):
                     chunk = sock.recv(65536)
