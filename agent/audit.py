@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import datetime
 import fcntl
 import hashlib
 import json
@@ -45,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from agent.clock import utc_iso
 from agent.errors import AgentError
 from agent.log import get_logger
 from pkcs11_backends.keys import KeyStore, SignatureScheme
@@ -164,7 +164,7 @@ class AuditTrail:
 
         Raises :class:`AuditError` if it is not, or (syncing at intervals) if the last background sync failed.
         """
-        stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
+        stamp = utc_iso()
         input_sha256 = hashlib.sha256(use.signed_input).hexdigest()
         with self._lock, self._file_lock():
             self._catch_up()

@@ -15,11 +15,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
+
+from agent.clock import utc_iso
 
 REDACTED = "[redacted]"
 SECRET_KEYS = frozenset({
@@ -66,12 +69,14 @@ def _json_line(event: Mapping[str, Any], **_: Any) -> str:
     return _JSON.encode(event)
 
 
+def timestamp(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """``timestamp``: ISO 8601 UTC with microseconds (as structlog's ``TimeStamper(fmt="iso", utc=True)``)."""
+    event["timestamp"] = utc_iso("Z")
+    return event
+
+
 def processors(mode: Mode) -> list[structlog.typing.Processor]:
-    chain: list[structlog.typing.Processor] = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
-    ]
+    chain: list[structlog.typing.Processor] = [structlog.processors.add_log_level, timestamp, redact]
     if mode == "json":
         chain += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_json_line)]
     else:
@@ -82,14 +87,41 @@ def processors(mode: Mode) -> list[structlog.typing.Processor]:
 def configure(mode: Mode = "console", level: str = "info", stream: TextIO | None = None,
               final: bool = False) -> None:
     """``final``: no later reconfiguration (the daemon), so loggers may be built once instead of on every call."""
+    sink = _sink(stream or sys.stderr)
     structlog.configure(
         processors=processors(mode),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        # One write(2) per line (print() makes two): the serving processes share stderr, so a line is never
-        # split by another process's.
-        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
+        logger_factory=lambda *_: sink,
         cache_logger_on_first_use=final,
     )
+
+
+class LineWriter:
+    """Each line in one ``write(2)`` on the descriptor: the serving processes share stderr, so a line is never
+    split by another process's; and a line skips the text layer's buffer, flush and lock (one per request)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode("utf-8", "backslashreplace")
+        while data:  # a pipe or socket may take part of a long line
+            try:
+                data = data[os.write(self._fd, data):]
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # stderr is gone (the journal stopped): losing the line must not fail the request
+    debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _sink(stream: TextIO) -> structlog.typing.WrappedLogger:
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory stream (tests)
+        return structlog.WriteLogger(stream)
+    stream.flush()  # what the text layer holds goes first
+    return LineWriter(fd)
 
 
 def get_logger(name: str) -> Any:
