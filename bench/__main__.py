@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=BENCHMARKS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    _check(parser, args)
     if args.child:
         outcome = _run(args.child, args, args.out)
         args.result.write_text(json.dumps(dataclasses.asdict(outcome)))
@@ -67,6 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         update_docs(markdown, args.out / "results.json")
     print(markdown)
     return 0 if all(c.ok for o in outcomes.values() for c in o.checks) else 1
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse settings that would fail minutes into a run."""
+    if not args.seconds > 0:
+        parser.error(f"--seconds must be a positive number of seconds, not {args.seconds:g}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1 (runs per cell), not {args.repeat}")
+    counts = args.clients.split(",")
+    if not all(c.strip().isdigit() and int(c) > 0 for c in counts):
+        parser.error(f"--clients must be positive numbers separated by commas (e.g. 1,2,8,32), not {args.clients!r}")
 
 
 def _in_child(name: str, args: argparse.Namespace, tmp: Path) -> Outcome:
