@@ -15,7 +15,7 @@ from agent.errors import ConfigError
 
 _KNOWN = {"socket", "socket_group", "socket_mode", "workers", "bank_workers", "max_connections", "max_request_bytes",
           "request_timeout", "idle_timeout", "health_interval", "audit_file", "audit_sync",
-          "audit_sync_interval_ms", "log_level", "processes"}
+          "audit_sync_interval_ms", "log_level", "processes", "busy_poll_us"}
 AUDIT_SYNC_MODES = ("always", "interval")
 
 
@@ -68,6 +68,7 @@ class DaemonSettings:
             max_request_bytes=_number(section, "max_request_bytes", 1 << 20, int, low=1024, high=1 << 30),
             request_timeout=_number(section, "request_timeout", 10.0, float, low=0.1, high=3600),
             idle_timeout=_number(section, "idle_timeout", 60.0, float, low=0.1, high=86400),
+            busy_poll=_number(section, "busy_poll_us", 50, int, low=0, high=1000) / 1e6,
         )
         audit = Path(_text(section, "audit_file", str(config.state_dir / "audit.jsonl"))).expanduser()
         return cls(socket, gid, mode, limits, _number(section, "health_interval", 10.0, float, low=0.1, high=3600),
@@ -114,7 +115,7 @@ def _text(section: Mapping[str, Any], name: str, default: str) -> str:
 def _number(section: Mapping[str, Any], name: str, default: Any, kind: type, *, low: float, high: float) -> Any:
     value = section.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
-        raise ConfigError(f"[daemon] {name} must be a number")
+        raise ConfigError(f"[daemon] {name} must be a {'whole ' if kind is int else ''}number, got {value!r}")
     if not low <= value <= high:
         raise ConfigError(f"[daemon] {name} must be from {low:g} to {high:g}, got {value}")
     return kind(value)

@@ -11,15 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import parse
 from agent.daemon.http import Request, Response
 from agent.daemon.server import Limits, Server
+from agent.daemon.settings import DaemonSettings
+from agent.errors import ConfigError
 from tests.daemon.conftest import read_response
 
 LINGER = 30.0  # far longer than the test may take: a request that waits it out fails the test
 
 
-@pytest.fixture
-def one_worker(tmp_path: Path) -> Iterator[Path]:
+@pytest.fixture(params=[0.0, LINGER], ids=["sleeping", "busy-polling"])
+def one_worker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """One worker that lingers on its last client: asleep, or busy polling all the while."""
     path = tmp_path / "s.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -28,7 +32,7 @@ def one_worker(tmp_path: Path) -> Iterator[Path]:
     def answer(request: Request) -> Response:
         return Response.json(200, {"path": request.path})
 
-    server = Server(listener, answer, Limits(workers=1, linger=LINGER, drain_timeout=1.0))
+    server = Server(listener, answer, Limits(workers=1, linger=LINGER, busy_poll=request.param, drain_timeout=1.0))
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     yield path
@@ -53,3 +57,24 @@ def test_a_worker_waiting_on_its_last_client_serves_another_client_at_once(one_w
         assert _ask(second, "/b") == "/b"
         assert time.monotonic() - started < LINGER / 3
         assert _ask(first, "/c") == "/c"  # and `first` is still served
+
+
+def _busy_poll(tmp_path: Path, daemon: dict[str, object]) -> float:
+    return DaemonSettings.parse(parse({"state": {"dir": str(tmp_path)}, "daemon": daemon})).limits.busy_poll
+
+
+def test_busy_poll_is_set_in_microseconds_and_zero_turns_it_off(tmp_path: Path) -> None:
+    assert _busy_poll(tmp_path, {}) == pytest.approx(50e-6)
+    assert _busy_poll(tmp_path, {"busy_poll_us": 0}) == 0
+    assert _busy_poll(tmp_path, {"busy_poll_us": 1000}) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("value,message", [
+    (-1, "busy_poll_us must be from 0 to 1000, got -1"),
+    (5000, "busy_poll_us must be from 0 to 1000, got 5000"),
+    (2.5, "busy_poll_us must be a whole number, got 2.5"),
+    ("50", "busy_poll_us must be a whole number, got '50'"),
+])
+def test_bad_busy_poll_says_what_is_allowed(tmp_path: Path, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _busy_poll(tmp_path, {"busy_poll_us": value})
