@@ -123,10 +123,11 @@ class _Linger:
         fd = sock.fileno()
         self._poller.register(fd, select.POLLIN)
         try:
-            until = time.monotonic() + busy
-            ready = self._poller.poll(0)
-            while not ready and time.monotonic() < until:
-                ready = self._poller.poll(0)
+            ready: list[tuple[int, int]] = []
+            if busy:
+                until = time.monotonic() + busy
+                while not (ready := self._poller.poll(0)) and time.monotonic() < until:
+                    pass
             if not ready:
                 ready = self._poller.poll(max(0.0, seconds - busy) * 1000)
         finally:
