@@ -2,7 +2,7 @@
 
     make bench                                  # = python -m bench
     python -m bench --seconds 2 --only signing  # one benchmark, shorter windows
-    python -m bench --repeat 1                  # one run per cell instead of the median of 3
+    python -m bench --repeat 1                  # one run per cell instead of 3
     python -m bench --docs                      # also put the tables into docs/performance.md
 
 Benchmarks: ``signing`` (targets 1 and 4), ``forward`` (target 2), ``handshakes`` (target 3). Each creates its
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="measured window of each load (default 3)")
     parser.add_argument("--clients", default="1,2,8,32", help="concurrent clients for signing (default 1,2,8,32)")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="runs per cell, baseline and agent alternating; the median-rate run is reported "
-                             "(default 3)")
+                        help="runs per cell, baseline and agent taking turns in short windows; all runs are "
+                             "added up (default 3)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
     parser.add_argument("--profile", action="store_true", help="profile fresh handshakes with py-spy (on PATH)")
     parser.add_argument("--out", type=Path, default=REPO / ".bench", help="where results.md/json go")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,17 +12,17 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol
+
+from bench.windows import ClosedLoopThreads, Window, Work, measure
 
 REPO = Path(__file__).resolve().parent.parent
 # BENCH_AGENT: another build's ``tpp-agent`` to compare against (e.g. a wrapper setting PYTHONPATH to a checkout).
 TPP_AGENT = Path(os.environ.get("BENCH_AGENT") or Path(sys.executable).parent / "tpp-agent")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-T = TypeVar("T")
 
 
 # -- results ---------------------------------------------------------------------
@@ -194,77 +195,203 @@ def http_request(method: str, path: str, body: dict[str, Any] | None = None) -> 
 
 
 # -- load --------------------------------------------------------------------------
+# Loads that are compared take turns in windows this long (plus a warm-up each): the speed of this kind of VM
+# drifts in phases a few hundred ms long (libcrypto's ECDSA here: up to 1.6x between phases, while a Python
+# loop and file syscalls keep their pace), so a baseline and an agent measured one after the other for
+# seconds each could meet different phases; taking short turns, both meet the same mix.
+TURN_SECONDS = 0.25
+TURN_WARMUP = 0.05
+WARMUP = 0.3  # before a single long window
+
+
 @dataclasses.dataclass
 class Load:
-    rate: float
-    p50_ms: float
-    p99_ms: float
-    count: int
-    cpu_seconds: float = 0.0  # the daemon's, over the measured window
-    client_cpu_seconds: float = 0.0  # the load generator's, over the same window
+    """What one or more windows of a load measured, added up."""
+
+    count: int = 0  # requests completed inside the windows
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the daemon's (all its processes) or, for an in-process load, this process's
+    client_cpu_seconds: float = 0.0  # the load generator's
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_seconds / max(1, self.count) * 1e6
+
+    def add(self, other: Load) -> None:
+        self.count += other.count
+        self.seconds += other.seconds
+        self.cpu_seconds += other.cpu_seconds
+        self.client_cpu_seconds += other.client_cpu_seconds
 
 
-def drive(spec: dict[str, Any], daemon: Daemon | None = None) -> Load:
-    """Run ``bench.load`` in its own process; the daemon's CPU time is read around the measured window."""
-    proc = subprocess.Popen([sys.executable, "-m", "bench.load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            cwd=REPO, text=True)
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps(spec))
-    proc.stdin.close()
-    go = proc.stdout.readline()
-    cpu0 = daemon.cpu_seconds() if daemon else 0.0
-    line = proc.stdout.readline()
-    cpu1 = daemon.cpu_seconds() if daemon else 0.0
-    proc.wait(60)
-    if go.strip() != "go" or not line:
-        raise RuntimeError(f"load generator failed (exit {proc.returncode})")
-    result = json.loads(line)
-    if result["errors"]:
-        raise RuntimeError(f"load generator: {result['errors']}")
-    return Load(result["rate"], result["p50_ms"], result["p99_ms"], result["count"], cpu1 - cpu0,
-                result["client_cpu_seconds"])
+class Contender(Protocol):
+    """A load that can be driven window by window, idle in between."""
+
+    def window(self, warmup: float, seconds: float) -> Load:
+        """Drive one window (after ``warmup`` seconds not counted); what completed inside it."""
+
+    def finish(self) -> tuple[float, float]:
+        """End the load: (p50, p99) in ms over every window."""
+
+    def close(self) -> None:
+        """Release what the load holds, finished or not (idempotent)."""
 
 
-def in_threads(threads: int, seconds: float, setup: Callable[[], Callable[[], object]],
-               warmup: float = 0.3) -> tuple[float, float, float, float]:
-    """Closed loop in this process: (ops/s, p50 ms, p99 ms, CPU seconds of this process per op)."""
-    latencies: list[list[float]] = [[] for _ in range(threads)]
-    ready = threading.Barrier(threads + 1)
-    begin: list[float] = []
+class LoadProcess:
+    """``bench.load`` in its own process; the daemon's CPU time is read when each window opens and closes."""
 
-    def loop(n: int) -> None:
-        work = setup()
-        ready.wait()
-        start, end = begin[0], begin[0] + seconds
-        own = latencies[n]
-        while True:
-            t0 = time.monotonic()
-            if t0 >= end:
-                return
-            work()
-            if t0 >= start:
-                own.append(time.monotonic() - t0)
+    def __init__(self, spec: dict[str, Any], daemon: Daemon | None = None) -> None:
+        self._daemon = daemon
+        self._proc = subprocess.Popen([sys.executable, "-m", "bench.load"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, cwd=REPO, text=True)
+        self._send(spec)
+        self._expect("ready")
 
-    pool = [threading.Thread(target=loop, args=(n,)) for n in range(threads)]
-    for thread in pool:
-        thread.start()
-    begin.append(time.monotonic() + warmup)
-    ready.wait()
-    time.sleep(max(0.0, begin[0] - time.monotonic()))
-    cpu0 = time.process_time()
-    for thread in pool:
-        thread.join()
-    cpu = time.process_time() - cpu0
-    merged = sorted(x for own in latencies for x in own)
-    count = max(1, len(merged))
-    return len(merged) / seconds, _pct(merged, 50) * 1000, _pct(merged, 99) * 1000, cpu / count
+    def window(self, warmup: float, seconds: float) -> Load:
+        self._send({"warmup": warmup, "seconds": seconds})
+        self._expect("go")
+        cpu = self._daemon.cpu_seconds() if self._daemon else 0.0
+        self._expect("end")
+        cpu = (self._daemon.cpu_seconds() if self._daemon else 0.0) - cpu
+        result = self._result()
+        return Load(result["count"], seconds, cpu, result["client_cpu_seconds"])
+
+    def finish(self) -> tuple[float, float]:
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        result = self._result()
+        self._proc.wait(60)
+        return result["p50_ms"], result["p99_ms"]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps(message) + "\n")
+        self._proc.stdin.flush()
+
+    def _line(self) -> str:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load generator ended (exit {self._proc.wait(60)})")
+        return line.strip()
+
+    def _expect(self, word: str) -> None:
+        line = self._line()
+        if line != word:
+            raise RuntimeError(f"load generator said {line[:200]!r}, expected {word!r}")
+
+    def _result(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self._line())
+        if result["errors"]:
+            raise RuntimeError(f"load generator: {result['errors']}")
+        return result
 
 
-def median_run(runs: list[T], rate: Callable[[T], float]) -> T:
-    """The run with the median rate: its rate, latencies and CPU are reported together. The machine's noise
-    moves single runs by 5 to 10 percent; a median of alternating runs is steadier, and unlike the worst run it is not
-    biased by the pick."""
-    return sorted(runs, key=rate)[len(runs) // 2]
+class InProcess:
+    """A closed loop on threads of this process (the raw baselines); CPU is this process's."""
+
+    def __init__(self, threads: int, setup: Callable[[], Work]) -> None:
+        self._threads = ClosedLoopThreads(threads, setup)
+        self._closed = False
+
+    def window(self, warmup: float, seconds: float) -> Load:
+        before = len(self._threads.latencies)
+        cpu = measure(Window.after(warmup, seconds), self._threads.run)
+        if self._threads.errors:
+            raise RuntimeError(f"in-process load: {self._threads.errors[:3]}")
+        return Load(len(self._threads.latencies) - before, seconds, cpu)
+
+    def finish(self) -> tuple[float, float]:
+        self.close()
+        latencies = sorted(self._threads.latencies)
+        return _pct(latencies, 50) * 1000, _pct(latencies, 99) * 1000
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._threads.close()
+
+
+@dataclasses.dataclass
+class Measured:
+    total: Load  # every run together, with the latency percentiles
+    runs: list[Load]
+
+    def ratio(self, baseline: Measured) -> float:
+        return self.total.rate / baseline.total.rate
+
+    def ratios(self, baseline: Measured) -> list[float]:
+        """Run by run: how much the ratio moves."""
+        return [mine.rate / theirs.rate for mine, theirs in zip(self.runs, baseline.runs, strict=True)]
+
+
+def ratio_cell(ratio: float, per_run: list[float]) -> str:
+    """``77% (74% to 80%)``: all runs together, then the lowest and highest run (one run: the ratio alone)."""
+    if len(per_run) < 2:
+        return f"{ratio:.0%}"
+    return f"{ratio:.0%} ({min(per_run):.0%} to {max(per_run):.0%})"
+
+
+def compare(contenders: dict[str, Contender], seconds: float, runs: int) -> dict[str, Measured]:
+    """Each contender for ``seconds`` per run, ``runs`` times, all taking turns (:data:`TURN_SECONDS`; the
+    order rotates each turn); the contenders are closed at the end."""
+    loads: dict[str, list[Load]] = {name: [] for name in contenders}
+    names = list(contenders)
+    turns = max(1, round(seconds / TURN_SECONDS))
+    try:
+        for _ in range(runs):
+            run = {name: Load() for name in names}
+            for turn in range(turns):
+                for name in names[turn % len(names):] + names[:turn % len(names)]:
+                    run[name].add(contenders[name].window(TURN_WARMUP, seconds / turns))
+            for name in names:
+                loads[name].append(run[name])
+        measured = {}
+        for name, contender in contenders.items():
+            total = Load()
+            for load in loads[name]:
+                total.add(load)
+            total.p50_ms, total.p99_ms = contender.finish()
+            measured[name] = Measured(total, loads[name])
+        return measured
+    finally:
+        for contender in contenders.values():
+            contender.close()
+
+
+def single(contender: Contender, seconds: float) -> Load:
+    """One window of ``seconds`` (an open loop keeps its schedule through it)."""
+    try:
+        load = contender.window(WARMUP, seconds)
+        load.p50_ms, load.p99_ms = contender.finish()
+        return load
+    finally:
+        contender.close()
+
+
+def drive(spec: dict[str, Any], seconds: float, daemon: Daemon | None = None) -> Load:
+    """``bench.load`` with ``spec`` for one window of ``seconds``."""
+    return single(LoadProcess(spec, daemon), seconds)
+
+
+def in_threads(threads: int, seconds: float, setup: Callable[[], Work]) -> Load:
+    """A closed loop on ``threads`` threads of this process for one window of ``seconds``."""
+    return single(InProcess(threads, setup), seconds)
 
 
 def _pct(values: list[float], pct: float) -> float:

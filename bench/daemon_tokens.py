@@ -96,7 +96,7 @@ def main() -> None:
             def jws() -> None:
                 client.jws("signing", payload, "PS256")
 
-            per_s = in_threads(1, args.seconds, lambda: jws)[0]
+            per_s = in_threads(1, args.seconds, lambda: jws).rate
             print(f"JWS PS256 over the socket, 1 client: {per_s:6.0f}/s")
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -12,13 +12,28 @@ import base64
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from agent import config as config_module
 from agent.runtime import Runtime
 from bench.bank import DISCOVERY_PATH, Bank
-from bench.common import REPO, Check, Daemon, Load, Outcome, State, Table, drive, http_request, median_run
+from bench.common import (
+    REPO,
+    TURN_SECONDS,
+    Check,
+    Contender,
+    Daemon,
+    Load,
+    LoadProcess,
+    Outcome,
+    State,
+    Table,
+    compare,
+    http_request,
+    ratio_cell,
+)
 from bench.load import answered
 from bench.signing import PROFILES
 
@@ -38,6 +53,26 @@ def signs(stats: Path) -> int:
     if not stats.exists():
         return 0
     return int(dict(line.split("=") for line in stats.read_text().split()).get("signs", 0))
+
+
+class Counted:
+    """A contender whose windows also count what ``counter`` counts (token signatures)."""
+
+    def __init__(self, contender: Contender, counter: Callable[[], int]) -> None:
+        self._contender, self._counter = contender, counter
+        self.counted = 0
+
+    def window(self, warmup: float, seconds: float) -> Load:
+        before = self._counter()
+        load = self._contender.window(warmup, seconds)
+        self.counted += self._counter() - before
+        return load
+
+    def finish(self) -> tuple[float, float]:
+        return self._contender.finish()
+
+    def close(self) -> None:
+        self._contender.close()
 
 
 def run(work: Path, seconds: float, repeat: int) -> Outcome:
@@ -72,41 +107,39 @@ def _run(work: Path, seconds: float, repeat: int, bank: Bank) -> Outcome:
                        "bank keeps connections alive and resumes TLS sessions; every forwarded call is audited. "
                        "Baseline: urllib3 `HTTPSConnectionPool` with cert/key files (stdlib ssl), one pool per "
                        "client thread. Profiles as in the signing table; the target is checked on the throughput "
-                       "profile. Token signatures: the throughput profile's during its run. Each cell: the "
-                       "median-rate run of the repeats, baseline and agent alternating.")
+                       f"profile. Token signatures: the throughput profile's during its windows. Each cell: {repeat} "
+                       f"runs of {seconds:g} s per load, the three taking turns in windows of {TURN_SECONDS:g} s, "
+                       "added up; ratio: all runs together (lowest and highest run).")
     ratios: dict[str, list[float]] = {name: [] for name, _ in PROFILES}
     peak_rss = 0.0
     daemons = {name: Daemon.start(configs[name], state.dir / f"run-{name}" / "agent.sock", shim_env)
                for name, _ in PROFILES}
     try:
         for n in CLIENTS:
-            bases: list[Load] = []
-            runs: dict[str, list[tuple[Load, int]]] = {name: [] for name, _ in PROFILES}
-            for _ in range(repeat):  # baseline and agent alternate, so that a noisy moment hits both
-                bases.append(drive({"mode": "https", "host": target.hostname, "port": target.port,
-                                    "path": DISCOVERY_PATH, "cert": str(cert_path), "key": str(key_path),
-                                    "ca": str(bank.ca_bundle), "threads": n, "seconds": seconds}))
-                for name, _ in PROFILES:
-                    daemon = daemons[name]
-                    before = signs(stats)
-                    agent = drive({"mode": "unix", "socket": str(daemon.socket_path), "threads": n,
-                                   "seconds": seconds, "request_b64": request}, daemon)
-                    runs[name].append((agent, signs(stats) - before))
-            base = median_run(bases, lambda r: r.rate)
-            row = [str(n), f"{base.rate:,.0f}", f"{base.p50_ms:.2f}"]
-            record: dict[str, object] = {"clients": n, "urllib3_rate": base.rate,
-                                         "urllib3_rates": [r.rate for r in bases]}
+            counted = {name: Counted(LoadProcess({"mode": "unix", "socket": str(daemons[name].socket_path),
+                                                  "threads": n, "request_b64": request}, daemons[name]),
+                                     lambda: signs(stats)) for name, _ in PROFILES}
+            measured = compare({"urllib3": LoadProcess({"mode": "https", "host": target.hostname, "port": target.port,
+                                                        "path": DISCOVERY_PATH, "cert": str(cert_path),
+                                                        "key": str(key_path), "ca": str(bank.ca_bundle),
+                                                        "threads": n}), **counted}, seconds, repeat)
+            base = measured["urllib3"]
+            row = [str(n), f"{base.total.rate:,.0f}", f"{base.total.p50_ms:.2f}"]
+            record: dict[str, object] = {"clients": n, "urllib3_rate": base.total.rate,
+                                         "urllib3_rates": [r.rate for r in base.runs]}
             for name, _ in PROFILES:
-                agent, used = median_run(runs[name], lambda r: r[0].rate)
-                ratio = agent.rate / base.rate
+                agent = measured[name].total
+                ratio = measured[name].ratio(base)
                 ratios[name].append(ratio)
+                shown = ratio_cell(ratio, measured[name].ratios(base))
                 if name == "default":
-                    row += [f"{agent.rate:,.0f}", f"{ratio:.0%}", f"{agent.p99_ms:.2f}"]
+                    row += [f"{agent.rate:,.0f}", shown, f"{agent.p99_ms:.2f}"]
                 else:
-                    row += [f"{agent.rate:,.0f}", f"{ratio:.0%}", f"{agent.p50_ms:.2f}", f"{agent.p99_ms:.2f}",
-                            f"{agent.cpu_seconds / max(1, agent.count) * 1e6:,.0f}", str(used)]
+                    row += [f"{agent.rate:,.0f}", shown, f"{agent.p50_ms:.2f}", f"{agent.p99_ms:.2f}",
+                            f"{agent.cpu_us_per_request:,.0f}", str(counted[name].counted)]
                 record[name] = {"rate": agent.rate, "ratio": ratio, "p99_ms": agent.p99_ms,
-                                "rates": [r.rate for r, _ in runs[name]]}
+                                "rates": [r.rate for r in measured[name].runs],
+                                "ratios": measured[name].ratios(base)}
             table.rows.append(row)
             outcome.data.setdefault("forward", []).append(record)
         peak_rss = max(daemon.memory_mb()[1] for daemon in daemons.values())

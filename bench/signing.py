@@ -22,16 +22,19 @@ from pkcs11.types import SignMixin
 from agent import config as config_module
 from agent.runtime import Runtime
 from bench.common import (
+    TURN_SECONDS,
     Check,
+    Contender,
     Daemon,
-    Load,
+    InProcess,
+    LoadProcess,
     Outcome,
     State,
     Table,
+    compare,
     drive,
     http_request,
-    in_threads,
-    median_run,
+    ratio_cell,
 )
 from pkcs11_backends.keys import KeySpec, SignatureScheme, sign_with
 
@@ -109,8 +112,9 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
                        "builds the JWS).")
     table.notes.append(f"Raw: python-pkcs11 in the bench process on min(clients, {RAW_THREADS}) sessions/threads, "
                        "key found once, nothing audited.")
-    table.notes.append(f"Each cell: the median-rate run of {repeat}, raw and agent runs alternating "
-                       "(every run's rate is in results.json).")
+    table.notes.append(f"Each cell: {repeat} runs of {seconds:g} s per load, raw and both agents taking turns "
+                       f"in windows of {TURN_SECONDS:g} s (so that all meet the same drift of the machine's speed), "
+                       "added up; ratio: all runs together (lowest and highest run). Every run is in results.json.")
     table.notes.append("default: `tpp-agent serve` with every [daemon] setting at its default (one process, "
                        "workers = CPUs, each audit record fdatasync'ed on ext4 before the answer). throughput: "
                        "`processes = \"auto\"` (one serving process per CPU, workers = 1 each) and "
@@ -133,31 +137,32 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
 
         ratios: dict[str, list[float]] = {name: [] for name, _ in PROFILES}
         for n in clients:
-            raws: list[tuple[float, float, float, float]] = []
-            runs: dict[str, list[Load]] = {name: [] for name, _ in PROFILES}
-            for _ in range(repeat):  # raw and agent alternate, so that a noisy moment hits both
-                raws.append(in_threads(min(n, RAW_THREADS), seconds, raw_worker))
-                for name, _ in PROFILES:
-                    daemon = daemons[name]
-                    runs[name].append(drive({"mode": "unix", "socket": str(daemon.socket_path), "threads": n,
-                                             "seconds": seconds, "request_b64": request}, daemon))
-            raw_rate, raw_p50, _, raw_cpu = median_run(raws, lambda r: r[0])
-            row = [alg, str(n), f"{raw_rate:,.0f}", f"{raw_p50:.2f}"]
-            record: dict[str, object] = {"alg": alg, "clients": n, "raw_rate": raw_rate, "raw_cpu_us": raw_cpu * 1e6,
-                                         "raw_rates": [r[0] for r in raws]}
+            contenders: dict[str, Contender] = {"raw": InProcess(min(n, RAW_THREADS), raw_worker)}
             for name, _ in PROFILES:
-                load = median_run(runs[name], lambda r: r.rate)
-                per_request = load.cpu_seconds / max(1, load.count) * 1e6
-                ratio = load.rate / raw_rate
+                daemon = daemons[name]
+                contenders[name] = LoadProcess({"mode": "unix", "socket": str(daemon.socket_path), "threads": n,
+                                                "request_b64": request}, daemon)
+            measured = compare(contenders, seconds, repeat)
+            raw = measured["raw"]
+            raw_cpu = raw.total.cpu_us_per_request
+            row = [alg, str(n), f"{raw.total.rate:,.0f}", f"{raw.total.p50_ms:.2f}"]
+            record: dict[str, object] = {"alg": alg, "clients": n, "raw_rate": raw.total.rate, "raw_cpu_us": raw_cpu,
+                                         "raw_rates": [r.rate for r in raw.runs]}
+            for name, _ in PROFILES:
+                load = measured[name].total
+                ratio = measured[name].ratio(raw)
                 ratios[name].append(ratio)
+                shown = ratio_cell(ratio, measured[name].ratios(raw))
                 if name == "default":
-                    row += [f"{load.rate:,.0f}", f"{ratio:.0%}", f"{load.p99_ms:.2f}", f"{per_request:,.0f}"]
+                    row += [f"{load.rate:,.0f}", shown, f"{load.p99_ms:.2f}", f"{load.cpu_us_per_request:,.0f}"]
                 else:
                     peaks[alg] = max(peaks.get(alg, 0.0), load.rate)
-                    row += [f"{load.rate:,.0f}", f"{ratio:.0%}", f"{load.p50_ms:.2f}", f"{load.p99_ms:.2f}",
-                            f"{per_request:,.0f}", f"{per_request - raw_cpu * 1e6:,.0f}"]
+                    row += [f"{load.rate:,.0f}", shown, f"{load.p50_ms:.2f}", f"{load.p99_ms:.2f}",
+                            f"{load.cpu_us_per_request:,.0f}", f"{load.cpu_us_per_request - raw_cpu:,.0f}"]
                 record[name] = {"rate": load.rate, "ratio": ratio, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms,
-                                "cpu_us_per_request": per_request, "rates": [r.rate for r in runs[name]]}
+                                "cpu_us_per_request": load.cpu_us_per_request,
+                                "rates": [r.rate for r in measured[name].runs],
+                                "ratios": measured[name].ratios(raw)}
             table.rows.append(row)
             outcome.data.setdefault("signing", []).append(record)
         worst = min(ratios["throughput"])
@@ -174,8 +179,8 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
         request = base64.b64encode(http_request("POST", f"/v1/keys/{alias}/sign", {
             "alg": alg, "data_b64": base64.b64encode(SIGNING_INPUT).decode()})).decode()
         offered = peaks[alg] / 2
-        opened: Load = drive({"mode": "unix", "socket": str(throughput.socket_path), "threads": 8,
-                              "seconds": seconds, "rate": offered, "request_b64": request}, throughput)
+        opened = drive({"mode": "unix", "socket": str(throughput.socket_path), "threads": 8, "rate": offered,
+                        "request_b64": request}, seconds, throughput)
         half.rows.append([alg, f"{peaks[alg]:,.0f}", f"{offered:,.0f}", f"{opened.rate:,.0f}",
                           f"{opened.p50_ms:.2f}", f"{opened.p99_ms:.2f}"])
         outcome.data.setdefault("half_peak", []).append({"alg": alg, "offered": offered, "p50_ms": opened.p50_ms,

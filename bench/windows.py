@@ -1,0 +1,101 @@
+"""Measuring windows, shared by the bench process and the load generator.
+
+A load is driven in windows: a short warm-up that is not counted, then the measured window. What counts is
+what completes inside the window (a closed loop has no ramp-up or drain in it), and between two windows the
+load is idle, so that two loads can take turns on the machine (:func:`bench.common.interleave`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+Work = Callable[[], object]
+
+
+class Window(NamedTuple):
+    start: float  # time.monotonic() when counting starts
+    end: float
+
+    @classmethod
+    def after(cls, warmup: float, seconds: float) -> Window:
+        start = time.monotonic() + warmup
+        return cls(start, start + seconds)
+
+    def holds(self, moment: float) -> bool:
+        return self.start <= moment <= self.end
+
+
+def process_cpu() -> float:
+    """CPU seconds of this process, all threads, user and system."""
+    times = os.times()
+    return times.user + times.system
+
+
+def measure(window: Window, run: Callable[[Window], None], at_start: Callable[[], None] = lambda: None,
+            at_end: Callable[[], None] = lambda: None) -> float:
+    """Run ``run(window)`` on a thread of its own; call ``at_start``/``at_end`` when the window opens and closes;
+    return once ``run`` has returned, with this process's CPU seconds inside the window."""
+    driver = threading.Thread(target=run, args=(window,))
+    driver.start()
+    time.sleep(max(0.0, window.start - time.monotonic()))
+    cpu = process_cpu()
+    at_start()
+    time.sleep(max(0.0, window.end - time.monotonic()))
+    cpu = process_cpu() - cpu
+    at_end()
+    driver.join()
+    return cpu
+
+
+class ClosedLoopThreads:
+    """Threads that each call their own ``work`` (from ``setup``, on the thread) back to back during a window,
+    and wait between windows. ``latencies``: every call completed inside a window, in seconds."""
+
+    def __init__(self, threads: int, setup: Callable[[], Work]) -> None:
+        self.latencies: list[float] = []  # list.append is atomic: one list for all threads
+        self.errors: list[str] = []
+        self._setup = setup
+        self._window: Window | None = None  # None: the threads end
+        self._go = threading.Barrier(threads + 1)
+        self._done = threading.Barrier(threads + 1)
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def run(self, window: Window) -> None:
+        """Drive one window; return once every thread is idle again."""
+        self._window = window
+        self._go.wait()
+        self._done.wait()
+
+    def close(self) -> None:
+        self._window = None
+        self._go.wait()
+        for thread in self._threads:
+            thread.join()
+
+    def _loop(self) -> None:
+        try:
+            work: Work | None = self._setup()
+        except Exception as exc:  # reported by the caller, and the benchmark fails loudly
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            work = None
+        while True:
+            self._go.wait()
+            window = self._window
+            if window is None:
+                return
+            try:
+                while work is not None and (started := time.monotonic()) < window.end:
+                    work()
+                    done = time.monotonic()
+                    if window.holds(done):
+                        self.latencies.append(done - started)
+            except Exception as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                work = None
+            self._done.wait()
