@@ -72,6 +72,7 @@ class Limits:
     drain_timeout: float = 30.0
     linger: float = 0.002           # a worker's wait for the same client's next request
     busy_poll: float = 50e-6        # of which spent polling without sleeping
+    log_successes: bool = True      # a log line for every answer; False: only for 4xx/5xx and dropped ones
 
 
 def refuse_connection(sock: socket.socket, error: HttpError) -> None:
@@ -416,11 +417,12 @@ class Server:
         with conn.writing:
             late = conn.answered
             sent = not late and self._send(conn, response.render(request.interaction_id, keep_alive))
-        log.info("request", peer_uid=request.peer.uid, peer_pid=request.peer.pid, method=request.method,
-                 path=request.path, status=response.status,
-                 duration_ms=round((time.monotonic() - conn.started) * 1000, 2),
-                 interaction_id=request.interaction_id, **request.log,
-                 **({"dropped": "answered already: a token call passed [pkcs11] call_timeout"} if late else {}))
+        if self.limits.log_successes or response.status >= 400 or late:
+            log.info("request", peer_uid=request.peer.uid, peer_pid=request.peer.pid, method=request.method,
+                     path=request.path, status=response.status,
+                     duration_ms=round((time.monotonic() - conn.started) * 1000, 2),
+                     interaction_id=request.interaction_id, **request.log,
+                     **({"dropped": "answered already: a token call passed [pkcs11] call_timeout"} if late else {}))
         if not (keep_alive and sent):
             self._close(conn)
             return None

@@ -15,8 +15,9 @@ from agent.errors import ConfigError
 
 _KNOWN = {"socket", "socket_group", "socket_mode", "workers", "bank_workers", "max_connections", "max_request_bytes",
           "request_timeout", "idle_timeout", "health_interval", "audit_file", "audit_sync",
-          "audit_sync_interval_ms", "log_level", "processes", "busy_poll_us"}
+          "audit_sync_interval_ms", "log_level", "processes", "busy_poll_us", "request_log"}
 AUDIT_SYNC_MODES = ("always", "interval")
+REQUEST_LOG_MODES = ("all", "failures")
 
 
 def default_socket() -> Path:
@@ -69,6 +70,7 @@ class DaemonSettings:
             request_timeout=_number(section, "request_timeout", 10.0, float, low=0.1, high=3600),
             idle_timeout=_number(section, "idle_timeout", 60.0, float, low=0.1, high=86400),
             busy_poll=_number(section, "busy_poll_us", 50, int, low=0, high=1000) / 1e6,
+            log_successes=_request_log(section) == "all",
         )
         audit = Path(_text(section, "audit_file", str(config.state_dir / "audit.jsonl"))).expanduser()
         return cls(socket, gid, mode, limits, _number(section, "health_interval", 10.0, float, low=0.1, high=3600),
@@ -103,6 +105,16 @@ def _audit_sync_interval(section: Mapping[str, Any]) -> float | None:
                               hint='set audit_sync = "interval" too, or remove audit_sync_interval_ms')
         return None
     return interval_ms / 1000
+
+
+def _request_log(section: Mapping[str, Any]) -> str:
+    mode = _text(section, "request_log", "all")
+    if mode not in REQUEST_LOG_MODES:
+        raise ConfigError(f"[daemon] request_log must be one of {', '.join(map(repr, REQUEST_LOG_MODES))}, "
+                          f"got {mode!r}",
+                          hint='"all": a log line per request; "failures": only for requests answered 4xx/5xx '
+                               "(every key use is in the audit trail either way)")
+    return mode
 
 
 def _text(section: Mapping[str, Any], name: str, default: str) -> str:

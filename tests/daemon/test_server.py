@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.config import parse
-from agent.daemon.http import Request, Response
+from agent.daemon.http import HttpError, Request, Response
 from agent.daemon.server import Limits, Server
 from agent.daemon.settings import DaemonSettings
 from agent.errors import ConfigError
@@ -78,3 +79,55 @@ def test_busy_poll_is_set_in_microseconds_and_zero_turns_it_off(tmp_path: Path) 
 def test_bad_busy_poll_says_what_is_allowed(tmp_path: Path, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _busy_poll(tmp_path, {"busy_poll_us": value})
+
+
+@pytest.mark.parametrize("log_successes,logged", [(True, [200, 404]), (False, [404])], ids=["all", "failures"])
+def test_request_log_failures_only_leaves_out_the_answered_requests(tmp_path: Path, log_successes: bool,
+                                                                   logged: list[int]) -> None:
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def answer(request: Request) -> Response:
+        if request.path != "/ok":
+            raise HttpError(404, "not_found", f"no endpoint {request.path}")
+        return Response.json(200, {"path": request.path})
+
+    server = Server(listener, answer, Limits(workers=1, drain_timeout=1.0, log_successes=log_successes))
+    thread = threading.Thread(target=server.serve_forever)
+    with capture_logs() as logs:
+        thread.start()
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(path))
+                for target, status in (("/ok", 200), ("/missing", 404)):
+                    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    assert read_response(sock)[0] == status
+            deadline = time.monotonic() + 10  # the 404's line, written after its answer, comes last
+            while not any(line.get("status") == 404 for line in logs) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            server.stop()
+            thread.join(10)
+            listener.close()
+    assert [line["status"] for line in logs if line["event"] == "request"] == logged
+
+
+def _request_log(tmp_path: Path, daemon: dict[str, object]) -> bool:
+    return DaemonSettings.parse(parse({"state": {"dir": str(tmp_path)}, "daemon": daemon})).limits.log_successes
+
+
+def test_request_log_is_all_by_default_and_failures_leaves_successes_out(tmp_path: Path) -> None:
+    assert _request_log(tmp_path, {}) is True
+    assert _request_log(tmp_path, {"request_log": "all"}) is True
+    assert _request_log(tmp_path, {"request_log": "failures"}) is False
+
+
+@pytest.mark.parametrize("value,message", [
+    ("none", "request_log must be one of 'all', 'failures', got 'none'"),
+    (False, "request_log must be a non-empty string"),
+])
+def test_bad_request_log_says_what_is_allowed(tmp_path: Path, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _request_log(tmp_path, {"request_log": value})
