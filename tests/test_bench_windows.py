@@ -1,0 +1,69 @@
+"""The benchmarks' load machinery against a real server on a Unix socket: windows, turns, and failures."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.daemon.http import HttpError, Request, Response
+from agent.daemon.server import Limits, Server
+from bench.common import InProcess, LoadProcess, compare, http_request
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Path]:
+    """Answers 200 on /ok, 500 anywhere else."""
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def answer(request: Request) -> Response:
+        if request.path != "/ok":
+            raise HttpError(500, "broken", "this endpoint always fails")
+        return Response.json(200, {"ok": True})
+
+    server = Server(listener, answer, Limits(workers=2, drain_timeout=1.0, log_successes=False))
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    yield path
+    server.stop()
+    thread.join(10)
+    listener.close()
+
+
+def _spec(path: Path, target: str, clients: int) -> dict[str, object]:
+    return {"mode": "unix", "socket": str(path), "threads": clients,
+            "request_b64": base64.b64encode(http_request("GET", target)).decode()}
+
+
+def test_loads_take_turns_and_count_only_inside_their_windows(server: Path) -> None:
+    calls: list[int] = []
+    measured = compare({"socket": LoadProcess(_spec(server, "/ok", 2)),
+                        "in-process": InProcess(2, lambda: lambda: calls.append(1))}, 0.5, 2)
+    for name in ("socket", "in-process"):
+        load = measured[name]
+        assert len(load.runs) == 2 and all(run.count > 0 for run in load.runs)
+        assert load.total.seconds == pytest.approx(1.0)  # 2 runs of 2 windows of 0.25 s: no ramp-up or drain
+        assert load.total.count == sum(run.count for run in load.runs)
+        assert load.total.p50_ms <= load.total.p99_ms
+    assert len(calls) > measured["in-process"].total.count  # warm-ups and the ends of windows are left out
+    assert len(measured["socket"].ratios(measured["in-process"])) == 2
+
+
+def test_a_failing_answer_stops_the_benchmark_with_what_the_server_said(server: Path) -> None:
+    with pytest.raises(RuntimeError, match="500 Internal Server Error"):
+        compare({"socket": LoadProcess(_spec(server, "/broken", 1))}, 0.25, 1)
+
+
+def test_an_in_process_load_that_fails_says_why() -> None:
+    def setup() -> Callable[[], object]:
+        raise OSError("no session left")
+
+    with pytest.raises(RuntimeError, match="no session left"):
+        compare({"in-process": InProcess(1, setup)}, 0.25, 1)
