@@ -3,38 +3,27 @@
 from __future__ import annotations
 
 import base64
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.daemon.http import HttpError, Request, Response
-from agent.daemon.server import Limits, Server
+from agent.daemon.server import Limits
 from bench.common import InProcess, LoadProcess, compare, http_request
+from tests.daemon.conftest import http_server
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Path]:
     """Answers 200 on /ok, 500 anywhere else."""
-    path = tmp_path / "s.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen()
-
     def answer(request: Request) -> Response:
         if request.path != "/ok":
             raise HttpError(500, "broken", "this endpoint always fails")
         return Response.json(200, {"ok": True})
 
-    server = Server(listener, answer, Limits(workers=2, drain_timeout=1.0, log_successes=False))
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    yield path
-    server.stop()
-    thread.join(10)
-    listener.close()
+    with http_server(tmp_path / "s.sock", answer, Limits(workers=2, drain_timeout=1.0, log_successes=False)) as path:
+        yield path
 
 
 def _spec(path: Path, target: str, clients: int) -> dict[str, object]:

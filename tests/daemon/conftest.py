@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from agent.client import AgentClient
+from agent.daemon.server import Handler, Limits, Server
 from agent.runtime import Runtime
 from pkcs11_backends.keys import KeySpec
 from tests.conftest import Token
@@ -85,6 +87,23 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def http_server(path: Path, handler: Handler, limits: Limits) -> Iterator[Path]:
+    """The daemon's HTTP server alone on a Unix socket at ``path``, answering with ``handler``."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    server = Server(listener, handler, limits)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield path
+    finally:
+        server.stop()
+        thread.join(10)
+        listener.close()
 
 
 def read_all(sock: socket.socket) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +13,10 @@ from structlog.testing import capture_logs
 
 from agent.config import parse
 from agent.daemon.http import HttpError, Request, Response
-from agent.daemon.server import Limits, Server
+from agent.daemon.server import Limits
 from agent.daemon.settings import DaemonSettings
 from agent.errors import ConfigError
-from tests.daemon.conftest import read_response
+from tests.daemon.conftest import http_server, read_response
 
 LINGER = 30.0  # far longer than the test may take: a request that waits it out fails the test
 
@@ -25,21 +24,12 @@ LINGER = 30.0  # far longer than the test may take: a request that waits it out 
 @pytest.fixture(params=[0.0, LINGER], ids=["sleeping", "busy-polling"])
 def one_worker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     """One worker that lingers on its last client: asleep, or busy polling all the while."""
-    path = tmp_path / "s.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen()
-
     def answer(request: Request) -> Response:
         return Response.json(200, {"path": request.path})
 
-    server = Server(listener, answer, Limits(workers=1, linger=LINGER, busy_poll=request.param, drain_timeout=1.0))
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    yield path
-    server.stop()
-    thread.join(10)
-    listener.close()
+    with http_server(tmp_path / "s.sock", answer, Limits(workers=1, linger=LINGER, busy_poll=request.param,
+                                                          drain_timeout=1.0)) as path:
+        yield path
 
 
 def _ask(sock: socket.socket, path: str) -> str:
@@ -84,33 +74,21 @@ def test_bad_busy_poll_says_what_is_allowed(tmp_path: Path, value: object, messa
 @pytest.mark.parametrize("log_successes,logged", [(True, [200, 404]), (False, [404])], ids=["all", "failures"])
 def test_request_log_failures_only_leaves_out_the_answered_requests(tmp_path: Path, log_successes: bool,
                                                                    logged: list[int]) -> None:
-    path = tmp_path / "s.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen()
-
     def answer(request: Request) -> Response:
         if request.path != "/ok":
             raise HttpError(404, "not_found", f"no endpoint {request.path}")
         return Response.json(200, {"path": request.path})
 
-    server = Server(listener, answer, Limits(workers=1, drain_timeout=1.0, log_successes=log_successes))
-    thread = threading.Thread(target=server.serve_forever)
-    with capture_logs() as logs:
-        thread.start()
-        try:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.connect(str(path))
-                for target, status in (("/ok", 200), ("/missing", 404)):
-                    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                    assert read_response(sock)[0] == status
-            deadline = time.monotonic() + 10  # the 404's line, written after its answer, comes last
-            while not any(line.get("status") == 404 for line in logs) and time.monotonic() < deadline:
-                time.sleep(0.01)
-        finally:
-            server.stop()
-            thread.join(10)
-            listener.close()
+    limits = Limits(workers=1, drain_timeout=1.0, log_successes=log_successes)
+    with capture_logs() as logs, http_server(tmp_path / "s.sock", answer, limits) as path:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            for target, status in (("/ok", 200), ("/missing", 404)):
+                sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert read_response(sock)[0] == status
+        deadline = time.monotonic() + 10  # the 404's line, written after its answer, comes last
+        while not any(line.get("status") == 404 for line in logs) and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert [line["status"] for line in logs if line["event"] == "request"] == logged
 
 
