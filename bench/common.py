@@ -374,19 +374,21 @@ def compare(contenders: dict[str, Contender], seconds: float, runs: int) -> dict
             contender.close()
 
 
-def single(contender: Contender, seconds: float) -> Load:
-    """One window of ``seconds`` (an open loop keeps its schedule through it)."""
+def single(contender: Contender, seconds: float, runs: int = 1) -> Load:
+    """``runs`` windows of ``seconds`` each, added up (an open loop keeps its schedule through a window)."""
     try:
-        load = contender.window(WARMUP, seconds)
-        load.p50_ms, load.p99_ms = contender.finish()
-        return load
+        total = Load()
+        for _ in range(runs):
+            total.add(contender.window(WARMUP, seconds))
+        total.p50_ms, total.p99_ms = contender.finish()
+        return total
     finally:
         contender.close()
 
 
-def drive(spec: dict[str, Any], seconds: float, daemon: Daemon | None = None) -> Load:
-    """``bench.load`` with ``spec`` for one window of ``seconds``."""
-    return single(LoadProcess(spec, daemon), seconds)
+def drive(spec: dict[str, Any], seconds: float, daemon: Daemon | None = None, runs: int = 1) -> Load:
+    """``bench.load`` with ``spec`` for ``runs`` windows of ``seconds``."""
+    return single(LoadProcess(spec, daemon), seconds, runs)
 
 
 def in_threads(threads: int, seconds: float, setup: Callable[[], Work]) -> Load:

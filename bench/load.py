@@ -52,45 +52,72 @@ class UnixDriver:
             self._socks[sock.fileno()] = sock
 
     def run(self, window: Window) -> None:
-        socks, connections = self._socks, len(self._socks)
-        begin = time.monotonic()
-        # When each connection's request under way (or its next one) was due; an open loop staggers them.
-        due = {fd: begin + n / self._rate if self._rate else begin for n, fd in enumerate(socks)}
-        waiting: set[int] = set()
-        buffers = {fd: bytearray() for fd in socks}
         poller = select.epoll()
-        for fd in socks:
+        for fd in self._socks:
             poller.register(fd, select.EPOLLIN)
         try:
-            while True:
-                now = time.monotonic()
-                for fd, sock in socks.items():  # send what is due on idle connections
-                    if fd not in waiting and due[fd] <= now and due[fd] < window.end:
-                        sock.sendall(self._request)
-                        waiting.add(fd)
-                if not waiting:
-                    if now >= window.end:
-                        return
-                    time.sleep(max(0.0, min(due.values()) - now))
-                    continue
-                timeout = max(0.0, min((d for fd, d in due.items() if fd not in waiting), default=now + 0.1) - now)
-                for fd, _ in poller.poll(timeout):
-                    buffer = buffers[fd]
-                    chunk = socks[fd].recv(65536)
-                    if not chunk:
-                        raise RuntimeError("the agent closed the connection")
-                    buffer += chunk
-                    if not answered(buffer):
-                        continue
-                    done = time.monotonic()
-                    if window.holds(done):
-                        self.latencies.append(done - due[fd])
-                    waiting.discard(fd)
-                    due[fd] = due[fd] + connections / self._rate if self._rate else done
+            (self._open_loop if self._rate else self._closed_loop)(window, poller)
         except Exception as exc:  # reported, and the benchmark fails loudly
             self.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
             poller.close()
+
+    def _answered(self, fd: int, buffers: dict[int, bytearray]) -> bool:
+        """Read what ``fd`` has; whether that completes an answer."""
+        chunk = self._socks[fd].recv(65536)
+        if not chunk:
+            raise RuntimeError("the agent closed the connection")
+        buffer = buffers[fd]
+        buffer += chunk
+        return answered(buffer)
+
+    def _closed_loop(self, window: Window, poller: select.epoll) -> None:
+        """Each connection sends its next request as soon as its answer is in, until the window closes: per
+        answer no more than a client must do (3 to 4 µs of client CPU less than scanning every connection)."""
+        sent = dict.fromkeys(self._socks, time.monotonic())
+        buffers = {fd: bytearray() for fd in self._socks}
+        for sock in self._socks.values():
+            sock.sendall(self._request)
+        while sent:
+            for fd, _ in poller.poll():
+                if not self._answered(fd, buffers):
+                    continue
+                done = time.monotonic()
+                if window.holds(done):
+                    self.latencies.append(done - sent[fd])
+                if done < window.end:
+                    self._socks[fd].sendall(self._request)
+                    sent[fd] = done
+                else:
+                    del sent[fd]
+
+    def _open_loop(self, window: Window, poller: select.epoll) -> None:
+        """Requests due on a fixed schedule, the connections taking turns; latency from when each was due."""
+        socks, step = self._socks, len(self._socks) / self._rate
+        begin = time.monotonic()
+        due = {fd: begin + n / self._rate for n, fd in enumerate(socks)}  # of the request under way, or the next
+        waiting: set[int] = set()
+        buffers = {fd: bytearray() for fd in socks}
+        while True:
+            now = time.monotonic()
+            for fd, sock in socks.items():  # send what is due on idle connections
+                if fd not in waiting and due[fd] <= now and due[fd] < window.end:
+                    sock.sendall(self._request)
+                    waiting.add(fd)
+            if not waiting:
+                if now >= window.end:
+                    return
+                time.sleep(max(0.0, min(due.values()) - now))
+                continue
+            timeout = max(0.0, min((d for fd, d in due.items() if fd not in waiting), default=now + 0.1) - now)
+            for fd, _ in poller.poll(timeout):
+                if not self._answered(fd, buffers):
+                    continue
+                done = time.monotonic()
+                if window.holds(done):
+                    self.latencies.append(done - due[fd])
+                waiting.discard(fd)
+                due[fd] += step
 
 
 def answered(buffer: bytearray) -> bool:

@@ -177,12 +177,13 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
     throughput = daemons["throughput"]
     half = Table("Open loop at half the peak rate (throughput profile, 8 connections, latency from when each "
                  "request was due)", ["alg", "peak sig/s", "offered sig/s", "achieved sig/s", "p50 ms", "p99 ms"])
+    half.notes.append(f"Each row: {repeat} windows of {seconds:g} s, their latencies together.")
     for alias, _, alg, _ in CASES:
         request = base64.b64encode(http_request("POST", f"/v1/keys/{alias}/sign", {
             "alg": alg, "data_b64": base64.b64encode(SIGNING_INPUT).decode()})).decode()
         offered = peaks[alg] / 2
         opened = drive({"mode": "unix", "socket": str(throughput.socket_path), "threads": 8, "rate": offered,
-                        "request_b64": request}, seconds, throughput)
+                        "request_b64": request}, seconds, throughput, repeat)
         half.rows.append([alg, f"{peaks[alg]:,.0f}", f"{offered:,.0f}", f"{opened.rate:,.0f}",
                           f"{opened.p50_ms:.2f}", f"{opened.p99_ms:.2f}"])
         outcome.data.setdefault("half_peak", []).append({"alg": alg, "offered": offered, "p50_ms": opened.p50_ms,
