@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.windows import ClosedLoopThreads, Window, Work, measure
+from bench.windows import ClosedLoopThreads, Window, Work, measure, p50_p99_ms
 
 REPO = Path(__file__).resolve().parent.parent
 # BENCH_AGENT: another build's ``tpp-agent`` to compare against (e.g. a wrapper setting PYTHONPATH to a checkout).
@@ -318,8 +318,7 @@ class InProcess:
 
     def finish(self) -> tuple[float, float]:
         self.close()
-        latencies = sorted(self._threads.latencies)
-        return _pct(latencies, 50) * 1000, _pct(latencies, 99) * 1000
+        return p50_p99_ms(self._threads.latencies)
 
     def close(self) -> None:
         if not self._closed:
@@ -394,7 +393,3 @@ def drive(spec: dict[str, Any], seconds: float, daemon: Daemon | None = None, ru
 def in_threads(threads: int, seconds: float, setup: Callable[[], Work]) -> Load:
     """A closed loop on ``threads`` threads of this process for one window of ``seconds``."""
     return single(InProcess(threads, setup), seconds)
-
-
-def _pct(values: list[float], pct: float) -> float:
-    return values[min(len(values) - 1, int(len(values) * pct / 100))] if values else float("nan")

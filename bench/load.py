@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any, Protocol
 
-from bench.windows import ClosedLoopThreads, Window, Work, measure
+from bench.windows import ClosedLoopThreads, Window, Work, measure, p50_p99_ms
 
 
 class Driver(Protocol):
@@ -164,15 +164,8 @@ def serve(driver: Driver) -> None:
         cpu = measure(window, driver.run, lambda: say("go"), lambda: say("end"))
         say(json.dumps({"count": len(driver.latencies) - before, "client_cpu_seconds": cpu,
                         "errors": driver.errors[errors:errors + 3]}))
-    latencies = sorted(driver.latencies)
-    say(json.dumps({"p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
-                    "errors": driver.errors[:3]}))
-
-
-def percentile(values: list[float], pct: float) -> float:
-    if not values:
-        return float("nan")
-    return values[min(len(values) - 1, int(len(values) * pct / 100))]
+    p50, p99 = p50_p99_ms(driver.latencies)
+    say(json.dumps({"p50_ms": p50, "p99_ms": p99, "errors": driver.errors[:3]}))
 
 
 def main() -> None:

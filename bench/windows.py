@@ -29,6 +29,17 @@ class Window(NamedTuple):
         return self.start <= moment <= self.end
 
 
+def p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
+    """The median and 99th percentile of ``latencies`` (seconds), in ms; NaN when there are none."""
+    ordered = sorted(latencies)
+    if not ordered:
+        return float("nan"), float("nan")
+    def at(pct: int) -> float:
+        return ordered[min(len(ordered) - 1, len(ordered) * pct // 100)] * 1000
+
+    return at(50), at(99)
+
+
 def process_cpu() -> float:
     """CPU seconds of this process, all threads, user and system."""
     times = os.times()
