@@ -20,7 +20,12 @@ returned, so it survives the agent crashing or being killed; when it also reache
 
 Several processes may append to one trail (the daemon, and the CLI signing on the token directly): each
 append holds ``flock`` on the file, and a process that finds the file grown since its own last append first
-reads the tail, so the chain continues from the other process's last record.
+reads the tail, so the chain continues from the other process's last record. A process that signs all day
+beside others (the daemon's serving processes, ``[daemon] processes`` > 1) keeps a trail of its own instead,
+:func:`own_trail`: ``audit.1.jsonl``, ``audit.2.jsonl``… next to ``audit.jsonl``, each held with ``flock``
+for the writer's lifetime, so its appends take no lock, no ``fstat`` and no tail read (that cost 39 to 46 µs of
+CPU per record with two serving processes on one file, where 96% of appends first read the other's tail).
+:func:`trail_files` lists a trail and its siblings; ``tpp-agent audit verify`` checks them all.
 
 Removing records at the *end* of the trail is not visible in the trail itself;
 the daemon reports the last ``seq`` in its journal status for that reason.
@@ -117,11 +122,17 @@ class _FileLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
+class TrailBusyError(AuditError):
+    """Another living process holds this trail as its own."""
+
+
 class AuditTrail:
-    def __init__(self, path: Path, sync_interval: float | None = None) -> None:
+    def __init__(self, path: Path, sync_interval: float | None = None, *, exclusive: bool = False) -> None:
         """``sync_interval``: None syncs each record before :meth:`record` returns; seconds leave the sync to a
-        background thread that runs at most that often (see the module docstring)."""
+        background thread that runs at most that often (see the module docstring). ``exclusive``: the trail is
+        this process's alone until it closes (:class:`TrailBusyError` if another process holds it)."""
         self.path = path
+        self._exclusive = exclusive
         self._lock = threading.Lock()  # seq order: chaining and appending a record
         self._durable = threading.Condition()  # group commit: who syncs, and up to which seq
         self._syncing = False
@@ -134,8 +145,12 @@ class AuditTrail:
         self._seq, self._prev = 0, GENESIS
         self._size = -1  # the file's size after our last append (-1: the tail was never read)
         try:
-            with self._file_lock():
+            if exclusive:
+                self._hold()
                 self._catch_up()
+            else:
+                with self._file_lock():
+                    self._catch_up()
         except BaseException:
             os.close(self._fd)
             raise
@@ -166,23 +181,42 @@ class AuditTrail:
         """
         stamp = utc_iso()
         input_sha256 = hashlib.sha256(use.signed_input).hexdigest()
-        with self._lock, self._file_lock():
-            self._catch_up()
-            seq = self._seq + 1
-            covered = _covered(use, seq, self._prev, stamp, input_sha256)  # what the hash covers
-            digest = hashlib.sha256(covered).hexdigest()
-            line = covered[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
-            try:
-                written = os.write(self._fd, line)
-                # We hold the file lock, so the file grew by our line alone (a short write: ask the kernel).
-                self._size = self._size + written if written == len(line) else os.fstat(self._fd).st_size
-            except OSError as exc:
-                raise AuditError(f"cannot write the audit trail {self.path}: {exc.strerror}") from None
-            self._seq, self._prev = seq, digest
+        with self._lock:
+            if self._exclusive:  # nobody else appends: the chain goes on from our own last record
+                seq = self._append(use, stamp, input_sha256)
+            else:
+                with self._file_lock():
+                    self._catch_up()
+                    seq = self._append(use, stamp, input_sha256)
         if self._flusher is None:
             self._sync(seq)
         elif self._refused:
             raise AuditError(self._refused, hint=_SYNC_HINT)
+
+    def _append(self, use: KeyUse, stamp: str, input_sha256: str) -> int:
+        """Under both locks (or holding the trail): write the next record; its seq."""
+        seq = self._seq + 1
+        covered = _covered(use, seq, self._prev, stamp, input_sha256)  # what the hash covers
+        digest = hashlib.sha256(covered).hexdigest()
+        line = covered[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
+        try:
+            written = os.write(self._fd, line)
+            # Nobody else appends meanwhile, so the file grew by our line alone (a short write: ask the kernel).
+            self._size = self._size + written if written == len(line) else os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise AuditError(f"cannot write the audit trail {self.path}: {exc.strerror}") from None
+        self._seq, self._prev = seq, digest
+        return seq
+
+    def _hold(self) -> None:
+        """Take the trail for this process's lifetime (the kernel lets go when it ends, however it ends)."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrailBusyError(f"the audit trail {self.path} is another running process's own",
+                                 hint="each serving process takes the next free audit.N.jsonl") from None
+        except OSError as exc:
+            raise AuditError(f"cannot lock the audit trail {self.path}: {exc.strerror}") from None
 
     def _file_lock(self) -> _FileLock:
         """Exclusive use of the file's end among processes (released by the kernel if this one dies)."""
@@ -264,6 +298,36 @@ class AuditTrail:
             self._fd = -1
         if refused:
             raise AuditError(f"{refused}; records after {self._synced} may not be on disk", hint=_SYNC_HINT)
+
+
+_MAX_OWN_TRAILS = 256  # far more serving processes than any host has CPUs
+
+
+def sibling(base: Path, number: int) -> Path:
+    """``audit.jsonl`` → ``audit.3.jsonl`` (``audit`` → ``audit.3``)."""
+    return base.with_name(f"{base.stem}.{number}{base.suffix}") if base.suffix else base.with_name(
+        f"{base.name}.{number}")
+
+
+def own_trail(base: Path, sync_interval: float | None = None) -> AuditTrail:
+    """The first of ``base``'s siblings (``audit.1.jsonl``, ``audit.2.jsonl``…) that no living process holds,
+    held by this one until it closes; its chain continues from where its last writer left it."""
+    for number in range(1, _MAX_OWN_TRAILS + 1):
+        try:
+            return AuditTrail(sibling(base, number), sync_interval, exclusive=True)
+        except TrailBusyError:
+            continue
+    raise AuditError(f"all {_MAX_OWN_TRAILS} trails next to {base} are held by running processes",
+                     hint="stop the stray tpp-agent processes (pgrep -a tpp-agent)")
+
+
+def trail_files(base: Path) -> list[Path]:
+    """``base`` (if it exists) and its siblings by number: every file of one trail."""
+    pattern = re.compile(re.escape(base.stem if base.suffix else base.name) + r"\.([1-9][0-9]*)"
+                         + re.escape(base.suffix) + "$")
+    numbered = [(int(found[1]), path) for path in base.parent.glob("*")
+                if (found := pattern.match(path.name)) is not None and path.is_file()]
+    return ([base] if base.is_file() else []) + [path for _, path in sorted(numbered)]
 
 
 def _tail(fd: int, path: Path, size: int) -> tuple[int, str, bool]:

@@ -18,7 +18,8 @@ def register(sub: Any) -> None:
     audit = sub.add_parser("audit", help="the audit trail of key uses")
     actions = audit.add_subparsers(dest="action", metavar="ACTION", required=True)
     verify = actions.add_parser("verify", help="check the hash chain; name every removed or edited line")
-    verify.add_argument("--file", help="audit trail (default: [daemon] audit_file)")
+    verify.add_argument("--file", help="one audit trail file (default: [daemon] audit_file and the serving "
+                                       "processes' own trails beside it, audit.N.jsonl)")
     verify.set_defaults(handler=verify_command)
 
 
@@ -32,12 +33,19 @@ def verify_command(args: argparse.Namespace, ctx: CliContext) -> int:
     from agent import audit
     from agent.daemon.settings import DaemonSettings
 
-    path = Path(args.file) if args.file else DaemonSettings.parse(ctx.config).audit_file
-    count, findings = audit.verify(path)
-    for finding in findings:
-        print(f"{path}:{finding}")
-    if findings:
-        print(f"audit trail {path}: {len(findings)} problem(s) in {count} line(s)", file=sys.stderr)
-        return 1
-    print(f"audit trail {path}: {count} record(s), chain intact")
-    return 0
+    if args.file:
+        paths = [Path(args.file)]
+    else:
+        base = DaemonSettings.parse(ctx.config).audit_file
+        paths = audit.trail_files(base) or [base]  # none yet: verify() says where it looked
+    damaged = 0
+    for path in paths:
+        count, findings = audit.verify(path)
+        for finding in findings:
+            print(f"{path}:{finding}")
+        if findings:
+            damaged += 1
+            print(f"audit trail {path}: {len(findings)} problem(s) in {count} line(s)", file=sys.stderr)
+        else:
+            print(f"audit trail {path}: {count} record(s), chain intact")
+    return 1 if damaged else 0

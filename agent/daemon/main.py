@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent import config as config_module
-from agent.audit import AuditTrail
+from agent.audit import AuditTrail, own_trail
 from agent.config import Config
 from agent.daemon import api, banks, processes, routing, systemd
 from agent.daemon.app import Agent
@@ -68,7 +68,9 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
           notifier: systemd.Notifier, *, accept: Accept | None = None) -> int:
     """One serving process: log in, check, serve ``listener``'s connections until SIGTERM; the exit status."""
     runtime = Runtime(config)
-    audit = AuditTrail(settings.audit_file, settings.audit_sync_interval)
+    # Serving processes side by side would take turns on one file's lock for every record: each has its own.
+    audit = (own_trail(settings.audit_file, settings.audit_sync_interval) if settings.processes > 1
+             else AuditTrail(settings.audit_file, settings.audit_sync_interval))
     try:
         agent = Agent(config, settings, runtime, audit)
         notifier.status("logging in to the token and checking keys")
@@ -90,13 +92,15 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
         health = threading.Thread(target=_health_loop, args=(agent, server, notifier, settings, stop_health),
                                   name="health", daemon=True)
         health.start()
-        log.info("ready", socket=where, status=status, seconds=round(time.monotonic() - started, 3))
+        log.info("ready", socket=where, status=status, audit_file=str(audit.path),
+                 seconds=round(time.monotonic() - started, 3))
         notifier.ready(status)
         server.serve_forever()
         stop_health.set()
         signal_name, in_flight, stopping_since = stops[0]  # only a stop signal ends serve_forever
         log.info("stopped", signal=signal_name, in_flight_at_signal=in_flight,
-                 drain_seconds=round(time.monotonic() - stopping_since, 3), audit_last_seq=audit.last_seq)
+                 drain_seconds=round(time.monotonic() - stopping_since, 3), audit_file=str(audit.path),
+                 audit_last_seq=audit.last_seq)
         return 0
     finally:
         runtime.close()

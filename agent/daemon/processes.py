@@ -7,8 +7,9 @@ started stays the one it knows, holds no PKCS#11 state, and forks N serving
 processes, each with its own login, sessions, bank connections and access-token
 cache. This process accepts the connections and hands each one to the serving
 processes in turn (``SCM_RIGHTS`` over a socket pair): a shared listener would let
-the first process awake take them all. The audit trail is shared (its
-appends are locked across processes), and so are the registration records (SQLite).
+the first process awake take them all. Each keeps an audit trail of its own
+(``audit.N.jsonl`` beside ``[daemon] audit_file``: no lock between them per record);
+the registration records (SQLite) are shared.
 
 What this process tells systemd sums up what they tell it:
 

@@ -6,7 +6,9 @@ import json
 import subprocess
 from pathlib import Path
 
-from agent.audit import AuditTrail, KeyUse, record_hash, verify
+import pytest
+
+from agent.audit import AuditTrail, KeyUse, TrailBusyError, own_trail, record_hash, trail_files, verify
 from tests.daemon.conftest import TPP_AGENT, Daemon
 
 
@@ -35,6 +37,30 @@ def test_chain_survives_reopen_and_flags_edits_rehashed_edits_and_removals(tmp_p
     path.write_text("\n".join(lines) + "\n")
     _, findings = verify(path)
     assert [(f.line, f.problem.split(":")[0]) for f in findings] == [(4, "edited"), (8, "removed")]
+
+
+def test_own_trails_are_held_while_open_and_go_on_where_their_last_writer_stopped(tmp_path: Path) -> None:
+    base = tmp_path / "audit.jsonl"
+    first, second = own_trail(base), own_trail(base)  # as two serving processes starting side by side
+    assert (first.path.name, second.path.name) == ("audit.1.jsonl", "audit.2.jsonl")
+    with pytest.raises(TrailBusyError, match=r"audit\.1\.jsonl is another running process's own") as held:
+        AuditTrail(first.path, exclusive=True)
+    assert "audit.N.jsonl" in held.value.hint
+    for n in range(3):
+        first.record(_use(n))
+        second.record(_use(n))
+    first.close()
+    again = own_trail(base)  # a restarted process takes the free trail and continues its chain
+    assert again.path == first.path
+    again.record(_use(3))
+    again.close()
+    second.close()
+    (tmp_path / "audit.x.jsonl").write_text("not ours\n")
+    (tmp_path / "audit.10.jsonl").write_text("")
+    base.write_text("")
+    assert trail_files(base) == [base, first.path, second.path, tmp_path / "audit.10.jsonl"]
+    assert verify(first.path) == (4, []) and verify(second.path) == (3, [])
+    assert [json.loads(line)["seq"] for line in first.path.read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_records_of_any_text_verify_and_read_back_as_written(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """``[daemon] processes = N``: one supervisor, N serving processes, one socket, one systemd unit.
 
-Real daemons on a real token: the load is spread over the serving processes, the audit
-trail they share stays one chain, a wrong PIN is tried once, systemd hears one READY=1,
+Real daemons on a real token: the load is spread over the serving processes, each keeps
+an audit trail of its own (one chain per file), a wrong PIN is tried once, systemd hears one READY=1,
 RELOADING/STOPPING and WATCHDOG for the whole service, and no serving process outlives
 its supervisor or a dead sibling.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from agent.audit import trail_files
 from agent.daemon.app import verify_in_software
 from pkcs11_backends.keys import SignatureScheme
 from tests.conftest import Token
@@ -124,7 +125,7 @@ def finish(daemon: Daemon) -> None:
     daemon.notify.close()
 
 
-def test_two_processes_share_the_load_and_one_audit_chain(keyed_token: Token, public_dir: Path) -> None:  # noqa: F811
+def test_two_processes_share_the_load_each_with_its_own_audit_chain(keyed_token: Token, public_dir: Path) -> None:  # noqa: F811
     daemon = start(keyed_token, public_dir)
     try:
         pending(daemon)
@@ -168,14 +169,21 @@ def test_two_processes_share_the_load_and_one_audit_chain(keyed_token: Token, pu
         served = {pid: busy[pid] - idle[pid] for pid in serving}
         assert all(count >= 1 for count in served.values()) and sum(served.values()) >= 8, served
 
-        records = [json.loads(line) for line in daemon.audit_file.read_text().splitlines()]
-        assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
-        signs = [r for r in records if r["operation"] == "sign"]
+        # Each serving process has its own trail beside audit_file, held while it runs: one chain per file.
+        own = [daemon.audit_file.with_name(f"audit.{n}.jsonl") for n in (1, 2)]
+        assert trail_files(daemon.audit_file) == own and not daemon.audit_file.exists()
+        trails = {path: [json.loads(line) for line in path.read_text().splitlines()] for path in own}
+        for records in trails.values():
+            assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+            assert len([r for r in records if r["operation"] == "canary"]) == 2  # its process checked both keys
+        signs = [r for records in trails.values() for r in records if r["operation"] == "sign"]
         assert len(signs) == 80 and all(r["result"] == "ok" for r in signs)
-        assert len([r for r in records if r["operation"] == "canary"]) == 4  # each process checked both keys
-        verified = subprocess.run([TPP_AGENT, "audit", "verify", "--file", str(daemon.audit_file)],
+        assert all(any(r["operation"] == "sign" for r in records) for records in trails.values())
+        verified = subprocess.run([TPP_AGENT, "--config", str(daemon.config_path), "audit", "verify"],
                                   capture_output=True, text=True, timeout=60, check=False)
-        assert verified.returncode == 0 and f"{len(records)} record(s), chain intact" in verified.stdout
+        assert verified.returncode == 0, verified.stderr
+        for path, records in trails.items():
+            assert f"audit trail {path}: {len(records)} record(s), chain intact" in verified.stdout
     finally:
         finish(daemon)
 
