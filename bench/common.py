@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bench.windows import ClosedLoopThreads, Window, Work, measure, p50_p99_ms
 
@@ -202,6 +202,7 @@ def http_request(method: str, path: str, body: dict[str, Any] | None = None) -> 
 TURN_SECONDS = 0.25
 TURN_WARMUP = 0.05
 WARMUP = 0.3  # before a single long window
+Cell = TypeVar("Cell")  # what names a cell of a table: (alg, clients), clients…
 
 
 @dataclasses.dataclass
@@ -346,31 +347,47 @@ def ratio_cell(ratio: float, per_run: list[float]) -> str:
     return f"{ratio:.0%} ({min(per_run):.0%} to {max(per_run):.0%})"
 
 
-def compare(contenders: dict[str, Contender], seconds: float, runs: int) -> dict[str, Measured]:
-    """Each contender for ``seconds`` per run, ``runs`` times, all taking turns (:data:`TURN_SECONDS`; the
-    order rotates each turn); the contenders are closed at the end."""
-    loads: dict[str, list[Load]] = {name: [] for name in contenders}
-    names = list(contenders)
-    turns = max(1, round(seconds / TURN_SECONDS))
+def compare_cells(cells: dict[Cell, dict[str, Contender]], seconds: float,
+                  runs: int) -> dict[Cell, dict[str, Measured]]:
+    """Each cell's contenders for ``seconds`` per run, ``runs`` times, taking turns within the cell
+    (:data:`TURN_SECONDS`; the order rotates each turn). Run by run: the first run of every cell, then the
+    second… so that a cell's runs are spread over the whole benchmark. This VM also has slow stretches of tens
+    of seconds that weigh on the agent at one client more than on its baseline (a cell's three runs measured
+    in one go agreed with each other and not with the next benchmark's: ES256 at 1 client 29.2 to 30.2% in one,
+    33.5 to 35.0% in another); spread out, a cell meets the same mix as the others. All contenders are closed at
+    the end."""
+    loads: dict[Cell, dict[str, list[Load]]] = {cell: {name: [] for name in contenders}
+                                                 for cell, contenders in cells.items()}
     try:
         for _ in range(runs):
-            run = {name: Load() for name in names}
-            for turn in range(turns):
-                for name in names[turn % len(names):] + names[:turn % len(names)]:
-                    run[name].add(contenders[name].window(TURN_WARMUP, seconds / turns))
-            for name in names:
-                loads[name].append(run[name])
-        measured = {}
-        for name, contender in contenders.items():
-            total = Load()
-            for load in loads[name]:
-                total.add(load)
-            total.p50_ms, total.p99_ms = contender.finish()
-            measured[name] = Measured(total, loads[name])
+            for cell, contenders in cells.items():
+                for name, load in _one_run(contenders, seconds).items():
+                    loads[cell][name].append(load)
+        measured: dict[Cell, dict[str, Measured]] = {}
+        for cell, contenders in cells.items():
+            measured[cell] = {}
+            for name, contender in contenders.items():
+                total = Load()
+                for load in loads[cell][name]:
+                    total.add(load)
+                total.p50_ms, total.p99_ms = contender.finish()
+                measured[cell][name] = Measured(total, loads[cell][name])
         return measured
     finally:
-        for contender in contenders.values():
-            contender.close()
+        for contenders in cells.values():
+            for contender in contenders.values():
+                contender.close()
+
+
+def _one_run(contenders: dict[str, Contender], seconds: float) -> dict[str, Load]:
+    """One run: the contenders take turns for ``seconds`` each in all, the order rotating every turn."""
+    names = list(contenders)
+    turns = max(1, round(seconds / TURN_SECONDS))
+    run = {name: Load() for name in names}
+    for turn in range(turns):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            run[name].add(contenders[name].window(TURN_WARMUP, seconds / turns))
+    return run
 
 
 def single(contender: Contender, seconds: float, runs: int = 1) -> Load:

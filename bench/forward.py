@@ -30,7 +30,7 @@ from bench.common import (
     Outcome,
     State,
     Table,
-    compare,
+    compare_cells,
     http_request,
     ratio_cell,
 )
@@ -115,14 +115,19 @@ def _run(work: Path, seconds: float, repeat: int, bank: Bank) -> Outcome:
     daemons = {name: Daemon.start(configs[name], state.dir / f"run-{name}" / "agent.sock", shim_env)
                for name, _ in PROFILES}
     try:
+        cells: dict[int, dict[str, Contender]] = {}
+        counted: dict[tuple[int, str], Counted] = {}
         for n in CLIENTS:
-            counted = {name: Counted(LoadProcess({"mode": "unix", "socket": str(daemons[name].socket_path),
-                                                  "threads": n, "request_b64": request}, daemons[name]),
-                                     lambda: signs(stats)) for name, _ in PROFILES}
-            measured = compare({"urllib3": LoadProcess({"mode": "https", "host": target.hostname, "port": target.port,
-                                                        "path": DISCOVERY_PATH, "cert": str(cert_path),
-                                                        "key": str(key_path), "ca": str(bank.ca_bundle),
-                                                        "threads": n}), **counted}, seconds, repeat)
+            cells[n] = {"urllib3": LoadProcess({"mode": "https", "host": target.hostname, "port": target.port,
+                                                "path": DISCOVERY_PATH, "cert": str(cert_path), "key": str(key_path),
+                                                "ca": str(bank.ca_bundle), "threads": n})}
+            for name, _ in PROFILES:
+                cells[n][name] = counted[n, name] = Counted(
+                    LoadProcess({"mode": "unix", "socket": str(daemons[name].socket_path), "threads": n,
+                                 "request_b64": request}, daemons[name]), lambda: signs(stats))
+        results = compare_cells(cells, seconds, repeat)
+        for n in CLIENTS:
+            measured = results[n]
             base = measured["urllib3"]
             row = [str(n), f"{base.total.rate:,.0f}", f"{base.total.p50_ms:.2f}"]
             record: dict[str, object] = {"clients": n, "urllib3_rate": base.total.rate,
@@ -136,7 +141,7 @@ def _run(work: Path, seconds: float, repeat: int, bank: Bank) -> Outcome:
                     row += [f"{agent.rate:,.0f}", shown, f"{agent.p99_ms:.2f}"]
                 else:
                     row += [f"{agent.rate:,.0f}", shown, f"{agent.p50_ms:.2f}", f"{agent.p99_ms:.2f}",
-                            f"{agent.cpu_us_per_request:,.0f}", str(counted[name].counted)]
+                            f"{agent.cpu_us_per_request:,.0f}", str(counted[n, name].counted)]
                 record[name] = {"rate": agent.rate, "ratio": ratio, "p99_ms": agent.p99_ms,
                                 "rates": [r.rate for r in measured[name].runs],
                                 "ratios": measured[name].ratios(base)}

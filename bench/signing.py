@@ -31,7 +31,7 @@ from bench.common import (
     Outcome,
     State,
     Table,
-    compare,
+    compare_cells,
     drive,
     http_request,
     ratio_cell,
@@ -126,7 +126,8 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
                        "in-process CPU time per signature at the same concurrency (both include SoftHSM2's signing).")
     sessions: list[pkcs11.Session] = []
     peaks: dict[str, float] = {}
-    for alias, _, alg, bound in CASES:
+    cells: dict[tuple[str, int], dict[str, Contender]] = {}
+    for alias, _, alg, _ in CASES:
         scheme = SignatureScheme.from_jose(alg)
         request = base64.b64encode(http_request("POST", f"/v1/keys/{alias}/sign", {
             "alg": alg, "data_b64": base64.b64encode(SIGNING_INPUT).decode()})).decode()
@@ -137,14 +138,18 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
             key = cast(SignMixin, session.get_key(ObjectClass.PRIVATE_KEY, label=alias))
             return lambda: sign_with(key, SIGNING_INPUT, scheme)
 
-        ratios: dict[str, list[float]] = {name: [] for name, _ in PROFILES}
         for n in clients:
             contenders: dict[str, Contender] = {"raw": InProcess(min(n, RAW_THREADS), raw_worker)}
+            cells[alg, n] = contenders
             for name, _ in PROFILES:
                 daemon = daemons[name]
                 contenders[name] = LoadProcess({"mode": "unix", "socket": str(daemon.socket_path), "threads": n,
                                                 "request_b64": request}, daemon)
-            measured = compare(contenders, seconds, repeat)
+    results = compare_cells(cells, seconds, repeat)  # every cell's loads are up: the runs go round the table
+    for _, _, alg, bound in CASES:
+        ratios: dict[str, list[float]] = {name: [] for name, _ in PROFILES}
+        for n in clients:
+            measured = results[alg, n]
             raw = measured["raw"]
             raw_cpu = raw.total.cpu_us_per_request
             row = [alg, str(n), f"{raw.total.rate:,.0f}", f"{raw.total.p50_ms:.2f}"]

@@ -10,7 +10,7 @@ import pytest
 
 from agent.daemon.http import HttpError, Request, Response
 from agent.daemon.server import Limits
-from bench.common import InProcess, LoadProcess, compare, http_request
+from bench.common import Contender, InProcess, Load, LoadProcess, compare_cells, http_request
 from tests.daemon.conftest import http_server
 
 
@@ -33,8 +33,8 @@ def _spec(path: Path, target: str, clients: int) -> dict[str, object]:
 
 def test_loads_take_turns_and_count_only_inside_their_windows(server: Path) -> None:
     calls: list[int] = []
-    measured = compare({"socket": LoadProcess(_spec(server, "/ok", 2)),
-                        "in-process": InProcess(2, lambda: lambda: calls.append(1))}, 0.5, 2)
+    measured = compare_cells({"": {"socket": LoadProcess(_spec(server, "/ok", 2)),
+                                   "in-process": InProcess(2, lambda: lambda: calls.append(1))}}, 0.5, 2)[""]
     for name in ("socket", "in-process"):
         load = measured[name]
         assert len(load.runs) == 2 and all(run.count > 0 for run in load.runs)
@@ -47,7 +47,7 @@ def test_loads_take_turns_and_count_only_inside_their_windows(server: Path) -> N
 
 def test_a_failing_answer_stops_the_benchmark_with_what_the_server_said(server: Path) -> None:
     with pytest.raises(RuntimeError, match="500 Internal Server Error"):
-        compare({"socket": LoadProcess(_spec(server, "/broken", 1))}, 0.25, 1)
+        compare_cells({"": {"socket": LoadProcess(_spec(server, "/broken", 1))}}, 0.25, 1)
 
 
 def test_an_in_process_load_that_fails_says_why() -> None:
@@ -55,4 +55,31 @@ def test_an_in_process_load_that_fails_says_why() -> None:
         raise OSError("no session left")
 
     with pytest.raises(RuntimeError, match="no session left"):
-        compare({"in-process": InProcess(1, setup)}, 0.25, 1)
+        compare_cells({"": {"in-process": InProcess(1, setup)}}, 0.25, 1)
+
+
+class _Logged:
+    """A contender that notes when it is driven (which cell, which contender) and closed."""
+
+    def __init__(self, log: list[str], name: str) -> None:
+        self.log, self.name = log, name
+
+    def window(self, warmup: float, seconds: float) -> Load:
+        self.log.append(self.name)
+        return Load(1, seconds, 0.0)
+
+    def finish(self) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def close(self) -> None:
+        self.log.append(f"close {self.name}")
+
+
+def test_the_runs_go_round_every_cell_before_the_next_run() -> None:
+    log: list[str] = []
+    cells: dict[str, dict[str, Contender]] = {cell: {side: _Logged(log, f"{cell}{side}") for side in ("x", "y")}
+                                              for cell in ("a", "b")}
+    measured = compare_cells(cells, 0.5, 2)  # 2 turns per run, the order rotating
+    assert log[:8] == ["ax", "ay", "ay", "ax", "bx", "by", "by", "bx"] and log[8:16] == log[:8]
+    assert sorted(log[16:]) == ["close ax", "close ay", "close bx", "close by"]
+    assert [run.count for run in measured["b"]["y"].runs] == [2, 2]
