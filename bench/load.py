@@ -45,17 +45,30 @@ class UnixDriver:
         self.errors: list[str] = []
         self._request = base64.b64decode(spec["request_b64"])
         self._rate = float(spec.get("rate") or 0.0)
+        self._path = spec["socket"]
         self._socks: dict[int, socket.socket] = {}
         for _ in range(int(spec["threads"])):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(spec["socket"])
-            self._socks[sock.fileno()] = sock
+            self._connect()
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self._path)
+        self._socks[sock.fileno()] = sock
 
     def run(self, window: Window) -> None:
         try:
+            self._reconnect_dropped()
             (self._open_loop if self._rate else self._closed_loop)(window)
         except Exception as exc:  # reported, and the benchmark fails loudly
             self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def _reconnect_dropped(self) -> None:
+        """Replace the connections the agent closed while they were idle ([daemon] idle_timeout: between two
+        windows of a cell, every other cell of the table runs), as an HTTP client does before reusing one."""
+        readable, _, _ = select.select(list(self._socks), [], [], 0)
+        for fd in readable:  # an idle connection with something to read has been closed (or is broken)
+            self._socks.pop(fd).close()
+            self._connect()
 
     def _answered(self, fd: int, buffers: dict[int, bytearray]) -> bool:
         """Read what ``fd`` has; whether that completes an answer."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def server(tmp_path: Path) -> Iterator[Path]:
         return Response.json(200, {"ok": True})
 
     with http_server(tmp_path / "s.sock", answer, Limits(workers=2, drain_timeout=1.0, log_successes=False)) as path:
+        yield path
+
+
+@pytest.fixture
+def impatient(tmp_path: Path) -> Iterator[Path]:
+    """Answers 200, and closes a keep-alive connection idle for 0.2 s."""
+    with http_server(tmp_path / "i.sock", lambda _: Response.json(200, {"ok": True}),
+                     Limits(workers=1, drain_timeout=1.0, idle_timeout=0.2, log_successes=False)) as path:
         yield path
 
 
@@ -83,3 +92,11 @@ def test_the_runs_go_round_every_cell_before_the_next_run() -> None:
     assert log[:8] == ["ax", "ay", "ay", "ax", "bx", "by", "by", "bx"] and log[8:16] == log[:8]
     assert sorted(log[16:]) == ["close ax", "close ay", "close bx", "close by"]
     assert [run.count for run in measured["b"]["y"].runs] == [2, 2]
+
+
+def test_connections_the_server_closed_between_windows_are_opened_again(impatient: Path) -> None:
+    # While the other cell runs (1.2 s), the server closes the idle connections of the first.
+    cells: dict[str, dict[str, Contender]] = {"socket": {"load": LoadProcess(_spec(impatient, "/ok", 2))},
+                                              "slow": {"load": InProcess(1, lambda: lambda: time.sleep(0.3))}}
+    measured = compare_cells(cells, 1.0, 2)
+    assert all(run.count > 0 for run in measured["socket"]["load"].runs)
