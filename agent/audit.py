@@ -303,7 +303,7 @@ class AuditTrail:
 _MAX_OWN_TRAILS = 256  # far more serving processes than any host has CPUs
 
 
-def sibling(base: Path, number: int) -> Path:
+def _sibling(base: Path, number: int) -> Path:
     """``audit.jsonl`` → ``audit.3.jsonl`` (``audit`` → ``audit.3``)."""
     return base.with_name(f"{base.stem}.{number}{base.suffix}") if base.suffix else base.with_name(
         f"{base.name}.{number}")
@@ -314,7 +314,7 @@ def own_trail(base: Path, sync_interval: float | None = None) -> AuditTrail:
     held by this one until it closes; its chain continues from where its last writer left it."""
     for number in range(1, _MAX_OWN_TRAILS + 1):
         try:
-            return AuditTrail(sibling(base, number), sync_interval, exclusive=True)
+            return AuditTrail(_sibling(base, number), sync_interval, exclusive=True)
         except TrailBusyError:
             continue
     raise AuditError(f"all {_MAX_OWN_TRAILS} trails next to {base} are held by running processes",

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from asn1crypto import csr, pem
 
+from agent.audit import KeyUse, own_trail
 from tests.conftest import Token
 
 KEY = "pkcs11:object=transport"
@@ -63,3 +64,25 @@ def test_reading_keys_needs_no_trail_but_signing_refuses_without_one(token: Toke
     [hint] = [line for line in refused.stderr.splitlines() if line.startswith("hint: ")]
     assert f"cannot open the audit trail {blocker / 'audit.jsonl'}" in error and "nothing was signed" in error
     assert "[daemon] audit_file" in hint and "--direct" in hint
+
+
+def test_verify_checks_every_serving_process_trail_and_names_the_damaged_one(audited_token: Token,
+                                                                             tmp_path: Path) -> None:
+    audited_token.cli("csr", "--key", KEY, "--subject", "CN=audited", check=True)  # the shared audit.jsonl
+    trails = [own_trail(tmp_path / "trail" / "audit.jsonl") for _ in range(2)]  # as two serving processes
+    for n, trail in enumerate(trails):
+        for _ in range(n + 2):
+            trail.record(KeyUse(0, 1, KEY, "sign", "ES256", b"x", "ok", "id"))
+        trail.close()
+    intact = audited_token.cli("audit", "verify", check=True)
+    assert [line.split(": ", 1)[1] for line in intact.stdout.splitlines()] == [
+        "1 record(s), chain intact", "2 record(s), chain intact", "3 record(s), chain intact"]
+
+    damaged = trails[1].path
+    lines = damaged.read_text().splitlines()
+    damaged.write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    refused = audited_token.cli("audit", "verify")
+    assert refused.returncode == 1
+    assert f"{damaged}:2: removed: record 2 missing" in refused.stdout
+    assert f"audit trail {trails[0].path}: 2 record(s), chain intact" in refused.stdout
+    assert f"audit trail {damaged}: 1 problem(s) in 2 line(s)" in refused.stderr
