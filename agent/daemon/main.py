@@ -85,7 +85,8 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
             log.error("startup_failed", error=str(exc), hint=exc.hint)
             notifier.status(f"start-up failed: {exc}")
             return 1
-        server = Server(listener, routing.handler(agent), settings.limits, accept=accept, remote=routing.remote)
+        server = Server(listener, routing.handler(agent), settings.limits, accept=accept, remote=routing.remote,
+                        known=lambda peer: agent.policy.knows(peer))  # noqa: PLW0108 (the policy a reload put in place)
         runtime.pool.supervise(_AnswerHungCalls(server))
         stops = _install_signals(agent, server, notifier)
         stop_health = threading.Event()

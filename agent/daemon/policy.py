@@ -123,6 +123,10 @@ class Policy:
     def is_admin(self, peer: Peer) -> bool:
         return peer.uid in self.admin_uids or bool(peer.groups & self.admin_gids)
 
+    def knows(self, peer: Peer) -> bool:
+        """Whether any rule, or the admin list, names ``peer`` (a stranger gets the server's smallest quota)."""
+        return self.is_admin(peer) or any(rule.matches(peer) for rule in self.rules)
+
     def allows(self, peer: Peer, operation: str, key: str | None = None, bank: str | None = None) -> bool:
         if self.is_admin(peer):
             return True
