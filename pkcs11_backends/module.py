@@ -18,7 +18,8 @@ import pkcs11
 from pkcs11 import _pkcs11
 
 from pkcs11_backends.errors import ModuleLoadError, TokenNotFoundError, TokenUnavailableError
-from pkcs11_backends.native import NativeModule, ReturnValue, TokenInfo, instance_per_call
+from pkcs11_backends.native import NativeModule, TokenInfo, instance_per_call
+from pkcs11_backends.returns import ReturnValue
 from pkcs11_backends.uri import Pkcs11Uri
 
 
@@ -28,9 +29,9 @@ def _function_list_of(lib: _pkcs11.lib) -> int | None:
     python-pkcs11 (0.9, 0.10) keeps it, unexposed, as the first field of ``HasFuncList``
     after the object header, followed by its 3.0 and 3.2 lists: the size check proves the layout.
     """
-    base = getattr(_pkcs11, "HasFuncList", None)
+    base: type | None = getattr(_pkcs11, "HasFuncList", None)
     pointer = ctypes.sizeof(ctypes.c_void_p)
-    if not isinstance(lib, base or ()) or base.__basicsize__ != object.__basicsize__ + 3 * pointer:
+    if base is None or not isinstance(lib, base) or base.__basicsize__ != object.__basicsize__ + 3 * pointer:
         return None
     address = ctypes.c_void_p.from_address(id(lib) + object.__basicsize__).value
     return int(address) if address else None
@@ -40,6 +41,7 @@ class _LockingLib(_pkcs11.lib):
     """python-pkcs11's library object, initialised with ``CKF_OS_LOCKING_OK`` and the configured init args."""
 
     init_args: bytes | None
+    so_path: str
     native: NativeModule
 
     def initialize(self) -> None:
@@ -139,6 +141,12 @@ class Module:
                 raise ModuleLoadError(f"cannot initialise PKCS#11 module {path}: {exc!r}") from exc
             cls._loaded[real] = module
             return module
+
+    @classmethod
+    def loaded(cls, path: str) -> Module | None:
+        """The module already loaded from ``path`` in this process, if any."""
+        with cls._lock:
+            return cls._loaded.get(os.path.realpath(path))
 
     @property
     def description(self) -> str:
