@@ -52,6 +52,7 @@ class Pkcs11Config:
     call_timeout: float | None
     openssl_backend: str
     environment: Mapping[str, str]
+    init_args: str | None = None  # the module's C_Initialize string (pReserved), for modules that need one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,7 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
     p11 = raw.get("pkcs11", {})
     _expect_table(p11, "pkcs11", where)
     _reject_unknown(p11, {"module", "token", "pin_file", "pin_credential", "max_sessions", "call_timeout",
-                          "openssl_backend", "environment"}, "pkcs11", where)
+                          "openssl_backend", "environment", "init_args"}, "pkcs11", where)
     environment = p11.get("environment", {})
     _expect_table(environment, "pkcs11.environment", where)
     if not all(isinstance(v, str) for v in environment.values()):
@@ -148,6 +149,7 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
         call_timeout=float(call_timeout) or None,
         openssl_backend=backend,
         environment=dict(environment),
+        init_args=_init_args(p11.get("init_args"), where),
     )
 
     keys_raw = raw.get("keys", {})
@@ -166,6 +168,15 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
         kid_text = _string(kid, f"keys.{alias}.kid", where) if kid is not None else None
         keys[alias] = KeyConfig(alias, uri, tuple(algorithms), kid_text)
     return Config(path, state_dir, pkcs11, keys, raw)
+
+
+def _init_args(value: object, where: str) -> str | None:
+    if value is None:
+        return None
+    text = _string(value, "pkcs11.init_args", where)
+    if "\0" in text or len(text.encode("utf-8")) > 4096:
+        raise ConfigError(f"[pkcs11] init_args must be text of at most 4096 bytes without NUL in {where}")
+    return text
 
 
 def _expect_table(value: object, name: str, where: str) -> None:

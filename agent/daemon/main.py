@@ -67,7 +67,7 @@ def run(config_path: str | None, socket_override: str | None) -> int:
 def serve(config: Config, settings: DaemonSettings, listener: socket.socket, where: str,
           notifier: systemd.Notifier, *, accept: Accept | None = None) -> int:
     """One serving process: log in, check, serve ``listener``'s connections until SIGTERM; the exit status."""
-    runtime = Runtime(config)
+    runtime = Runtime(config, processes=settings.processes)
     # Serving processes side by side would take turns on one file's lock for every record: each has its own.
     audit = (own_trail(settings.audit_file, settings.audit_sync_interval) if settings.processes > 1
              else AuditTrail(settings.audit_file, settings.audit_sync_interval))
