@@ -10,6 +10,8 @@ for a module without the raw ones.
 A method the module lists but then refuses (``CKR_MECHANISM_INVALID``,
 ``CKR_MECHANISM_PARAM_INVALID``, ...) is dropped for the life of the process and the
 next one is tried: the listing of a remoted module may say more than the wire carries.
+So is one that fails while the next one works (tpm2-pkcs11's ``CKM_RSA_PKCS`` on a
+sign-only key).
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ _PSS_PARAMS = {"sha256": (Mechanism.SHA256, MGF.SHA256, 32)}
 # The answers that mean "not this way" rather than "not this key" or "not now".
 _REFUSED_METHOD = frozenset({ReturnValue.MECHANISM_INVALID, ReturnValue.MECHANISM_PARAM_INVALID,
                              ReturnValue.FUNCTION_NOT_SUPPORTED, ReturnValue.ARGUMENTS_BAD})
+# Answers that may mean "not this way" too: tpm2-pkcs11 makes CKM_RSA_PKCS a TPM decryption,
+# which a sign-only key refuses with CKR_GENERAL_ERROR. A method that fails so while the next
+# one works is dropped; if all fail, the first failure is the answer.
+_FAILED_METHOD = frozenset({ReturnValue.GENERAL_ERROR, ReturnValue.FUNCTION_FAILED,
+                            ReturnValue.KEY_FUNCTION_NOT_PERMITTED})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,19 +157,31 @@ class Capabilities:
         if not methods:
             raise MechanismError(f"the PKCS#11 module {self.module} offers no mechanism for {scheme.jose_name}",
                                  hint=f"it needs one of {_names(METHODS[scheme])}; use another algorithm or module")
-        last: pkcs11.PKCS11Error | None = None
+        refused: pkcs11.PKCS11Error | None = None
+        failed: list[tuple[SigningMethod, pkcs11.PKCS11Error]] = []
         for method in methods:
             try:
-                return method.sign(key, data, scheme)
+                signature = method.sign(key, data, scheme)
             except pkcs11.PKCS11Error as exc:
-                if rv_of(exc) not in _REFUSED_METHOD:
+                rv = rv_of(exc)
+                if rv in _REFUSED_METHOD:
+                    refused = exc
+                    with self._lock:
+                        self._refused.add(method)
+                elif rv in _FAILED_METHOD:
+                    failed.append((method, exc))
+                else:
                     raise
-                last = exc
+                continue
+            if failed:  # another method worked: the module cannot do the ones that "failed" (see _FAILED_METHOD)
                 with self._lock:
-                    self._refused.add(method)
-        assert last is not None
+                    self._refused.update(m for m, _ in failed)
+            return signature
+        if failed:
+            raise failed[0][1]  # the module's own failure, for the pool to count
+        assert refused is not None
         raise MechanismError(
-            f"the PKCS#11 module {self.module} refused {scheme.jose_name} by {_names(methods)}: {describe(last)}",
+            f"the PKCS#11 module {self.module} refused {scheme.jose_name} by {_names(methods)}: {describe(refused)}",
             hint="it lists these mechanisms but refuses them; use another algorithm or module")
 
 

@@ -32,6 +32,8 @@ MODULE_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
                      "/usr/lib/aarch64-linux-gnu/libtpm2_pkcs11.so.1")
 # abrmd's own default is 27 connections; each process using tpm2-pkcs11 holds one or two.
 MAX_CONNECTIONS = 64
+# Every key tpm2-pkcs11 has used stays loaded per connection; abrmd's default (27) is too few for the suite.
+MAX_TRANSIENTS = 1024
 
 
 def module_path() -> str:
@@ -115,16 +117,18 @@ def tpm2_module(home: Path, label: str = "tpp-agent") -> Iterator[Tpm2]:
         "TPM2_PKCS11_TCTI": "tabrmd:bus_type=session",
         "TPM2TOOLS_TCTI": "tabrmd:bus_type=session",
         "TSS2_LOG": "all+NONE",  # the TSS would print every refused command on stderr
+        "TPM2_PKCS11_LOG_LEVEL": "0",  # and so would tpm2-pkcs11 (a refused key template, see keys.py)
     }
     broker = Service(["tpm2-abrmd", "--session", "--allow-root", "--flush-all",
-                      f"--max-connections={MAX_CONNECTIONS}", f"--tcti=swtpm:host=127.0.0.1,port={port}"],
+                      f"--max-connections={MAX_CONNECTIONS}", f"--max-transients={MAX_TRANSIENTS}",
+                      f"--tcti=swtpm:host=127.0.0.1,port={port}"],
                      home / "abrmd.log", env={**os.environ, **environment})
     pins = home / "so.pin", home / "user.pin"
     so_pin, user_pin = (_secret(path) for path in pins)
     tpm = Tpm2(home, label, so_pin, user_pin, module, environment, swtpm, bus, broker)
     try:
         wait_until(lambda: port_open(port), "swtpm", swtpm.start())
-        wait_until(lambda: (home / "bus").exists(), "dbus-daemon", bus.start())
+        wait_until((home / "bus").exists, "dbus-daemon", bus.start())
         tpm._start_broker()
         if not list((home / "store").iterdir()):
             tpm.ptool("init")
