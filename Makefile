@@ -11,8 +11,12 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
+# The whole suite on SoftHSM2, then its core (-m core, see tests/conftest.py) on the other
+# modules of the matrix: SoftHSM2 behind p11-kit's RPC, and tpm2-pkcs11 on a software TPM.
 test: lint
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m core --module p11kit
+	$(PY) -m pytest -q -m core --module tpm2
 
 demo: setup
 	$(PY) -m demo

@@ -45,6 +45,11 @@ settings.register_profile("suite", deadline=None, suppress_health_check=[HealthC
 settings.load_profile("suite")
 _labels = itertools.count()
 MODULES = ("softhsm2", "tpm2", "p11kit")
+# The operator flow that `make test` runs on every module of the matrix (-m core): keys
+# generated (RSA and EC) and signing, CSRs verified by openssl, certificate import, mTLS
+# with the token key (Python server and nginx), the daemon's JWS.
+CORE = ("tests/test_keys.py", "tests/test_x509_csr.py", "tests/test_x509_certificates.py",
+        "tests/transport/test_mtls.py", "tests/transport/test_nginx.py", "tests/daemon/test_jose_api.py")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,6 +65,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    core = pytest.mark.core
+    for item in items:
+        if item.nodeid.split("::", 1)[0] in CORE:
+            item.add_marker(core)
     module = config.getoption("--module")
     if module == "softhsm2":
         return

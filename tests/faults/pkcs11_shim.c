@@ -7,6 +7,7 @@
  *     (a new file starts at zero).
  * Environment: TPP_SHIM_TARGET (real module), TPP_SHIM_CONTROL (control file),
  * TPP_SHIM_STATS (stats file). Control file lines: "flags=0x60000", "hang_sign=1".
+ * Module quirks (see "module quirks" below): TPP_SHIM_HIDE_MECHANISMS, TPP_SHIM_INIT_ARGS.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -64,6 +65,94 @@ static void count(int is_login)
     fclose(f); /* releases the lock */
 }
 
+/* ---- module quirks (pkcs11 engineer) --------------------------------------------------------
+ * TPP_SHIM_HIDE_MECHANISMS=0x40,0x43: the module lacks these mechanisms (here CKM_SHA256_RSA_PKCS
+ * and CKM_SHA256_RSA_PKCS_PSS): left out of C_GetMechanismList, CKR_MECHANISM_INVALID from
+ * C_GetMechanismInfo and C_SignInit. TPP_SHIM_INIT_ARGS=TEXT: C_Initialize answers
+ * CKR_ARGUMENTS_BAD unless CK_C_INITIALIZE_ARGS.pReserved is that NUL-terminated string.
+ * Read once, when the module is loaded; the wrappers go on to what the list held before them. */
+static CK_MECHANISM_TYPE hidden[16];
+static size_t hidden_count;
+static const char *wanted_init_args;
+static CK_FUNCTION_LIST quirked;
+
+static int is_hidden(CK_MECHANISM_TYPE type)
+{
+    for (size_t i = 0; i < hidden_count; i++)
+        if (hidden[i] == type)
+            return 1;
+    return 0;
+}
+
+static CK_RV quirk_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count)
+{
+    CK_ULONG all = 0, kept = 0;
+    CK_MECHANISM_TYPE *every;
+    CK_RV rv = quirked.C_GetMechanismList(slot, NULL, &all);
+
+    if (rv != CKR_OK)
+        return rv;
+    if ((every = calloc(all ? all : 1, sizeof *every)) == NULL)
+        return CKR_HOST_MEMORY;
+    rv = quirked.C_GetMechanismList(slot, every, &all);
+    if (rv == CKR_OK) {
+        for (CK_ULONG i = 0; i < all; i++)
+            if (!is_hidden(every[i])) {
+                if (list != NULL && kept < *count)
+                    list[kept] = every[i];
+                kept++;
+            }
+        if (list != NULL && kept > *count)
+            rv = CKR_BUFFER_TOO_SMALL;
+        *count = kept;
+    }
+    free(every);
+    return rv;
+}
+
+static CK_RV quirk_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info)
+{
+    return is_hidden(type) ? CKR_MECHANISM_INVALID : quirked.C_GetMechanismInfo(slot, type, info);
+}
+
+static CK_RV quirk_SignInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key)
+{
+    if (mechanism != NULL && is_hidden(mechanism->mechanism))
+        return CKR_MECHANISM_INVALID;
+    return quirked.C_SignInit(session, mechanism, key);
+}
+
+static CK_RV quirk_Initialize(CK_VOID_PTR args)
+{
+    CK_C_INITIALIZE_ARGS *given = args, forwarded;
+    if (given == NULL || given->pReserved == NULL || strcmp(given->pReserved, wanted_init_args) != 0)
+        return CKR_ARGUMENTS_BAD;
+    /* The string is this module's: the one behind it wants pReserved NULL, as the standard says. */
+    forwarded = *given;
+    forwarded.pReserved = NULL;
+    return quirked.C_Initialize(&forwarded);
+}
+
+static void quirks_install(CK_FUNCTION_LIST *list)
+{
+    const char *text = getenv("TPP_SHIM_HIDE_MECHANISMS");
+    char *end;
+
+    quirked = *list;
+    while (text != NULL && *text != '\0' && hidden_count < sizeof hidden / sizeof hidden[0]) {
+        hidden[hidden_count++] = strtoul(text, &end, 0);
+        text = *end == ',' ? end + 1 : NULL;
+    }
+    if (hidden_count) {
+        list->C_GetMechanismList = quirk_GetMechanismList;
+        list->C_GetMechanismInfo = quirk_GetMechanismInfo;
+        list->C_SignInit = quirk_SignInit;
+    }
+    if ((wanted_init_args = getenv("TPP_SHIM_INIT_ARGS")) != NULL)
+        list->C_Initialize = quirk_Initialize;
+}
+/* ---- end of module quirks ------------------------------------------------------------------- */
+
 static CK_RV shim_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
 {
     CK_RV rv = real.C_GetTokenInfo(slot, info);
@@ -104,6 +193,7 @@ CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list)
         real = *target_list;
         shim = real;
         shim.C_GetFunctionList = C_GetFunctionList;
+        quirks_install(&shim);
         shim.C_GetTokenInfo = shim_GetTokenInfo;
         shim.C_Login = shim_Login;
         shim.C_Sign = shim_Sign;

@@ -30,12 +30,13 @@ def free_port() -> int:
         return port
 
 
-def wait_until(ready: Callable[[], bool], what: str, process: subprocess.Popen[bytes] | None = None,
-               timeout: float = 20.0) -> None:
+def wait_until(ready: Callable[[], bool], what: str, service: Service | None = None, timeout: float = 20.0) -> None:
+    """Poll ``ready`` until it holds; ModuleUnavailable (with the service's last words) if it exits or times out."""
     deadline = time.monotonic() + timeout
     while not ready():
-        if process is not None and process.poll() is not None:
-            raise ModuleUnavailable(f"{what} exited with status {process.returncode}")
+        if service is not None and service.process is not None and service.process.poll() is not None:
+            process = service.process
+            raise ModuleUnavailable(f"{what} exited with status {process.returncode}: {service.last_line()}")
         if time.monotonic() > deadline:
             raise ModuleUnavailable(f"{what} not ready after {timeout:.0f}s")
         time.sleep(0.05)
@@ -73,7 +74,8 @@ class Service:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(10)
 
-    def tail(self) -> str:
+    def last_line(self) -> str:
         with contextlib.suppress(OSError):
-            return self.log.read_text(errors="replace")[-2000:]
-        return ""
+            lines = [line.strip() for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+            return lines[-1] if lines else f"nothing in {self.log}"
+        return f"no log at {self.log}"

@@ -51,7 +51,8 @@ class P11KitServer:
     def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
-        wait_until(self.socket.exists, "p11-kit server", self._service.start())
+        self._service.start()
+        wait_until(self.socket.exists, "p11-kit server", self._service)
 
     def stop(self) -> None:
         self._service.stop()

@@ -33,7 +33,7 @@ MODULE_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
 # abrmd's own default is 27 connections; each process using tpm2-pkcs11 holds one or two.
 MAX_CONNECTIONS = 64
 # Every key tpm2-pkcs11 has used stays loaded per connection; abrmd's default (27) is too few for the suite.
-MAX_TRANSIENTS = 1024
+MAX_TRANSIENTS = 100  # its upper bound
 
 
 def module_path() -> str:
@@ -80,8 +80,8 @@ class Tpm2:
         self._start_broker()
 
     def _start_broker(self) -> None:
-        broker = self._broker.start()
-        wait_until(lambda: _broker_answers(self.environment), "tpm2-abrmd", broker)
+        self._broker.start()
+        wait_until(lambda: _broker_answers(self.environment), "tpm2-abrmd", self._broker)
 
     def stop(self) -> None:
         for service in (self._broker, self._bus, self._swtpm):
@@ -127,8 +127,10 @@ def tpm2_module(home: Path, label: str = "tpp-agent") -> Iterator[Tpm2]:
     so_pin, user_pin = (_secret(path) for path in pins)
     tpm = Tpm2(home, label, so_pin, user_pin, module, environment, swtpm, bus, broker)
     try:
-        wait_until(lambda: port_open(port), "swtpm", swtpm.start())
-        wait_until((home / "bus").exists, "dbus-daemon", bus.start())
+        swtpm.start()
+        wait_until(lambda: port_open(port), "swtpm", swtpm)
+        bus.start()
+        wait_until((home / "bus").exists, "dbus-daemon", bus)
         tpm._start_broker()
         if not list((home / "store").iterdir()):
             tpm.ptool("init")
