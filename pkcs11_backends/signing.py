@@ -1,17 +1,18 @@
 """How each signature algorithm is asked of a token: a table of methods, chosen by what the module says it can do.
 
-Raw mechanisms over a hash computed here come first: they are what every module tried
-carries (``CKM_RSA_PKCS`` over a DigestInfo, ``CKM_RSA_PKCS_PSS`` over a SHA-256,
-``CKM_ECDSA`` over a digest), they send a digest rather than the whole input to the
-token (a network HSM's round trip), and p11-kit 0.24's RPC cannot carry the parameters
-of ``CKM_SHA256_RSA_PKCS_PSS`` at all. The hash-and-sign mechanisms are the fallback
-for a module without the raw ones.
+A hash-and-sign mechanism the module lists is used as it is (``CKM_SHA256_RSA_PKCS``...);
+where it is missing, or listed but not carried (p11-kit 0.24's RPC cannot carry the
+parameters of ``CKM_SHA256_RSA_PKCS_PSS`` and leaves it out of its list), the raw
+mechanism signs a hash computed here: ``CKM_RSA_PKCS`` over a DigestInfo,
+``CKM_RSA_PKCS_PSS`` over a SHA-256, ``CKM_ECDSA`` over a digest. Hash-and-sign comes
+first because a module may implement a raw mechanism as something a sign-only key
+refuses: tpm2-pkcs11 makes ``CKM_RSA_PKCS`` a TPM decryption (``CKR_GENERAL_ERROR``),
+and that failure leaves the key "in use" inside the module.
 
 A method the module lists but then refuses (``CKR_MECHANISM_INVALID``,
 ``CKR_MECHANISM_PARAM_INVALID``, ...) is dropped for the life of the process and the
 next one is tried: the listing of a remoted module may say more than the wire carries.
-So is one that fails while the next one works (tpm2-pkcs11's ``CKM_RSA_PKCS`` on a
-sign-only key).
+So is one that fails while the next one works.
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ _PSS_PARAMS = {"sha256": (Mechanism.SHA256, MGF.SHA256, 32)}
 # The answers that mean "not this way" rather than "not this key" or "not now".
 _REFUSED_METHOD = frozenset({ReturnValue.MECHANISM_INVALID, ReturnValue.MECHANISM_PARAM_INVALID,
                              ReturnValue.FUNCTION_NOT_SUPPORTED, ReturnValue.ARGUMENTS_BAD})
-# Answers that may mean "not this way" too: tpm2-pkcs11 makes CKM_RSA_PKCS a TPM decryption,
-# which a sign-only key refuses with CKR_GENERAL_ERROR. A method that fails so while the next
-# one works is dropped; if all fail, the first failure is the answer.
+# Answers that may mean "not this way" too (see the module docstring). A method that fails
+# so while the next one works is dropped; if all fail, the first failure is the answer.
 _FAILED_METHOD = frozenset({ReturnValue.GENERAL_ERROR, ReturnValue.FUNCTION_FAILED,
                             ReturnValue.KEY_FUNCTION_NOT_PERMITTED})
 
@@ -70,12 +70,12 @@ class SigningMethod:
 
 
 METHODS: Mapping[SignatureScheme, tuple[SigningMethod, ...]] = {
-    SignatureScheme.RSA_PKCS1_SHA256: (SigningMethod(Mechanism.RSA_PKCS, True, digest_info=True),
-                                       SigningMethod(Mechanism.SHA256_RSA_PKCS, False)),
-    SignatureScheme.RSA_PSS_SHA256: (SigningMethod(Mechanism.RSA_PKCS_PSS, True, pss=True),
-                                     SigningMethod(Mechanism.SHA256_RSA_PKCS_PSS, False, pss=True)),
-    SignatureScheme.ECDSA_SHA256: (SigningMethod(Mechanism.ECDSA, True), SigningMethod(Mechanism.ECDSA_SHA256, False)),
-    SignatureScheme.ECDSA_SHA384: (SigningMethod(Mechanism.ECDSA, True), SigningMethod(Mechanism.ECDSA_SHA384, False)),
+    SignatureScheme.RSA_PKCS1_SHA256: (SigningMethod(Mechanism.SHA256_RSA_PKCS, False),
+                                       SigningMethod(Mechanism.RSA_PKCS, True, digest_info=True)),
+    SignatureScheme.RSA_PSS_SHA256: (SigningMethod(Mechanism.SHA256_RSA_PKCS_PSS, False, pss=True),
+                                     SigningMethod(Mechanism.RSA_PKCS_PSS, True, pss=True)),
+    SignatureScheme.ECDSA_SHA256: (SigningMethod(Mechanism.ECDSA_SHA256, False), SigningMethod(Mechanism.ECDSA, True)),
+    SignatureScheme.ECDSA_SHA384: (SigningMethod(Mechanism.ECDSA_SHA384, False), SigningMethod(Mechanism.ECDSA, True)),
 }
 GENERATION = {KeyKind.RSA: Mechanism.RSA_PKCS_KEY_PAIR_GEN, KeyKind.EC: Mechanism.EC_KEY_PAIR_GEN}
 
@@ -191,4 +191,10 @@ def _names(methods: Iterable[SigningMethod]) -> str:
 
 def sign_with(key: SignMixin, data: bytes, scheme: SignatureScheme, capabilities: Capabilities | None = None) -> bytes:
     """Sign with the first method of the table the module takes (each in turn when nothing was probed)."""
-    return (capabilities or Capabilities(None, "in use")).sign(key, data, scheme)
+    return (capabilities or _UNPROBED).sign(key, data, scheme)
+
+
+# For callers that sign with a key of their own, outside a KeyStore (bench): what the
+# module refused is remembered, so that a loop does not pay for the refusal every time.
+# A process has one module (see Module.load), so what one key's module refused holds for all.
+_UNPROBED = Capabilities(None, "in use")

@@ -14,6 +14,7 @@ Tests that need SoftHSM2 itself (its token directory, its config file) are marke
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import subprocess
@@ -30,10 +31,12 @@ from hypothesis import HealthCheck, settings
 from agent import config as config_module
 from agent.config import Config
 from agent.runtime import Runtime
+from pkcs11_backends.keys import KeySpec
 from pkcs11_backends.module import Module, TokenSelector
 from pkcs11_backends.provisioning import init_token
 from pkcs11_backends.returns import ReturnValue
 from pkcs11_backends.sessions import session_handle
+from pkcs11_backends.signing import Capabilities
 from tests.modules.common import ModuleUnavailable
 from tests.modules.p11kit import p11kit_server
 from tests.modules.tpm2 import tpm2_module
@@ -138,6 +141,24 @@ class Token:
         if check and result.returncode != 0:
             raise AssertionError(f"tpp-agent {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result
+
+
+@functools.cache
+def _capabilities(path: str, label: str) -> Capabilities:
+    return Capabilities.probe(Module.load(path).find_token(TokenSelector(label=label)), path)
+
+
+@pytest.fixture(autouse=True)
+def _key_type_offered(request: pytest.FixtureRequest) -> None:
+    """A test parametrized by ``spec`` (rsa:4096...) is skipped on a module that says it cannot make that key."""
+    callspec = getattr(request.node, "callspec", None)
+    text = callspec.params.get("spec") if callspec is not None else None
+    if not isinstance(text, str) or not _session_module or _session_module[0].makes_tokens:
+        return
+    module = _session_module[0]
+    spec = KeySpec.parse(text)
+    if not _capabilities(module.path, module.label).can_generate(spec.kind, spec.bits):
+        pytest.skip(f"{module.name} cannot generate {spec} key pairs (its mechanism info says so)")
 
 
 def pkcs11_table(label: str) -> str:
