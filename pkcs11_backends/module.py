@@ -51,7 +51,8 @@ class _LockingLib(_pkcs11.lib):
         # engine or provider) may have initialised it first: that is fine, as
         # both of them ask for locking too.
         if rv not in (ReturnValue.OK, ReturnValue.CRYPTOKI_ALREADY_INITIALIZED):
-            hint = ("the module may need [pkcs11] init_args (its C_Initialize reserved string): see its manual"
+            hint = ("the module may need [pkcs11] init_args (its C_Initialize reserved string, see its manual), "
+                    "or its connection limit is reached (tpm2-abrmd --max-connections; a network HSM's clients)"
                     if rv in (ReturnValue.ARGUMENTS_BAD, ReturnValue.GENERAL_ERROR, ReturnValue.FUNCTION_FAILED)
                     else None)
             raise ModuleLoadError(f"C_Initialize of {self.so_path} failed: {ReturnValue.name_of(rv)}", hint=hint)

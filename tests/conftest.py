@@ -50,9 +50,12 @@ _labels = itertools.count()
 MODULES = ("softhsm2", "tpm2", "p11kit")
 # The operator flow that `make test` runs on every module of the matrix (-m core): keys
 # generated (RSA and EC) and signing, CSRs verified by openssl, certificate import, mTLS
-# with the token key (Python server and nginx), the daemon's JWS.
+# with the token key (Python server and nginx), the daemon's JWS; and recovery after the
+# module's far end restarts. `python -m tests.conftest` prints the list (the Makefile runs
+# the tpm2 entry file by file: see docs/platforms.md).
 CORE = ("tests/test_keys.py", "tests/test_x509_csr.py", "tests/test_x509_certificates.py",
-        "tests/transport/test_mtls.py", "tests/transport/test_nginx.py", "tests/daemon/test_jose_api.py")
+        "tests/transport/test_mtls.py", "tests/transport/test_nginx.py", "tests/daemon/test_jose_api.py",
+        "tests/faults/test_module_restart.py", "tests/test_module_matrix.py")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -82,7 +85,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @dataclass
-class TestModule:
+class ModuleUnderTest:
     """The module the session runs on, provisioned: where it is, what it needs, its token and PINs."""
 
     name: str
@@ -99,10 +102,10 @@ class TestModule:
 
 # The session's module: Token objects are made by many fixtures and helpers, and every
 # one of them must write configs for the same module (one per process, as in production).
-_session_module: list[TestModule] = []
+_session_module: list[ModuleUnderTest] = []
 
 
-def session_module() -> TestModule:
+def session_module() -> ModuleUnderTest:
     if not _session_module:
         raise RuntimeError("the test_module fixture has not run")
     return _session_module[0]
@@ -170,13 +173,13 @@ def pkcs11_table(label: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def softhsm_state(test_module: TestModule, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def softhsm_state(test_module: ModuleUnderTest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's state directory (on SoftHSM2, its token directory is under it: no system token is touched)."""
     return test_module.softhsm_home or tmp_path_factory.mktemp("state")
 
 
 @pytest.fixture(scope="session")
-def test_module(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestModule]:
+def test_module(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleUnderTest]:
     """The module of ``--module``, started and provisioned for the session; its services stop with it."""
     name = request.config.getoption("--module")
     with contextlib.ExitStack() as stack:
@@ -192,20 +195,20 @@ def test_module(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
             _session_module.clear()
 
 
-def _provision(name: str, home: Path, stack: contextlib.ExitStack) -> TestModule:
+def _provision(name: str, home: Path, stack: contextlib.ExitStack) -> ModuleUnderTest:
     label = "tpp-agent"
     if name == "tpm2":
         tpm = stack.enter_context(tpm2_module(home, label))
-        return TestModule(name, tpm.module, tpm.environment, label, home / "user.pin", home / "so.pin", False,
+        return ModuleUnderTest(name, tpm.module, tpm.environment, label, home / "user.pin", home / "so.pin", False,
                           tpm.restart_broker, extra={"tpm2": tpm})
     _make_token(home, label)
     pins = home / "softhsm"
     softhsm = {"SOFTHSM2_CONF": str(pins / "softhsm2.conf")}
     if name == "softhsm2":
-        return TestModule(name, config_module.default_module(), softhsm, label, pins / "user.pin",
+        return ModuleUnderTest(name, config_module.default_module(), softhsm, label, pins / "user.pin",
                           pins / "so.pin", True, softhsm_home=home)
     server = stack.enter_context(p11kit_server(config_module.default_module(), label, home / "p11-kit", softhsm))
-    return TestModule(name, server.module, server.environment, label, pins / "user.pin", pins / "so.pin", False,
+    return ModuleUnderTest(name, server.module, server.environment, label, pins / "user.pin", pins / "so.pin", False,
                       server.restart, softhsm_home=home)
 
 
@@ -214,7 +217,7 @@ def _make_token(state: Path, label: str) -> None:
                     "--label", label], check=True, capture_output=True, timeout=60)
 
 
-def new_token(module: TestModule, prefix: str = "t") -> str:
+def new_token(module: ModuleUnderTest, prefix: str = "t") -> str:
     """A new empty token's label (SoftHSM2), made through this process's module.
 
     SoftHSM2 only sees tokens that other processes create when it is initialised again.
@@ -226,14 +229,14 @@ def new_token(module: TestModule, prefix: str = "t") -> str:
 
 
 @contextlib.contextmanager
-def restored(module: TestModule, label: str) -> Iterator[None]:
+def restored(module: ModuleUnderTest, label: str) -> Iterator[None]:
     """Destroy, afterwards, every object the body created on token ``label`` (a token that cannot be made anew)."""
     before = _objects(module, label, destroy_except=None)
     yield
     _objects(module, label, destroy_except=before)
 
 
-def _objects(module: TestModule, label: str, destroy_except: set[int] | None) -> set[int]:
+def _objects(module: ModuleUnderTest, label: str, destroy_except: set[int] | None) -> set[int]:
     loaded = Module.load(module.path)
     token = loaded.find_token(TokenSelector(label=label))
     with token.open(rw=True) as session:
@@ -256,7 +259,7 @@ def _objects(module: TestModule, label: str, destroy_except: set[int] | None) ->
 
 
 @pytest.fixture
-def token(test_module: TestModule, softhsm_state: Path, tmp_path: Path) -> Iterator[Token]:
+def token(test_module: ModuleUnderTest, softhsm_state: Path, tmp_path: Path) -> Iterator[Token]:
     """A token with nothing of another test on it, plus a config for it (see the module docstring)."""
     if test_module.makes_tokens:
         tok = Token(softhsm_state, new_token(test_module), tmp_path / "config.toml")
@@ -277,7 +280,7 @@ def runtime(token: Token) -> Iterator[Runtime]:
 
 
 @pytest.fixture(scope="session")
-def shared_runtime(test_module: TestModule, softhsm_state: Path) -> Iterator[Runtime]:
+def shared_runtime(test_module: ModuleUnderTest, softhsm_state: Path) -> Iterator[Runtime]:
     """A runtime on the session's first token (``tpp-agent``), which exists before any OpenSSL engine starts.
 
     Tests that load keys through libp11's engine use it, with their own key labels:
@@ -288,3 +291,7 @@ def shared_runtime(test_module: TestModule, softhsm_state: Path) -> Iterator[Run
     rt = Runtime(tok.config())
     yield rt
     rt.close()
+
+
+if __name__ == "__main__":
+    print(" ".join(CORE))

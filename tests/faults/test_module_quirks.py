@@ -70,9 +70,8 @@ def test_init_args_reach_the_module_as_preserved(token: Token, shim: Shim, tmp_p
     refused = checks(token, env)["module"]
     assert refused["status"] == "FAIL" and "CKR_ARGUMENTS_BAD" in refused["detail"]
     assert "init_args" in refused["hint"]
-    on_shim(token, shim, "")
-    text = token.config_path.read_text().replace("[pkcs11]\n", "[pkcs11]\ninit_args = \"configdir='/etc/hsm' slot=0\"\n")
-    token.config_path.write_text(text)
+    text = token.config_path.read_text()
+    token.config_path.write_text(text.replace("[pkcs11]\n", "[pkcs11]\ninit_args = \"configdir='/etc/hsm' slot=0\"\n"))
     accepted = checks(token, env)
     assert accepted["module"]["status"] == "ok", accepted["module"]
     assert accepted["pin"]["status"] == "ok", accepted["pin"]

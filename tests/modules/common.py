@@ -48,7 +48,10 @@ def port_open(port: int) -> bool:
 
 
 class Service:
-    """A child process we started, stopped by its own pid (never by name)."""
+    """A child process we started in a process group of its own, stopped by that group's id (never by name).
+
+    The group takes the processes it forked with it (``p11-kit server`` serves each client from a child).
+    """
 
     def __init__(self, argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.argv = list(argv)
@@ -66,11 +69,13 @@ class Service:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(10)
 
