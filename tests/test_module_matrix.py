@@ -10,7 +10,8 @@ from cryptography import x509
 
 from agent import config as config_module
 from agent.runtime import Runtime
-from agent.x509.csr import CsrAlgorithm, build_csr
+from agent.x509.csr import build_csr
+from agent.x509.signatures import CsrAlgorithm
 from pkcs11_backends.errors import ModuleLimitError
 from pkcs11_backends.keys import KeyKind, KeySpec, SignatureScheme
 from pkcs11_backends.module import Module, TokenSelector
