@@ -94,7 +94,7 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
                                   name="health", daemon=True)
         health.start()
         log.info("ready", socket=where, status=status, audit_file=str(audit.path),
-                 seconds=round(time.monotonic() - started, 3))
+                 seconds=round(time.monotonic() - started, 3), signing=runtime.keys.capabilities.summary())
         notifier.ready(status)
         server.serve_forever()
         stop_health.set()
