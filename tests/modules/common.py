@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
@@ -21,6 +21,16 @@ def need(*tools: str) -> None:
     missing = [tool for tool in tools if shutil.which(tool) is None and not os.path.exists(tool)]
     if missing:
         raise ModuleUnavailable(f"not installed: {', '.join(missing)} (run scripts/bootstrap as root)")
+
+
+def serve_until_interrupted(lines: Mapping[str, str]) -> int:
+    """What ``python -m tests.modules.X`` does once its module is up: print how to reach it, wait for ^C."""
+    for name, value in lines.items():
+        print(f"{name}={value}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
+    return 0
 
 
 def free_port() -> int:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.modules.common import ModuleUnavailable, Service, need, wait_until
+from tests.modules.common import ModuleUnavailable, Service, need, serve_until_interrupted, wait_until
 
 CLIENT_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
                      "/usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so")
@@ -86,14 +85,14 @@ def main(argv: list[str]) -> int:
         print("usage: python -m tests.modules.p11kit TARGET_MODULE TOKEN DIR", file=sys.stderr)
         return 2
     target, token, home = argv
-    with p11kit_server(target, token, Path(home).resolve(), os.environ) as server:
-        print(f"module = {server.module}")
-        for name, value in server.environment.items():
-            print(f"{name}={value}")
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                time.sleep(3600)
-    return 0
+    try:
+        with p11kit_server(target, token, Path(home).resolve(), os.environ) as server:
+            return serve_until_interrupted({"module": server.module, **server.environment})
+    except KeyboardInterrupt:  # while starting: everything started is stopped already
+        return 130
+    except ModuleUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

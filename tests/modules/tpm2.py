@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.modules.common import ModuleUnavailable, Service, free_port, need, port_open, wait_until
+from softhsm.make_token import write_secret
+from tests.modules.common import (
+    ModuleUnavailable,
+    Service,
+    free_port,
+    need,
+    port_open,
+    serve_until_interrupted,
+    wait_until,
+)
 
 MODULE_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
                      "/usr/lib/aarch64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
@@ -124,7 +131,7 @@ def tpm2_module(home: Path, label: str = "tpp-agent") -> Iterator[Tpm2]:
                       f"--tcti=swtpm:host=127.0.0.1,port={port}"],
                      home / "abrmd.log", env={**os.environ, **environment})
     pins = home / "so.pin", home / "user.pin"
-    so_pin, user_pin = (_secret(path) for path in pins)
+    so_pin, user_pin = (write_secret(path) for path in pins)
     tpm = Tpm2(home, label, so_pin, user_pin, module, environment, swtpm, bus, broker)
     try:
         swtpm.start()
@@ -141,28 +148,19 @@ def tpm2_module(home: Path, label: str = "tpp-agent") -> Iterator[Tpm2]:
         tpm.stop()
 
 
-def _secret(path: Path) -> bytes:
-    if path.exists():
-        return path.read_bytes().strip()
-    value = secrets.token_hex(8).encode("ascii")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(value + b"\n")
-    return value
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m tests.modules.tpm2 DIR", file=sys.stderr)
         return 2
-    with tpm2_module(Path(argv[0]).resolve()) as tpm:
-        print(f"module = {tpm.module}\ntoken = {tpm.label}\npin_file = {tpm.user_pin_file}")
-        for name, value in tpm.environment.items():
-            print(f"{name}={value}")
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                time.sleep(3600)
-    return 0
+    try:
+        with tpm2_module(Path(argv[0]).resolve()) as tpm:
+            return serve_until_interrupted({"module": tpm.module, "token": tpm.label,
+                                            "pin_file": str(tpm.user_pin_file), **tpm.environment})
+    except KeyboardInterrupt:  # while starting: everything started is stopped already
+        return 130
+    except ModuleUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
