@@ -102,6 +102,27 @@ def _broker_answers(environment: dict[str, str]) -> bool:
     return result.returncode == 0
 
 
+def _start_swtpm(home: Path, tries: int = 5) -> tuple[Service, int]:
+    """swtpm on a free loopback port and the next one (its control channel, where the swtpm TCTI expects it)."""
+    for attempt in range(tries):
+        port = free_port()
+        swtpm = Service(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={home / 'tpmstate'}",
+                         "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+                         "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                         "--flags", "not-need-init,startup-clear"], home / "swtpm.log")
+        swtpm.start()
+        try:
+            wait_until(lambda: port_open(port), "swtpm", swtpm)  # noqa: B023 (called before the next round)
+        except ModuleUnavailable:
+            swtpm.stop()
+            # Another process took one of the two ports between the probe and swtpm's bind: try two others.
+            if attempt == tries - 1 or "Address already in use" not in swtpm.last_line():
+                raise
+            continue
+        return swtpm, port
+    raise AssertionError("unreachable: the last try raises")
+
+
 @contextlib.contextmanager
 def tpm2_module(home: Path, label: str = "tpp-agent") -> Iterator[Tpm2]:
     """Start swtpm, a bus and tpm2-abrmd under ``home``; create a token ``label`` with random PINs."""
@@ -110,11 +131,9 @@ def tpm2_module(home: Path, label: str = "tpp-agent") -> Iterator[Tpm2]:
     home.mkdir(parents=True, exist_ok=True)
     (home / "tpmstate").mkdir(exist_ok=True)
     (home / "store").mkdir(exist_ok=True)
-    port = free_port()
-    swtpm = Service(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={home / 'tpmstate'}",
-                     "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-                     "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-                     "--flags", "not-need-init,startup-clear"], home / "swtpm.log")
+    pins = home / "so.pin", home / "user.pin"
+    so_pin, user_pin = (write_secret(path) for path in pins)
+    swtpm, port = _start_swtpm(home)  # from here on, nothing fails before the try that stops it
     bus_address = f"unix:path={home / 'bus'}"
     bus = Service(["dbus-daemon", "--session", "--nofork", "--nopidfile", f"--address={bus_address}"],
                   home / "dbus.log")
@@ -130,12 +149,8 @@ def tpm2_module(home: Path, label: str = "tpp-agent") -> Iterator[Tpm2]:
                       f"--max-connections={MAX_CONNECTIONS}", f"--max-transients={MAX_TRANSIENTS}",
                       f"--tcti=swtpm:host=127.0.0.1,port={port}"],
                      home / "abrmd.log", env={**os.environ, **environment})
-    pins = home / "so.pin", home / "user.pin"
-    so_pin, user_pin = (write_secret(path) for path in pins)
     tpm = Tpm2(home, label, so_pin, user_pin, module, environment, swtpm, bus, broker)
     try:
-        swtpm.start()
-        wait_until(lambda: port_open(port), "swtpm", swtpm)
         bus.start()
         wait_until((home / "bus").exists, "dbus-daemon", bus)
         tpm._start_broker()
