@@ -8,9 +8,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class ModuleUnavailable(Exception):
@@ -23,13 +28,28 @@ def need(*tools: str) -> None:
         raise ModuleUnavailable(f"not installed: {', '.join(missing)} (run scripts/bootstrap as root)")
 
 
-def serve_until_interrupted(lines: Mapping[str, str]) -> int:
-    """What ``python -m tests.modules.X`` does once its module is up: print how to reach it, wait for ^C."""
-    for name, value in lines.items():
-        print(f"{name}={value}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        while True:
-            time.sleep(3600)
+def first_existing(candidates: Sequence[str], missing: str) -> str:
+    """The first of ``candidates`` that exists; ModuleUnavailable(``missing``) if none does."""
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise ModuleUnavailable(missing)
+
+
+def serve_until_interrupted(launch: AbstractContextManager[T], describe: Callable[[T], Mapping[str, str]]) -> int:
+    """What ``python -m tests.modules.X`` does: start the module, print how to reach it, stop it on ^C."""
+    try:
+        with launch as launched:
+            for name, value in describe(launched).items():
+                print(f"{name}={value}", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+    except KeyboardInterrupt:  # while starting: what had started is stopped already
+        return 130
+    except ModuleUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

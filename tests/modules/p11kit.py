@@ -22,17 +22,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.modules.common import ModuleUnavailable, Service, need, serve_until_interrupted, wait_until
+from tests.modules.common import Service, first_existing, need, serve_until_interrupted, wait_until
 
 CLIENT_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
                      "/usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so")
 
 
 def client_module() -> str:
-    for path in CLIENT_CANDIDATES:
-        if os.path.exists(path):
-            return path
-    raise ModuleUnavailable("p11-kit-client.so is not installed (p11-kit-modules)")
+    return first_existing(CLIENT_CANDIDATES, "p11-kit-client.so is not installed (p11-kit-modules)")
 
 
 @dataclass
@@ -85,14 +82,8 @@ def main(argv: list[str]) -> int:
         print("usage: python -m tests.modules.p11kit TARGET_MODULE TOKEN DIR", file=sys.stderr)
         return 2
     target, token, home = argv
-    try:
-        with p11kit_server(target, token, Path(home).resolve(), os.environ) as server:
-            return serve_until_interrupted({"module": server.module, **server.environment})
-    except KeyboardInterrupt:  # while starting: everything started is stopped already
-        return 130
-    except ModuleUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return serve_until_interrupted(p11kit_server(target, token, Path(home).resolve(), os.environ),
+                                   lambda server: {"module": server.module, **server.environment})
 
 
 if __name__ == "__main__":

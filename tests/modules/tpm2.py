@@ -26,6 +26,7 @@ from softhsm.make_token import write_secret
 from tests.modules.common import (
     ModuleUnavailable,
     Service,
+    first_existing,
     free_port,
     need,
     port_open,
@@ -44,10 +45,7 @@ MAX_TRANSIENTS = 100  # its upper bound
 
 
 def module_path() -> str:
-    for path in MODULE_CANDIDATES:
-        if os.path.exists(path):
-            return path
-    raise ModuleUnavailable("tpm2-pkcs11 is not installed (libtpm2-pkcs11-1)")
+    return first_existing(MODULE_CANDIDATES, "tpm2-pkcs11 is not installed (libtpm2-pkcs11-1)")
 
 
 @dataclass
@@ -167,15 +165,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m tests.modules.tpm2 DIR", file=sys.stderr)
         return 2
-    try:
-        with tpm2_module(Path(argv[0]).resolve()) as tpm:
-            return serve_until_interrupted({"module": tpm.module, "token": tpm.label,
-                                            "pin_file": str(tpm.user_pin_file), **tpm.environment})
-    except KeyboardInterrupt:  # while starting: everything started is stopped already
-        return 130
-    except ModuleUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return serve_until_interrupted(tpm2_module(Path(argv[0]).resolve()), lambda tpm: {
+        "module": tpm.module, "token": tpm.label, "pin_file": str(tpm.user_pin_file), **tpm.environment})
 
 
 if __name__ == "__main__":
