@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import glob
 import os
 import stat
 import sys
@@ -108,7 +109,46 @@ def load(explicit: str | None = None) -> Config:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        raw = _with_included_banks(raw, path)
     return parse(raw, path)
+
+
+def _with_included_banks(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``include = ["banks.d/*.toml", …]``: banks files (``tpp-agent banks sync --write``) merged into [banks].
+
+    A path without a wildcard must exist; a pattern may match nothing. An included file holds [banks.NAME]
+    tables only, and a bank is defined in one place: the same name twice is an error, not an override.
+    """
+    include = raw.get("include")
+    if include is None:
+        return raw
+    if not isinstance(include, list) or not all(isinstance(item, str) and item for item in include):
+        raise ConfigError(f"include must be a list of banks file paths in {path}")
+    banks = dict(raw.get("banks", {})) if isinstance(raw.get("banks", {}), Mapping) else {}
+    origin = dict.fromkeys(banks, str(path))
+    for item in include:
+        pattern = path.parent / Path(item).expanduser()
+        files = sorted(pattern.parent.glob(pattern.name)) if glob.has_magic(item) else [pattern]
+        for file in files:
+            try:
+                with file.open("rb") as handle:
+                    included = tomllib.load(handle)
+            except FileNotFoundError:
+                raise ConfigError(f"banks file {file} (include of {path}) not found",
+                                  hint="write it with `tpp-agent banks sync --participants … --write FILE`, "
+                                       "or drop it from include") from None
+            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"banks file {file} (include of {path}) cannot be read: {exc}") from None
+            others = sorted(set(included) - {"banks"})
+            if others or not isinstance(included.get("banks", {}), Mapping):
+                raise ConfigError(f"banks file {file} (include of {path}) may hold only [banks.NAME] tables, "
+                                  f"found {', '.join(others) or 'banks that is not a table'}")
+            for name, table in included.get("banks", {}).items():
+                if name in banks:
+                    raise ConfigError(f"[banks.{name}] is defined twice: in {origin[name]} and in {file}",
+                                      hint="keep one; a bank configured by hand belongs in one file only")
+                banks[name], origin[name] = table, str(file)
+    return {**raw, "banks": banks}
 
 
 def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:

@@ -14,15 +14,14 @@ from collections.abc import Callable, Iterator
 
 from agent.cli.context import CliContext
 from agent.config import Config
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError
+from agent.lifecycle.validity import expiry_warning_days
 from agent.x509.certificates import days_left
 from agent.x509.signatures import same_public_key
 from pkcs11_backends import openssl
 from pkcs11_backends.errors import Pkcs11Error
 from pkcs11_backends.keys import KeyInfo, KeyStore
 from pkcs11_backends.module import TokenSelector
-
-DEFAULT_EXPIRY_WARNING_DAYS = 30
 
 
 class Status(enum.Enum):
@@ -123,13 +122,6 @@ def _token(ctx: CliContext) -> str:
     token = ctx.runtime.module.find_token(TokenSelector.parse(ctx.config.pkcs11.token))
     serial = token.serial.decode("ascii", "replace").strip()
     return f"{token.label!r} serial {serial} ({token.manufacturer_id.strip()} {token.model.strip()})"
-
-
-def expiry_warning_days(config: Config) -> int:
-    value = config.section("certificates").get("expiry_warning_days", DEFAULT_EXPIRY_WARNING_DAYS)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"[certificates] expiry_warning_days must be a non-negative integer in {config.path}")
-    return value
 
 
 def _key_checks(store: KeyStore, config: Config, now: datetime.datetime) -> Iterator[Check]:

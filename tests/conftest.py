@@ -42,6 +42,7 @@ from tests.modules.p11kit import p11kit_server
 from tests.modules.tpm2 import tpm2_module
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.pg"]  # postgres_server: a real PostgreSQL server for the shared-state tests
 
 # No timed assertions, property tests included: on 2 busy cores one draw can take a second.
 settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -25,6 +25,7 @@ from agent.openfinance.records import RegistrationLog
 from agent.openfinance.registration import Identity, Registrar
 from agent.openfinance.tokens import TokenClient, TokenSettings
 from agent.runtime import Runtime
+from agent.state import open_state
 from agent.transport.client import BankTransport, Response, open_transport
 from pkcs11_backends.keys import KeyStore
 
@@ -52,7 +53,7 @@ class OpenFinance:
 
     @functools.cached_property
     def records(self) -> RegistrationLog:
-        return RegistrationLog(self.config.state_dir)
+        return RegistrationLog(open_state(self.config))
 
     @functools.cached_property
     def _banks(self) -> dict[str, BankConfig]:

@@ -42,6 +42,13 @@ class ClientCertificateMissingError(TlsSetupError):
     hint = "import the transport certificate onto the token next to the key, or set client_certificate to a PEM file"
 
 
+class ClientCertificateValidityError(TlsSetupError):
+    """The client certificate is expired or not yet valid: it is never presented."""
+
+    hint = ("import a current transport certificate (tpp-agent cert import; tpp-agent certs needs-renewal tells "
+            "when one is due), or check the system clock")
+
+
 class CaBundleError(TlsSetupError):
     hint = "set ca_bundle in [banks.NAME] to a PEM file with the ecosystem's root and issuing CAs"
 
@@ -83,6 +90,11 @@ class ClientCertRejectedError(TlsError):
 
 class ClientCertExpiredError(ClientCertRejectedError):
     what_to_check = "our transport certificate has expired: issue a new one in the directory and import it"
+
+
+class ClientCertNotPresentedError(TransportError):
+    what_to_check = ("our transport certificate is outside its validity period, so nothing was sent: import a "
+                     "current one (tpp-agent cert import), or check the system clock")
 
 
 class ClientCertRevokedError(ClientCertRejectedError):

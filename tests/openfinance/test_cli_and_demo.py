@@ -52,12 +52,19 @@ def test_cli_discover_register_and_list(tpp: Tpp, bank: ModelBank) -> None:
     assert again.returncode == 0 and "already registered" in again.stdout and "--force" in again.stdout
     assert len(bank.registrations) == 1
 
-    listed = json.loads(cli(config, "registrations", "--json").stdout)
+    listed = json.loads(cli(config, "registrations", "--attempts", "--json").stdout)
     assert [(a["outcome"], a["status"]) for a in listed] == [("failed", 500), ("registered", 204)]
     assert listed[1]["interaction_id"] == registration.interaction_id
     assert listed[1]["cert_sha256"] == registration.sha256
-    table = cli(config, "registrations").stdout
+    table = cli(config, "registrations", "--attempts").stdout
     assert "registered" in table and registration.interaction_id in table
+
+    [status] = json.loads(cli(config, "registrations", "--json").stdout)
+    assert (status["bank"], status["state"], status["certificate_sha256"]) == (BANK, "registered", registration.sha256)
+    assert status["endpoint"] == bank.url + "/mtls/tpp-registration"
+    assert status["attempt"]["interaction_id"] == registration.interaction_id
+    view = cli(config, "registrations")
+    assert view.returncode == 0 and f"{BANK:<16} registered" in view.stdout
 
 
 def test_cli_unknown_bank(tpp: Tpp, bank: ModelBank) -> None:

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from agent.openfinance.records import DB_NAME, FAILED, REGISTERED, UNCERTAIN
+from agent.openfinance.records import FAILED, REGISTERED, UNCERTAIN
 from agent.openfinance.registration import (
     BankServerError,
     RegistrationError,
@@ -16,6 +16,7 @@ from agent.openfinance.registration import (
     RegistrationUnauthorizedError,
 )
 from agent.openfinance.service import OpenFinance
+from agent.state import SQLITE_NAME
 from agent.transport import errors
 from modelbank import Behaviour, ModelBank
 from tests.openfinance.conftest import BANK, Tpp, issue_identity
@@ -52,7 +53,7 @@ def test_log_is_wal_with_full_sync_and_keeps_bodies(service: OpenFinance, bank: 
     bank.behaviour = Behaviour(registration_status=400)
     with pytest.raises(RegistrationRejectedError):
         service.registrar(BANK).register()
-    db = sqlite3.connect(tpp.state_dir / DB_NAME)
+    db = sqlite3.connect(tpp.state_dir / SQLITE_NAME)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     body, error = db.execute("SELECT response_body, error FROM registrations").fetchone()
     assert "model bank configured to answer 400" in body and error.startswith("RegistrationRejectedError")
@@ -115,18 +116,17 @@ def test_tls_failures_are_distinct_and_agent_stays_usable(service: OpenFinance, 
     assert registrar.register().status == 204
 
 
-def test_expired_client_certificate(tpp: Tpp, bank: ModelBank) -> None:
+def test_expired_client_certificate_is_never_presented(tpp: Tpp, bank: ModelBank) -> None:
     uri, _, pem = issue_identity(tpp.runtime, bank, expired=True)
     cert_file = tpp.state_dir / "expired.pem"
     cert_file.write_bytes(pem)
     service = OpenFinance(tpp.runtime, tpp.config(bank, client_key=uri, client_certificate=str(cert_file)))
     try:
-        with pytest.raises(errors.ClientCertExpiredError) as caught:
+        with pytest.raises(errors.ClientCertificateValidityError, match=f"bank '{BANK}'.* expired on"):
             service.registrar(BANK).register()
-        assert "expired" in caught.value.hint
     finally:
         service.close()
-    assert not bank.registrations
+    assert not bank.registrations and bank.handshakes == 0 and service.records.attempts() == []
 
 
 def test_bank_that_never_answers_times_out_once(tpp: Tpp, bank: ModelBank) -> None:
