@@ -149,7 +149,7 @@ def _needs_renewal(args: argparse.Namespace, ctx: CliContext) -> int:
     if not keys:
         raise InputError("no key on the token has a certificate: nothing to renew",
                          hint="import one with `tpp-agent cert import --key KEY FILE`")
-    results = []
+    results: list[dict[str, Any]] = []
     for key in keys:
         found = key_certificates(store, key)
         cert = found.current

@@ -141,7 +141,8 @@ class Difference:
 def difference(servers: Sequence[AuthorisationServer], configured: Mapping[str, BankConfig]) -> Difference:
     by_issuer = {server.issuer: server for server in servers}
     known = {bank.issuer: bank for bank in configured.values()}
-    changed, unchanged = [], []
+    changed: list[tuple[BankConfig, AuthorisationServer]] = []
+    unchanged: list[tuple[BankConfig, AuthorisationServer]] = []
     for bank in configured.values():
         server = by_issuer.get(bank.issuer)
         if server is not None:
