@@ -107,7 +107,8 @@ def test_bad_database_settings_are_clear_errors(tmp_path: Path, postgres_server:
     with pytest.raises(StateError, match="carries a password") as caught:
         open_state(state_config(tmp_path, "postgresql://tpp:secret@127.0.0.1/tpp"))
     assert "passfile" in caught.value.hint and "secret" not in str(caught.value)
-    with socket_closed() as port, pytest.raises(StateError, match=re.escape("state database PostgreSQL tpp@127.0.0.1: ")):
+    refused = re.escape("state database PostgreSQL tpp@127.0.0.1: ")
+    with socket_closed() as port, pytest.raises(StateError, match=refused):
         open_state(state_config(tmp_path, f"postgresql://tpp@127.0.0.1:{port}/tpp?connect_timeout=2"))
     with pytest.raises(StateError, match='database "missing" does not exist'):
         open_state(state_config(tmp_path, postgres_server.url("missing")))
