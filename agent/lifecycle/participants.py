@@ -173,8 +173,12 @@ def banks_file(servers: Mapping[str, AuthorisationServer], ca_bundle: str, sourc
              "# Rewritten by the next sync: configure a bank by hand in the main configuration instead.", ""]
     for name, server in servers.items():
         families = ", ".join(sorted({f"{r.family} {r.version}" for r in server.api_resources})) or "none listed"
-        lines += [f"# {server.organisation_name} — organisation {server.organisation_id}, "
-                  f"authorisation server {server.server_id}", f"# APIs: {families}",
+        lines += [_comment(f"{server.organisation_name} — organisation {server.organisation_id}, "
+                           f"authorisation server {server.server_id}"), _comment(f"APIs: {families}"),
                   f"[banks.{json.dumps(name)}]", f"discovery_url = {json.dumps(server.discovery_url)}",
                   f"issuer = {json.dumps(server.issuer)}", f"ca_bundle = {json.dumps(ca_bundle)}", ""]
     return "\n".join(lines)
+
+
+def _comment(text: str) -> str:
+    return "# " + " ".join(text.split())  # a line break in a directory field would end the comment
