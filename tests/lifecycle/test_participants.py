@@ -64,7 +64,7 @@ def test_a_document_not_of_the_directorys_shape_is_a_clear_error(mangle: Any, me
 
 
 def test_not_json_and_too_large() -> None:
-    with pytest.raises(ParticipantsError, match="p.html is not JSON"):
+    with pytest.raises(ParticipantsError, match=r"p\.html is not JSON"):
         participants.parse(b"<html>login</html>", "p.html")
     with pytest.raises(ParticipantsError, match="larger than 32 MiB"):
         participants.parse(b" " * (participants.MAX_BYTES + 1), "big")
@@ -97,11 +97,11 @@ def test_include_errors(tmp_path: Path) -> None:
     (tmp_path / "banks.toml").write_text('[banks.mine]\ndiscovery_url = "https://x.example/d"\nissuer = "x"\n')
     with pytest.raises(ConfigError, match=r"\[banks.mine\] is defined twice: in .*config.toml and in .*banks.toml"):
         _config(tmp_path, '["banks.toml"]', '[banks.mine]\nissuer = "y"\n')
-    with pytest.raises(ConfigError, match="banks file .*missing.toml .* not found") as missing:
+    with pytest.raises(ConfigError, match=r"banks file .*missing\.toml .* not found") as missing:
         _config(tmp_path, '["missing.toml"]')
     assert "banks sync" in missing.value.hint
     (tmp_path / "other.toml").write_text('[daemon]\nsocket = "/tmp/x"\n')
-    with pytest.raises(ConfigError, match="may hold only \\[banks.NAME\\] tables, found daemon"):
+    with pytest.raises(ConfigError, match=r"may hold only \[banks\.NAME\] tables, found daemon"):
         _config(tmp_path, '["other.toml"]')
     with pytest.raises(ConfigError, match="include must be a list of banks file paths"):
         _config(tmp_path, '"banks.toml"')
