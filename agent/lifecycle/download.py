@@ -33,7 +33,7 @@ def fetch(url: str, limit: int, cafile: str | None = None) -> bytes:
             for chunk in response.stream(_CHUNK):
                 data += chunk
                 if len(data) > limit:
-                    raise DownloadError(f"{url} sent more than {limit >> 20} MiB: not the document expected")
+                    raise DownloadError(f"{url} sent more than {limit:,} bytes: not the document expected")
             return bytes(data)
         finally:
             response.release_conn()
