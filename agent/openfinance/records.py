@@ -78,8 +78,8 @@ class RegistrationLog:
             tx.execute("INSERT INTO registration_claims (cert_sha256, endpoint) VALUES (?, ?) ON CONFLICT DO NOTHING",
                        (cert_sha256, endpoint))
             # The lock a second claimant (thread, process or host) waits on; it then sees this one's row.
-            lock = "SELECT cert_sha256 FROM registration_claims WHERE cert_sha256 = ? AND endpoint = ?" + tx.lock_clause  # noqa: S608
-            tx.execute(lock, (cert_sha256, endpoint))
+            claim = "SELECT cert_sha256 FROM registration_claims WHERE cert_sha256 = ? AND endpoint = ?"
+            tx.execute(tx.for_update(claim), (cert_sha256, endpoint))
             if not force:
                 registered = _last(tx, cert_sha256, endpoint, REGISTERED)
                 if registered is not None:

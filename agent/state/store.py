@@ -42,6 +42,10 @@ class Transaction(abc.ABC):
     def exclusive(self) -> None:
         """Hold the whole database's schema lock until this transaction ends (migrations)."""
 
+    def for_update(self, select: str) -> str:
+        """``select`` with the backend's lock clause: its rows stay as read until this transaction ends."""
+        return select + self.lock_clause
+
     def one(self, sql: str, params: Sequence[object] = ()) -> Row | None:
         rows = self.execute(sql, params)
         return rows[0] if rows else None

@@ -81,7 +81,7 @@ def test_processes_sharing_a_store_claim_once(store: StateStore, database: str |
     # The test holds the pair's claim row until every claimant is on its way: they all wait, then race.
     with store.transaction() as blocker:
         blocker.execute("INSERT INTO registration_claims (cert_sha256, endpoint) VALUES (?, ?)", (SHA, SANDBOX))
-        blocker.execute("SELECT * FROM registration_claims WHERE cert_sha256 = ?" + blocker.lock_clause, (SHA,))
+        blocker.execute(blocker.for_update("SELECT * FROM registration_claims WHERE cert_sha256 = ?"), (SHA,))
         for i in range(CALLERS):
             own_dir = tmp_path / f"host-{i}" if database else tmp_path / "state"
             state = {"dir": str(own_dir), **({"database": database} if database else {})}
