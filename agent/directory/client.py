@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.directory.settings import DirectorySettings
 from agent.errors import AgentError
 from agent.openfinance.client import BankHttp, BankResponse
+from agent.openfinance.registration import error_summary
 
 SCOPE = "directory:software"
 CERTIFICATE_TYPES = ("rtstransport", "rtssigning")  # the types a CSR makes (sigkey/enckey are JWK uploads)
@@ -83,16 +84,8 @@ _REFUSAL_HINTS = {
 
 
 def _detail(body: bytes) -> str:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        words = [str(document[k]) for k in ("errorCode", "errorMessage", "error", "error_description", "message")
-                 if document.get(k)]
-        if words:
-            return ": " + " — ".join(words)[:300]
-    return ""
+    summary = error_summary(body)
+    return f": {summary}" if summary else ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,7 @@ class RegistrationError(AgentError):
 
     def __init__(self, bank: str, endpoint: str, interaction_id: str, status: int, body: bytes) -> None:
         self.bank, self.endpoint, self.interaction_id, self.status = bank, endpoint, interaction_id, status
-        detail = _error_summary(body)
+        detail = error_summary(body)
         super().__init__(
             f"bank {bank!r} refused the registration: HTTP {status}{': ' + detail if detail else ''} "
             f"({endpoint}, x-fapi-interaction-id {interaction_id})",
@@ -97,8 +97,8 @@ def _error_class(status: int) -> type[RegistrationError]:
     return _BY_STATUS.get(status, UnexpectedStatusError)
 
 
-def _error_summary(body: bytes) -> str:
-    """The bank's own words, short: a JSON error document's message, else the first line of the body."""
+def error_summary(body: bytes) -> str:
+    """The server's own words, short: a JSON error document's message, else the first line of the body."""
     try:
         document = json.loads(body)
     except ValueError:
