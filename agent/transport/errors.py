@@ -3,7 +3,8 @@
 Everything raised while talking to a bank is a :class:`TransportError` that names
 the bank, the URL and the ``x-fapi-interaction-id`` of the attempt (so the bank's
 support can find it), and says what to check. Setting up a TLS context fails
-with a :class:`TlsSetupError` instead (configuration, not the network).
+with a :class:`TlsSetupError` instead (configuration, not the network), e.g.
+:class:`ClientCertificateValidityError` for a client certificate that is expired or not yet valid.
 
     TransportError
     ├── TlsError
@@ -14,6 +15,7 @@ with a :class:`TlsSetupError` instead (configuration, not the network).
     │   │   ├── ClientCertRevokedError    … because it was revoked
     │   │   └── ClientCertUnknownCaError  … because the bank does not trust its issuer
     │   └── HandshakeFailedError          no common protocol/suite, or another TLS failure
+    ├── ClientCertNotPresentedError       our certificate is outside its validity period: nothing sent
     ├── ConnectFailedError                no TCP connection (DNS, network)
     │   └── ConnectRefusedError           nothing listens on the bank's port
     ├── BankTimeoutError
