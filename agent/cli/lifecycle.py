@@ -65,8 +65,9 @@ def register(sub: Any) -> None:
                     "(matched by issuer) and, with --write, writes every listed bank not configured elsewhere into "
                     "a banks file for the configuration's include = [...]. Exit 0 when in sync or written, 1 when "
                     "they differ and nothing was written.")
-    sync.add_argument("--participants", required=True, metavar="URL|FILE",
-                      help="https:// URL of the directory's participants endpoint, or a downloaded copy")
+    sync.add_argument("--participants", metavar="URL|FILE",
+                      help="https:// URL of the directory's participants endpoint, or a downloaded copy "
+                           "(default: [directory] participants_url)")
     sync.add_argument("--cacert", help="CA file to verify the participants URL (default: the system store)")
     sync.add_argument("--write", metavar="FILE", help="write the banks file (replaced whole)")
     sync.add_argument("--ca-bundle", help="ca_bundle of the written banks (default: the one the configured "
@@ -172,7 +173,10 @@ def _needs_renewal(args: argparse.Namespace, ctx: CliContext) -> int:
 # -- banks sync ------------------------------------------------------------------------------------
 
 def sync_banks(args: argparse.Namespace, ctx: CliContext) -> int:
-    source = args.participants
+    source = args.participants or ctx.config.section("directory").get("participants_url")
+    if not isinstance(source, str) or not source:
+        raise InputError("no participants list named: give --participants URL|FILE",
+                         hint="or set participants_url in [directory] of the configuration")
     if source.startswith("https://"):
         data = fetch(source, participants.MAX_BYTES, args.cacert)
     elif "://" in source:

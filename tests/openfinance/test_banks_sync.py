@@ -42,6 +42,8 @@ def test_sync_shows_the_difference_then_writes_the_banks_file(tpp: Tpp, bank: Mo
                                                               directory: ModelDirectory) -> None:
     config = tpp.write_config(bank)
     url, ca = directory.participants_url, str(bank.ca.cert_file)
+    unnamed = cli(config, "banks", "sync")
+    assert unnamed.returncode == 1 and "error: no participants list named: give --participants" in unnamed.stderr
     shown = cli(config, "banks", "sync", "--participants", url, "--cacert", ca)
     assert shown.returncode == 1, shown.stderr
     assert shown.stdout.splitlines() == [f"+ New Bank (New Bank): issuer {NEW_BANK}"]
@@ -54,8 +56,9 @@ def test_sync_shows_the_difference_then_writes_the_banks_file(tpp: Tpp, bank: Mo
     assert '[banks."new-bank"]' in text and f'issuer = "{NEW_BANK}"' in text and "# APIs: accounts 1.0" in text
     assert f'ca_bundle = "{bank.ca_bundle}"' in text  # the one the configured banks share
 
-    config.write_text(f"include = [{json.dumps(str(banks_file))}]\n" + config.read_text())
-    again = cli(config, "banks", "sync", "--participants", url, "--cacert", ca, "--json")
+    config.write_text(f"include = [{json.dumps(str(banks_file))}]\n" + config.read_text() +
+                      f"\n[directory]\nparticipants_url = {json.dumps(url)}\n")
+    again = cli(config, "banks", "sync", "--cacert", ca, "--json")  # the URL from [directory]
     assert again.returncode == 0, again.stderr
     answer = json.loads(again.stdout)
     assert answer["in_sync"] is True and sorted(answer["unchanged"]) == [BANK, "new-bank"]
