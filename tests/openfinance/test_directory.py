@@ -67,7 +67,7 @@ def client(tpp: Tpp, directory: ModelDirectory, transport: BankTransport) -> Dir
 
 def _successor(tpp: Tpp) -> tuple[str, str]:
     """A new key on the token (a rotation's successor) and its CSR in the directory's profile."""
-    uri = str(tpp.runtime.keys.generate(f"successor-{uuid.uuid4().hex[:8]}", KeySpec.parse("rsa:2048")).uri)
+    uri = str(tpp.runtime.keys.generate(f"successor-{uuid.uuid4().hex[:8]}", KeySpec.parse("ec:p256")).uri)
     subject = directory_subject("Test TPP L.L.C.", ORG, str(uuid.uuid4()))
     return uri, build_csr(tpp.runtime.keys, uri, subject).pem
 
@@ -105,23 +105,26 @@ def test_a_certificate_for_another_key_is_refused_and_nothing_is_imported(tpp: T
     assert key_certificates(tpp.runtime.keys, key).current is None
 
 
-@pytest.mark.parametrize("status,error,words", [
+_FAILURES: tuple[tuple[int, type[DirectoryError], str], ...] = (
     (400, DirectoryRefusedError, "the request was malformed"),
     (403, DirectoryRefusedError, "check organisation_id, software_statement_id"),
     (404, DirectoryRefusedError, "no such organisation"),
     (500, DirectoryServerError, "list the certificates first"),
     (503, DirectoryServerError, "list the certificates first"),
-])
-def test_directory_errors_are_clear_and_change_nothing(tpp: Tpp, client: DirectoryClient, directory: ModelDirectory,
-                                                       status: int, error: type[DirectoryError], words: str) -> None:
+)
+
+
+def test_directory_errors_are_clear_and_change_nothing(tpp: Tpp, client: DirectoryClient,
+                                                       directory: ModelDirectory) -> None:
     key, csr = _successor(tpp)
     client.access_token()
-    directory.fail_next(status)
-    with pytest.raises(error) as caught:
-        client.create_certificate("rtstransport", csr)
-    assert type(caught.value) is error and f"HTTP {status}: Injected" in str(caught.value)
-    assert "x-fapi-interaction-id" in str(caught.value) and words in caught.value.hint
-    assert directory.certificates == {} and key_certificates(tpp.runtime.keys, key).current is None
+    for status, error, words in _FAILURES:
+        directory.fail_next(status)
+        with pytest.raises(error) as caught:
+            client.create_certificate("rtstransport", csr)
+        assert type(caught.value) is error and f"HTTP {status}: Injected" in str(caught.value), status
+        assert "x-fapi-interaction-id" in str(caught.value) and words in caught.value.hint, status
+        assert directory.certificates == {} and key_certificates(tpp.runtime.keys, key).current is None
     assert client.create_certificate("rtstransport", csr).status == "Active"  # the client stays usable
 
 
