@@ -72,9 +72,6 @@ class StateStore(abc.ABC):
         with self.transaction() as tx:
             return upgrade(tx, self.description)
 
-    def close(self) -> None:  # noqa: B027 - a backend without a connection to close has nothing to do
-        """Release what the store holds open."""
-
 
 @contextlib.contextmanager
 def translated(description: str, errors: tuple[type[Exception], ...]) -> Iterator[None]:

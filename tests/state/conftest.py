@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
 
 
 @pytest.fixture
-def store(database: str | None, tmp_path: Path) -> Iterator[StateStore]:
-    opened = open_state(state_config(tmp_path / "state", database))
-    yield opened
-    opened.close()
+def store(database: str | None, tmp_path: Path) -> StateStore:
+    """Each transaction opens its own connection: nothing stays open to close."""
+    return open_state(state_config(tmp_path / "state", database))
