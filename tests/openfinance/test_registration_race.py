@@ -92,7 +92,7 @@ def test_forced_registration_is_sent_while_another_is_pending(service: OpenFinan
     assert [a.outcome for a in service.records.attempts()] == [REGISTERED, REGISTERED]
 
 
-def test_discovery_failure_releases_the_claim(service: OpenFinance, bank: ModelBank) -> None:
+def test_discovery_failure_leaves_no_attempt(service: OpenFinance, bank: ModelBank) -> None:
     bank.behaviour = Behaviour.failing("wrong-issuer")
     with pytest.raises(Exception, match="issuer"):
         service.registrar(BANK).register()
