@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from agent.state.store import Row, StateError, StateStore, Transaction, translated
@@ -54,8 +54,7 @@ class PostgresStore(StateStore):
             raise StateError("[state] database carries a password: the configuration file is not the place for it",
                              hint="put it in a passfile (libpq's ~/.pgpass, mode 0600, or passfile= in the URL), "
                                   "or authenticate with a client certificate (sslcert=, sslkey=)")
-        params.setdefault("connect_timeout", str(CONNECT_TIMEOUT))
-        self._params = params
+        self._conninfo = url if "connect_timeout" in params else make_conninfo(url, connect_timeout=CONNECT_TIMEOUT)
         self.description = f"PostgreSQL {params.get('dbname') or params.get('user') or ''}@" \
                            f"{params.get('host') or 'localhost'}"
         self.migrate()
@@ -64,7 +63,7 @@ class PostgresStore(StateStore):
     def transaction(self, write: bool = True) -> Iterator[Transaction]:
         del write  # READ COMMITTED either way: writers lock the rows they decide on
         with translated(self.description, (psycopg.Error,)):
-            db = psycopg.connect(**self._params, row_factory=dict_row)
+            db = psycopg.connect(self._conninfo, row_factory=dict_row)
             try:
                 with db.transaction():
                     yield _PostgresTransaction(db)
