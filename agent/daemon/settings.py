@@ -102,9 +102,14 @@ def _workers(section: Mapping[str, Any], processes: int, sessions: int) -> tuple
     while they block (a network HSM's round trips, audit syncs): see :mod:`agent.daemon.sizing`. A number:
     that many workers, always."""
     base = max(1, _cpus() // processes)
-    if section.get("workers", "auto") == "auto":
+    value = section.get("workers", "auto")
+    if value == "auto":
         return base, max(base, sessions)
-    return _number(section, "workers", base, int, low=1, high=256), None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ConfigError(f"[daemon] workers must be \"auto\" or a whole number from 1 to 256, got {value!r}",
+                          hint='"auto" (the default): the CPUs while requests compute, up to [pkcs11] '
+                               "max_sessions while they wait on the token")
+    return value, None
 
 
 def _audit_sync_interval(section: Mapping[str, Any]) -> float | None:

@@ -86,7 +86,7 @@ class Sizing:
             self._blocked.append(blocked_ns)
             if len(self._cpu) < self.window:
                 return None
-            wanted = self.wanted(statistics.median(self._cpu), statistics.quantiles(self._blocked, n=4)[0])
+            wanted = self.wanted(statistics.median(self._cpu), sorted(self._blocked)[len(self._blocked) // 4])
             self._cpu.clear()
             self._blocked.clear()
             wanted, self._last = max(wanted, self._last), wanted
