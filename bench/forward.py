@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from agent import config as config_module
 from agent.runtime import Runtime
 from bench.bank import DISCOVERY_PATH, Bank
 from bench.common import (
-    REPO,
+    RATIO_NOTE,
     TURN_SECONDS,
     Check,
     Contender,
@@ -30,6 +29,7 @@ from bench.common import (
     Outcome,
     State,
     Table,
+    build_shim,
     compare_cells,
     http_request,
     ratio_cell,
@@ -39,13 +39,6 @@ from bench.signing import PROFILES
 
 CLIENTS = (1, 4)  # the bank transport keeps at most 4 connections per bank (TlsSettings.max_connections)
 CALLS = 1000
-
-
-def build_shim(work: Path) -> Path:
-    out = work / "pkcs11_shim.so"
-    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-I/usr/include/p11-kit-1", "-o", str(out),
-                    str(REPO / "tests" / "faults" / "pkcs11_shim.c"), "-ldl"], check=True, timeout=120)
-    return out
 
 
 def signs(stats: Path) -> int:
@@ -109,7 +102,7 @@ def _run(work: Path, seconds: float, repeat: int, bank: Bank) -> Outcome:
                        "client thread. Profiles as in the signing table; the target is checked on the throughput "
                        f"profile. Token signatures: the throughput profile's during its windows. Each cell: {repeat} "
                        f"runs of {seconds:g} s per load, the three taking turns in windows of {TURN_SECONDS:g} s, "
-                       "added up; ratio: all runs together (lowest and highest run).")
+                       f"added up; {RATIO_NOTE}.")
     ratios: dict[str, list[float]] = {name: [] for name, _ in PROFILES}
     peak_rss = 0.0
     daemons = {name: Daemon.start(configs[name], state.dir / f"run-{name}" / "agent.sock", shim_env)
