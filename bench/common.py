@@ -98,16 +98,17 @@ class State:
     def softhsm_conf(self) -> Path:
         return self.dir / "softhsm" / "softhsm2.conf"
 
-    def config_text(self, body: str, module: str | None = None) -> str:
+    def config_text(self, body: str, module: str | None = None, pkcs11: str = "") -> str:
+        """A configuration for this token: ``body`` after it, ``pkcs11`` lines in its [pkcs11] table."""
         module_line = f'module = "{module}"\n' if module else ""
         return (f'[state]\ndir = "{self.dir}"\n'
                 f'[pkcs11]\n{module_line}token = "{self.label}"\npin_file = "{self.dir}/softhsm/user.pin"\n'
-                f'[pkcs11.environment]\nSOFTHSM2_CONF = "{self.softhsm_conf}"\n'
+                f'{pkcs11}[pkcs11.environment]\nSOFTHSM2_CONF = "{self.softhsm_conf}"\n'
                 f'[policy]\nadmin_users = [{os.getuid()}]\n' + body)
 
-    def write_config(self, name: str, body: str, module: str | None = None) -> Path:
+    def write_config(self, name: str, body: str, module: str | None = None, pkcs11: str = "") -> Path:
         path = self.dir / name
-        path.write_text(self.config_text(body, module))
+        path.write_text(self.config_text(body, module, pkcs11))
         return path
 
 
