@@ -223,6 +223,13 @@ def build_shim(work: Path) -> Path:
     return out
 
 
+def daemon_table(socket_path: Path, audit_file: Path) -> str:
+    """The start of a benchmark daemon's [daemon] table (a profile's settings follow it)."""
+    # Every load of a benchmark comes from this one uid, and a table's loads are all open at once (1 + 2 + 8 + 32
+    # connections per algorithm and profile): more than a caller's default share (connections_per_uid = 64).
+    return f'[daemon]\nsocket = "{socket_path}"\naudit_file = "{audit_file}"\nconnections_per_uid = 1024\n'
+
+
 def http_request(method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
     data = json.dumps(body).encode() if body is not None else b""
     head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"

@@ -31,6 +31,7 @@ from bench.common import (
     Table,
     build_shim,
     compare_cells,
+    daemon_table,
     http_request,
     ratio_cell,
 )
@@ -85,8 +86,8 @@ def _run(work: Path, seconds: float, repeat: int, bank: Bank) -> Outcome:
     _, cert_path, key_path = bank.memory_identity(work)
     body = (f'[banks.mb]\nissuer = "{bank.url}"\ndiscovery_url = "{bank.discovery_url}"\n'
             f'ca_bundle = "{bank.ca_bundle}"\nclient_key = "{key_uri}"\n')
-    configs = {name: state.write_config(f"config-{name}.toml", body + f'[daemon]\nsocket = "{state.dir}/run-{name}/'
-                                        f'agent.sock"\naudit_file = "{state.dir}/audit/audit.jsonl"\n' + lines,
+    configs = {name: state.write_config(f"config-{name}.toml", body + daemon_table(
+        state.dir / f"run-{name}" / "agent.sock", state.dir / "audit" / "audit.jsonl") + lines,
                                         module=str(shim))
                for name, lines in PROFILES}
     request = base64.b64encode(http_request("POST", "/v1/banks/mb/forward",

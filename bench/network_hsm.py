@@ -38,6 +38,7 @@ from bench.common import (
     Table,
     build_shim,
     compare_cells,
+    daemon_table,
     http_request,
     in_threads,
     ratio_cell,
@@ -61,9 +62,9 @@ def run(work: Path, seconds: float, repeat: int, delay_us: int, clients: tuple[i
     in_all = {"default": HSM_SESSIONS, "throughput": per_process["throughput"] * processes}
     body = "".join(f'[keys.{alias}]\nuri = "pkcs11:token=nethsm;object={alias};type=private"\n'
                    f'algorithms = ["{alg}"]\n' for alias, _, alg, _ in CASES)
-    configs = {name: state.write_config(f"config-{name}.toml", body + f'[daemon]\nsocket = "{state.dir}/run-{name}/'
-                                        f'agent.sock"\naudit_file = "{state.dir}/audit-{name}/audit.jsonl"\n'
-                                        + lines, module=str(shim), pkcs11=f"max_sessions = {per_process[name]}\n")
+    configs = {name: state.write_config(f"config-{name}.toml", body + daemon_table(
+        state.dir / f"run-{name}" / "agent.sock", state.dir / f"audit-{name}" / "audit.jsonl") + lines,
+                                        module=str(shim), pkcs11=f"max_sessions = {per_process[name]}\n")
                for name, lines in PROFILES}
     runtime = Runtime(config_module.load(str(configs["default"])))
     sessions: list[pkcs11.Session] = []

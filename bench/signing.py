@@ -36,6 +36,7 @@ from bench.common import (
     State,
     Table,
     compare_cells,
+    daemon_table,
     drive,
     http_request,
     ratio_cell,
@@ -58,8 +59,8 @@ def run(work: Path, seconds: float, clients: tuple[int, ...], repeat: int) -> Ou
     state = State.create(work / "signing", "bench")
     body = "".join(f'[keys.{alias}]\nuri = "pkcs11:token=bench;object={alias};type=private"\n'
                    f'algorithms = ["{alg}"]\n' for alias, _, alg, _ in CASES)
-    configs = {name: state.write_config(f"config-{name}.toml", body + f'[daemon]\nsocket = "{state.dir}/run-{name}/'
-                                        f'agent.sock"\naudit_file = "{state.dir}/audit/audit.jsonl"\n' + lines)
+    configs = {name: state.write_config(f"config-{name}.toml", body + daemon_table(
+        state.dir / f"run-{name}" / "agent.sock", state.dir / "audit" / "audit.jsonl") + lines)
                for name, lines in PROFILES}
     runtime = Runtime(config_module.load(str(configs["default"])))
     for alias, spec, _, _ in CASES:
