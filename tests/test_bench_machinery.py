@@ -51,6 +51,7 @@ def test_the_network_hsm_benchmark_reports_the_ideal_and_both_profiles(tmp_path:
                            "--repeat", "1", "--hsm-delay-us", "1000", "--hsm-clients", "2", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode in (0, 1), done.stderr[-2000:]  # 1: a target missed on a busy machine
+    assert (out / "results.json").exists(), done.stderr[-3000:]  # else the benchmark itself failed
     results = json.loads((out / "results.json").read_text())["results"]["network-hsm"]
     rows = results["data"]["network_hsm"]
     assert {(row["alg"], row["clients"]) for row in rows} == {("PS256", 2), ("ES256", 2)}

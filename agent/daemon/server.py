@@ -68,6 +68,7 @@ Remote = Callable[[Request], bool]
 # Whether any policy rule names a peer: a caller with none gets the small quota of ``Limits.stranger_*``.
 Known = Callable[[Peer], bool]
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
+IDLE_WORKER_SECONDS = 2.0  # a worker beyond a lane's start that waits this long for a request ends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,7 +534,7 @@ class Server:
         self._lane_of[thread] = lane
         linger = _Linger()
         meter = lane.sizing.meter() if lane.sizing is not None else None
-        while (item := lane.queue.get()) is not None:
+        while (item := self._next_item(lane)) is not None:
             conn, request = item
             try:
                 next_request: Request | None = request
@@ -554,6 +555,21 @@ class Server:
         linger.close()
         if meter is not None:
             meter.close()
+
+    def _next_item(self, lane: _Lane) -> tuple[_Connection, Request] | None:
+        """The next request for this worker; None when it is to end: the server stops, the lane shrinks, or the
+        lane has grown past its start and this worker has had nothing to do for ``IDLE_WORKER_SECONDS`` (a lane
+        grown for a burst gives its threads back when the burst is over, as no request is left to measure)."""
+        if lane.sizing is None:
+            return lane.queue.get()
+        while True:
+            try:
+                return lane.queue.get(timeout=IDLE_WORKER_SECONDS)
+            except queue.Empty:
+                with lane.resizing:
+                    if lane.workers > lane.size:
+                        lane.workers -= 1
+                        return None
 
     def _resize(self, lane: _Lane, wanted: int) -> None:
         """Start or retire workers so that ``wanted`` take requests (retired ones end once idle)."""
