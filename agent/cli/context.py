@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 
 from agent import config as config_module
-from agent.audit import AuditedKeyStore, AuditError, AuditTrail
+from agent.audit import AuditedKeyStore, AuditError, AuditTrail, find_anchor
 from agent.cli.backend import Backend, Direct, ThroughAgent
 from agent.client import AgentClient, AgentUnavailableError
 from agent.config import Config
@@ -46,11 +46,20 @@ class CliContext:
 
         settings = DaemonSettings.parse(self.config)
         try:
-            return AuditTrail(settings.audit_file, settings.audit_sync_interval)
+            trail = AuditTrail(settings.audit_file, settings.audit_sync_interval)
         except AuditError as exc:
             raise AuditError(f"{exc}; nothing was signed", hint=(
                 "signing on the token from the CLI is audited into [daemon] audit_file: run this as a user who "
                 "may write it (e.g. the agent's user), or let a running agent do it (drop --direct)")) from None
+        try:  # checkpointed like the agent's: one when this command starts using keys, one when it ends
+            anchor = find_anchor(self.runtime.keys, settings.audit_checkpoint_key,
+                                 required=settings.audit_checkpoint_required)
+            if anchor is not None:
+                trail.anchor(anchor, None)
+        except BaseException:
+            trail.close()
+            raise
+        return trail
 
     @functools.cached_property
     def signer(self) -> AuditedKeyStore:
@@ -81,9 +90,11 @@ class CliContext:
         return AgentClient(path, timeout=_CALL_TIMEOUT)
 
     def close(self) -> None:
-        if "backend" in self.__dict__:
-            self.backend.close()
-        if "runtime" in self.__dict__:
-            self.runtime.close()
-        if "audit" in self.__dict__:
-            self.audit.close()
+        try:
+            if "backend" in self.__dict__:
+                self.backend.close()
+            if "audit" in self.__dict__:
+                self.audit.close()  # before the runtime: its closing checkpoint is signed on the token
+        finally:
+            if "runtime" in self.__dict__:
+                self.runtime.close()

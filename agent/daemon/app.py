@@ -145,6 +145,9 @@ class Agent:
                 raise TokenNotPresent("the token lists no private key, but keys are configured")
             return count
 
+        if self.audit.cut:  # no key use until an operator restarts the agent (agent/audit.py)
+            self.readiness = Readiness(False, self.audit.cut)
+            return self.readiness
         try:
             count = self.runtime.pool.call(probe)
         except (Pkcs11Error, AgentError) as exc:

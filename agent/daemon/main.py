@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent import config as config_module
-from agent.audit import AuditTrail, own_trail
+from agent.audit import AuditTrail, find_anchor, own_trail
 from agent.config import Config
 from agent.daemon import api, banks, processes, routing, systemd
 from agent.daemon.app import Agent
@@ -77,6 +77,10 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
         started = time.monotonic()
         try:
             status = agent.preflight()
+            anchor = find_anchor(runtime.keys, settings.audit_checkpoint_key,
+                                 required=settings.audit_checkpoint_required)
+            if anchor is not None:
+                audit.anchor(anchor, settings.audit_checkpoint_interval)
         except (PinError, AgentError) as exc:
             log.error("startup_failed", error=str(exc), hint=exc.hint)
             notifier.status(f"start-up failed: {exc}")
@@ -104,8 +108,10 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
                  audit_last_seq=audit.last_seq)
         return 0
     finally:
-        runtime.close()
-        audit.close()
+        try:
+            audit.close()  # first: the closing checkpoint is signed on the token
+        finally:
+            runtime.close()
 
 
 class _AnswerHungCalls:

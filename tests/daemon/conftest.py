@@ -152,6 +152,7 @@ def public_dir() -> Iterator[Path]:
 def keyed_token(token: Token, runtime: Runtime) -> Token:
     runtime.keys.generate("signing", KeySpec.parse("rsa:2048"))
     runtime.keys.generate("ecsign", KeySpec.parse("ec:p256"))
+    runtime.keys.generate("audit", KeySpec.parse("ec:p256"))  # signs the audit trail's checkpoints
     return token
 
 
