@@ -74,7 +74,8 @@ def _make_audit_key(state_dir: Path, module_path: str, label: str, pin_file: Pat
     from pkcs11_backends.keys import KeySpec
 
     runtime = Runtime(config.parse({"state": {"dir": str(state_dir)}, "pkcs11": {
-        "module": module_path, "token": label, "pin_file": str(pin_file), "environment": {"SOFTHSM2_CONF": str(conf)}}}))
+        "module": module_path, "token": label, "pin_file": str(pin_file),
+        "environment": {"SOFTHSM2_CONF": str(conf)}}}))
     try:
         try:
             runtime.keys.info(f"pkcs11:object={AUDIT_KEY}")

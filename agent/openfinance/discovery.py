@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent import log
+from agent import files, log
 from agent.errors import AgentError
 from agent.openfinance.banks import BankConfig
 from agent.openfinance.client import BankHttp, BankResponse
@@ -150,7 +150,7 @@ class Discovery:
 
     def _store(self, doc: DiscoveryDocument) -> None:
         # Write-then-rename: a reader sees the old document or the new one, never half.
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        os.close(files.open_dir(self.cache_file.parent))  # 0700 whatever the umask, not a link
         fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=f".{self.bank.name}.", suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(doc.as_dict(), handle, indent=2, sort_keys=True)

@@ -23,7 +23,7 @@ from agent.config import parse
 from agent.daemon.settings import DaemonSettings
 from agent.errors import ConfigError
 from tests.conftest import Token
-from tests.daemon.conftest import TPP_AGENT, daemon_config, launch
+from tests.daemon.conftest import daemon_config, launch
 
 INTERVAL = 0.005  # seconds
 
