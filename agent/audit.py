@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from agent import files
+from agent import files, waiting
 from agent.clock import utc_iso
 from agent.errors import AgentError, ConfigError
 from agent.log import get_logger
@@ -323,6 +323,8 @@ class AuditTrail:
 
     def _sync(self, seq: int) -> None:
         """Return once record ``seq`` is durable: lead a sync, or wait for the one that covers it."""
+        if self._synced < seq:
+            waiting.about_to_wait()  # a daemon worker lends its slot: the next request joins the next sync
         with self._durable:
             while self._synced < seq:
                 if self._failed >= seq:

@@ -6,6 +6,7 @@ The real ``os.fdatasync`` runs; the test wraps it to learn how far the file was 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from agent.audit import AuditError, AuditTrail, KeyUse, verify
+from agent.daemon.http import Request, Response
+from agent.daemon.server import Limits
+from tests.daemon.conftest import http_server, read_response
 
 
 def _use(n: int) -> KeyUse:
@@ -72,3 +76,42 @@ def test_a_failed_sync_fails_every_record_it_covered(tmp_path: Path, monkeypatch
     monkeypatch.undo()
     trail.record(_use(3))  # a disk that recovers serves the next records
     trail.close()
+
+
+def test_one_sync_covers_more_records_than_there_are_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's HTTP server with one worker and eight clients signing at once: a worker waiting for its
+    record's sync lends its slot, so the next requests are appended meanwhile and share the next sync."""
+    trail = AuditTrail(tmp_path / "audit.jsonl")
+    syncs = [0]
+    real = os.fdatasync
+
+    def slow_sync(fd: int) -> None:
+        time.sleep(0.01)  # a disk whose flush takes 10 ms
+        real(fd)
+        syncs[0] += 1
+
+    monkeypatch.setattr(os, "fdatasync", slow_sync)
+
+    def sign(request: Request) -> Response:
+        trail.record(_use(len(request.body)))
+        return Response.json(200, {"recorded": True})  # only once its record is durable
+
+    clients, each = 8, 10
+    with http_server(tmp_path / "s.sock", sign, Limits(workers=1, drain_timeout=1.0)) as path:
+        def client() -> None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(30)
+                sock.connect(str(path))
+                for _ in range(each):
+                    sock.sendall(b"POST /sign HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+                    assert read_response(sock)[0] == 200
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    trail.close()
+    assert verify(tmp_path / "audit.jsonl") == (clients * each, [])
+    # One worker waiting out each sync alone would take 80 syncs; the eight clients' records share them.
+    assert syncs[0] <= clients * each / 3, syncs[0]
