@@ -233,6 +233,8 @@ class AuditTrail:
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         self._checkpointer: threading.Thread | None = None
+        self._deferred: list[tuple[int, Callable[[Exception | None], None]]] = []  # answers awaiting a sync
+        self._committer: threading.Thread | None = None
         if sync_interval is not None:
             # A timer, not a wake-up per record: requests never hand work to this thread.
             self._flusher = threading.Thread(target=self._flush_every, args=(sync_interval,), name="audit-sync",
@@ -271,9 +273,49 @@ class AuditTrail:
                     self._catch_up()
                     seq = self._append(use, stamp, input_sha256)
         if self._flusher is None:
-            self._sync(seq)
+            pending = waiting.deferred()
+            if pending is None:
+                self._sync(seq)
+            else:  # the daemon's answer waits for it instead (when_durable), not this thread
+                pending.append((self, seq))
         elif self._refused:
             raise AuditError(self._refused, hint=_SYNC_HINT)
+
+    def when_durable(self, seq: int, then: Callable[[Exception | None], None]) -> None:
+        """Call ``then(None)`` once record ``seq`` is durable, or ``then(error)`` if its sync failed: at once if
+        it is, else from the committer thread, which syncs every record appended since its last sync and then
+        calls everyone that sync covered (see agent/waiting.py)."""
+        with self._durable:
+            if self._synced < seq:
+                self._deferred.append((seq, then))
+                if self._committer is None:
+                    self._committer = threading.Thread(target=self._commit, name="audit-commit", daemon=True)
+                    self._committer.start()
+                self._durable.notify_all()
+                return
+        then(None)
+
+    def _commit(self) -> None:
+        while True:
+            with self._durable:
+                while not self._deferred and not self._stop.is_set():
+                    self._durable.wait()
+                if not self._deferred:
+                    return
+                target = max(seq for seq, _ in self._deferred)
+            error: AuditError | None = None
+            try:
+                self._sync(target)
+            except AuditError as exc:
+                error = exc
+            with self._durable:
+                done = [(seq, then) for seq, then in self._deferred if seq <= target]
+                self._deferred = [(seq, then) for seq, then in self._deferred if seq > target]
+            for seq, then in done:
+                try:
+                    then(None if seq <= self._synced else error)
+                except Exception:  # one answer that cannot be sent must not keep the others waiting
+                    log.exception("audit_commit_callback_failed")
 
     def _append(self, use: KeyUse, stamp: str, input_sha256: str) -> int:
         """Under both locks (or holding the trail): write the next record; its seq."""
@@ -492,6 +534,10 @@ class AuditTrail:
         self._stop.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
+        if self._committer is not None:  # it sends the answers still waiting, then ends
+            with self._durable:
+                self._durable.notify_all()
+            self._committer.join()
         closing = ""
         if self._anchor is not None and self._fd >= 0 and not self._cut:
             try:

@@ -1,28 +1,62 @@
-"""A thread about to wait for something that is not the CPU (the disk: an audit record's ``fdatasync``) says
-so, and the worker pool it belongs to lets another of its threads run meanwhile.
+"""How a daemon worker and the audit trail share the wait for the disk (an audit record's ``fdatasync``).
 
 The daemon's workers are few on purpose (the interpreter lock makes more CPU-bound threads only hand it
-around), so a worker that sat out a sync would leave fewer records to share the next one: with 2 workers, a
-sync could cover at most 2 records. A worker that lends its slot while it waits lets the next request be
-signed and appended, so one sync covers every record in flight (agent/daemon/server.py).
+around). A worker that sat out each sync would leave at most ``workers`` records to share one. Two ways out,
+both set up per worker thread by agent/daemon/server.py:
+
+* **Deferring** (the workers that sign locally, whose signatures leave only in their answer): the trail does
+  not wait for the sync inside :meth:`~agent.audit.AuditTrail.record`; it notes the record in
+  :func:`deferred`, the server hands the finished answer to the trail (``when_durable``), and the worker moves
+  on to the next request. The trail's committer thread syncs everything appended meanwhile and sends every
+  answer whose records that sync covered: one sync per batch, and no thread woken per record.
+* **Lending** (every other worker, e.g. those that call banks: a signature there leaves in a request to the
+  bank, so it must wait): before it waits, the worker lends its slot (:func:`about_to_wait`), so that another
+  request is signed and appended meanwhile and joins the same sync.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
-# Per thread, by design: each worker thread registers how it lends its own slot; other threads have none.
-_lenders = threading.local()
+# Per thread, by design: each worker thread registers how it waits; other threads have nothing here.
+_worker = threading.local()
+
+
+class Durable(Protocol):
+    """What records were deferred to: an audit trail."""
+
+    def when_durable(self, seq: int, then: Callable[[Exception | None], None]) -> None:
+        """Call ``then(None)`` once record ``seq`` is durable, ``then(error)`` if it cannot be."""
 
 
 def lend_with(lend: Callable[[], None]) -> None:
     """Register, for the calling thread, what :func:`about_to_wait` calls."""
-    _lenders.lend = lend
+    _worker.lend = lend
 
 
 def about_to_wait() -> None:
-    """The calling thread will now wait for the disk (or another device): let its pool run another thread."""
-    lend: Callable[[], None] | None = getattr(_lenders, "lend", None)
+    """The calling thread will now wait for the disk: let its pool run another thread meanwhile."""
+    lend: Callable[[], None] | None = getattr(_worker, "lend", None)
     if lend is not None:
         lend()
+
+
+def defer_here() -> None:
+    """The calling thread answers only through :func:`take_deferred`'s trail: records need not wait."""
+    _worker.deferred = []
+
+
+def deferred() -> list[tuple[Durable, int]] | None:
+    """Where a record made on this thread notes itself instead of waiting (None: wait for it)."""
+    found: list[tuple[Durable, int]] | None = getattr(_worker, "deferred", None)
+    return found
+
+
+def take_deferred() -> list[tuple[Durable, int]]:
+    """The records noted since the last call (the request just handled), forgotten here."""
+    found: list[tuple[Durable, int]] = getattr(_worker, "deferred", None) or []
+    if found:
+        _worker.deferred = []
+    return found
