@@ -10,9 +10,12 @@ returned, so it survives the agent crashing or being killed; when it also reache
 ``[daemon] audit_sync``:
 
 * ``"always"`` (the default): the signature is returned only once its record is durable (``fdatasync``).
-  Group commit: records are appended in ``seq`` order under one lock, then each caller waits until an
-  ``fdatasync`` that started after its own write has returned. Callers arriving while a sync runs share the
-  next one, so concurrent signers pay one disk flush per batch instead of one each.
+  Group commit: records are appended in ``seq`` order under one lock, and one sync covers every record
+  appended before it started. The daemon's local workers do not wait for it: their answers wait, on the
+  committer thread, which syncs everything appended since its last sync and then sends every answer that sync
+  covered (:meth:`AuditTrail.when_durable`; agent/waiting.py). Other callers wait for a sync that started
+  after their own write, leading one if none runs, and a daemon worker lends its slot meanwhile. So the
+  records sharing a sync are not capped at ``workers``.
 * ``"interval"``: a background thread syncs at most every ``audit_sync_interval_ms`` (when records were
   written since its last sync), so no request waits for the disk. An OS crash or power cut may lose the
   records of the last interval. A sync the disk refuses fails every later ``record`` (so signing stops, as
@@ -27,8 +30,11 @@ for the writer's lifetime, so its appends take no lock, no ``fstat`` and no tail
 CPU per record with two serving processes on one file, where 96% of appends first read the other's tail).
 :func:`trail_files` lists a trail and its siblings; ``tpp-agent audit verify`` checks them all.
 
-Removing records at the *end* of the trail is not visible in the trail itself;
-the daemon reports the last ``seq`` in its journal status for that reason.
+Signed checkpoints anchor the chain (:meth:`AuditTrail.anchor`): records of the chain signed on the token by
+``[daemon] audit_checkpoint_key`` at start, every ``audit_checkpoint_seconds`` and at stop, each listing the
+trail's files and their sizes; :func:`verify_anchored` checks them. The writer checks that its file is still
+the one it wrote (not deleted, replaced or shortened) at each sync and checkpoint, and refuses every later
+record if not. docs/audit.md has the threat model: what someone who can write the file can and cannot hide.
 
 Flows sign deep inside (JWS, client assertions, request objects, bank calls): they get an
 :class:`AuditedKeyStore` and an :class:`AuditedBankCalls` observer, which record each key use for the caller

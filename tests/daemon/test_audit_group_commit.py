@@ -79,39 +79,50 @@ def test_a_failed_sync_fails_every_record_it_covered(tmp_path: Path, monkeypatch
 
 
 def test_one_sync_covers_more_records_than_there_are_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The daemon's HTTP server with one worker and eight clients signing at once: a worker waiting for its
-    record's sync lends its slot, so the next requests are appended meanwhile and share the next sync."""
-    trail = AuditTrail(tmp_path / "audit.jsonl")
-    syncs = [0]
+    """The daemon's HTTP server with one worker and eight clients signing at once: answers wait for their
+    records' sync on the trail's committer thread, not the worker, so the next requests are appended meanwhile
+    and share the next sync; and no answer leaves before its record is durable."""
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(path)
+    syncs, durable = [0], [0]
     real = os.fdatasync
 
     def slow_sync(fd: int) -> None:
+        size = os.fstat(fd).st_size  # what this sync is about to cover
         time.sleep(0.01)  # a disk whose flush takes 10 ms
         real(fd)
         syncs[0] += 1
+        durable[0] = max(durable[0], size)
 
     monkeypatch.setattr(os, "fdatasync", slow_sync)
 
     def sign(request: Request) -> Response:
-        trail.record(_use(len(request.body)))
-        return Response.json(200, {"recorded": True})  # only once its record is durable
+        trail.record(_use(int(request.body)))
+        return Response.json(200, {"recorded": True})
 
     clients, each = 8, 10
-    with http_server(tmp_path / "s.sock", sign, Limits(workers=1, drain_timeout=1.0)) as path:
-        def client() -> None:
+    early: list[int] = []
+    with http_server(tmp_path / "s.sock", sign, Limits(workers=1, drain_timeout=1.0)) as socket_path:
+        def client(n: int) -> None:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(30)
-                sock.connect(str(path))
-                for _ in range(each):
-                    sock.sendall(b"POST /sign HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+                sock.connect(str(socket_path))
+                for i in range(each):
+                    body = str(n * 100 + i).encode()
+                    sock.sendall(b"POST /sign HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
                     assert read_response(sock)[0] == 200
+                    content = path.read_bytes()
+                    start = content.index(f'"id-{n * 100 + i}"'.encode())
+                    if content.index(b"\n", start) + 1 > durable[0]:
+                        early.append(n * 100 + i)
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
     trail.close()
-    assert verify(tmp_path / "audit.jsonl") == (clients * each, [])
+    assert early == []
+    assert verify(path) == (clients * each, [])
     # One worker waiting out each sync alone would take 80 syncs; the eight clients' records share them.
     assert syncs[0] <= clients * each / 3, syncs[0]
