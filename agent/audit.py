@@ -326,7 +326,12 @@ class AuditTrail:
     def _append(self, use: KeyUse, stamp: str, input_sha256: str) -> int:
         """Under both locks (or holding the trail): write the next record; its seq."""
         seq = self._seq + 1
-        covered = _covered(use, seq, self._prev, stamp, input_sha256)  # what the hash covers
+        self._write(seq, _covered(use, seq, self._prev, stamp, input_sha256))
+        return seq
+
+    def _write(self, seq: int, covered: bytes) -> None:
+        """Under both locks (or holding the trail): append record ``seq``, ``covered`` being what its hash
+        covers (its canonical JSON without ``hash``)."""
         digest = hashlib.sha256(covered).hexdigest()
         line = covered[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
         try:
@@ -336,7 +341,6 @@ class AuditTrail:
         except OSError as exc:
             raise AuditError(f"cannot write the audit trail {self.path}: {exc.strerror}") from None
         self._seq, self._prev = seq, digest
-        return seq
 
     def _hold(self) -> None:
         """Take the trail for this process's lifetime (the kernel lets go when it ends, however it ends)."""
@@ -467,15 +471,8 @@ class AuditTrail:
             "event": event, "key": anchor.key, "key_sha256": anchor.key_sha256,
             "algorithm": anchor.scheme.jose_name, "files": self._family_sizes(), "prev": self._prev}
         record["signature"] = _b64(anchor.sign(_canonical(record)))
-        covered = _canonical(record)
-        digest = hashlib.sha256(covered).hexdigest()
-        line = covered[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
-        try:
-            written = os.write(self._fd, line)
-            self._size = self._size + written if written == len(line) else os.fstat(self._fd).st_size
-        except OSError as exc:
-            raise AuditError(f"cannot write the audit trail {self.path}: {exc.strerror}") from None
-        self._seq, self._prev, self._anchored = seq, digest, seq
+        self._write(seq, _canonical(record))
+        self._anchored = seq
         return seq
 
     def _family_sizes(self) -> dict[str, int]:

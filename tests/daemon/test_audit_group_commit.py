@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,15 @@ from agent.audit import AuditError, AuditTrail, KeyUse, verify
 from agent.daemon.http import Request, Response
 from agent.daemon.server import Limits
 from tests.daemon.conftest import http_server, read_response
+
+
+def _together(target: Callable[[int], None], count: int) -> None:
+    """``target(0)`` … ``target(count - 1)`` on threads of their own, all at once; returns when all are done."""
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _use(n: int) -> KeyUse:
@@ -52,11 +62,7 @@ def test_each_record_returns_only_once_synced_and_concurrent_records_share_syncs
             if end > durable[0]:
                 late.append(use.interaction_id)
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _together(writer, 8)
     trail.close()
     assert late == []
     assert verify(path) == (160, [])
@@ -116,11 +122,7 @@ def test_one_sync_covers_more_records_than_there_are_workers(tmp_path: Path, mon
                     if content.index(b"\n", start) + 1 > durable[0]:
                         early.append(n * 100 + i)
 
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _together(client, clients)
     trail.close()
     assert early == []
     assert verify(path) == (clients * each, [])
