@@ -160,9 +160,10 @@ def anchor_on(store: KeyStore, name: str) -> Anchor:
                   lambda data: store.sign(uri, data, scheme))
 
 
-def find_anchor(store: KeyStore, name: str, *, required: bool) -> Anchor | None:
-    """The checkpoint key ``name`` ([daemon] audit_checkpoint_key); None (after a warning) if it is not on the
-    token and was not named explicitly (``required``), where :class:`ConfigError` says so otherwise."""
+def find_anchor(store: KeyStore, name: str, *, required: bool, warn: bool = True) -> Anchor | None:
+    """The checkpoint key ``name`` ([daemon] audit_checkpoint_key); None (after a warning, if ``warn``) if it is
+    not on the token and was not named explicitly (``required``), where :class:`ConfigError` says so
+    otherwise."""
     try:
         return anchor_on(store, name)
     except (KeyNotFoundError, UriError) as exc:
@@ -170,8 +171,9 @@ def find_anchor(store: KeyStore, name: str, *, required: bool) -> Anchor | None:
                 f'purpose = "audit"), or name another key in [daemon] audit_checkpoint_key')
         if required:
             raise ConfigError(f"[daemon] audit_checkpoint_key: {exc}", hint=hint) from None
-        log.warning("audit_unanchored", key=name, error=str(exc), hint=hint,
-                    consequence="no checkpoints are signed: removed or rewritten records would not show")
+        (log.warning if warn else log.debug)(
+            "audit_unanchored", key=name, error=str(exc), hint=hint,
+            consequence="no checkpoints are signed: removed or rewritten records would not show")
         return None
 
 

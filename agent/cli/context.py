@@ -52,8 +52,9 @@ class CliContext:
                 "signing on the token from the CLI is audited into [daemon] audit_file: run this as a user who "
                 "may write it (e.g. the agent's user), or let a running agent do it (drop --direct)")) from None
         try:  # checkpointed like the agent's: one when this command starts using keys, one when it ends
+            # Quiet when the key is missing: the agent warns at each start, `audit verify` says what it means.
             anchor = find_anchor(self.runtime.keys, settings.audit_checkpoint_key,
-                                 required=settings.audit_checkpoint_required)
+                                 required=settings.audit_checkpoint_required, warn=False)
             if anchor is not None:
                 trail.anchor(anchor, None)
         except BaseException:
