@@ -13,9 +13,8 @@ returned, so it survives the agent crashing or being killed; when it also reache
   Group commit: records are appended in ``seq`` order under one lock, and one sync covers every record
   appended before it started. The daemon's local workers do not wait for it: their answers wait, on the
   committer thread, which syncs everything appended since its last sync and then sends every answer that sync
-  covered (:meth:`AuditTrail.when_durable`; agent/waiting.py). Other callers wait for a sync that started
-  after their own write, leading one if none runs, and a daemon worker lends its slot meanwhile. So the
-  records sharing a sync are not capped at ``workers``.
+  covered (:meth:`AuditTrail.when_durable`; agent/waiting.py), so the records sharing a sync are not capped
+  at ``workers``. Other callers wait for a sync that started after their own write, leading one if none runs.
 * ``"interval"``: a background thread syncs at most every ``audit_sync_interval_ms`` (when records were
   written since its last sync), so no request waits for the disk. An OS crash or power cut may lose the
   records of the last interval. A sync the disk refuses fails every later ``record`` (so signing stops, as
@@ -377,8 +376,6 @@ class AuditTrail:
 
     def _sync(self, seq: int) -> None:
         """Return once record ``seq`` is durable: lead a sync, or wait for the one that covers it."""
-        if self._synced < seq:
-            waiting.about_to_wait()  # a daemon worker lends its slot: the next request joins the next sync
         with self._durable:
             while self._synced < seq:
                 if self._failed >= seq:

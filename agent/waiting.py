@@ -1,17 +1,13 @@
 """How a daemon worker and the audit trail share the wait for the disk (an audit record's ``fdatasync``).
 
 The daemon's workers are few on purpose (the interpreter lock makes more CPU-bound threads only hand it
-around). A worker that sat out each sync would leave at most ``workers`` records to share one. Two ways out,
-both set up per worker thread by agent/daemon/server.py:
-
-* **Deferring** (the workers that sign locally, whose signatures leave only in their answer): the trail does
-  not wait for the sync inside :meth:`~agent.audit.AuditTrail.record`; it notes the record in
-  :func:`deferred`, the server hands the finished answer to the trail (``when_durable``), and the worker moves
-  on to the next request. The trail's committer thread syncs everything appended meanwhile and sends every
-  answer whose records that sync covered: one sync per batch, and no thread woken per record.
-* **Lending** (every other worker, e.g. those that call banks: a signature there leaves in a request to the
-  bank, so it must wait): before it waits, the worker lends its slot (:func:`about_to_wait`), so that another
-  request is signed and appended meanwhile and joins the same sync.
+around). A worker that sat out each sync would leave at most ``workers`` records to share one. So the workers
+that sign locally (their signatures leave only in their answers) defer instead, set up per worker thread by
+agent/daemon/server.py: the trail does not wait for the sync inside :meth:`~agent.audit.AuditTrail.record`; it
+notes the record in :func:`deferred`, the server hands the finished answer to the trail (``when_durable``),
+and the worker moves on to the next request. The trail's committer thread syncs everything appended
+meanwhile and sends every answer that sync covered: one sync per batch, however many records it holds.
+Workers that call banks (a signature there leaves in a request to the bank) still wait in ``record``.
 """
 
 from __future__ import annotations
@@ -29,18 +25,6 @@ class Durable(Protocol):
 
     def when_durable(self, seq: int, then: Callable[[Exception | None], None]) -> None:
         """Call ``then(None)`` once record ``seq`` is durable, ``then(error)`` if it cannot be."""
-
-
-def lend_with(lend: Callable[[], None]) -> None:
-    """Register, for the calling thread, what :func:`about_to_wait` calls."""
-    _worker.lend = lend
-
-
-def about_to_wait() -> None:
-    """The calling thread will now wait for the disk: let its pool run another thread meanwhile."""
-    lend: Callable[[], None] | None = getattr(_worker, "lend", None)
-    if lend is not None:
-        lend()
 
 
 def defer_here() -> None:
