@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from agent.transport.client import AnswerLimit
+
 
 class BankResponse(Protocol):
     @property
@@ -24,4 +26,6 @@ class BankResponse(Protocol):
 
 class BankHttp(Protocol):
     def request(self, method: str, url: str, *, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> BankResponse: ...
+                headers: Mapping[str, str] | None = None, interaction_id: str | None = None,
+                limit: AnswerLimit = "max_response_bytes") -> BankResponse:
+        """``limit`` names the [banks.NAME] setting that bounds the answer's size."""

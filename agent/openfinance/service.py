@@ -26,7 +26,7 @@ from agent.openfinance.registration import Identity, Registrar
 from agent.openfinance.tokens import TokenClient, TokenSettings
 from agent.runtime import Runtime
 from agent.state import open_state
-from agent.transport.client import BankTransport, Response, open_transport
+from agent.transport.client import AnswerLimit, BankTransport, Response, open_transport
 from pkcs11_backends.keys import KeyStore
 
 _logger = log.get_logger("openfinance")
@@ -156,11 +156,12 @@ class ObservedTransport:
         self.bank = bank
 
     def request(self, method: str, url: str, *, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> Response:
+                headers: Mapping[str, str] | None = None, interaction_id: str | None = None,
+                limit: AnswerLimit = "max_response_bytes") -> Response:
         observer = self.owner.observer
         try:
             response = self.owner.transport(self.bank).request(method, url, body=body, headers=headers,
-                                                               interaction_id=interaction_id)
+                                                               interaction_id=interaction_id, limit=limit)
         except Exception as exc:
             if observer is not None:
                 observer.bank_call(self._call(method, url, body, interaction_id, f"error: {type(exc).__name__}"))
