@@ -191,13 +191,16 @@ class BankTransport:
                     if tries_left and _resendable(attempt.method, exchange, error):
                         _logger.info("http.resend", bank=self.bank, method=attempt.method, url=attempt.url,
                                      interaction_id=where["interaction_id"], detail=error.detail,
-                                     sent_whole=exchange.reading)
+                                     sent_whole=exchange.sent_whole)
                         continue
                     raise error from exc
                 try:
-                    return raw, self._answer(raw, attempt.limit, where)
+                    body = self._answer(raw, attempt.limit, where)
                 except (u3.HTTPError, OSError) as exc:
                     raise (self._deadline_passed(where) if exchange.expired else classify(exc, **where)) from exc
+                if exchange.expired:  # http.client takes a head cut short for a whole one: the cut is ours
+                    raise self._deadline_passed(where)
+                return raw, body
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _answer(self, raw: urllib3.BaseHTTPResponse, limit: AnswerLimit, where: dict[str, str]) -> bytes:
@@ -247,7 +250,7 @@ class BankTransport:
 def _resendable(method: str, exchange: Exchange, error: errors.TransportError) -> bool:
     """A pooled connection broke under a request the bank cannot have acted on, or may see twice."""
     return (isinstance(error, errors.ConnectionLostError) and exchange.reused
-            and (not exchange.reading or method in IDEMPOTENT_METHODS))
+            and (not exchange.sent_whole or method in IDEMPOTENT_METHODS))
 
 
 def open_transport(runtime: Runtime, settings: TlsSettings) -> BankTransport:

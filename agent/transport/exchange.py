@@ -2,7 +2,7 @@
 
     with watchdog.guard(Exchange(deadline=time.monotonic() + 30)) as exchange:
         ...  urllib3 sends and reads; our socket reports to ``current()`` ...
-    exchange.expired, exchange.reading, exchange.reused
+    exchange.expired, exchange.sent_whole, exchange.reused
 
 A socket timeout bounds one ``recv``; a bank that sends a byte now and then resets it every
 time and holds the caller (and a bank worker) for as long as it likes. So each request has a
@@ -33,11 +33,17 @@ class Exchange:
     deadline: float                    # time.monotonic()
     sock: socket.socket | None = None  # the raw socket in use, once there is one
     reused: bool = False               # on a connection that served a request before
-    reading: bool = False              # the request was sent whole: the bank may have acted on it
+    reading: bool = False              # reading the answer: http.client reads once it has sent everything
+    send_failed: bool = False          # a write failed (urllib3 then reads what the bank may have answered)
     expired: bool = False              # the watchdog cut it
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+    @property
+    def sent_whole(self) -> bool:
+        """The whole request went out: the bank may have acted on it."""
+        return self.reading and not self.send_failed
 
 
 def current() -> Exchange | None:

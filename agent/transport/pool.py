@@ -117,7 +117,13 @@ class _SessionSavingSocket(WrappedSocket):
 
     def sendall(self, data: bytes) -> None:
         exchange.use_socket(self.socket)
-        super().sendall(data)
+        try:
+            super().sendall(data)
+        except BaseException:
+            current = exchange.current()
+            if current is not None:
+                current.send_failed = True
+            raise
 
     def _reading(self) -> None:
         # http.client reads only once the whole request is out.
