@@ -27,9 +27,9 @@ from cryptography.x509.oid import NameOID
 
 from agent.runtime import Runtime
 from agent.transport.tls import TlsSettings
-from tests.transport.hostile import HostileBank
 from pkcs11_backends.certificates import store_certificate
 from pkcs11_backends.keys import KeySpec
+from tests.transport.hostile import HostileBank
 
 NOW = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 DAY = datetime.timedelta(days=1)
