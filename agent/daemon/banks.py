@@ -52,7 +52,7 @@ def registration(agent: Agent, request: Request, params: dict[str, str]) -> Resp
     return Response.json(200, result.as_dict())
 
 
-@route("POST", "/v1/banks/{bank}/client-assertion")
+@route("POST", "/v1/banks/{bank}/client-assertion", remote=True)  # it may fetch discovery
 def client_assertion(agent: Agent, request: Request, params: dict[str, str]) -> Response:
     """A fresh client assertion (``aud`` = the bank's issuer), for a caller that posts to the bank itself."""
     bank = params["bank"]
