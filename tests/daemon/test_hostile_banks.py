@@ -77,9 +77,9 @@ def banks(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_path: Path) -> Iterat
     yield from start(tpp, bank, public_dir, tmp_path)
 
 
-def forward_error(banks: Banks, headers: dict[str, str], bank: str = EVIL) -> AgentRequestError:
+def forward_error(banks: Banks, headers: dict[str, str]) -> AgentRequestError:
     with pytest.raises(AgentRequestError) as caught:
-        banks.daemon.client().forward(bank, "GET", "/echo", headers=headers)
+        banks.daemon.client().forward(EVIL, "GET", "/echo", headers=headers)
     return caught.value
 
 
