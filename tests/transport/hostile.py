@@ -243,3 +243,10 @@ def rss_kb(pid: int | str = "self") -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def by_path(answers: dict[str, Answer], default: Answer = echo) -> Answer:
+    """Each path its own answer (a bank with one slow endpoint and one that floods)."""
+    def answer(peer: Peer, seen: Seen) -> bool:
+        return answers.get(seen.path, default)(peer, seen)
+    return answer
