@@ -8,6 +8,7 @@ which already name the bank, the URL and the interaction id.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from agent.transport.client import AnswerLimit
@@ -29,3 +30,6 @@ class BankHttp(Protocol):
                 headers: Mapping[str, str] | None = None, interaction_id: str | None = None,
                 limit: AnswerLimit = "max_response_bytes") -> BankResponse:
         """``limit`` names the [banks.NAME] setting that bounds the answer's size."""
+
+    def slot(self, what: str = "-", interaction_id: str = "-") -> AbstractContextManager[None]:
+        """One of the bank's places for requests in flight, for a caller that must wait before it sends."""

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import threading
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from cryptography.x509.oid import NameOID
@@ -169,6 +170,9 @@ class ObservedTransport:
         if observer is not None:
             observer.bank_call(self._call(method, url, body, response.interaction_id, f"http {response.status}"))
         return response
+
+    def slot(self, what: str = "-", interaction_id: str = "-") -> AbstractContextManager[None]:
+        return self.owner.transport(self.bank).slot(what, interaction_id)
 
     def _call(self, method: str, url: str, body: bytes | None, interaction_id: str | None, result: str) -> BankCall:
         client_key = self.owner.bank(self.bank).tls.client_key

@@ -149,18 +149,25 @@ class TokenClient:
     def token(self, scope: str, *, refresh: bool = False) -> AccessToken:
         """A valid access token for ``scope``: the cached one, or a new one when it is close to expiry."""
         scope = normalise_scope(scope)
+        if not refresh and (cached := self._fresh(scope)) is not None:
+            return cached  # no bank call, so no place among the bank's requests in flight
         with self._lock:
             lock = self._locks.setdefault(scope, threading.Lock())
-        with lock:
-            cached = self._cache.get(scope)
-            if cached is not None and not refresh and self.clock() < cached.refresh_at:
-                return cached.token
+        # Waiting for another caller's request counts as a request at the bank: a slow bank must not gather
+        # every bank worker in this wait.
+        with self.http.slot("token request"), lock:
+            if not refresh and (cached := self._fresh(scope)) is not None:
+                return cached  # the request waited for brought it
             self._cache.pop(scope, None)
             token, lifetime = self._request_token(scope)
             if lifetime > 0:
                 margin = min(self.settings.refresh_margin, lifetime / 2)
                 self._cache[scope] = _Cached(token, token.expires_at - margin)
             return token
+
+    def _fresh(self, scope: str) -> AccessToken | None:
+        cached = self._cache.get(scope)
+        return cached.token if cached is not None and self.clock() < cached.refresh_at else None
 
     def forget(self) -> None:
         """Drop every cached token (e.g. after the transport certificate changed)."""

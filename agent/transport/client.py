@@ -17,7 +17,8 @@
   answer (read in pieces; past the limit the connection is dropped), and at most
   ``max_in_flight`` requests at the bank at once (the next one fails at once with
   :class:`~agent.transport.errors.BankBusyError`), so one slow or hostile bank holds
-  no more than that many of the caller's threads.
+  no more than that many of the caller's threads. An operation that waits before it
+  sends (for another caller's token request) takes its place first: :meth:`BankTransport.slot`.
 * One log line per request: method, URL, status, duration, interaction id (never
   bodies, headers with credentials or the PIN).
 * HTTP statuses are returned, not raised: what a 4xx/5xx means is the caller's
@@ -30,6 +31,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json as jsonlib
 import ssl
@@ -118,6 +120,7 @@ class BankTransport:
         self._pools.pool_classes_by_scheme = {"https": BankConnectionPool}
         # Counted here, where every request to the bank passes, whichever operation sends it.
         self._in_flight = threading.BoundedSemaphore(settings.max_in_flight)
+        self._holder = threading.local()  # whether this thread holds one of those places
         self._watchdog = Watchdog(settings.bank)
 
     @property
@@ -151,16 +154,11 @@ class BankTransport:
         where = {"bank": self.bank, "url": url, "interaction_id": interaction_id}
         started = time.monotonic()
         try:
-            if not self._in_flight.acquire(blocking=False):
-                raise errors.BankBusyError(f"{self.settings.max_in_flight} requests are already under way at this "
-                                           "bank (max_in_flight)", **where)
-            try:
+            with self.slot(url, interaction_id):
                 raw, data = self._send(_Attempt(
                     method, url, body, sent, where, started + self.settings.request_timeout,
                     connect_timeout or self.settings.connect_timeout, read_timeout or self.settings.read_timeout,
                     limit))
-            finally:
-                self._in_flight.release()
         except errors.TransportError as error:
             _logger.warning("http.request", bank=self.bank, method=method, url=url, status=None,
                             duration_ms=round((time.monotonic() - started) * 1000, 1),
@@ -171,6 +169,24 @@ class BankTransport:
                      duration_ms=round(duration, 1), interaction_id=interaction_id)
         return Response(method, url, raw.status, {k.lower(): v for k, v in raw.headers.items()}, data,
                         interaction_id, duration)
+
+    @contextlib.contextmanager
+    def slot(self, what: str = "-", interaction_id: str = "-") -> Iterator[None]:
+        """One of the bank's ``max_in_flight`` places for this thread until the block ends, else
+        :class:`~agent.transport.errors.BankBusyError` at once. A thread that holds one already (an operation
+        that waits for another's answer before it sends, as the token cache does) uses it again."""
+        if getattr(self._holder, "slot", False):
+            yield
+            return
+        if not self._in_flight.acquire(blocking=False):
+            raise errors.BankBusyError(f"{self.settings.max_in_flight} requests are already under way at this bank "
+                                       "(max_in_flight)", bank=self.bank, url=what, interaction_id=interaction_id)
+        self._holder.slot = True
+        try:
+            yield
+        finally:
+            self._holder.slot = False
+            self._in_flight.release()
 
     def _send(self, attempt: _Attempt) -> tuple[urllib3.BaseHTTPResponse, bytes]:
         where = attempt.where

@@ -26,7 +26,7 @@ from modelbank import ModelBank
 from pkcs11_backends.keys import KeySpec
 from tests.daemon.conftest import Daemon, launch, nobody_rule, read_response
 from tests.openfinance.conftest import Tpp, bank, tpp  # noqa: F401 -- fixtures
-from tests.transport.hostile import HostileBank, drip, echo, huge, rss_kb
+from tests.transport.hostile import HostileBank, Peer, Seen, by_path, drip, echo, held, huge, rss_kb
 
 MB = "mb"
 EVIL = "evil"
@@ -176,3 +176,46 @@ def test_client_assertion_fetching_a_slow_discovery_holds_no_signing_worker(slow
     assert took < 2, f"sign took {took:.1f} s while the discovery dripped"
     error = outcome[0]
     assert isinstance(error, AgentRequestError) and error.status == 504 and "request_timeout = 3 s" in str(error)
+
+
+def test_callers_waiting_for_a_slow_token_request_count_against_the_bank(slow_banks: Banks) -> None:
+    banks = slow_banks
+    issuer = f"https://localhost:{banks.evil.port}"
+    document = json.dumps({"issuer": issuer, "registration_endpoint": f"{issuer}/tpp-registration",
+                           "token_endpoint": f"{issuer}/token"}).encode()
+
+    def discovery(peer: Peer, seen: Seen) -> bool:
+        peer.read_body(seen)
+        peer.send(200, document)
+        return True
+
+    release = threading.Event()
+    banks.evil.answer = by_path({"/.well-known/openid-configuration": discovery, "/token": held(release)})
+
+    def token() -> tuple[int, str, float]:
+        started = time.monotonic()
+        try:
+            banks.daemon.client().token(EVIL, "accounts")
+            return 200, "", time.monotonic() - started
+        except AgentRequestError as error:
+            return error.status, error.code, time.monotonic() - started
+
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            asking = [pool.submit(token) for _ in range(5)]
+            deadline = time.monotonic() + 10
+            while not any(s.path == "/token" for s in banks.evil.requests) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.5)  # the others have arrived: one waits for the first one's answer, three were refused
+            discovery_path = banks.model.discovery_url[len(banks.model.issuer):]
+            started = time.monotonic()
+            assert banks.daemon.client().forward(MB, "GET", discovery_path)[0] == 200
+            other_bank = time.monotonic() - started
+            release.set()
+            results = [f.result(timeout=30) for f in asking]
+    finally:
+        release.set()
+    assert other_bank < 2, f"the model bank took {other_bank:.1f} s"
+    busy = [r for r in results if r[1] == "bank_busy"]
+    assert len(busy) == 3 and all(took < 2 for _, _, took in busy), results  # before: they queued on the lock
+    assert sum(s.path == "/token" for s in banks.evil.requests) == 2  # the first, then the one that waited
