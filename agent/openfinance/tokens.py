@@ -5,8 +5,8 @@
   certificate (RFC 8705).
 * Tokens are cached in memory only, per bank and scope, until ``refresh_margin`` seconds (at most half the
   lifetime) before ``expires_in``; the next caller then gets a new one. One request per bank and scope is in
-  flight at a time: concurrent callers wait for it instead of each asking the bank. Tokens are never written
-  to disk nor logged.
+  flight at a time: concurrent callers wait for it instead of each asking the bank (past half a second, each
+  wait takes one of the bank's ``max_in_flight`` places). Tokens are never written to disk nor logged.
 * PAR: a signed request object plus a client assertion; the bank's ``request_uri`` and the PKCE verifier,
   state and nonce go back to the caller.
 
@@ -20,12 +20,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from agent import jose
@@ -36,6 +37,8 @@ from pkcs11_backends.keys import KeyStore
 
 DEFAULT_SIGNING_KEY = "signing"
 DEFAULT_REFRESH_MARGIN = 30.0
+# How long a caller waits for another's token request before its wait counts against the bank's limit.
+_PATIENCE = 0.5
 _FORM = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
 
 
@@ -153,9 +156,7 @@ class TokenClient:
             return cached  # no bank call, so no place among the bank's requests in flight
         with self._lock:
             lock = self._locks.setdefault(scope, threading.Lock())
-        # Waiting for another caller's request counts as a request at the bank: a slow bank must not gather
-        # every bank worker in this wait.
-        with self.http.slot("token request"), lock:
+        with self._turn(lock):
             if not refresh and (cached := self._fresh(scope)) is not None:
                 return cached  # the request waited for brought it
             self._cache.pop(scope, None)
@@ -164,6 +165,19 @@ class TokenClient:
                 margin = min(self.settings.refresh_margin, lifetime / 2)
                 self._cache[scope] = _Cached(token, token.expires_at - margin)
             return token
+
+    @contextlib.contextmanager
+    def _turn(self, lock: threading.Lock) -> Iterator[None]:
+        """The scope's lock. Waiting longer than a healthy bank takes counts as a request at the bank (one of its
+        places in flight, or ``BankBusyError``): a slow bank must not gather every bank worker in this wait."""
+        if lock.acquire(timeout=_PATIENCE):
+            try:
+                yield
+            finally:
+                lock.release()
+            return
+        with self.http.slot("token request"), lock:
+            yield
 
     def _fresh(self, scope: str) -> AccessToken | None:
         cached = self._cache.get(scope)

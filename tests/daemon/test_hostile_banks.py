@@ -206,7 +206,7 @@ def test_callers_waiting_for_a_slow_token_request_count_against_the_bank(slow_ba
             deadline = time.monotonic() + 10
             while not any(s.path == "/token" for s in banks.evil.requests) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            time.sleep(0.5)  # the others have arrived: one waits for the first one's answer, three were refused
+            time.sleep(1.5)  # the others' patience (0.5 s) is over: one waits in the bank's second place, three left
             discovery_path = banks.model.discovery_url[len(banks.model.issuer):]
             started = time.monotonic()
             assert banks.daemon.client().forward(MB, "GET", discovery_path)[0] == 200
