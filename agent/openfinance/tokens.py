@@ -33,12 +33,11 @@ from agent import jose
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
 from agent.openfinance.client import BankHttp
+from agent.transport.client import BUSY_PATIENCE
 from pkcs11_backends.keys import KeyStore
 
 DEFAULT_SIGNING_KEY = "signing"
 DEFAULT_REFRESH_MARGIN = 30.0
-# How long a caller waits for another's token request before its wait counts against the bank's limit.
-_PATIENCE = 0.5
 _FORM = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
 
 
@@ -170,7 +169,7 @@ class TokenClient:
     def _turn(self, lock: threading.Lock) -> Iterator[None]:
         """The scope's lock. Waiting longer than a healthy bank takes counts as a request at the bank (one of its
         places in flight, or ``BankBusyError``): a slow bank must not gather every bank worker in this wait."""
-        if lock.acquire(timeout=_PATIENCE):
+        if lock.acquire(timeout=BUSY_PATIENCE):
             try:
                 yield
             finally:

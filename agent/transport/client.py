@@ -15,9 +15,10 @@
 * Every request is bounded whatever the bank does: ``request_timeout`` for all of it
   (``exchange.py`` cuts the socket at the deadline), ``max_response_bytes`` for the
   answer (read in pieces; past the limit the connection is dropped), and at most
-  ``max_in_flight`` requests at the bank at once (the next one fails at once with
-  :class:`~agent.transport.errors.BankBusyError`), so one slow or hostile bank holds
-  no more than that many of the caller's threads. An operation that waits before it
+  ``max_in_flight`` requests at the bank at once (the next one fails with
+  :class:`~agent.transport.errors.BankBusyError`: at once when those have been under way
+  for half a second, else once it has waited that long for a place), so one slow or
+  hostile bank holds no more than that many of the caller's threads for long. An operation that waits before it
   sends (for another caller's token request) takes its place first: :meth:`BankTransport.slot`.
 * One log line per request: method, URL, status, duration, interaction id (never
   bodies, headers with credentials or the PIN).
@@ -68,6 +69,9 @@ AnswerLimit = Literal["max_response_bytes", "max_discovery_bytes"]
 # RFC 9110 §9.2.2: sending one of these twice has the effect of sending it once.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _READ_SIZE = 64 << 10
+# Longer than a healthy bank takes to answer: a request over the bank's max_in_flight waits this long at most for
+# a place, and not at all once the requests holding them have been under way for this long.
+BUSY_PATIENCE = 0.5
 
 _logger = log.get_logger("transport.http")
 
@@ -118,8 +122,11 @@ class BankTransport:
             retries=False, timeout=urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout),
         )
         self._pools.pool_classes_by_scheme = {"https": BankConnectionPool}
-        # Counted here, where every request to the bank passes, whichever operation sends it.
-        self._in_flight = threading.BoundedSemaphore(settings.max_in_flight)
+        # Counted here, where every request to the bank passes, whichever operation sends it: when each request
+        # in flight started (time.monotonic()), by ticket.
+        self._in_flight: dict[int, float] = {}
+        self._tickets = 0
+        self._slots = threading.Condition()
         self._holder = threading.local()  # whether this thread holds one of those places
         self._watchdog = Watchdog(settings.bank)
 
@@ -173,20 +180,40 @@ class BankTransport:
     @contextlib.contextmanager
     def slot(self, what: str = "-", interaction_id: str = "-") -> Iterator[None]:
         """One of the bank's ``max_in_flight`` places for this thread until the block ends, else
-        :class:`~agent.transport.errors.BankBusyError` at once. A thread that holds one already (an operation
-        that waits for another's answer before it sends, as the token cache does) uses it again."""
+        :class:`~agent.transport.errors.BankBusyError` (at once if the bank is slow, after at most
+        :data:`BUSY_PATIENCE` if it is only busy). A thread that holds one already (an operation that waits
+        for another's answer before it sends, as the token cache does) uses it again."""
         if getattr(self._holder, "slot", False):
             yield
             return
-        if not self._in_flight.acquire(blocking=False):
-            raise errors.BankBusyError(f"{self.settings.max_in_flight} requests are already under way at this bank "
-                                       "(max_in_flight)", bank=self.bank, url=what, interaction_id=interaction_id)
+        ticket = self._take_slot(what, interaction_id)
         self._holder.slot = True
         try:
             yield
         finally:
             self._holder.slot = False
-            self._in_flight.release()
+            with self._slots:
+                del self._in_flight[ticket]
+                self._slots.notify()
+
+    def _take_slot(self, what: str, interaction_id: str) -> int:
+        # A bank whose places are all held by quick requests is busy, not slow: wait a moment for one. Once they
+        # have been held for BUSY_PATIENCE, the bank is slow: refuse at once, so that a flood of requests to it
+        # keeps no worker waiting here (those to other banks wait for workers behind them).
+        give_up = time.monotonic() + BUSY_PATIENCE
+        with self._slots:
+            while len(self._in_flight) >= self.settings.max_in_flight:
+                now = time.monotonic()
+                oldest = min(self._in_flight.values())
+                if now - oldest >= BUSY_PATIENCE or now >= give_up:
+                    raise errors.BankBusyError(
+                        f"{self.settings.max_in_flight} requests are already under way at this bank, the oldest for "
+                        f"{now - oldest:.1f} s (max_in_flight)", bank=self.bank, url=what,
+                        interaction_id=interaction_id)
+                self._slots.wait(min(give_up, oldest + BUSY_PATIENCE) - now)
+            self._tickets += 1
+            self._in_flight[self._tickets] = time.monotonic()
+            return self._tickets
 
     def _send(self, attempt: _Attempt) -> tuple[urllib3.BaseHTTPResponse, bytes]:
         where = attempt.where

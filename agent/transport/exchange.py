@@ -94,6 +94,7 @@ class Watchdog:
             _local.exchange = None
             with self._wake:  # after this, the watchdog never touches the socket (it may go back to the pool)
                 self._armed.discard(exchange)
+                exchange.sock = None  # its heap entry stays until the deadline: it need not keep the socket
 
     def close(self) -> None:
         with self._wake:
