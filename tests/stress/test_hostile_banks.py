@@ -9,7 +9,8 @@ One daemon with default settings and two banks: the model bank, and a hostile ba
 request after another: alone, then for as long again while 4 threads forward to ``/huge`` in a
 loop, then while those 4, 4 forwarding to a dripping path and 2 asking for client assertions (whose
 discovery fetch drips) run. The daemon's RSS is sampled every 0.1 s. Prints p50/p99 of each
-phase, the ratio to the first, the RSS peak and the hostile calls' outcomes; asserts that the RSS stays within 100 MB (a failed signature fails the run).
+phase, the ratio to the first, the RSS peak and the hostile calls' outcomes; asserts that the
+RSS stays within 100 MB (a failed signature fails the run).
 """
 
 from __future__ import annotations
