@@ -230,7 +230,7 @@ class BankTransport:
                                               timeout=timeout, redirect=False, preload_content=False,
                                               decode_content=False)
                 except (u3.HTTPError, OSError) as exc:
-                    error = self._deadline_passed(where) if exchange.expired else classify(exc, **where)
+                    error = self._failure(exc, exchange, where)
                     if tries_left and _resendable(attempt.method, exchange, error):
                         _logger.info("http.resend", bank=self.bank, method=attempt.method, url=attempt.url,
                                      interaction_id=where["interaction_id"], detail=error.detail,
@@ -240,7 +240,7 @@ class BankTransport:
                 try:
                     body = self._answer(raw, attempt.limit, where)
                 except (u3.HTTPError, OSError) as exc:
-                    raise (self._deadline_passed(where) if exchange.expired else classify(exc, **where)) from exc
+                    raise (self._failure(exc, exchange, where)) from exc
                 if exchange.expired:  # http.client takes a head cut short for a whole one: the cut is ours
                     raise self._deadline_passed(where)
                 return raw, body
@@ -268,6 +268,11 @@ class BankTransport:
             raise
         raw.release_conn()
         return bytes(body)
+
+    def _failure(self, exc: BaseException, exchange: Exchange, where: dict[str, str]) -> errors.TransportError:
+        # Past the deadline, whatever broke (the watchdog's cut, or a timeout clipped to it) broke because of it.
+        return self._deadline_passed(where) if exchange.expired or exchange.remaining() <= 0 \
+            else classify(exc, **where)
 
     def _deadline_passed(self, where: dict[str, str]) -> errors.RequestDeadlineError:
         limit = self.settings.request_timeout

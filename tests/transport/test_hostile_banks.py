@@ -95,7 +95,7 @@ def test_a_bank_that_never_finishes_the_handshake_meets_the_deadline(make: Any) 
         silent.listen(1)
         transport = make(connect_timeout=30, request_timeout=1)
         started = time.monotonic()
-        with pytest.raises(errors.BankTimeoutError):
+        with pytest.raises(errors.RequestDeadlineError):
             transport.get(f"https://localhost:{silent.getsockname()[1]}/x")
         assert time.monotonic() - started < 10
 
