@@ -10,7 +10,6 @@ import json
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,13 +18,9 @@ from pathlib import Path
 import pytest
 
 from agent.client import AgentRequestError
-from agent.x509.certificates import import_certificate
-from agent.x509.csr import build_csr
-from agent.x509.subject import directory_subject
 from modelbank import ModelBank
-from pkcs11_backends.keys import KeySpec
 from tests.daemon.conftest import Daemon, launch, nobody_rule, read_response
-from tests.openfinance.conftest import Tpp, bank, tpp  # noqa: F401 -- fixtures
+from tests.openfinance.conftest import Tpp, bank, issue_identity, tpp  # noqa: F401 -- fixtures
 from tests.transport.hostile import HostileBank, Peer, Seen, by_path, drip, echo, held, huge, rss_kb
 
 MB = "mb"
@@ -43,18 +38,14 @@ def start(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_path: Path, daemon: s
           evil: str = "") -> Iterator[Banks]:
     credentials = bank.ca.server_credentials(tmp_path / "evil")
     hostile = HostileBank(credentials.cert_file, credentials.key_file, bank.ca_bundle).start()
-    store = tpp.runtime.keys
-    signing = store.generate(f"signing-{uuid.uuid4().hex[:10]}", KeySpec.parse("rsa:2048"))
-    subject = directory_subject("Test TPP L.L.C.", "org-0001", str(uuid.uuid4()))
-    import_certificate(store, str(signing.uri), bank.ca.issue_from_csr(build_csr(store, str(signing.uri),
-                                                                                  subject).pem.encode()), "s.pem")
+    signing_key, _, _ = issue_identity(tpp.runtime, bank)  # for client assertions
     config = tpp.write_config(bank)
     rules = nobody_rule(public_dir, tpp.state_dir / "audit.jsonl", "nobody-forwards", ["forward"], banks=[MB])
     config.write_text(config.read_text() + textwrap.dedent(f"""
         [keys.transport]
         uri = "{tpp.key_uri}"
         [keys.signing]
-        uri = "{signing.uri}"
+        uri = "{signing_key}"
         algorithms = ["PS256"]
 
         [banks.{EVIL}]
