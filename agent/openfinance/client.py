@@ -31,5 +31,9 @@ class BankHttp(Protocol):
                 limit: AnswerLimit = "max_response_bytes") -> BankResponse:
         """``limit`` names the [banks.NAME] setting that bounds the answer's size."""
 
+
+class LimitedBankHttp(BankHttp, Protocol):
+    """A transport that also lends one of the bank's places for requests in flight (``max_in_flight``)."""
+
     def slot(self, what: str = "-", interaction_id: str = "-") -> AbstractContextManager[None]:
-        """One of the bank's places for requests in flight, for a caller that must wait before it sends."""
+        """For a caller that must wait (for another's answer) before it sends: the wait counts as a request."""

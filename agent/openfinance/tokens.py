@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from agent import jose
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
-from agent.openfinance.client import BankHttp
+from agent.openfinance.client import LimitedBankHttp
 from agent.transport.client import BUSY_PATIENCE
 from pkcs11_backends.keys import KeyStore
 
@@ -129,7 +129,7 @@ class _Cached:
 class TokenClient:
     """Tokens and PAR for one bank over its transport. Keep one per bank: the cache lives here."""
 
-    def __init__(self, store: KeyStore, config: Config, bank: str, http: BankHttp, *,
+    def __init__(self, store: KeyStore, config: Config, bank: str, http: LimitedBankHttp, *,
                  metadata: Callable[[], BankMetadata], client_id: str, use_mtls_aliases: bool = False,
                  settings: TokenSettings | None = None, clock: Callable[[], float] = time.time) -> None:
         self.store, self.config, self.bank, self.http = store, config, bank, http
