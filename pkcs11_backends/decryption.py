@@ -145,7 +145,8 @@ class TokenDecryptor:
                 raise MechanismError(f"{uri} may not decrypt (CKA_DECRYPT is false): it is not an encryption key",
                                      hint="name the key made for encryption (keys generate --purpose encryption)")
             try:
-                return bytes(key.decrypt(ciphertext, mechanism=route.mechanism, mechanism_param=route.parameter))
+                plain = key.decrypt(ciphertext, mechanism=route.mechanism, mechanism_param=route.parameter)
+                return cast(bytes, plain)  # one buffer in, one out: python-pkcs11 yields chunks only for iterables
             except (pkcs11.exceptions.EncryptedDataInvalid, pkcs11.exceptions.EncryptedDataLenRange,
                     pkcs11.exceptions.DataLenRange, pkcs11.exceptions.DataInvalid,
                     pkcs11.exceptions.FunctionFailed, pkcs11.exceptions.ArgumentsBad):
