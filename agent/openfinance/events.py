@@ -110,7 +110,8 @@ class EventReceiver:
         if not isinstance(message, dict):
             raise ClaimRejectedError("event: the message claim is missing or not an object")
         self.replay.record(jti, exp)
-        meta = message.get("Meta") if isinstance(message.get("Meta"), dict) else {}
+        found = message.get("Meta")
+        meta: dict[str, Any] = found if isinstance(found, dict) else {}
         return BankEvent(self.bank, jti, _text(meta, "EventType"), _text(meta, "ConsentId"),
                          _text(meta, "EventResource"), _text(meta, "EventDateTime"), message, claims)
 
