@@ -169,8 +169,8 @@ class AuthorizationServer:
                 consent.retired.add(consent.refresh_token)
             consent.refresh_token = refresh
             self._refresh[refresh] = consent.consent_id
-        details = [{**d, "consent": {"ConsentId": consent.consent_id, "Status": consent.status}}
-                   for d in consent.authorization_details]
+        details = [{**d, "consent": {**d.get("consent", {}), "ConsentId": consent.consent_id,
+                                     "Status": consent.status}} for d in consent.authorization_details]
         return {"access_token": access, "token_type": "Bearer", "expires_in": self.tokens.token_lifetime,
                 "refresh_token": refresh, "scope": consent.scope, "authorization_details": details}
 
