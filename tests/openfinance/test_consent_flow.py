@@ -2,22 +2,17 @@
 
 PAR → the authorization endpoint (driven headlessly: the test follows the bank's 302 like a browser) → the
 callback → the code exchange → the id_token → refresh with rotation; each negative case of issue 19 against
-the bank's real behaviour. Keys live on the session's first token (the OpenSSL engine only sees tokens that
-existed when it loaded its first key), with labels of their own.
+the bank's real behaviour. The request objects the agent signs are read back by the bank with PyJWT.
 """
 
 from __future__ import annotations
 
-import datetime
 import urllib.parse
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from agent.jose import jwks
 from agent.jose.errors import (
     ExpiredError,
     NonceMismatchError,
@@ -28,88 +23,23 @@ from agent.openfinance.authorization import ConsentClient, ConsentTokens, Starte
 from agent.openfinance.consent import (
     AuthorizationDeniedError,
     CallbackIssuerError,
-    PendingAuthorizations,
     UnknownStateError,
     code_exchange_form,
 )
-from agent.openfinance.discovery import DiscoveryDocument
-from agent.openfinance.jwks import BankJwks
-from agent.openfinance.tokens import InvalidGrantError, TokenClient, TokenError, TokenSettings
+from agent.openfinance.tokens import InvalidGrantError, TokenError
 from agent.runtime import Runtime
-from agent.transport.client import BankTransport, open_transport
-from agent.transport.tls import TlsSettings
-from agent.x509.certificates import import_certificate
-from agent.x509.csr import build_csr
-from agent.x509.subject import directory_subject
-from modelbank import ModelBank
 from modelbank.token_endpoint import x5t_s256
-from pkcs11_backends.keys import KeySpec
+from tests.openfinance.bank_world import REDIRECT_URI, World, open_world
 
-REDIRECT_URI = "https://tpp.example/consents/callback"
 DETAILS = [{"type": "urn:openfinanceuae:account-access-consent:v2.1",
             "consent": {"Permissions": ["ReadAccountsBasic"], "ExpirationDateTime": "2027-01-01T00:00:00Z"}}]
 RESOURCE = "https://api.bank.example/open-finance/account-information/v2.1"
 
 
-@dataclass
-class World:
-    runtime: Runtime
-    bank: ModelBank
-    transport: BankTransport
-    document: DiscoveryDocument
-    client_id: str
-    transport_uri: str
-    signing_uri: str
-
-    def tokens(self) -> TokenClient:
-        return TokenClient(self.runtime.keys, self.runtime.config, "mb", self.transport,
-                           metadata=lambda: self.document, client_id=self.client_id,
-                           settings=TokenSettings(self.client_id, self.signing_uri))
-
-    def bank_jwks(self) -> BankJwks:
-        return BankJwks("mb", self.transport, lambda: str(self.document.document["jwks_uri"]))
-
-    def consents(self, keys: BankJwks | None = None) -> ConsentClient:
-        return ConsentClient(self.tokens(), keys or self.bank_jwks(), PendingAuthorizations())
-
-    def authorize(self, started: StartedConsent) -> str:
-        """The customer's browser: follow the authorization URL to the bank's redirect; its query."""
-        response = self.transport.request("GET", started.authorization_url)
-        assert response.status == 302, response.body
-        location = response.headers["location"]
-        assert location.startswith(REDIRECT_URI + "?")
-        return urllib.parse.urlsplit(location).query
-
-    def bearer_works(self, access_token: str) -> bool:
-        answer = self.transport.request("GET", self.bank.url + "/accounts",
-                                        headers={"Authorization": f"Bearer {access_token}"})
-        return answer.status == 200
-
-
-def make_identity(runtime: Runtime, bank: ModelBank, kind: str, client_id: str) -> str:
-    label = f"{kind}-{uuid.uuid4().hex[:10]}"
-    info = runtime.keys.generate(label, KeySpec.parse("rsa:2048"))
-    subject = directory_subject("Test TPP L.L.C.", "org-0001", client_id)
-    pem = bank.ca.issue_from_csr(build_csr(runtime.keys, str(info.uri), subject).pem.encode())
-    import_certificate(runtime.keys, str(info.uri), pem, kind)
-    return str(info.uri)
-
-
 @pytest.fixture(scope="module")
 def world(shared_runtime: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    client_id = str(uuid.uuid4())
-    with ModelBank(tmp_path_factory.mktemp("consent-bank")) as bank:
-        transport_uri = make_identity(shared_runtime, bank, "transport", client_id)
-        signing_uri = make_identity(shared_runtime, bank, "signing", client_id)
-        transport = open_transport(shared_runtime, TlsSettings(bank="mb", ca_bundle=bank.ca_bundle,
-                                                               client_key=transport_uri))
-        assert transport.request("POST", bank.url + "/tpp-registration", body=b"{}",
-                                 headers={"Content-Type": "application/json"}).ok
-        bank.tokens.register_client(client_id, jwks(shared_runtime.keys, shared_runtime.config, [signing_uri]))
-        fetched = transport.request("GET", bank.discovery_url).json()
-        document = DiscoveryDocument("mb", bank.discovery_url, datetime.datetime.now(datetime.UTC), fetched)
-        yield World(shared_runtime, bank, transport, document, client_id, transport_uri, signing_uri)
-        transport.close()
+    with open_world(shared_runtime, tmp_path_factory.mktemp("consent-bank")) as opened:
+        yield opened
 
 
 @pytest.fixture(autouse=True)
