@@ -54,7 +54,8 @@ class BankKey:
 
     def public_jwk(self) -> dict[str, Any]:
         jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        return {"kty": "RSA", "n": jwk["n"], "e": jwk["e"], "kid": self.kid, "use": self.use, "alg": "PS256" if self.use == "sig" else "RSA-OAEP-256"}
+        alg = "PS256" if self.use == "sig" else "RSA-OAEP-256"
+        return {"kty": "RSA", "n": jwk["n"], "e": jwk["e"], "kid": self.kid, "use": self.use, "alg": alg}
 
 
 class BankJose:
