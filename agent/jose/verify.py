@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -39,6 +40,7 @@ ALGORITHM = "PS256"
 LEEWAY = 10
 MAX_SIZE = 1 << 20  # a compact JWS larger than this is refused before it is parsed
 KeyLookup = Callable[[str], jwcrypto_jwk.JWK]
+_COMPACT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]*)+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +53,14 @@ class Verified:
 
 
 def unverified_header(token: str, what: str = "JWS") -> dict[str, Any]:
-    """The protected header of a compact JWS or JWE, parsed but not trusted."""
-    if not isinstance(token, str) or len(token) > MAX_SIZE:
-        raise MalformedError(f"{what}: not a compact serialisation of at most {MAX_SIZE} bytes")
+    """The protected header of a compact JWS or JWE, parsed but not trusted.
+
+    Only the compact form: base64url parts separated by dots. (Python's base64 decoder skips characters outside
+    its alphabet, and jwcrypto also reads the JSON form: neither may decide what a token says.)
+    """
+    if not isinstance(token, str) or len(token) > MAX_SIZE or not _COMPACT.fullmatch(token):
+        raise MalformedError(f"{what}: not a compact serialisation (base64url parts and dots, at most "
+                             f"{MAX_SIZE} bytes)")
     return _json_object(token.split(".", 1)[0], f"{what} header")
 
 
