@@ -148,16 +148,20 @@ class AuthorizationServer:
 
     def _refresh_token(self, form: dict[str, str], client_id: str, cert: bytes) -> Answer:
         presented = form.get("refresh_token", "")
-        with self._lock:
+        with self._lock:  # check and retire in one step: two refreshes racing with one token get one answer
             consent_id = self._refresh.get(presented)
             consent = self.consents.get(consent_id) if consent_id else None
-        if consent is None or consent.client_id != client_id:
-            raise _invalid_grant("unknown refresh token")
-        if consent.status != "Authorized":
-            raise _invalid_grant(f"the consent is {consent.status}")
-        if presented in consent.retired:
+            if consent is None or consent.client_id != client_id:
+                raise _invalid_grant("unknown refresh token")
+            replayed = presented in consent.retired
+            if not replayed and consent.status == "Authorized":
+                consent.retired.add(presented)
+                consent.refresh_token = None
+        if replayed:
             self._revoke(consent.consent_id)
             raise _invalid_grant("a rotated refresh token was used again: the consent is revoked")
+        if consent.status != "Authorized":
+            raise _invalid_grant(f"the consent is {consent.status}")
         return 200, self._answer(consent, cert)
 
     def _answer(self, consent: Consent, cert: bytes) -> dict[str, Any]:

@@ -151,12 +151,15 @@ def test_replayed_code_is_refused_by_the_bank_and_revokes_its_tokens(world: Worl
     assert not world.bearer_works(first["access_token"])
 
 
-def test_wrong_code_verifier_is_refused_by_the_bank(world: World) -> None:
+@pytest.mark.parametrize("change,message", [
+    ({"code_verifier": "x" * 43}, "PKCE"),
+    ({"redirect_uri": REDIRECT_URI + "/other"}, "redirect_uri"),
+])
+def test_code_exchange_must_match_the_request(world: World, change: dict[str, str], message: str) -> None:
     consents = world.consents()
     grant = consents.pending.take_callback(world.authorize(start(consents)))
-    form = {**code_exchange_form(grant), "code_verifier": "x" * 43}
-    with pytest.raises(InvalidGrantError, match="PKCE"):
-        consents.tokens.exchange(form, "authorization code exchange")
+    with pytest.raises(InvalidGrantError, match=message):
+        consents.tokens.exchange({**code_exchange_form(grant), **change}, "authorization code exchange")
 
 
 def test_wrong_nonce_is_refused(world: World) -> None:
