@@ -47,13 +47,20 @@ ENCRYPTION_PRIVATE_TEMPLATE = {
     Attribute.UNWRAP: False,
     Attribute.DERIVE: False,
 }
-ENCRYPTION_PUBLIC_TEMPLATE = {
-    Attribute.TOKEN: True,
-    Attribute.PRIVATE: False,
-    Attribute.VERIFY: False,
-    Attribute.ENCRYPT: True,
-    Attribute.WRAP: False,
-}
+# Public templates, tried in order. The public object's usage flags are never used (the bank encrypts with the
+# certificate's key, off the token), but modules differ in what they accept: tpm2-pkcs11 makes one TPM object of
+# both halves and wants public CKA_VERIFY equal to private CKA_DECRYPT, public CKA_ENCRYPT to private CKA_SIGN.
+ENCRYPTION_PUBLIC_TEMPLATES = (
+    {Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.VERIFY: False, Attribute.ENCRYPT: True,
+     Attribute.WRAP: False},
+    {Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.VERIFY: True, Attribute.ENCRYPT: False,
+     Attribute.WRAP: False},
+)
+# What C_GenerateKeyPair answers for "not this template" (tpm2-pkcs11: CKR_GENERAL_ERROR).
+_TEMPLATE_REFUSED = (pkcs11.exceptions.TemplateInconsistent, pkcs11.exceptions.TemplateIncomplete,
+                     pkcs11.exceptions.AttributeValueInvalid, pkcs11.exceptions.AttributeTypeInvalid,
+                     pkcs11.exceptions.AttributeReadOnly, pkcs11.exceptions.GeneralError,
+                     pkcs11.exceptions.FunctionFailed)
 
 
 class DecryptionError(Pkcs11Error):
@@ -91,10 +98,19 @@ def generate_encryption_key(store: KeyStore, label: str, spec: KeySpec, key_id: 
         raise KeySpecError("a key label must be 1 to 128 bytes", hint="pass --label NAME")
     key_id = key_id if key_id is not None else os.urandom(8)
     store.check_free(label, key_id)
+    refused: list[str] = []
     with store.pool.session() as pooled:
-        pooled.session.generate_keypair(KeyType.RSA, spec.bits, label=label, id=key_id, store=True,
-                                        public_template=ENCRYPTION_PUBLIC_TEMPLATE,
-                                        private_template=ENCRYPTION_PRIVATE_TEMPLATE)
+        for public_template in ENCRYPTION_PUBLIC_TEMPLATES:
+            try:
+                pooled.session.generate_keypair(KeyType.RSA, spec.bits, label=label, id=key_id, store=True,
+                                                public_template=public_template,
+                                                private_template=ENCRYPTION_PRIVATE_TEMPLATE)
+                break
+            except _TEMPLATE_REFUSED as exc:  # caught here: the pool must not take it for a token gone away
+                refused.append(type(exc).__name__)
+        else:
+            raise KeySpecError(f"the module refused every decrypt-only key template ({', '.join(refused)})",
+                               hint="the module may not allow RSA keys that only decrypt; see docs/consent-flow.md")
     return store.info(str(store.uri_for(label, key_id)))
 
 
