@@ -153,13 +153,14 @@ class PendingAuthorizations:
             raise MalformedCallbackError("the redirect has no state")
         pending = self.take(state)
         expected = pending.issuer
-        if "error" in params:
-            raise AuthorizationDeniedError(params["error"], params.get("error_description", ""), state)
+        # iss before anything else, error answers included (RFC 9207 §2.4): they too can be injected.
         issuer = params.get("iss")
         if issuer is None:
             raise CallbackIssuerError("the redirect has no iss (RFC 9207): it cannot be tied to a bank")
         if not hmac.compare_digest(issuer.encode("utf-8"), expected.encode("utf-8")):
             raise CallbackIssuerError(f"the redirect's iss is {issuer!r}; the consent was started at {expected!r}")
+        if "error" in params:
+            raise AuthorizationDeniedError(params["error"], params.get("error_description", ""), state)
         code = params.get("code")
         if not code:
             raise MalformedCallbackError("the redirect has neither code nor error")

@@ -102,6 +102,13 @@ def test_bad_callbacks(query: Any, error: type[Exception], message: str) -> None
         flows.take_callback(query)
 
 
+def test_an_error_redirect_from_another_issuer_is_refused_as_such() -> None:
+    flows = PendingAuthorizations()
+    pending(flows)
+    with pytest.raises(CallbackIssuerError):
+        flows.take_callback({"error": "access_denied", "state": "s1", "iss": "https://evil.example"})
+
+
 def test_error_callback_is_reported_and_consumes_the_state() -> None:
     flows = PendingAuthorizations()
     pending(flows)
