@@ -21,7 +21,7 @@ import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from agent.errors import AgentError
 from agent.jose.errors import ClaimRejectedError, NonceMismatchError, WrongAudienceError
@@ -95,21 +95,61 @@ class AuthorizationGrant:
     pending: PendingAuthorization
 
 
-class PendingAuthorizations:
-    """Pending authorizations by state: at most ``max_pending``, each for ``lifetime`` seconds, each taken once.
+class PendingStore(Protocol):
+    """Where pending authorizations live: this process (:class:`MemoryPendingStore`) or a database the serving
+    processes share (:class:`agent.openfinance.flow_state.SqlitePendingStore`)."""
 
-    When full, expired entries go first, then the oldest: a flood of PARs makes old consents fail (and say so),
-    never the agent's memory grow.
-    """
+    def put(self, pending: PendingAuthorization, *, max_pending: int, now: float) -> bool:
+        """Keep ``pending`` (dropping expired ones, then the oldest beyond ``max_pending``); False if its state
+        is already pending."""
 
-    def __init__(self, *, lifetime: float = DEFAULT_PENDING_LIFETIME, max_pending: int = DEFAULT_MAX_PENDING,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.lifetime, self.max_pending, self.clock = lifetime, max_pending, clock
+    def pop(self, state: str) -> PendingAuthorization | None:
+        """The pending authorization for ``state``, removed in the same step (two callers: one gets it)."""
+
+    def __len__(self) -> int: ...
+
+
+class MemoryPendingStore:
+    """Pending authorizations in this process's memory (one process, or tests)."""
+
+    def __init__(self) -> None:
         self._pending: OrderedDict[str, PendingAuthorization] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    def put(self, pending: PendingAuthorization, *, max_pending: int, now: float) -> bool:
+        with self._lock:
+            if pending.state in self._pending:
+                return False
+            for state in [s for s, p in self._pending.items() if p.expires_at < now]:
+                del self._pending[state]
+            while len(self._pending) >= max_pending:
+                self._pending.popitem(last=False)
+            self._pending[pending.state] = pending
+            return True
+
+    def pop(self, state: str) -> PendingAuthorization | None:
+        with self._lock:
+            return self._pending.pop(state, None)
+
+
+class PendingAuthorizations:
+    """Pending authorizations by state: at most ``max_pending``, each for ``lifetime`` seconds, each taken once.
+
+    When full, expired entries go first, then the oldest: a flood of PARs makes old consents fail (and say so),
+    never the store grow. With several serving processes, give them one shared ``store``: a callback may reach
+    another process than the PAR did.
+    """
+
+    def __init__(self, *, store: PendingStore | None = None, lifetime: float = DEFAULT_PENDING_LIFETIME,
+                 max_pending: int = DEFAULT_MAX_PENDING, clock: Callable[[], float] = time.time) -> None:
+        self.store = store if store is not None else MemoryPendingStore()
+        self.lifetime, self.max_pending, self.clock = lifetime, max_pending, clock
+
+    def __len__(self) -> int:
+        return len(self.store)
 
     def new(self, **fields: Any) -> PendingAuthorization:
         """A pending authorization starting now, kept."""
@@ -119,19 +159,13 @@ class PendingAuthorizations:
         return pending
 
     def add(self, pending: PendingAuthorization) -> None:
-        with self._lock:
-            if pending.state in self._pending:
-                raise ConsentFlowError("an authorization with this state is already pending",
-                                       hint="let the agent choose the state, or use a fresh random one")
-            self._purge()
-            while len(self._pending) >= self.max_pending:
-                self._pending.popitem(last=False)
-            self._pending[pending.state] = pending
+        if not self.store.put(pending, max_pending=self.max_pending, now=self.clock()):
+            raise ConsentFlowError("an authorization with this state is already pending",
+                                   hint="let the agent choose the state, or use a fresh random one")
 
     def take(self, state: str) -> PendingAuthorization:
         """The pending authorization for ``state``, removed (single use), if not expired."""
-        with self._lock:
-            pending = self._pending.pop(state, None)
+        pending = self.store.pop(state)
         if pending is None:
             raise UnknownStateError("the redirect's state matches no pending authorization "
                                     "(unknown, already used, or forgotten after it expired)")
@@ -165,11 +199,6 @@ class PendingAuthorizations:
         if not code:
             raise MalformedCallbackError("the redirect has neither code nor error")
         return AuthorizationGrant(code, pending)
-
-    def _purge(self) -> None:
-        now = self.clock()
-        for state in [s for s, p in self._pending.items() if p.expires_at < now]:
-            del self._pending[state]
 
 
 def parse_callback(query: str | Mapping[str, str]) -> dict[str, str]:

@@ -18,10 +18,11 @@ unexpired entries refuses new events rather than forget one (the hub sends again
 from __future__ import annotations
 
 import dataclasses
+import enum
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from agent.jose import jwe
 from agent.jose.errors import ClaimRejectedError, MalformedError, ReplayError
@@ -33,29 +34,61 @@ DEFAULT_MAX_LIFETIME = 24 * 3600
 DEFAULT_MAX_ENTRIES = 100_000
 
 
-class ReplayGuard:
-    """``jti`` values seen, each kept until its ``exp`` (plus leeway); at most ``max_entries``."""
+class ReplayStore(Protocol):
+    """Where seen ``jti`` values live: this process (:class:`MemoryReplayStore`) or a database the serving
+    processes share (:class:`agent.openfinance.flow_state.SqliteReplayStore`)."""
 
-    def __init__(self, *, max_entries: int = DEFAULT_MAX_ENTRIES, clock: Callable[[], float] = time.time) -> None:
-        self.max_entries, self.clock = max_entries, clock
+    def add(self, jti: str, until: float, *, now: float, max_entries: int) -> Seen:
+        """Record ``jti`` until ``until`` in one step: NEW, SEEN (remembered and not expired) or FULL."""
+
+    def __len__(self) -> int: ...
+
+
+class Seen(enum.Enum):
+    NEW = "new"
+    SEEN = "seen"
+    FULL = "full"
+
+
+class MemoryReplayStore:
+    def __init__(self) -> None:
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._seen)
 
+    def add(self, jti: str, until: float, *, now: float, max_entries: int) -> Seen:
+        with self._lock:
+            if self._seen.get(jti, now - 1) >= now:
+                return Seen.SEEN
+            if len(self._seen) >= max_entries:
+                self._seen = {j: kept for j, kept in self._seen.items() if kept >= now}
+            if len(self._seen) >= max_entries:
+                return Seen.FULL
+            self._seen[jti] = until
+            return Seen.NEW
+
+
+class ReplayGuard:
+    """``jti`` values seen, each kept until its ``exp`` (plus leeway); at most ``max_entries``."""
+
+    def __init__(self, *, store: ReplayStore | None = None, max_entries: int = DEFAULT_MAX_ENTRIES,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store if store is not None else MemoryReplayStore()
+        self.max_entries, self.clock = max_entries, clock
+
+    def __len__(self) -> int:
+        return len(self.store)
+
     def record(self, jti: str, exp: float) -> None:
         """Remember ``jti`` until ``exp``; :class:`ReplayError` if it is already remembered."""
-        with self._lock:
-            now = self.clock()
-            if jti in self._seen and self._seen[jti] >= now:
-                raise ReplayError(f"event jti {jti!r} was already received")
-            if len(self._seen) >= self.max_entries:
-                self._seen = {j: until for j, until in self._seen.items() if until >= now}
-            if len(self._seen) >= self.max_entries:
-                raise ClaimRejectedError(f"{self.max_entries} unexpired events are remembered; this one is refused "
-                                         "until some expire", hint="the bank will deliver it again")
-            self._seen[jti] = exp + LEEWAY
+        seen = self.store.add(jti, exp + LEEWAY, now=self.clock(), max_entries=self.max_entries)
+        if seen is Seen.SEEN:
+            raise ReplayError(f"event jti {jti!r} was already received")
+        if seen is Seen.FULL:
+            raise ClaimRejectedError(f"{self.max_entries} unexpired events are remembered; this one is refused "
+                                     "until some expire", hint="the bank will deliver it again")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,9 +24,11 @@ from agent.openfinance.authorization import ConsentClient, ConsentTokens, Starte
 from agent.openfinance.consent import (
     AuthorizationDeniedError,
     CallbackIssuerError,
+    PendingAuthorizations,
     UnknownStateError,
     code_exchange_form,
 )
+from agent.openfinance.flow_state import FlowDatabase, SqlitePendingStore
 from agent.openfinance.tokens import InvalidGrantError, TokenError
 from agent.runtime import Runtime
 from modelbank.token_endpoint import x5t_s256
@@ -89,6 +92,18 @@ def test_consent_flow_end_to_end(world: World) -> None:
     assert certificate is not None
     assert issued.consent_id == consent["ConsentId"] and issued.cnf_x5t_s256 == x5t_s256(certificate.der)
     assert world.bearer_works(tokens.access_token)
+
+
+def test_callback_served_by_another_process_than_the_par(world: World, tmp_path: Path) -> None:
+    """Serving processes share the pending authorizations through STATE_DIR's SQLite file."""
+    par_side = ConsentClient(world.tokens(), world.bank_jwks(),
+                             PendingAuthorizations(store=SqlitePendingStore(FlowDatabase(tmp_path))))
+    callback_side = ConsentClient(world.tokens(), world.bank_jwks(),
+                                  PendingAuthorizations(store=SqlitePendingStore(FlowDatabase(tmp_path))))
+    query = world.authorize(start(par_side))
+    assert callback_side.callback(query).authorization_details[0]["consent"]["Status"] == "Authorized"
+    with pytest.raises(UnknownStateError):
+        par_side.callback(query)
 
 
 def test_par_without_resource_is_refused_by_a_strict_bank(world: World) -> None:
