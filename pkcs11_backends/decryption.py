@@ -138,8 +138,11 @@ class TokenDecryptor:
         """The plaintext of an RSAES-OAEP (SHA-256, MGF1-SHA-256, empty label) ciphertext, decrypted on the token."""
         uri = self._uri(name)
         route = self.route(uri)
-        size = self._modulus_bytes(uri)
-        if len(ciphertext) != size:
+        modulus = self._modulus(uri)
+        size = (modulus.bit_length() + 7) // 8
+        # Checked here, not by the token: SoftHSM2 answers CKR_GENERAL_ERROR to a raw RSA input >= n, which
+        # must not reach the pool as "the token stopped answering" (a sender could make the agent recover).
+        if len(ciphertext) != size or int.from_bytes(ciphertext, "big") >= modulus:
             raise _refused()
         return self._decrypt(uri, route, ciphertext, size)
 
@@ -147,12 +150,12 @@ class TokenDecryptor:
     def _uri(self, name: str | Pkcs11Uri) -> Pkcs11Uri:
         return name if isinstance(name, Pkcs11Uri) else self.store.resolve(name)
 
-    def _modulus_bytes(self, uri: Pkcs11Uri) -> int:
+    def _modulus(self, uri: Pkcs11Uri) -> int:
         spki = self.store.public_key_info(str(uri))
         if spki.algorithm != "rsa":
             raise MechanismError(f"{uri} is not an RSA key: RSA-OAEP-256 needs one")
         modulus: int = spki["public_key"].parsed["modulus"].native
-        return (modulus.bit_length() + 7) // 8
+        return modulus
 
     def _decrypt(self, uri: Pkcs11Uri, route: OaepRoute, ciphertext: bytes, size: int) -> bytes:
         def run(pooled: PooledSession) -> bytes:
