@@ -77,6 +77,9 @@ def verify_jws(token: str, key_for: KeyLookup, *, issuer: str | None, audience: 
         raise MalformedError(f"{what}: a compact JWS has three dot-separated parts")
     if header.get("alg") != ALGORITHM:
         raise AlgorithmRefusedError(f"{what}: alg is {header.get('alg')!r}; only {ALGORITHM} is accepted")
+    if "crit" in header or "b64" in header:
+        # No extension is understood here; b64=false would also make the signed payload differ from the parsed one.
+        raise MalformedError(f"{what}: crit and b64 header members are not accepted")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise UnknownKidError(f"{what}: the header has no kid, so no key of the bank can be chosen")

@@ -87,6 +87,7 @@ def test_a_good_answer_passes() -> None:
     (lambda: "e30.e30.e30.e30", MalformedError),
     (lambda: '{"payload": "e30", "signatures": []}', MalformedError),  # the JSON form jwcrypto would read
     (lambda: signed().replace(".", ".!", 1), MalformedError),  # a character base64 would silently skip
+    (lambda: signed(header={"b64": False, "crit": ["b64"]}), MalformedError),
 ])
 def test_each_refusal_has_its_class(make: Callable[[], str], error: type[Exception]) -> None:
     with pytest.raises(error):
