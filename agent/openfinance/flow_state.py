@@ -1,135 +1,87 @@
-"""Consent-flow and event state shared by the serving processes of one host: ``STATE_DIR/flows.sqlite3``.
+"""Consent-flow and event state shared by the serving processes and by the hosts of a fleet: the state store.
 
-The daemon hands each connection to its serving processes in turn, so the callback of a consent may reach
-another process than its PAR did, and the same event may be delivered to two of them. Both stores take their
-decision in one ``BEGIN IMMEDIATE`` transaction (one writer at a time, across processes):
+The daemon hands each connection to its serving processes in turn, and a fleet puts several hosts behind one
+redirect URL and one webhook, so the callback of a consent may reach another process or host than its PAR did,
+and the same event may be delivered to two of them. Both stores here live in the state store ``[state]`` names
+(``agent.state``: SQLite in STATE_DIR, or the fleet's PostgreSQL) and decide in one transaction:
 
-* :class:`SqlitePendingStore` — pending authorizations by state; ``pop`` reads and deletes in the same
-  transaction, so of two callbacks with one state only one gets it.
-* :class:`SqliteReplayStore` — seen event ``jti`` values per bank, each until its ``exp``.
+* :class:`StatePendingStore` — pending authorizations by state; ``pop`` is one ``DELETE … RETURNING``, so of two
+  callbacks with one state only one gets it.
+* :class:`StateReplayStore` — seen event ``jti`` values per bank, each until its ``exp``; the row is locked while
+  the decision is taken, and a concurrent insert of the same ``jti`` loses (``ON CONFLICT DO NOTHING``).
 
-The PKCE verifier is at rest here for at most the pending lifetime (10 minutes): in the agent's own state
-directory (mode 0600 file), deleted when taken or expired. On its own it is useless: the exchange also needs the
-code (sent only to the TPP's redirect) and the client's mTLS and signing keys (on the token). A fleet of hosts
-behind one redirect needs one store for all of them: implement the same two protocols on the fleet's database.
+The PKCE verifier rests in the store for at most the pending lifetime (10 minutes), deleted when taken or
+expired. On its own it is useless: the exchange also needs the code (sent only to the TPP's redirect) and the
+client's mTLS and signing keys (on the token). The bounds are exact in SQLite (one writer at a time); on
+PostgreSQL two hosts adding at the same moment may pass ``max_pending`` by one each until the next add.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 
 from agent.openfinance.consent import PendingAuthorization
 from agent.openfinance.events import Seen
-
-DB_NAME = "flows.sqlite3"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pending (
-    state      TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    data       TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS pending_created ON pending (created_at);
-CREATE TABLE IF NOT EXISTS seen_events (
-    bank  TEXT NOT NULL,
-    jti   TEXT NOT NULL,
-    until REAL NOT NULL,
-    PRIMARY KEY (bank, jti)
-);
-CREATE INDEX IF NOT EXISTS seen_events_until ON seen_events (until);
-"""
+from agent.state.store import StateStore, Transaction
 
 
-class FlowDatabase:
-    """The SQLite file; one short connection per operation (threads and processes never share one)."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / DB_NAME
-        state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-        try:
-            db.executescript(_SCHEMA)  # its own transaction (executescript commits before it runs)
-        finally:
-            db.close()
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
-
-
-class SqlitePendingStore:
-    def __init__(self, database: FlowDatabase) -> None:
-        self.database = database
+class StatePendingStore:
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
 
     def __len__(self) -> int:
-        with self.database.transaction() as db:
-            count: int = db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
-        return count
+        with self.store.transaction(write=False) as tx:
+            row = tx.one("SELECT COUNT(*) AS n FROM pending_authorizations")
+        return int(row["n"]) if row else 0
 
     def put(self, pending: PendingAuthorization, *, max_pending: int, now: float) -> bool:
-        with self.database.transaction() as db:
-            db.execute("DELETE FROM pending WHERE expires_at < ?", (now,))
-            if db.execute("SELECT 1 FROM pending WHERE state = ?", (pending.state,)).fetchone():
+        with self.store.transaction() as tx:
+            tx.execute("DELETE FROM pending_authorizations WHERE expires_at < ?", (now,))
+            if tx.one(tx.for_update("SELECT state FROM pending_authorizations WHERE state = ?"), (pending.state,)):
                 return False
-            (count,) = db.execute("SELECT COUNT(*) FROM pending").fetchone()
+            row = tx.one("SELECT COUNT(*) AS n FROM pending_authorizations")
+            count = int(row["n"]) if row else 0
             if count >= max_pending:
-                db.execute("DELETE FROM pending WHERE state IN (SELECT state FROM pending ORDER BY created_at "
-                           "LIMIT ?)", (count - max_pending + 1,))
-            db.execute("INSERT INTO pending VALUES (?, ?, ?, ?)",
+                tx.execute("DELETE FROM pending_authorizations WHERE state IN (SELECT state FROM "
+                           "pending_authorizations ORDER BY created_at LIMIT ?)", (count - max_pending + 1,))
+            tx.execute("INSERT INTO pending_authorizations (state, created_at, expires_at, data) VALUES (?, ?, ?, ?)",
                        (pending.state, pending.created_at, pending.expires_at,
                         json.dumps(dataclasses.asdict(pending))))
         return True
 
     def pop(self, state: str) -> PendingAuthorization | None:
-        with self.database.transaction() as db:
-            row = db.execute("SELECT data FROM pending WHERE state = ?", (state,)).fetchone()
-            db.execute("DELETE FROM pending WHERE state = ?", (state,))
-        return PendingAuthorization(**json.loads(row[0])) if row else None
+        with self.store.transaction() as tx:
+            row = tx.one("DELETE FROM pending_authorizations WHERE state = ? RETURNING data", (state,))
+        return PendingAuthorization(**json.loads(row["data"])) if row else None
 
 
-class SqliteReplayStore:
-    def __init__(self, database: FlowDatabase, bank: str) -> None:
-        self.database, self.bank = database, bank
+class StateReplayStore:
+    def __init__(self, store: StateStore, bank: str) -> None:
+        self.store, self.bank = store, bank
 
     def __len__(self) -> int:
-        with self.database.transaction() as db:
-            count: int = db.execute("SELECT COUNT(*) FROM seen_events WHERE bank = ?", (self.bank,)).fetchone()[0]
-        return count
+        with self.store.transaction(write=False) as tx:
+            return self._count(tx)
 
     def add(self, jti: str, until: float, *, now: float, max_entries: int) -> Seen:
-        with self.database.transaction() as db:
-            row = db.execute("SELECT until FROM seen_events WHERE bank = ? AND jti = ?", (self.bank, jti)).fetchone()
-            if row is not None and row[0] >= now:
+        with self.store.transaction() as tx:
+            row = tx.one(tx.for_update("SELECT kept_until FROM seen_events WHERE bank = ? AND jti = ?"),
+                         (self.bank, jti))
+            if row is not None and float(row["kept_until"]) >= now:
                 return Seen.SEEN
-            count = self._count(db)
-            if count >= max_entries:
-                db.execute("DELETE FROM seen_events WHERE bank = ? AND until < ?", (self.bank, now))
-                count = self._count(db)
-            if count >= max_entries:
-                return Seen.FULL
-            db.execute("INSERT OR REPLACE INTO seen_events VALUES (?, ?, ?)", (self.bank, jti, until))
-        return Seen.NEW
+            if self._count(tx) >= max_entries:
+                tx.execute("DELETE FROM seen_events WHERE bank = ? AND kept_until < ?", (self.bank, now))
+                row = None  # an expired row of this jti went with the others
+                if self._count(tx) >= max_entries:
+                    return Seen.FULL
+            if row is not None:  # seen long ago, expired since: a new delivery of an expired event id
+                tx.execute("UPDATE seen_events SET kept_until = ? WHERE bank = ? AND jti = ?", (until, self.bank, jti))
+                return Seen.NEW
+            inserted = tx.one("INSERT INTO seen_events (bank, jti, kept_until) VALUES (?, ?, ?) "
+                              "ON CONFLICT DO NOTHING RETURNING jti", (self.bank, jti, until))
+        return Seen.NEW if inserted is not None else Seen.SEEN
 
-    def _count(self, db: sqlite3.Connection) -> int:
-        count: int = db.execute("SELECT COUNT(*) FROM seen_events WHERE bank = ?", (self.bank,)).fetchone()[0]
-        return count
+    def _count(self, tx: Transaction) -> int:
+        row = tx.one("SELECT COUNT(*) AS n FROM seen_events WHERE bank = ?", (self.bank,))
+        return int(row["n"]) if row else 0

@@ -28,9 +28,10 @@ from agent.openfinance.consent import (
     UnknownStateError,
     code_exchange_form,
 )
-from agent.openfinance.flow_state import FlowDatabase, SqlitePendingStore
+from agent.openfinance.flow_state import StatePendingStore
 from agent.openfinance.tokens import InvalidGrantError, TokenError
 from agent.runtime import Runtime
+from agent.state.sqlite import SqliteStore
 from modelbank.token_endpoint import x5t_s256
 from tests.openfinance.bank_world import REDIRECT_URI, World, open_world
 
@@ -95,11 +96,11 @@ def test_consent_flow_end_to_end(world: World) -> None:
 
 
 def test_callback_served_by_another_process_than_the_par(world: World, tmp_path: Path) -> None:
-    """Serving processes share the pending authorizations through STATE_DIR's SQLite file."""
+    """Serving processes (and hosts) share the pending authorizations through the state store."""
     par_side = ConsentClient(world.tokens(), world.bank_jwks(),
-                             PendingAuthorizations(store=SqlitePendingStore(FlowDatabase(tmp_path))))
+                             PendingAuthorizations(store=StatePendingStore(SqliteStore(tmp_path / "state.db"))))
     callback_side = ConsentClient(world.tokens(), world.bank_jwks(),
-                                  PendingAuthorizations(store=SqlitePendingStore(FlowDatabase(tmp_path))))
+                                  PendingAuthorizations(store=StatePendingStore(SqliteStore(tmp_path / "state.db"))))
     query = world.authorize(start(par_side))
     assert callback_side.callback(query).authorization_details[0]["consent"]["Status"] == "Authorized"
     with pytest.raises(UnknownStateError):

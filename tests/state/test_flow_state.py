@@ -1,5 +1,5 @@
-"""Pending authorizations and seen event jti values: the same rules in memory and in SQLite, and SQLite shared
-between threads and processes (the daemon's serving processes) with one winner per state or jti."""
+"""Pending authorizations and seen event jti values: the same rules in memory and in the state store (SQLite and
+PostgreSQL), with one winner per state or jti between threads and between processes (serving processes, hosts)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from agent.openfinance.consent import (
     PendingStore,
     UnknownStateError,
 )
-from agent.openfinance.events import MemoryReplayStore, ReplayGuard, ReplayStore
-from agent.openfinance.flow_state import FlowDatabase, SqlitePendingStore, SqliteReplayStore
+from agent.openfinance.events import MemoryReplayStore, ReplayGuard, ReplayStore, Seen
+from agent.openfinance.flow_state import StatePendingStore, StateReplayStore
+from agent.state import StateStore, open_state
 from tests.conftest import REPO
+from tests.pg import PostgresServer
+from tests.state.conftest import state_config
 
 
 class Clock:
@@ -38,14 +41,26 @@ def pending_fields(state: str) -> dict[str, object]:
             "scope": "openid", "max_age": None}
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> StateStore:
+    """The state store on one backend (the ``store`` fixture's parameters cannot be combined with memory)."""
+    if kind == "sqlite":
+        return open_state(state_config(tmp_path / "state", None))
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return open_state(state_config(tmp_path / "state", server.create_database()))
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def pending_store(request: pytest.FixtureRequest, tmp_path: Path) -> PendingStore:
-    return MemoryPendingStore() if request.param == "memory" else SqlitePendingStore(FlowDatabase(tmp_path))
+    if request.param == "memory":
+        return MemoryPendingStore()
+    return StatePendingStore(backend(request.param, request, tmp_path))
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def replay_store(request: pytest.FixtureRequest, tmp_path: Path) -> ReplayStore:
-    return MemoryReplayStore() if request.param == "memory" else SqliteReplayStore(FlowDatabase(tmp_path), "mb")
+    if request.param == "memory":
+        return MemoryReplayStore()
+    return StateReplayStore(backend(request.param, request, tmp_path), "mb")
 
 
 def test_pending_round_trip_single_use_and_bound(pending_store: PendingStore) -> None:
@@ -79,6 +94,10 @@ def test_replay_guard_rules(replay_store: ReplayStore) -> None:
     guard.record("c", clock.now + 60)
     with pytest.raises(ReplayError):
         guard.record("a", clock.now + 60)
+    clock.now += 100  # everything expired: an old jti may come again, and is then remembered again
+    guard.record("a", clock.now + 60)
+    with pytest.raises(ReplayError):
+        guard.record("a", clock.now + 60)
 
 
 def race(action: Callable[[], object], threads: int = 8) -> list[object]:
@@ -97,27 +116,28 @@ def race(action: Callable[[], object], threads: int = 8) -> list[object]:
     return results
 
 
-def test_one_winner_per_state_and_per_jti_across_threads(tmp_path: Path) -> None:
-    database = FlowDatabase(tmp_path)
-    flows = PendingAuthorizations(store=SqlitePendingStore(database))
+def test_one_winner_per_state_and_per_jti(store: StateStore) -> None:
+    flows = PendingAuthorizations(store=StatePendingStore(store))
     flows.new(**pending_fields("contested"))
-    popped = race(lambda: SqlitePendingStore(database).pop("contested"))
+    popped = race(lambda: StatePendingStore(store).pop("contested"))
     assert sum(isinstance(p, PendingAuthorization) for p in popped) == 1
-    store = SqliteReplayStore(database, "mb")
-    seen = race(lambda: store.add("jti-1", 2e9, now=1.8e9, max_entries=10))
-    assert sorted(str(s) for s in seen).count("Seen.NEW") == 1
+    seen = race(lambda: StateReplayStore(store, "mb").add("jti-1", 2e9, now=1.8e9, max_entries=10))
+    assert seen.count(Seen.NEW) == 1 and seen.count(Seen.SEEN) == 7
 
 
 def test_another_process_takes_what_this_one_kept(tmp_path: Path) -> None:
-    flows = PendingAuthorizations(store=SqlitePendingStore(FlowDatabase(tmp_path)))
+    """Serving processes share STATE_DIR's SQLite store: the PAR's process keeps, the callback's takes."""
+    from agent.state.sqlite import SqliteStore
+
+    path = tmp_path / "state.sqlite3"
+    flows = PendingAuthorizations(store=StatePendingStore(SqliteStore(path)))
     flows.new(**pending_fields("from-the-par-process"))
-    script = ("import sys; from pathlib import Path;"
-              "from agent.openfinance.flow_state import FlowDatabase, SqlitePendingStore;"
-              "p = SqlitePendingStore(FlowDatabase(Path(sys.argv[1]))).pop('from-the-par-process');"
+    script = ("import sys; from pathlib import Path; from agent.state.sqlite import SqliteStore;"
+              "from agent.openfinance.flow_state import StatePendingStore;"
+              "p = StatePendingStore(SqliteStore(Path(sys.argv[1]))).pop('from-the-par-process');"
               "print(p.code_verifier if p else 'none')")
-    taken = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+    taken = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
                            check=True, timeout=60, cwd=REPO)
     assert taken.stdout.strip() == "v" * 43
     with pytest.raises(UnknownStateError):
         flows.take("from-the-par-process")
-    assert oct((tmp_path / "flows.sqlite3").stat().st_mode & 0o777) == "0o600"
