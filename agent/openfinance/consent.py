@@ -97,7 +97,7 @@ class AuthorizationGrant:
 
 class PendingStore(Protocol):
     """Where pending authorizations live: this process (:class:`MemoryPendingStore`) or a database the serving
-    processes share (:class:`agent.openfinance.flow_state.SqlitePendingStore`)."""
+    processes and hosts share (:class:`agent.openfinance.flow_state.StatePendingStore`)."""
 
     def put(self, pending: PendingAuthorization, *, max_pending: int, now: float) -> bool:
         """Keep ``pending`` (dropping expired ones, then the oldest beyond ``max_pending``); False if its state

@@ -36,7 +36,7 @@ DEFAULT_MAX_ENTRIES = 100_000
 
 class ReplayStore(Protocol):
     """Where seen ``jti`` values live: this process (:class:`MemoryReplayStore`) or a database the serving
-    processes share (:class:`agent.openfinance.flow_state.SqliteReplayStore`)."""
+    processes and hosts share (:class:`agent.openfinance.flow_state.StateReplayStore`)."""
 
     def add(self, jti: str, until: float, *, now: float, max_entries: int) -> Seen:
         """Record ``jti`` until ``until`` in one step: NEW, SEEN (remembered and not expired) or FULL."""
