@@ -42,7 +42,11 @@ def shim_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def shim(shim_library: Path, tmp_path: Path) -> Shim:
+def shim(shim_library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Shim:
     s = Shim(shim_library, tmp_path / "shim.control", tmp_path / "shim.stats")
     s.set()
+    # Tests that load the shim in-process need its variables in os.environ: set here so that they go with
+    # the test, or the processes later tests start (the benchmarks') read this test's control file (a locked PIN).
+    for name, value in s.environment().items():
+        monkeypatch.setenv(name, value)
     return s
