@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from agent.compat import not_valid_after
+from agent.errors import ExitStatus
 from agent.runtime import Runtime
 from pkcs11_backends.certificates import store_certificate
 from tests.conftest import Token
@@ -49,8 +50,9 @@ def write(path: Path, data: bytes) -> str:
     return str(path)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert result.returncode == 1, (result.stdout, result.stderr)
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str,
+                          status: ExitStatus = ExitStatus.DATAERR) -> None:
+    assert result.returncode == status, (result.stdout, result.stderr)
     lines = result.stderr.splitlines()
     assert lines and lines[0].startswith("error: "), result.stderr
     assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("hint: ")), result.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import ExitStatus
 from demo.run import main as demo_main
 from modelbank import Behaviour, ModelBank
 from tests.openfinance.conftest import BANK, Tpp
@@ -43,7 +44,7 @@ def test_cli_discover_register_and_list(tpp: Tpp, bank: ModelBank) -> None:
 
     bank.behaviour = Behaviour.failing("500")
     failed = cli(config, "register", BANK)
-    assert failed.returncode == 1
+    assert failed.returncode == ExitStatus.TEMPFAIL  # a 5xx: the bank may or may not have recorded it
     error = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
     hint = [line for line in failed.stderr.splitlines() if line.startswith("hint: ")]
     assert len(error) == 1 and "HTTP 500" in error[0] and f"bank {BANK!r}" in error[0]
@@ -78,7 +79,7 @@ def test_cli_discover_register_and_list(tpp: Tpp, bank: ModelBank) -> None:
 
 def test_cli_unknown_bank(tpp: Tpp, bank: ModelBank) -> None:
     result = cli(tpp.write_config(bank), "register", "nosuchbank")
-    assert result.returncode == 1
+    assert result.returncode == ExitStatus.CONFIG
     assert "error: no bank 'nosuchbank' in the configuration (configured: mb)" in result.stderr
 
 
