@@ -61,9 +61,18 @@ def _complete(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     hardening.no_core_dumps()  # before anything reads a PIN or a token
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # `tpp-agent keys list | head -1`: the reader has what it wanted. Later writes (the exit's flush) go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitStatus.BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     _complete(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help writes here: a closed pipe can show up already
     # log lines (requests, interaction ids) on stderr; results on stdout
     log.configure("console", args.log_level or "info")
     context = CliContext(args.config, direct=args.direct)
@@ -82,10 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hint: {exc.hint}", file=sys.stderr)
         # The daemon's unit does not restart on 78: a bad configuration stays bad until someone edits it.
         return exit_status(exc)
-    except BrokenPipeError:
-        # `tpp-agent keys list | head -1`: the reader has what it wanted. Later writes (the exit's flush) go nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return ExitStatus.BROKEN_PIPE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return ExitStatus.INTERRUPTED
