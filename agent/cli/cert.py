@@ -13,6 +13,7 @@ from asn1crypto import pem
 from agent.cli.context import CliContext
 from agent.errors import InputError
 from agent.x509.certificates import KeyCertificates, days_left, import_certificate, key_certificates
+from agent.x509.subject import rfc4514
 
 _MAX_FILE = 1 << 20
 
@@ -85,7 +86,7 @@ def show_cert(args: argparse.Namespace, ctx: CliContext) -> int:
         print(f"certificate {number + 1} ({role})")
         parsed = cert.parsed
         print(f"  subject   {cert.subject}")
-        print(f"  issuer    {parsed.issuer.human_friendly}")
+        print(f"  issuer    {rfc4514(parsed.issuer)}")
         print(f"  serial    {parsed.serial_number:x}")
         print(f"  valid     {cert.not_before:%Y-%m-%d %H:%M} .. {cert.not_after:%Y-%m-%d %H:%M} UTC "
               f"({days_left(cert):.0f} days left)")
@@ -97,7 +98,7 @@ def show_cert(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def _as_json(found: KeyCertificates) -> dict[str, object]:
     def entry(cert: Any) -> dict[str, object]:
-        return {**cert.as_dict(), "issuer": cert.parsed.issuer.human_friendly,
+        return {**cert.as_dict(), "issuer": rfc4514(cert.parsed.issuer),
                 "serial": f"{cert.parsed.serial_number:x}", "days_left": round(days_left(cert), 1)}
 
     return {"key": found.key_label, "certificates": [entry(c) for c in found.certificates],
