@@ -12,6 +12,7 @@ from asn1crypto import pem
 
 from agent.cli.context import CliContext
 from agent.errors import InputError
+from agent.jose import keys as jose_keys
 from agent.x509.certificates import KeyCertificates, days_left, import_certificate, key_certificates
 from agent.x509.subject import rfc4514
 
@@ -57,7 +58,11 @@ def _read(name: str) -> bytes:
 def import_cert(args: argparse.Namespace, ctx: CliContext) -> int:
     data = _read(args.file)
     source = "stdin" if args.file == "-" else args.file
+    before = jose_keys.resolved(ctx.runtime.keys, ctx.config, args.key)
     result = import_certificate(ctx.runtime.keys, args.key, data, source, replace=args.replace)
+    warning = jose_keys.kid_change(args.key, before, jose_keys.resolved(ctx.runtime.keys, ctx.config, args.key))
+    if warning:
+        print(warning, file=sys.stderr)
     cert = result.certificate
     verb = "already on the token" if result.already_present else "imported"
     print(f"{verb}: {cert.subject} for key {cert.label!r}, valid until {cert.not_after:%Y-%m-%d %H:%M} UTC")
