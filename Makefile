@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint demo bench stress fuzz clean deb deb-check man
+.PHONY: setup test lint demo demo-bank bench stress fuzz clean deb deb-check man
 
 setup:
 	@scripts/bootstrap
@@ -22,6 +22,10 @@ test: lint
 
 demo: setup
 	$(PY) -m demo
+
+# After `make demo`: its model bank again, for the demo's config (.state/demo), until Ctrl-C (README: After the demo).
+demo-bank: setup
+	$(PY) -m demo --serve-bank
 
 # Bounded stress/soak runs (tests marked slow, left out of `make test`); see docs/reliability.md.
 stress: setup

@@ -14,6 +14,7 @@ import pytest
 from agent.errors import ExitStatus
 from demo.run import main as demo_main
 from modelbank import Behaviour, ModelBank
+from tests.conftest import REPO
 from tests.openfinance.conftest import BANK, Tpp
 
 
@@ -101,6 +102,27 @@ def test_make_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     again = capsys.readouterr().out
     assert "key 'transport' already exists (re-run): reused" in again and "key 'signing' already exists" in again
     assert "the token is bound to the transport certificate" in again
+    assert "not scanned: the model bank's own test CA and server keys" in again
+
+    # Afterwards the demo's bank can be started again, and every bank command works on the demo's config.
+    bank = subprocess.Popen([sys.executable, "-m", "demo", "--serve-bank", "--state-dir", str(state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        assert bank.stdout is not None
+        banner = []
+        for line in bank.stdout:
+            banner.append(line)
+            if line.startswith("ready"):
+                break
+        assert any("tpp-agent register modelbank --force" in line for line in banner), banner
+        config = state / "config.toml"
+        for argv in (["discover", "modelbank", "--refresh"], ["register", "modelbank", "--force"],
+                     ["token", "modelbank", "--scope", "accounts"]):
+            done = cli(config, *argv)
+            assert done.returncode == 0, (argv, done.stderr)
+    finally:
+        bank.terminate()
+        assert bank.wait(timeout=30) == 0
 
 
 def test_cli_direct_register_audits_the_transport_key(tpp: Tpp, bank: ModelBank) -> None:
