@@ -102,3 +102,22 @@ def test_a_configuration_error_exits_78_on_every_command(token: Token, tmp_path:
             continue
         assert result.returncode == ExitStatus.CONFIG, (argv, result.stderr)
         assert "no_such_setting" in result.stderr
+
+
+def test_serve_tells_an_hsm_that_is_away_from_a_wrong_module(token: Token, tmp_path: Path) -> None:
+    """systemd restarts on 69 (the token may come back), not on 78 (RestartPreventExitStatus=78)."""
+    socket_path = str(tmp_path / "agent.sock")
+    cases = {"no-such-token": ExitStatus.UNAVAILABLE, "/nonexistent/libnope.so": ExitStatus.CONFIG}
+    for value, status in cases.items():
+        setting = "module" if value.startswith("/") else "token"
+        config = token.config_path.read_text()
+        if setting == "token":
+            config = config.replace(f'token = "{token.label}"', f'token = "{value}"')
+        else:
+            config = config.replace("[pkcs11]\n", f'[pkcs11]\nmodule = "{value}"\n', 1)
+            config = "\n".join(line for line in config.splitlines()
+                                if not (line.startswith("module = ") and value not in line))
+        other = tmp_path / f"{setting}.toml"
+        other.write_text(config)
+        result = token.cli("--config", str(other), "serve", "--socket", socket_path)
+        assert result.returncode == status and value in result.stderr, (value, result.stderr)
