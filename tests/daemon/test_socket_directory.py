@@ -23,27 +23,26 @@ def test_a_socket_in_tmp_is_refused_with_a_directory_of_its_own_as_the_hint(toke
     assert not Path("/tmp/tpp-agent-test.sock").exists()
 
 
+def refused_hint(directory: Path, mode: int) -> str:
+    directory.mkdir()
+    directory.chmod(mode)
+    with pytest.raises(SocketSetupError) as refused:
+        bind_unix(directory / "agent.sock", None, 0o660)
+    return refused.value.hint
+
+
 def test_the_suggested_directory_works(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o1777)
-    with pytest.raises(SocketSetupError) as refused:
-        bind_unix(shared / "agent.sock", None, 0o660)
-    assert "chmod" not in refused.value.hint
+    hint = refused_hint(shared, 0o1777)
     suggested = shared / "tpp-agent" / "agent.sock"
-    assert str(suggested) in refused.value.hint
-    sock = bind_unix(suggested, None, 0o660)
-    sock.close()
+    assert "chmod" not in hint and str(suggested) in hint
+    bind_unix(suggested, None, 0o660).close()
     assert oct(suggested.parent.stat().st_mode & 0o777) == "0o750"
 
 
 def test_the_agents_own_group_writable_directory_gets_the_chmod(tmp_path: Path) -> None:
     own = tmp_path / "run"
-    own.mkdir()
-    own.chmod(0o770)
-    with pytest.raises(SocketSetupError) as refused:
-        bind_unix(own / "agent.sock", None, 0o660)
-    assert refused.value.hint == f"chmod 0750 {own}"
+    assert refused_hint(own, 0o770) == f"chmod 0750 {own}"
     own.chmod(0o750)
     bind_unix(own / "agent.sock", None, 0o660).close()
     assert os.path.exists(own / "agent.sock")
