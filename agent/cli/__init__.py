@@ -72,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     _complete(parser)
-    args = parser.parse_args(argv)  # --help writes here: a closed pipe can show up already
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        sys.stdout.flush()  # --help and --version print and exit here: a closed pipe shows now, not at exit
     # log lines (requests, interaction ids) on stderr; results on stdout
     log.configure("console", args.log_level or "info")
     context = CliContext(args.config, direct=args.direct)
