@@ -82,10 +82,10 @@ def test_the_code_names_commands_in_its_hints() -> None:
 NOT_YET = {"rotate status", "cert import; tpp-agent certs needs-renewal tells when one is due"}
 
 
-@pytest.mark.parametrize(("where", "command"), hinted_commands())
+@pytest.mark.parametrize(("where", "command"), [
+    pytest.param(where, command, marks=pytest.mark.xfail(strict=True, reason="not a command yet"))
+    if command in NOT_YET else (where, command) for where, command in hinted_commands()])
 def test_every_command_a_hint_names_parses(where: str, command: str) -> None:
-    if command in NOT_YET:
-        pytest.xfail(f"{where}: `tpp-agent {command}` is not a command yet")
     words = [word for word in shlex.split(command) if word != "..."]
     parser = build_parser()
     _strict(parser)
