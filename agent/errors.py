@@ -76,6 +76,9 @@ EXIT_STATUS: dict[str, ExitStatus] = {
     "agent.openfinance.registration.RegistrationOutcomeUnknownError": ExitStatus.TEMPFAIL,
     "agent.openfinance.discovery.DiscoveryError": ExitStatus.PROTOCOL,
     "agent.openfinance.tokens.TokenError": ExitStatus.PROTOCOL,
+    "agent.openfinance.consent.ConsentFlowError": ExitStatus.DATAERR,  # the redirect given cannot complete a consent
+    "agent.openfinance.consent.AuthorizationDeniedError": ExitStatus.PROTOCOL,  # the bank said no
+    "agent.openfinance.consent.TokenAnswerError": ExitStatus.PROTOCOL,
     "agent.audit.AuditError": ExitStatus.CANTCREAT,
     "agent.directory.client.DirectoryError": ExitStatus.PROTOCOL,
     "agent.directory.client.DirectoryServerError": ExitStatus.TEMPFAIL,
@@ -97,6 +100,7 @@ EXIT_STATUS: dict[str, ExitStatus] = {
     "pkcs11_backends.errors.KeySpecError": ExitStatus.DATAERR,
     "pkcs11_backends.errors.MechanismError": ExitStatus.DATAERR,
     "pkcs11_backends.errors.CertificateStoreError": ExitStatus.CANTCREAT,
+    "pkcs11_backends.decryption.DecryptionError": ExitStatus.DATAERR,
     "pkcs11_backends.openssl.OpenSSLLinkageError": ExitStatus.UNAVAILABLE,
     "pkcs11_backends.openssl.OpenSSLKeyError": ExitStatus.UNAVAILABLE,
     "pkcs11_backends.openssl.OpenSSLBackendError": ExitStatus.UNAVAILABLE,
