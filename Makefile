@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint demo bench stress fuzz clean
+.PHONY: setup test lint demo demo-bank bench stress fuzz clean deb deb-check man
 
 setup:
 	@scripts/bootstrap
@@ -23,6 +23,10 @@ test: lint
 demo: setup
 	$(PY) -m demo
 
+# After `make demo`: its model bank again, for the demo's config (.state/demo), until Ctrl-C (README: After the demo).
+demo-bank: setup
+	$(PY) -m demo --serve-bank
+
 # Bounded stress/soak runs (tests marked slow, left out of `make test`); see docs/reliability.md.
 stress: setup
 	$(PY) -m pytest -q -s -m slow tests/stress
@@ -38,5 +42,20 @@ fuzz: setup
 bench: setup
 	$(PY) -m bench
 
+# The Debian package (docs/packaging.md): dist/tpp-agent_VERSION_ARCH.deb for this machine's Debian release.
+# Installs debhelper, dh-python and the other build tools when missing (root); `make test` needs none of them.
+deb:
+	@scripts/deb-build
+
+# Build, install, check (units, doctor on a SoftHSM2 token) and purge the package on this machine (root).
+# In the Debian 13 chroot: scripts/debian13-chroot run DIR scripts/deb-check
+deb-check:
+	@scripts/deb-check
+
+# tpp-agent(1), generated from the parser: build/man/tpp-agent.1 (man -l build/man/tpp-agent.1).
+man: setup
+	@mkdir -p build/man
+	$(PY) scripts/manpage > build/man/tpp-agent.1
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist

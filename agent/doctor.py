@@ -160,7 +160,7 @@ def _key_check(store: KeyStore, key: KeyInfo, now: datetime.datetime, warn_days:
                      f"make a CSR (`tpp-agent csr --key pkcs11:object={key.label} ...`), have the directory "
                      f"sign it, then `tpp-agent cert import --key pkcs11:object={key.label} FILE`")
     if not same_public_key(cert.parsed.public_key, store.public_key_info(str(key.uri))):
-        return Check(name, Status.FAIL, f"certificate {cert.subject!r} stored with this key is for another key",
+        return Check(name, Status.FAIL, f"certificate {cert.subject} stored with this key is for another key",
                      "import the right certificate with `tpp-agent cert import --replace`")
     left = days_left(cert, now)
     until = f"{cert.not_after:%Y-%m-%d}"

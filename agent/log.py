@@ -8,6 +8,10 @@
 
 Every event passes the redaction processor: values under keys that can carry
 secrets (PIN, Authorization, client assertions, bodies…) never reach a sink.
+
+When stderr is the journal (systemd sets ``JOURNAL_STREAM`` to its device and inode), each line starts with
+its syslog priority, ``<3>`` for an error … ``<7>`` for debug (sd-daemon(3)): journald files it under that
+priority (``journalctl -p warning``) and strips the prefix.
 """
 
 from __future__ import annotations
@@ -75,21 +79,52 @@ def timestamp(_logger: object, _method: str, event: MutableMapping[str, Any]) ->
     return event
 
 
-def processors(mode: Mode) -> list[structlog.typing.Processor]:
+# syslog(3) priorities of structlog's level names.
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3, "critical": 2,
+                   "fatal": 2}
+
+
+class JournalPriority:
+    """Wraps the renderer: its line, prefixed with the event's syslog priority for journald."""
+
+    def __init__(self, renderer: structlog.typing.Processor) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: object, method: str, event: MutableMapping[str, Any]) -> str:
+        priority = SYSLOG_PRIORITY.get(str(event.get("level", method)), 6)
+        line = self.renderer(logger, method, event)
+        return f"<{priority}>{line.decode() if isinstance(line, bytes) else line}"
+
+
+def processors(mode: Mode, journal: bool = False) -> list[structlog.typing.Processor]:
     chain: list[structlog.typing.Processor] = [structlog.processors.add_log_level, timestamp, redact]
+    renderer: structlog.typing.Processor
     if mode == "json":
-        chain += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_json_line)]
+        chain.append(structlog.processors.format_exc_info)
+        renderer = structlog.processors.JSONRenderer(serializer=_json_line)
     else:
-        chain.append(structlog.dev.ConsoleRenderer(colors=False))
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    chain.append(JournalPriority(renderer) if journal else renderer)
     return chain
+
+
+def is_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal's stream socket that systemd connected (``JOURNAL_STREAM=dev:ino``)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return expected == f"{info.st_dev}:{info.st_ino}"
 
 
 def configure(mode: Mode = "console", level: str = "info", stream: TextIO | None = None,
               final: bool = False) -> None:
     """``final``: no later reconfiguration (the daemon), so loggers may be built once instead of on every call."""
-    sink = _sink(stream or sys.stderr)
+    stream = stream or sys.stderr
+    sink = _sink(stream)
     structlog.configure(
-        processors=processors(mode),
+        processors=processors(mode, journal=is_journal(stream)),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=lambda *_: sink,
         cache_logger_on_first_use=final,

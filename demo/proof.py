@@ -55,9 +55,13 @@ def holds_private_key(data: bytes) -> bool:
         return False
 
 
-def scan(roots: Iterable[Path]) -> Scan:
+def scan(roots: Iterable[Path], skip: Iterable[Path] = ()) -> Scan:
+    """``skip``: directories that are not the TPP's (the model bank's own keys)."""
     count, found = 0, []
+    skipped = [directory.resolve() for directory in skip]
     for path in _files(roots):
+        if any(path.resolve().is_relative_to(directory) for directory in skipped):
+            continue
         try:
             if path.stat().st_size > _MAX_SIZE:
                 continue

@@ -14,7 +14,9 @@
 
 The TPP's state lives in ``--state-dir`` (default ``./.state/demo``, kept between runs:
 running again reuses the token and the key). The model bank is a separate process with
-its own CA and server keys in its own temporary directory, removed at the end.
+its own CA, server keys and published JWKS in ``STATE_DIR/modelbank``, kept too:
+``python -m demo --serve-bank`` (``make demo-bank``) starts it again for the demo's
+configuration, so that every bank command can be tried on it afterwards.
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ import json
 import os
 import queue
 import shlex
-import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -60,6 +61,8 @@ class Demo:
     def __init__(self, state_dir: Path) -> None:
         self.state = state_dir.resolve()
         self.config = self.state / "config.toml"
+        # The model bank's own test CA, server keys and the directory's JWKS: the bank's, not the TPP's.
+        self.bank_dir = self.state / "modelbank"
         self.step_no = 0
         self.env = {**os.environ, "TPP_AGENT_CONFIG": str(self.config),
                     "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
@@ -139,17 +142,14 @@ class Demo:
         self.run("openssl", "req", "-in", str(csr), "-noout", "-verify", "-subject",
                  shown=f"openssl req -in {self.rel(csr)} -noout -verify -subject")
 
-        bank_dir = Path(tempfile.mkdtemp(prefix="tpp-agent-modelbank-"))
-        try:
-            with self.model_bank(bank_dir) as (url, ca_bundle, bank_lines):
-                self.with_bank(bank_dir, url, ca_bundle, csr, bank_lines)
-        finally:
-            shutil.rmtree(bank_dir, ignore_errors=True)
+        bank_dir = self.bank_dir
+        with self.model_bank(bank_dir) as (url, ca_bundle, bank_lines):
+            self.with_bank(bank_dir, url, ca_bundle, csr, bank_lines)
 
         self.step("Proof: no private key file in the TPP's state dir or the repository")
         self.run("tpp-agent", "keys", "list")
         self.run(sys.executable, "-m", "demo.attributes", KEY, shown=f"python -m demo.attributes {KEY}")
-        result = scan([self.state, REPO])
+        result = scan([self.state, REPO], skip=[bank_dir])
         for path in result.key_files:
             self.say(f"PRIVATE KEY FILE: {path}")
         if result.key_files:
@@ -157,9 +157,39 @@ class Demo:
         self.say(f"scanned {result.files} files under {self.rel(self.state)} and {REPO}: "
                  "no PEM or DER private key in any of them")
         self.say("the token's own store (softhsm/tokens) holds the key encrypted by SoftHSM2, as a real HSM would")
-        self.say(f"the model bank's CA and server keys were its own test data in {bank_dir} (now removed)")
+        self.say(f"not scanned: the model bank's own test CA and server keys in {self.rel(bank_dir)} (the bank's, "
+                 "kept for `make demo-bank`)")
         print("\ndemo complete: keys on the token, certificates issued and imported, bank discovered, "
               "application registered, certificate-bound access token issued.")
+        print("explore further: `make demo-bank` starts the model bank again for this configuration "
+              "(README: After the demo)")
+
+    def serve_bank(self) -> None:
+        """The model bank again, for the demo's configuration (its URL rewritten), until SIGTERM or Ctrl-C."""
+        if not self.config.exists() or not (self.bank_dir / "ca").is_dir():
+            raise DemoError(f"no demo state in {self.rel(self.state)}: run `make demo` first")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        with self.model_bank(self.bank_dir) as (url, ca_bundle, bank_lines):
+            self.write_config(url, ca_bundle)
+            directory = self.bank_dir / "directory"
+            print(f"model bank for {self.rel(self.config)}: {url}  (its state: {self.rel(self.bank_dir)})")
+            for line in (
+                f"export TPP_AGENT_CONFIG={self.rel(self.config)}",
+                f"tpp-agent discover {BANK} --refresh",
+                f"tpp-agent register {BANK} --force    # the bank keeps registrations in memory: once per start",
+                f"tpp-agent token {BANK} --scope {SCOPE}",
+                f"python -m modelbank issue --state-dir {self.rel(self.bank_dir)} --csr FILE.csr --out FILE.pem"
+                "   # the directory's CA",
+                f"tpp-agent jwks --key {SIGNING_KEY} > {self.rel(directory / (CLIENT_ID + '.json'))}"
+                "   # publish the JWKS",
+            ):
+                print(f"    $ {line}")
+            print("ready (Ctrl-C stops the bank)", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Empty):
+                        print(f"[model bank] {bank_lines.get(timeout=0.5)}", flush=True)
 
     def with_bank(self, bank_dir: Path, url: str, ca_bundle: Path, csr: Path, bank_lines: queue.Queue[str]) -> None:
         self.step("Get the certificate from the model bank's CA (standing in for the directory)")
@@ -230,7 +260,7 @@ class Demo:
     @contextlib.contextmanager
     def model_bank(self, bank_dir: Path) -> Iterator[tuple[str, Path, queue.Queue[str]]]:
         """``python -m modelbank serve`` in its own process; its ``registered:`` lines come through the queue."""
-        (bank_dir / "directory").mkdir()
+        (bank_dir / "directory").mkdir(parents=True, exist_ok=True)
         process = subprocess.Popen([sys.executable, "-m", "modelbank", "serve", "--state-dir", str(bank_dir),
                                     "--directory", str(bank_dir / "directory")],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
@@ -270,9 +300,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--state-dir", type=Path, default=Path(".state/demo"),
                         help="the TPP's state (token, config, registrations); default ./.state/demo")
+    parser.add_argument("--serve-bank", action="store_true",
+                        help="after a demo run: serve its model bank again, for its config (make demo-bank)")
     args = parser.parse_args(argv)
     try:
-        Demo(args.state_dir).main()
+        demo = Demo(args.state_dir)
+        if args.serve_bank:
+            demo.serve_bank()
+        else:
+            demo.main()
     except DemoError as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ import hashlib
 
 import pkcs11
 from asn1crypto import x509
+from cryptography.x509 import load_der_x509_certificate
 from pkcs11 import Attribute, CertificateType, ObjectClass
 
 from pkcs11_backends.errors import CertificateStoreError
@@ -35,7 +36,11 @@ class StoredCertificate:
 
     @property
     def subject(self) -> str:
-        return str(self.parsed.subject.human_friendly)
+        """RFC 4514, most specific RDN first: as the agent shows every subject."""
+        try:
+            return load_der_x509_certificate(self.der).subject.rfc4514_string()
+        except ValueError:  # another tool stored something cryptography cannot read: show what asn1crypto reads
+            return str(self.parsed.subject.human_friendly)
 
     @property
     def sha256_fingerprint(self) -> str:

@@ -13,6 +13,7 @@ import pytest
 from asn1crypto import csr, pem
 
 from agent.audit import KeyUse, anchor_on, own_trail
+from agent.errors import ExitStatus
 from agent.runtime import Runtime
 from tests.conftest import Token
 
@@ -64,7 +65,7 @@ def test_reading_keys_needs_no_trail_but_signing_refuses_without_one(token: Toke
     token.cli("keys", "public", KEY, check=True)
 
     refused = token.cli("--direct", "sign-jws", "--key", KEY, "--payload", "-", input="{}")
-    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.returncode == ExitStatus.CANTCREAT and refused.stdout == ""
     [error] = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     [hint] = [line for line in refused.stderr.splitlines() if line.startswith("hint: ")]
     assert f"cannot open the audit trail {blocker / 'audit.jsonl'}" in error and "nothing was signed" in error

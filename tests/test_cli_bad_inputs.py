@@ -1,4 +1,4 @@
-"""Every bad input: one ``error:`` line (plus a ``hint:``), exit 1, and the token exactly as it was."""
+"""Every bad input: one ``error:`` line (plus a ``hint:``), its kind's exit status, and the token exactly as it was."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from pkcs11.constants import TokenFlag
 
+from agent.errors import ExitStatus
 from tests.conftest import Token
 from tests.x509_helpers import CLIENT_ID, DAY, NOW, ORG_ID, TestCA, foreign_public_key, pem_of, token_objects
 
@@ -38,8 +39,8 @@ def token_flags(tok: Token) -> TokenFlag:
     return TokenFlag(int(out))
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert result.returncode == 1, (result.stdout, result.stderr)
+def assert_one_line_error(result: subprocess.CompletedProcess[str], needle: str, status: ExitStatus) -> None:
+    assert result.returncode == status, (result.stdout, result.stderr)
     lines = result.stderr.splitlines()
     errors = [n for n, line in enumerate(lines) if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
@@ -96,12 +97,17 @@ CASES: dict[str, Callable[[Token, Path], tuple[tuple[str, ...], dict[str, str], 
 }
 
 
+# sysexits: the configuration, the HSM, a malformed value, a key that is not there (docs/cli.md).
+STATUS = {"missing module": ExitStatus.CONFIG, "unknown token": ExitStatus.UNAVAILABLE,
+          "csr for an unknown key": ExitStatus.NOINPUT}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_error_line_and_changes_nothing(cli_token: Token, tmp_path: Path, case: str) -> None:
     args, env, needle = CASES[case](cli_token, tmp_path)
     before = token_state(cli_token)
     result = cli_token.cli(*args, env=env)
-    assert_one_line_error(result, needle)
+    assert_one_line_error(result, needle, STATUS.get(case, ExitStatus.DATAERR))
     assert "generating" not in result.stderr  # refused before any progress line
     assert token_state(cli_token) == before
 
@@ -115,7 +121,7 @@ def test_wrong_pin_is_tried_once_and_the_token_stays_usable(cli_token: Token, tm
 
     result = cli_token.cli("csr", "--key", KEY, "--subject", f"CN={CLIENT_ID}",
                            env=other_config(cli_token, tmp_path, pin_file=str(wrong)))
-    assert_one_line_error(result, "wrong user PIN")
+    assert_one_line_error(result, "wrong user PIN", ExitStatus.CONFIG)
     assert "tried once, not retried" in result.stderr
     flags = token_flags(cli_token)
     assert flags & TokenFlag.USER_PIN_COUNT_LOW  # the one wrong try reached the token

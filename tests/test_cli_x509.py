@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from agent.compat import not_valid_after
+from agent.errors import ExitStatus
 from agent.runtime import Runtime
 from pkcs11_backends.certificates import store_certificate
 from tests.conftest import Token
@@ -49,8 +50,9 @@ def write(path: Path, data: bytes) -> str:
     return str(path)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert result.returncode == 1, (result.stdout, result.stderr)
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str,
+                          status: ExitStatus = ExitStatus.DATAERR) -> None:
+    assert result.returncode == status, (result.stdout, result.stderr)
     lines = result.stderr.splitlines()
     assert lines and lines[0].startswith("error: "), result.stderr
     assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("hint: ")), result.stderr
@@ -64,7 +66,7 @@ def test_csr_to_stdout_and_file(cli_token: Token, tmp_path: Path) -> None:
     csr = x509.load_pem_x509_csr(result.stdout.encode())
     assert csr.is_signature_valid
     assert [a.value for a in csr.subject] == ["AE", ARABIC_NAME, ORG_ID, CLIENT_ID]
-    assert f"/C=AE/O={ARABIC_NAME}/OU={ORG_ID}/CN={CLIENT_ID}" in result.stderr
+    assert f"CSR for CN={CLIENT_ID},OU={ORG_ID},O={ARABIC_NAME},C=AE signed" in result.stderr
     assert "RS256" in result.stderr
 
     out = tmp_path / "transport.csr"
@@ -102,6 +104,13 @@ def test_cert_import_show_and_keys_list(cli_token: Token, tmp_path: Path) -> Non
     assert [c["label"] for c in shown["chain"]] == ["ca:Test Issuing CA", "ca:Test Root CA"]
     text = cli_token.cli("cert", "show", "--key", KEY, check=True).stdout
     assert "in use" in text and expiry in text
+    # Subjects and issuers as RFC 4514, most specific first (as --subject takes them), wherever they are shown.
+    subject = leaf.subject.rfc4514_string()
+    assert subject.startswith("CN=") and subject.endswith(",O=Test TPP,C=AE")
+    assert f"  subject   {subject}\n" in text and "  issuer    CN=Test Issuing CA,C=AE\n" in text
+    assert f"imported: {subject} for key" in imported.stdout
+    assert shown["certificates"][0]["subject"] == subject and shown["certificates"][0]["issuer"] == \
+        "CN=Test Issuing CA,C=AE"
     pem = cli_token.cli("cert", "show", "--key", KEY, "--pem", check=True).stdout.encode()
     assert pem == pem_of(leaf, issuing.cert, root.cert)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import files
+from agent.errors import ExitStatus
 from tests.conftest import Token
 
 NOBODY = 65534
@@ -43,7 +44,7 @@ def test_root_does_not_follow_a_link_the_state_dirs_owner_planted_as_the_audit_t
     signing_token.write_config(f'[daemon]\naudit_file = "{state / "audit.jsonl"}"\n')
 
     refused = _sign_direct(signing_token)
-    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.returncode == ExitStatus.CANTCREAT and refused.stdout == ""
     assert f"cannot open the audit trail {state / 'audit.jsonl'}: audit.jsonl is a symbolic link" in refused.stderr
     assert victim.read_text() == "root's file\n"
 
@@ -54,7 +55,7 @@ def test_a_state_directory_that_is_a_link_is_refused(signing_token: Token, tmp_p
     (tmp_path / "state").symlink_to(elsewhere)
     signing_token.write_config(f'[daemon]\naudit_file = "{tmp_path / "state" / "audit.jsonl"}"\n')
     refused = _sign_direct(signing_token)
-    assert refused.returncode == 1 and "is a symbolic link, not a directory" in refused.stderr
+    assert refused.returncode == ExitStatus.CANTCREAT and "is a symbolic link, not a directory" in refused.stderr
     assert list(elsewhere.iterdir()) == []
 
 

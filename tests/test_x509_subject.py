@@ -8,7 +8,7 @@ import pytest
 from asn1crypto import csr, x509
 
 from agent.errors import InputError
-from agent.x509.subject import directory_subject, oneline, parse_subject
+from agent.x509.subject import directory_subject, parse_subject, rfc4514
 from tests.x509_helpers import ARABIC_NAME, CLIENT_ID, ORG_ID
 
 
@@ -36,7 +36,7 @@ def test_directory_profile_order_and_encodings() -> None:
 def test_rfc4514_string_is_read_last_to_first() -> None:
     text = f"CN={CLIENT_ID},OU={ORG_ID},O=Acme\\, Inc.,C=AE"
     assert parse_subject(text).dump() == directory_subject("Acme, Inc.", ORG_ID, CLIENT_ID).dump()
-    assert oneline(parse_subject(text)) == f"/C=AE/O=Acme, Inc./OU={ORG_ID}/CN={CLIENT_ID}"
+    assert rfc4514(parse_subject(text)) == text  # shown as it is typed
 
 
 def test_same_der_as_openssl_req() -> None:
@@ -75,7 +75,22 @@ def test_multi_valued_rdn_and_unknown_oid() -> None:
     assert {atv["type"].native: atv["value"].native for atv in rdns[2]} == {"common_name": "x", "user_id": "y"}
     unknown = next(iter(rdns[1]))
     assert unknown["type"].dotted == "1.2.3.4" and unknown["value"].native == "free text"
-    assert oneline(name) == "/C=AE/1.2.3.4=free text/CN=x+UID=y"
+    assert rfc4514(name) == "CN=x+UID=y,1.2.3.4=free text,C=AE"
+
+
+def test_rfc4514_is_what_cryptography_prints() -> None:
+    """The agent shows subjects from asn1crypto (CSRs) and from cryptography (the transport): the same text."""
+    from cryptography import x509 as cx509
+    from cryptography.x509.oid import NameOID
+
+    org = '#Acme, Inc. "+;<>\\ '
+    ours = rfc4514(directory_subject(org, ORG_ID, CLIENT_ID))
+    theirs = cx509.Name([cx509.NameAttribute(NameOID.COUNTRY_NAME, "AE"),
+                         cx509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                         cx509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ORG_ID),
+                         cx509.NameAttribute(NameOID.COMMON_NAME, CLIENT_ID)]).rfc4514_string()
+    assert ours == theirs
+    assert parse_subject(ours).dump() == directory_subject(org, ORG_ID, CLIENT_ID).dump()
 
 
 def test_encodings_follow_openssl_utf8only() -> None:

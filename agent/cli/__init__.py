@@ -1,7 +1,8 @@
 """The admin CLI, ``tpp-agent``: one module per command group, registered below.
 
 Every failure the agent or the PKCS#11 layer can name is printed as one line
-``error: …`` plus a ``hint: …`` line, with exit status 1; usage errors exit 2.
+``error: …`` plus a ``hint: …`` line; the exit status says which kind of failure it was
+(agent/errors.py ``EXIT_STATUS``, docs/cli.md), usage errors exit 64 (EX_USAGE).
 """
 
 from __future__ import annotations
@@ -11,39 +12,79 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
+from typing import NoReturn
 
 from agent import __version__, audit, hardening, log
 from agent.cli import banks, cert, csr, daemon, doctor, jose, keys, lifecycle, tokens
 from agent.cli.context import CliContext
-from agent.errors import EX_CONFIG, AgentError, ConfigError
+from agent.errors import AgentError, ExitStatus, exit_status
 from pkcs11_backends.errors import Pkcs11Error
 
 COMMAND_GROUPS = (keys, csr, cert, doctor, banks, jose, tokens, daemon, lifecycle)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, exiting with EX_USAGE (64) on a usage error instead of 2; subcommands' parsers are of this class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(ExitStatus.USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tpp-agent", description="HSM-backed keys, CSRs and mTLS for UAE Open Finance")
+    parser = _Parser(prog="tpp-agent", description="HSM-backed keys, CSRs and mTLS for UAE Open Finance")
     parser.add_argument("--config", help="TOML config file (default: $TPP_AGENT_CONFIG or /etc/tpp-agent/config.toml)")
     parser.add_argument("--direct", action="store_true",
                         help="use the token in this process even when an agent is running (needs the PIN)")
     parser.add_argument("--version", action="version", version=f"tpp-agent {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_const", dest="log_level", const="warning",
+                           help="log only warnings and errors on stderr")
+    verbosity.add_argument("-v", "--verbose", action="store_const", dest="log_level", const="debug",
+                           help="log debug lines too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in COMMAND_GROUPS:
         group.register(sub)
     return parser
 
 
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Shell completion (bash: /usr/share/bash-completion/completions/tpp-agent) when the shell asks for it."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return  # not imported otherwise: every command would pay for it
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)  # prints the completions and exits
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     hardening.no_core_dumps()  # before anything reads a PIN or a token
-    args = build_parser().parse_args(argv)
-    log.configure("console")  # log lines (requests, interaction ids) on stderr; results on stdout
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # `tpp-agent keys list | head -1`: the reader has what it wanted. Later writes (the exit's flush) go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitStatus.BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    _complete(parser)
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        sys.stdout.flush()  # --help and --version print and exit here: a closed pipe shows now, not at exit
+    # log lines (requests, interaction ids) on stderr; results on stdout
+    log.configure("console", args.log_level or "info")
     context = CliContext(args.config, direct=args.direct)
     try:
         try:
             # Key uses in this process are the operator's, for this command (see agent/cli/context.py).
             with audit.on_behalf_of(os.getuid(), os.getpid(), args.command, str(uuid.uuid4())):
                 code: int = args.handler(args, context)
+                sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         finally:
             context.close()  # may fail too: the audit trail's last sync ([daemon] audit_sync = "interval")
         return code
@@ -52,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         # The daemon's unit does not restart on 78: a bad configuration stays bad until someone edits it.
-        return EX_CONFIG if args.command == "serve" and isinstance(exc, ConfigError) else 1
+        return exit_status(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return ExitStatus.INTERRUPTED

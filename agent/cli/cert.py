@@ -12,7 +12,9 @@ from asn1crypto import pem
 
 from agent.cli.context import CliContext
 from agent.errors import InputError
+from agent.jose import keys as jose_keys
 from agent.x509.certificates import KeyCertificates, days_left, import_certificate, key_certificates
+from agent.x509.subject import rfc4514
 
 _MAX_FILE = 1 << 20
 
@@ -56,7 +58,11 @@ def _read(name: str) -> bytes:
 def import_cert(args: argparse.Namespace, ctx: CliContext) -> int:
     data = _read(args.file)
     source = "stdin" if args.file == "-" else args.file
+    before = jose_keys.resolved(ctx.runtime.keys, ctx.config, args.key)
     result = import_certificate(ctx.runtime.keys, args.key, data, source, replace=args.replace)
+    warning = jose_keys.kid_change(args.key, before, jose_keys.resolved(ctx.runtime.keys, ctx.config, args.key))
+    if warning:
+        print(warning, file=sys.stderr)
     cert = result.certificate
     verb = "already on the token" if result.already_present else "imported"
     print(f"{verb}: {cert.subject} for key {cert.label!r}, valid until {cert.not_after:%Y-%m-%d %H:%M} UTC")
@@ -85,7 +91,7 @@ def show_cert(args: argparse.Namespace, ctx: CliContext) -> int:
         print(f"certificate {number + 1} ({role})")
         parsed = cert.parsed
         print(f"  subject   {cert.subject}")
-        print(f"  issuer    {parsed.issuer.human_friendly}")
+        print(f"  issuer    {rfc4514(parsed.issuer)}")
         print(f"  serial    {parsed.serial_number:x}")
         print(f"  valid     {cert.not_before:%Y-%m-%d %H:%M} .. {cert.not_after:%Y-%m-%d %H:%M} UTC "
               f"({days_left(cert):.0f} days left)")
@@ -97,7 +103,7 @@ def show_cert(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def _as_json(found: KeyCertificates) -> dict[str, object]:
     def entry(cert: Any) -> dict[str, object]:
-        return {**cert.as_dict(), "issuer": cert.parsed.issuer.human_friendly,
+        return {**cert.as_dict(), "issuer": rfc4514(cert.parsed.issuer),
                 "serial": f"{cert.parsed.serial_number:x}", "days_left": round(days_left(cert), 1)}
 
     return {"key": found.key_label, "certificates": [entry(c) for c in found.certificates],

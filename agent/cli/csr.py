@@ -16,7 +16,7 @@ from agent.cli.context import CliContext
 from agent.errors import InputError
 from agent.x509.csr import build_csr
 from agent.x509.signatures import CsrAlgorithm
-from agent.x509.subject import directory_subject, oneline, parse_subject
+from agent.x509.subject import directory_subject, parse_subject, rfc4514
 
 _PROFILE = ("org_name", "org_id", "client_id")
 
@@ -60,7 +60,7 @@ def make_csr(args: argparse.Namespace, ctx: CliContext) -> int:
     else:
         _write(args.out, signed.pem, args.force)
     where = f" to {args.out}" if args.out else ""
-    print(f"CSR for {oneline(subject)} signed on the token with {signed.scheme.jose_name}{where}", file=sys.stderr)
+    print(f"CSR for {rfc4514(subject)} signed on the token with {signed.scheme.jose_name}{where}", file=sys.stderr)
     return 0
 
 

@@ -22,7 +22,7 @@ class SocketSetupError(AgentError):
 
 def bind_unix(path: Path, gid: int | None, mode: int) -> socket.socket:
     directory = path.parent
-    _prepare_directory(directory, gid)
+    _prepare_directory(directory, gid, path.name)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o177)  # the file is born 0600; chmod widens it only after chown
@@ -40,7 +40,7 @@ def bind_unix(path: Path, gid: int | None, mode: int) -> socket.socket:
     return sock
 
 
-def _prepare_directory(directory: Path, gid: int | None) -> None:
+def _prepare_directory(directory: Path, gid: int | None, socket_name: str) -> None:
     if not directory.exists():
         try:
             directory.mkdir(mode=0o750, parents=True)
@@ -52,12 +52,18 @@ def _prepare_directory(directory: Path, gid: int | None) -> None:
     info = directory.lstat()
     if not stat.S_ISDIR(info.st_mode):
         raise SocketSetupError(f"socket directory {directory} is not a directory")
+    # A shared directory (/tmp, /var/tmp, /dev/shm: sticky, or writable by all) is not ours to tighten: the
+    # socket needs a directory of its own, which the agent creates 0750.
+    shared = bool(info.st_mode & (stat.S_ISVTX | stat.S_IWOTH))
+    own_directory = (f"set [daemon] socket to a path in a directory of the agent's own, e.g. "
+                     f"{directory / 'tpp-agent' / socket_name} (created mode 0750), or RuntimeDirectory=tpp-agent")
     if info.st_uid != os.geteuid():
         raise SocketSetupError(f"socket directory {directory} is owned by uid {info.st_uid}, not by the agent "
-                               f"(uid {os.geteuid()})")
+                               f"(uid {os.geteuid()})", hint=own_directory)
     if info.st_mode & 0o022:
         raise SocketSetupError(f"socket directory {directory} is writable by group or others "
-                               f"(mode {stat.S_IMODE(info.st_mode):o})", hint=f"chmod 0750 {directory}")
+                               f"(mode {stat.S_IMODE(info.st_mode):o})",
+                               hint=own_directory if shared else f"chmod 0750 {directory}")
 
 
 def _remove_stale(path: Path) -> None:

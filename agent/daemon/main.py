@@ -25,7 +25,7 @@ from agent.daemon.app import Agent
 from agent.daemon.listener import bind_unix
 from agent.daemon.server import Accept, Server
 from agent.daemon.settings import DaemonSettings
-from agent.errors import EX_CONFIG, AgentError, ConfigError
+from agent.errors import EX_CONFIG, AgentError, ConfigError, exit_status
 from agent.log import configure, get_logger
 from agent.runtime import Runtime
 from pkcs11_backends.errors import PinError, Pkcs11Error, TokenTimeoutError
@@ -88,7 +88,7 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
         except Pkcs11Error as exc:
             log.error("startup_failed", error=str(exc), hint=exc.hint)
             notifier.status(f"start-up failed: {exc}")
-            return 1
+            return exit_status(exc)  # 69 (the HSM is away: systemd retries), 78 (a wrong module path: it does not)
         server = Server(listener, routing.handler(agent), settings.limits, accept=accept, remote=routing.remote,
                         known=lambda peer: agent.policy.knows(peer))  # noqa: PLW0108 (the policy a reload put in place)
         runtime.pool.supervise(_AnswerHungCalls(server))

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.directory.settings import DirectorySettings
 from agent.errors import AgentError
 from agent.openfinance.client import BankHttp, BankResponse
-from agent.openfinance.registration import error_summary
+from agent.transport.errors import answer_summary
 
 SCOPE = "directory:software"
 CERTIFICATE_TYPES = ("rtstransport", "rtssigning")  # the types a CSR makes (sigkey/enckey are JWK uploads)
@@ -84,7 +84,7 @@ _REFUSAL_HINTS = {
 
 
 def _detail(body: bytes) -> str:
-    summary = error_summary(body)
+    summary = answer_summary(body)
     return f": {summary}" if summary else ""
 
 

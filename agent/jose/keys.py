@@ -18,9 +18,11 @@ from typing import Any
 from asn1crypto import keys as asn1_keys
 
 from agent.config import Config, KeyConfig
+from agent.errors import AgentError
 from agent.jose.encoding import b64url, b64url_uint, compact_json
 from agent.jose.errors import AlgorithmNotAllowedError, KidError
 from pkcs11_backends.certificates import StoredCertificate
+from pkcs11_backends.errors import Pkcs11Error
 from pkcs11_backends.keys import Curve, KeyKind, KeySpec, KeyStore, SignatureScheme
 from pkcs11_backends.uri import Pkcs11Uri
 
@@ -69,6 +71,26 @@ def resolve(store: KeyStore, config: Config, name: str) -> JoseKey:
     algorithms = _algorithms(name, settings, info.spec)
     kid = _kid(name, settings, jwk, info.certificate)
     return JoseKey(name, info.uri, info.spec, jwk, info.certificate, algorithms, kid)
+
+
+def resolved(store: KeyStore, config: Config, name: str) -> JoseKey | None:
+    """:func:`resolve`, or None when the key cannot sign yet (not on the token, a ``kid`` it cannot have yet)."""
+    try:
+        return resolve(store, config, name)
+    except (AgentError, Pkcs11Error):
+        return None
+
+
+def kid_change(name: str, before: JoseKey | None, after: JoseKey | None) -> str | None:
+    """The one-line warning when a certificate import changed the key's ``kid`` (by default the JWK thumbprint
+    becomes the certificate's x5t#S256, and a new certificate has a new one): a JWKS published before the import
+    no longer names the key its JWS carry."""
+    if before is None or after is None or before.kid == after.kid:
+        return None
+    keep = (f'; or set [keys.ALIAS] kid = "{KID_JWK_THUMBPRINT}" to keep it'
+            if before.kid == jwk_thumbprint(before.public_jwk) else "")
+    return (f"warning: key {name!r} now signs with kid {after.kid!r} (was {before.kid!r}): a JWKS published "
+            f"before this import no longer matches; publish `tpp-agent jwks --key {name}` again{keep}")
 
 
 def _key_config(config: Config, name: str) -> KeyConfig | None:

@@ -19,7 +19,14 @@ from agent import files, log
 from agent.errors import AgentError
 from agent.openfinance.banks import BankConfig
 from agent.openfinance.client import BankHttp, BankResponse
-from agent.transport.errors import BankTimeoutError, ConnectFailedError, ConnectionLostError, RequestDeadlineError
+from agent.transport.errors import (
+    BankTimeoutError,
+    ConnectFailedError,
+    ConnectionLostError,
+    RequestDeadlineError,
+    answer_summary,
+    refusal_hint,
+)
 
 ENDPOINTS = ("registration_endpoint", "token_endpoint", "pushed_authorization_request_endpoint")
 _REQUIRED = ("issuer", "registration_endpoint")
@@ -116,7 +123,9 @@ class Discovery:
         response = self._get()
         where = f"bank {bank.name!r}: {bank.discovery_url} (x-fapi-interaction-id {response.interaction_id})"
         if response.status != 200:
-            raise DiscoveryError(f"{where} answered HTTP {response.status}, not the discovery document")
+            said = answer_summary(response.body)
+            raise DiscoveryError(f"{where} answered HTTP {response.status}{': ' + said if said else ''}, not the "
+                                 "discovery document", hint=refusal_hint(response.status, response.body))
         try:
             document = json.loads(response.body)
         except ValueError:

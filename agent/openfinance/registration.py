@@ -13,7 +13,6 @@ too (daemon threads, agent processes sharing a state dir, hosts sharing a databa
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import uuid
 
@@ -31,7 +30,13 @@ from agent.openfinance.records import (
     UnresolvedAttemptError,
     truncate_body,
 )
-from agent.transport.errors import BankTimeoutError, ConnectionLostError, TransportError
+from agent.transport.errors import (
+    BankTimeoutError,
+    ConnectionLostError,
+    TransportError,
+    answer_summary,
+    refusal_hint,
+)
 
 _logger = log.get_logger("openfinance.registration")
 
@@ -43,11 +48,11 @@ class RegistrationError(AgentError):
 
     def __init__(self, bank: str, endpoint: str, interaction_id: str, status: int, body: bytes) -> None:
         self.bank, self.endpoint, self.interaction_id, self.status = bank, endpoint, interaction_id, status
-        detail = error_summary(body)
+        detail = answer_summary(body)
         super().__init__(
             f"bank {bank!r} refused the registration: HTTP {status}{': ' + detail if detail else ''} "
             f"({endpoint}, x-fapi-interaction-id {interaction_id})",
-            hint=f"{self.what_to_check} (x-fapi-interaction-id {interaction_id})")
+            hint=f"{refusal_hint(status, body) or self.what_to_check} (x-fapi-interaction-id {interaction_id})")
 
 
 class RegistrationRejectedError(RegistrationError):  # 400
@@ -95,21 +100,6 @@ def _error_class(status: int) -> type[RegistrationError]:
     if status >= 500:
         return BankServerError
     return _BY_STATUS.get(status, UnexpectedStatusError)
-
-
-def error_summary(body: bytes) -> str:
-    """The server's own words, short: a JSON error document's message, else the first line of the body."""
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        parts = [str(document[k]) for k in ("errorCode", "error", "errorMessage", "error_description", "message")
-                 if document.get(k)]
-        if parts:
-            return " — ".join(parts)[:300]
-    first = body.decode("utf-8", errors="replace").strip().splitlines()
-    return first[0][:300] if first else ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,10 @@ with a :class:`TlsSetupError` instead (configuration, not the network), e.g.
 
 from __future__ import annotations
 
+import html
+import json
+import re
+
 from agent.errors import AgentError
 
 
@@ -40,7 +44,7 @@ class TlsSetupError(AgentError):
 
 class KeyCertificateMismatchError(TlsSetupError):
     hint = ("the client certificate was not issued for this key: import the certificate issued from this key's CSR "
-            "(`tpp-agent keys import-cert`), or point client_certificate at the right PEM")
+            "(`tpp-agent cert import --key KEY FILE`), or point client_certificate at the right PEM")
 
 
 class ClientCertificateMissingError(TlsSetupError):
@@ -154,3 +158,41 @@ class ResponseTooLargeError(TransportError):
 class BankBusyError(TransportError):
     what_to_check = ("the agent already has max_in_flight requests under way at this bank (a slow bank holds them): "
                      "retry in a moment, or raise max_in_flight in [banks.NAME]")
+
+
+# An HTTP answer that is not the bank's own: a TLS terminator in front of it (nginx answers 400 with the title
+# "400 The SSL certificate error" or "400 No required SSL certificate was sent") refused our client certificate
+# after the handshake. Matched on the page's title, which such front ends all set.
+_CERTIFICATE_REFUSAL = re.compile(r"\b(ssl|tls|client)\s+certificate\b", re.IGNORECASE)
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
+CLIENT_CERTIFICATE_REFUSED = (
+    "a TLS front end refused our client certificate (the handshake passed; it answered instead of the bank): "
+    "check that the transport certificate is the one the bank trusts (issued by the ecosystem's directory CA for "
+    "this environment, not expired or revoked), and that client_key names the key it belongs to")
+
+
+def answer_summary(body: bytes, limit: int = 300) -> str:
+    """A failed answer's own words, short and on one line: a JSON error document's message, an HTML page's
+    title, else the body's first line."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        parts = [str(document[k]) for k in ("errorCode", "error", "errorMessage", "error_description", "message")
+                 if document.get(k)]
+        if parts:
+            return " — ".join(parts)[:limit]
+    title = _TITLE.search(body)
+    if title:
+        text = html.unescape(title.group(1).decode("utf-8", errors="replace"))
+        return " ".join(text.split())[:limit]
+    first = body.decode("utf-8", errors="replace").strip().splitlines()
+    return first[0][:limit] if first else ""
+
+
+def refusal_hint(status: int, body: bytes) -> str | None:
+    """:data:`CLIENT_CERTIFICATE_REFUSED` when a 4xx answer is a front end's client-certificate refusal."""
+    if 400 <= status < 500 and _CERTIFICATE_REFUSAL.search(answer_summary(body)):
+        return CLIENT_CERTIFICATE_REFUSED
+    return None

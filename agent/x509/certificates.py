@@ -31,6 +31,7 @@ from asn1crypto import pem, x509
 
 from agent.errors import InputError
 from agent.x509.signatures import is_valid, same_public_key
+from agent.x509.subject import rfc4514
 from pkcs11_backends import certificates as token_certs
 from pkcs11_backends.certificates import StoredCertificate
 from pkcs11_backends.keys import KeyStore
@@ -97,7 +98,7 @@ def check_validity(cert: x509.Certificate, now: datetime.datetime, what: str) ->
 
 
 def _describe(cert: x509.Certificate) -> str:
-    return f"certificate {cert.subject.human_friendly!r}"
+    return f"certificate {rfc4514(cert.subject)}"
 
 
 def check_chain(leaf: x509.Certificate, chain: list[x509.Certificate], now: datetime.datetime) -> None:
@@ -120,7 +121,7 @@ def import_certificate(store: KeyStore, key: str, data: bytes, source: str, *, r
     info = store.info(key)
     if not same_public_key(leaf.public_key, store.public_key_info(key)):
         raise CertificateMismatchError(
-            f"the certificate in {source} ({leaf.subject.human_friendly}) is for another key, not {info.label!r}")
+            f"the certificate in {source} ({rfc4514(leaf.subject)}) is for another key, not {info.label!r}")
     check_chain(leaf, chain, now)
     leaf_der = bytes(leaf.dump())
     with store.pool.session() as pooled:

@@ -4,8 +4,9 @@ Order. An RFC 4514 string lists the RDNs *last to first*: ``CN=…,OU=…,O=…,
 is the DER sequence C, O, OU, CN (the order ``openssl req -subj /C=AE/O=…/OU=…/CN=…``
 writes, and the order cryptography's ``rfc4514_string()`` prints back reversed).
 :func:`parse_subject` follows the RFC, so the directory profile written as RFC 4514 is
-``CN=<client id>,OU=<org id>,O=<legal name>,C=AE``. :func:`oneline` shows a name in DER
-order, OpenSSL style, so an operator can see what was meant.
+``CN=<client id>,OU=<org id>,O=<legal name>,C=AE``. :func:`rfc4514` prints a name back the
+same way, and it is the one form in which the agent shows any subject or issuer (what
+``--subject`` takes, so that a shown subject can be pasted back).
 
 Encodings follow ``openssl req`` with the default ``string_mask = utf8only``:
 countryName, serialNumber and dnQualifier are PrintableString, emailAddress and
@@ -71,13 +72,39 @@ def parse_subject(text: str) -> x509.Name:
     return _name([[_attribute(kind, value) for kind, value in rdn] for rdn in reversed(rdns)])
 
 
-def oneline(name: x509.Name) -> str:
-    """A name in DER order, OpenSSL style: ``/C=AE/O=Acme/OU=…/CN=…``."""
-    parts = []
-    for rdn in name.chosen:
-        parts.append("+".join(f"{_DISPLAY.get(atv['type'].native, atv['type'].native)}={atv['value'].native}"
-                              for atv in rdn))
-    return "/" + "/".join(parts)
+# The attribute names RFC 4514 section 3 defines, as cryptography's rfc4514_string() prints them (the transport
+# layer shows subjects with it): every other type goes as its dotted OID, which parse_subject() reads too.
+_RFC4514_NAMES = {"common_name": "CN", "locality_name": "L", "state_or_province_name": "ST",
+                  "organization_name": "O", "organizational_unit_name": "OU", "country_name": "C",
+                  "street_address": "STREET", "domain_component": "DC", "user_id": "UID"}
+
+
+def rfc4514(name: x509.Name) -> str:
+    """``name`` as RFC 4514, most specific RDN first (what ``--subject`` takes), written as cryptography's
+    ``rfc4514_string()`` writes it: the one form in which the agent shows a subject or an issuer."""
+    return ",".join("+".join(_rfc4514_attribute(atv) for atv in rdn) for rdn in reversed(list(name.chosen)))
+
+
+def _rfc4514_attribute(atv: x509.NameTypeAndValue) -> str:
+    kind = atv["type"].native
+    label = _RFC4514_NAMES.get(kind) or atv["type"].dotted
+    text = atv["value"].native
+    if isinstance(text, str):
+        try:
+            _check_text(kind, text)
+        except InputError:
+            pass  # not text parse_subject() takes back (a control character, an empty value): as hex
+        else:
+            return f"{label}={_escape(text)}"
+    return f"{label}=#{atv['value'].dump().hex()}"  # its DER (RFC 4514 section 2.4)
+
+
+def _escape(text: str) -> str:
+    out = []
+    for i, char in enumerate(text):
+        special = char in '\\"+,;<>' or (char in "# " and i == 0) or (char == " " and i == len(text) - 1)
+        out.append("\\" + char if special else char)
+    return "".join(out)
 
 
 def _name(rdns: list[list[x509.NameTypeAndValue]]) -> x509.Name:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from agent.errors import ExitStatus
 from tests.conftest import Token
 from tests.faults.conftest import Shim
 from tests.x509_helpers import openssl_verify_csr
@@ -60,7 +61,7 @@ def test_a_module_without_any_rsa_signing_is_named_by_doctor(token: Token, shim:
     operations = found["key transport operations"]
     assert operations["status"] == "warn" and "RS256" in operations["detail"] and "PS256" in operations["detail"]
     result = token.cli("csr", "--key", "pkcs11:object=transport", "--subject", "CN=quirks", env=env)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == ExitStatus.DATAERR and "Traceback" not in result.stderr  # docs/cli.md
     assert result.stderr.startswith("error: ") and "offers no mechanism for RS256" in result.stderr
 
 

@@ -6,6 +6,7 @@ import json
 
 import jwt
 
+from agent.errors import ExitStatus
 from tests.jose.conftest import JoseToken
 
 
@@ -25,14 +26,15 @@ def test_jwks_and_sign_jws_from_stdin(jose_token: JoseToken) -> None:
 def test_sign_jws_errors_are_one_line_with_a_hint(jose_token: JoseToken) -> None:
     cli = jose_token.token.cli
     refused = cli("sign-jws", "--key", "signing", "--alg", "RS256", "--payload", "-", input="{}")
-    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.returncode == ExitStatus.DATAERR and refused.stdout == ""
     assert refused.stderr.splitlines() == [
         "error: key 'signing' may not sign with RS256 (allowed: PS256)",
         "hint: add 'RS256' to [keys.signing] algorithms if the bank really requires it",
     ]
     missing = cli("sign-jws", "--key", "signing", "--payload", "/nonexistent/payload.json")
-    assert missing.returncode == 1 and "error: --payload: cannot read /nonexistent/payload.json" in missing.stderr
+    assert missing.returncode == ExitStatus.DATAERR
+    assert "error: --payload: cannot read /nonexistent/payload.json" in missing.stderr
     bad_header = cli("sign-jws", "--key", "es", "--payload", "-", "--header", "[1]", input="{}")
-    assert bad_header.returncode == 1 and "error: --header must be a JSON object" in bad_header.stderr
+    assert bad_header.returncode == ExitStatus.DATAERR and "error: --header must be a JSON object" in bad_header.stderr
     unknown = cli("jwks", "--key", "nope")
-    assert unknown.returncode == 1 and "neither a pkcs11: URI nor a key alias" in unknown.stderr
+    assert unknown.returncode == ExitStatus.DATAERR and "neither a pkcs11: URI nor a key alias" in unknown.stderr

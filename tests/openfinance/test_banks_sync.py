@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import ExitStatus
 from agent.lifecycle.download import DownloadError, fetch
 from modelbank import ModelBank
 from modelbank.directory import ModelDirectory
@@ -43,7 +44,8 @@ def test_sync_shows_the_difference_then_writes_the_banks_file(tpp: Tpp, bank: Mo
     config = tpp.write_config(bank)
     url, ca = directory.participants_url, str(bank.ca.cert_file)
     unnamed = cli(config, "banks", "sync")
-    assert unnamed.returncode == 1 and "error: no participants list named: give --participants" in unnamed.stderr
+    assert unnamed.returncode == ExitStatus.DATAERR
+    assert "error: no participants list named: give --participants" in unnamed.stderr
     shown = cli(config, "banks", "sync", "--participants", url, "--cacert", ca)
     assert shown.returncode == 1, shown.stderr
     assert shown.stdout.splitlines() == [f"+ New Bank (New Bank): issuer {NEW_BANK}"]
@@ -84,7 +86,7 @@ def test_bad_participants_are_clear_errors_and_write_nothing(tpp: Tpp, bank: Mod
             (directory.participants_url, "certificate verify failed")):
         args = ["--cacert", str(bank.ca.cert_file)] if "certificate" not in message else []
         result = cli(config, "banks", "sync", "--participants", source, "--write", str(target), *args)
-        assert result.returncode == 1 and message in result.stderr, (source, result.stderr)
+        assert result.returncode == ExitStatus.DATAERR and message in result.stderr, (source, result.stderr)
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
         assert not target.exists()
 

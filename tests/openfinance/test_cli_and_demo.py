@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import ExitStatus
 from demo.run import main as demo_main
 from modelbank import Behaviour, ModelBank
+from tests.conftest import REPO
 from tests.openfinance.conftest import BANK, Tpp
 
 
@@ -29,8 +31,8 @@ def test_cli_discover_register_and_list(tpp: Tpp, bank: ModelBank) -> None:
     assert (unknown["state"], unknown["endpoint"]) == ("unknown", None)
     assert unknown["problem"] == f"registration endpoint not known: discover it with `tpp-agent discover {BANK}`"
     missing = cli(config, "registrations", "--bank", "nosuchbank")
-    assert missing.returncode == 1 and "error: no bank 'nosuchbank' in the configuration (configured: mb)" in \
-        missing.stderr
+    assert missing.returncode == ExitStatus.DATAERR  # a --bank filter naming no configured bank
+    assert "error: no bank 'nosuchbank' in the configuration (configured: mb)" in missing.stderr
 
     shown = cli(config, "discover", BANK)
     assert shown.returncode == 0, shown.stderr
@@ -43,7 +45,7 @@ def test_cli_discover_register_and_list(tpp: Tpp, bank: ModelBank) -> None:
 
     bank.behaviour = Behaviour.failing("500")
     failed = cli(config, "register", BANK)
-    assert failed.returncode == 1
+    assert failed.returncode == ExitStatus.TEMPFAIL  # a 5xx: the bank may or may not have recorded it
     error = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
     hint = [line for line in failed.stderr.splitlines() if line.startswith("hint: ")]
     assert len(error) == 1 and "HTTP 500" in error[0] and f"bank {BANK!r}" in error[0]
@@ -78,7 +80,7 @@ def test_cli_discover_register_and_list(tpp: Tpp, bank: ModelBank) -> None:
 
 def test_cli_unknown_bank(tpp: Tpp, bank: ModelBank) -> None:
     result = cli(tpp.write_config(bank), "register", "nosuchbank")
-    assert result.returncode == 1
+    assert result.returncode == ExitStatus.CONFIG
     assert "error: no bank 'nosuchbank' in the configuration (configured: mb)" in result.stderr
 
 
@@ -100,6 +102,27 @@ def test_make_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     again = capsys.readouterr().out
     assert "key 'transport' already exists (re-run): reused" in again and "key 'signing' already exists" in again
     assert "the token is bound to the transport certificate" in again
+    assert "not scanned: the model bank's own test CA and server keys" in again
+
+    # Afterwards the demo's bank can be started again, and every bank command works on the demo's config.
+    bank = subprocess.Popen([sys.executable, "-m", "demo", "--serve-bank", "--state-dir", str(state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        assert bank.stdout is not None
+        banner = []
+        for line in bank.stdout:
+            banner.append(line)
+            if line.startswith("ready"):
+                break
+        assert any("tpp-agent register modelbank --force" in line for line in banner), banner
+        config = state / "config.toml"
+        for argv in (["discover", "modelbank", "--refresh"], ["register", "modelbank", "--force"],
+                     ["token", "modelbank", "--scope", "accounts"]):
+            done = cli(config, *argv)
+            assert done.returncode == 0, (argv, done.stderr)
+    finally:
+        bank.terminate()
+        assert bank.wait(timeout=30) == 0
 
 
 def test_cli_direct_register_audits_the_transport_key(tpp: Tpp, bank: ModelBank) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import ExitStatus
 from modelbank import ModelBank
 from modelbank.server import REGISTRATION_PATH, Registration
 from tests.openfinance.conftest import BANK, Tpp
@@ -77,7 +78,7 @@ def test_the_second_host_waits_on_the_first_hosts_pending_post(tpp: Tpp, bank: M
         assert holding.wait(timeout=120), first.communicate()
         second = _start(config_b, "register", BANK)
         _, err = second.communicate(timeout=120)
-        assert second.returncode == 1 and "may have reached the bank, its outcome is unknown" in err
+        assert second.returncode == ExitStatus.TEMPFAIL and "may have reached the bank, its outcome is unknown" in err
         assert "hint: ask the bank whether it registered" in err
     finally:
         release.set()
