@@ -14,15 +14,13 @@ from collections.abc import Callable, Iterator
 
 from agent.cli.context import CliContext
 from agent.config import Config
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError
 from agent.x509.certificates import days_left
 from agent.x509.signatures import same_public_key
 from pkcs11_backends import openssl
 from pkcs11_backends.errors import Pkcs11Error
 from pkcs11_backends.keys import KeyInfo, KeyStore
 from pkcs11_backends.module import TokenSelector
-
-DEFAULT_EXPIRY_WARNING_DAYS = 30
 
 
 class Status(enum.Enum):
@@ -55,7 +53,7 @@ def run(ctx: CliContext, now: datetime.datetime | None = None) -> list[Check]:
 
 
 def _checks(ctx: CliContext, now: datetime.datetime) -> Iterator[Check]:
-    config = _attempt("config", lambda: f"loaded {ctx.config.path or 'built-in defaults'}")
+    config = _attempt("config", lambda: f"loaded {ctx.sections.path or 'built-in defaults'}, every section checked")
     yield config
     yield _attempt("pyopenssl", _linkage)
     yield _openssl_backend(ctx.config.pkcs11.openssl_backend if config.status is Status.OK else "auto")
@@ -75,7 +73,7 @@ def _checks(ctx: CliContext, now: datetime.datetime) -> Iterator[Check]:
         if check.status is Status.FAIL:
             yield from (Check(later, Status.SKIP, f"needs a working {name}") for later in token_checks[position + 1:])
             return
-    yield from _key_checks(runtime.keys, ctx.config, now)
+    yield from _key_checks(runtime.keys, ctx.config, ctx.sections.certificates.expiry_warning_days, now)
 
 
 def _linkage() -> str:
@@ -107,17 +105,9 @@ def _token(ctx: CliContext) -> str:
     return f"{token.label!r} serial {serial} ({token.manufacturer_id.strip()} {token.model.strip()})"
 
 
-def expiry_warning_days(config: Config) -> int:
-    value = config.section("certificates").get("expiry_warning_days", DEFAULT_EXPIRY_WARNING_DAYS)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"[certificates] expiry_warning_days must be a non-negative integer in {config.path}")
-    return value
-
-
-def _key_checks(store: KeyStore, config: Config, now: datetime.datetime) -> Iterator[Check]:
+def _key_checks(store: KeyStore, config: Config, warn_days: int, now: datetime.datetime) -> Iterator[Check]:
     try:
         keys = store.list()
-        warn_days = expiry_warning_days(config)
     except (AgentError, Pkcs11Error) as exc:
         yield Check("keys", Status.FAIL, str(exc), exc.hint)
         return

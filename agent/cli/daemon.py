@@ -31,12 +31,11 @@ def serve_command(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def verify_command(args: argparse.Namespace, ctx: CliContext) -> int:
     from agent import audit
-    from agent.daemon.settings import DaemonSettings
 
     if args.file:
         paths = [Path(args.file)]
     else:
-        base = DaemonSettings.parse(ctx.config).audit_file
+        base = ctx.sections.daemon.audit_file
         paths = audit.trail_files(base) or [base]  # none yet: verify() says where it looked
     damaged = 0
     for path in paths:

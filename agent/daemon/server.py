@@ -36,7 +36,6 @@ and start a worker in its place; the stuck one drops its late answer and ends.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import queue
 import select
@@ -46,6 +45,7 @@ import time
 from collections.abc import Callable
 
 from agent.daemon.http import Head, HttpError, Request, Response, interaction_id, new_interaction_id, parse_head
+from agent.daemon.limits import Limits
 from agent.daemon.policy import Peer
 from agent.log import get_logger
 
@@ -57,22 +57,6 @@ Accept = Callable[[], socket.socket]
 # Whether a request calls a bank (it then goes to the bank workers).
 Remote = Callable[[Request], bool]
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    max_connections: int = 256
-    workers: int = 8                # for requests that stay on this host (token, policy, JWS)
-    bank_workers: int = 8           # for requests that call a bank
-    max_request_bytes: int = 1 << 20
-    max_header_bytes: int = 16 << 10
-    request_timeout: float = 10.0   # from a request's first byte to its last
-    idle_timeout: float = 60.0      # keep-alive connection with no request under way
-    write_timeout: float = 10.0
-    drain_timeout: float = 30.0
-    linger: float = 0.002           # a worker's wait for the same client's next request
-    busy_poll: float = 50e-6        # of which spent polling without sleeping
-    log_successes: bool = True      # a log line for every answer; False: only for 4xx/5xx and dropped ones
 
 
 def refuse_connection(sock: socket.socket, error: HttpError) -> None:

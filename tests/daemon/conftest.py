@@ -161,10 +161,12 @@ def daemon_config(token: Token, public_dir: Path, extra: str = "") -> str:
         uri = "pkcs11:token={token.label};object=signing;type=private"
         algorithms = ["PS256", "RS256"]
         kid = "sig-1"
+        raw_sign = true
 
         [keys.ecsign]
         uri = "pkcs11:token={token.label};object=ecsign;type=private"
         algorithms = ["ES256"]
+        raw_sign = true
 
         [daemon]
         socket = "{public_dir}/run/agent.sock"
