@@ -196,7 +196,7 @@ def test_daemon_and_direct_cli_with_interval_sync_leave_a_verified_trail(keyed_t
                     check=True)
 
     records = [json.loads(line) for line in daemon.audit_file.read_text().splitlines()]
-    assert sum(r["operation"] == "sign" for r in records) == 20 and records[-1]["operation"] == "sign-jws"
+    assert sum(r["operation"] == "sign" for r in records) == 20 and records[-1]["operation"] == "jws"
     verified = subprocess.run([TPP_AGENT, "audit", "verify", "--file", str(daemon.audit_file)], capture_output=True,
                               text=True, timeout=60, check=False)
     assert verified.returncode == 0 and f"{len(records)} record(s), chain intact" in verified.stdout

@@ -43,7 +43,7 @@ def test_stale_document_is_fetched_again(service: OpenFinance, bank: ModelBank) 
 
 
 def test_configured_ttl_and_changed_url_refetch(tpp: Tpp, bank: ModelBank) -> None:
-    service = OpenFinance(tpp.runtime, tpp.config(bank, discovery_ttl=3600))
+    service = tpp.service(bank, discovery_ttl=3600)
     try:
         first = service.discovery(BANK).get()
         stored = json.loads(service.discovery(BANK).cache_file.read_text())
@@ -68,7 +68,7 @@ def test_issuer_mismatch_is_refused_and_not_cached(service: OpenFinance, bank: M
 
 
 def test_mtls_aliases_picked_when_configured_and_present(tpp: Tpp, bank: ModelBank) -> None:
-    service = OpenFinance(tpp.runtime, tpp.config(bank, use_mtls_aliases=True))
+    service = tpp.service(bank, use_mtls_aliases=True)
     try:
         doc = service.discovery(BANK).get()
         assert doc.endpoint("registration_endpoint", True) == bank.url + "/mtls/tpp-registration"

@@ -119,7 +119,7 @@ def test_expired_client_certificate(tpp: Tpp, bank: ModelBank) -> None:
     uri, _, pem = issue_identity(tpp.runtime, bank, expired=True)
     cert_file = tpp.state_dir / "expired.pem"
     cert_file.write_bytes(pem)
-    service = OpenFinance(tpp.runtime, tpp.config(bank, client_key=uri, client_certificate=str(cert_file)))
+    service = tpp.service(bank, client_key=uri, client_certificate=str(cert_file))
     try:
         with pytest.raises(errors.ClientCertExpiredError) as caught:
             service.registrar(BANK).register()
@@ -130,7 +130,7 @@ def test_expired_client_certificate(tpp: Tpp, bank: ModelBank) -> None:
 
 
 def test_bank_that_never_answers_times_out_once(tpp: Tpp, bank: ModelBank) -> None:
-    service = OpenFinance(tpp.runtime, tpp.config(bank, read_timeout=0.5))
+    service = tpp.service(bank, read_timeout=0.5)
     try:
         _discovered_then(service, bank, Behaviour.failing("hang"))
         registrar = service.registrar(BANK)
