@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint demo bench stress clean
+.PHONY: setup test lint demo bench stress fuzz clean
 
 setup:
 	@scripts/bootstrap
@@ -20,6 +20,14 @@ demo: setup
 # Bounded stress/soak runs (tests marked slow, left out of `make test`); see docs/reliability.md.
 stress: setup
 	$(PY) -m pytest -q -s -m slow tests/stress
+
+# Coverage-guided fuzzing of request framing, routing and JSON decoding (atheris); new inputs join the corpus,
+# which `make test` replays. Findings are written as fuzz/findings-*.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt atheris
+	$(PY) -m fuzz.http_target fuzz/corpus/http -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
+		-artifact_prefix=fuzz/findings-
 
 bench: setup
 	$(PY) -m bench

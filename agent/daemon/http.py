@@ -5,15 +5,18 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import functools
 import json
 import os
 import re
 import uuid
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
+from agent.daemon.errors import HttpError
+from agent.daemon.framing import Head
 from agent.daemon.policy import Peer
+
+__all__ = ["INTERACTION_HEADER", "HttpError", "Request", "Response", "base64_field", "interaction_id",
+           "new_interaction_id", "reply_interaction_id"]
 
 REASONS = {
     100: "Continue", 200: "OK", 201: "Created", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
@@ -23,104 +26,52 @@ REASONS = {
     503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
 INTERACTION_HEADER = "x-fapi-interaction-id"
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_MAX_HEADERS = 100
 _BASE64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # one for every answer: json.dumps with options makes one each
-
-
-class HttpError(Exception):
-    """An error answered as JSON ``{"code", "message", "hint", "interaction_id"}``."""
-
-    def __init__(self, status: int, code: str, message: str, hint: str = "",
-                 headers: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.hint = hint
-        self.headers = headers
-
-
-@dataclasses.dataclass
-class Head:
-    """A parsed request head; never changed once parsed (a connection's requests may share it)."""
-
-    method: str
-    target: str
-    version: str
-    headers: dict[str, str]
-
-    @functools.cached_property
-    def path(self) -> str:  # a head is parsed once per connection and asked for its path by every request
-        return unquote(urlsplit(self.target).path)
-
-    @functools.cached_property
-    def keep_alive(self) -> bool:
-        tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
-        return "keep-alive" in tokens if self.version == "HTTP/1.0" else "close" not in tokens
-
-    def content_length(self, limit: int) -> int:
-        if "transfer-encoding" in self.headers:
-            raise HttpError(411, "length_required", "chunked request bodies are not accepted",
-                            "send the body with a Content-Length header")
-        raw = self.headers.get("content-length", "0").strip()
-        if not raw.isdigit() or len(raw) > 18:
-            raise HttpError(400, "bad_content_length", f"Content-Length {raw[:40]!r} is not a number")
-        length = int(raw)
-        if length > limit:
-            raise HttpError(413, "request_too_large", f"request body of {length} bytes exceeds the limit of {limit}",
-                            "send a smaller body (raise [daemon] max_request_bytes if this is expected)")
-        return length
-
-
-def parse_head(raw: bytes) -> Head:
-    """Parse the request line and headers (``raw`` ends before the blank line)."""
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError:
-        raise HttpError(400, "malformed_http", "request head is not ASCII") from None
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1].startswith("/"):
-        raise HttpError(400, "malformed_http", f"malformed request line {lines[0][:80]!r}",
-                        "send 'METHOD /path HTTP/1.1'")
-    method, target, version = parts
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise HttpError(505 if version.startswith("HTTP/") else 400, "unsupported_http_version",
-                        f"unsupported protocol {version[:20]!r}", "use HTTP/1.1")
-    if len(lines) - 1 > _MAX_HEADERS:
-        raise HttpError(431, "too_many_headers", f"more than {_MAX_HEADERS} header fields")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.match(name):
-            raise HttpError(400, "malformed_http", f"malformed header line {line[:80]!r}")
-        key = name.lower()
-        if key in ("content-length", "host") and key in headers:
-            raise HttpError(400, "malformed_http", f"duplicate {name} header")
-        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
-    if version == "HTTP/1.1" and "host" not in headers:
-        # curl and every HTTP/1.1 library send it; a missing Host is a hand-made request, accept it anyway.
-        headers["host"] = "localhost"
-    return Head(method, target, version, headers)
+_MAX_JSON_DEPTH = 32  # deeper than any request the agent takes; json's own limit is the interpreter's stack
 
 
 def interaction_id(headers: dict[str, str]) -> str:
-    """The caller's ``x-fapi-interaction-id`` if it is a UUID, else a new one."""
+    """The caller's ``x-fapi-interaction-id`` (a UUID, as FAPI asks), else a new one; HttpError if malformed."""
     given = headers.get(INTERACTION_HEADER)
-    if given is not None:
-        try:
-            return str(uuid.UUID(given))
-        except ValueError:
-            pass
-    return new_interaction_id()
+    if given is None:
+        return new_interaction_id()
+    try:
+        return str(uuid.UUID(given))
+    except ValueError:
+        raise HttpError(400, "bad_interaction_id", f"{INTERACTION_HEADER} {given[:60]!r} is not a UUID",
+                        "send a UUID (RFC 4122), or leave the header out and the agent makes one") from None
+
+
+def reply_interaction_id(headers: dict[str, str]) -> str:
+    """The id to answer a refused request with: the caller's if it is a UUID, else a new one."""
+    try:
+        return interaction_id(headers)
+    except HttpError:
+        return new_interaction_id()
 
 
 def new_interaction_id() -> str:
     """A random (version 4) UUID, as ``str(uuid.uuid4())`` at half the cost: most requests need one."""
     h = os.urandom(16).hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value``'s containers nest, stopping as soon as the limit is passed."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            if level > _MAX_JSON_DEPTH:
+                return level
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 @dataclasses.dataclass
@@ -131,6 +82,8 @@ class Request:
     interaction_id: str
     # What the request log line should say about the operation (filled in by the handler).
     log: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Why a well-framed request is answered without reaching the handler (a malformed interaction id, say).
+    refusal: HttpError | None = None
 
     @property
     def method(self) -> str:
@@ -142,17 +95,21 @@ class Request:
 
     @property
     def query(self) -> dict[str, str]:
-        return {k: v[-1] for k, v in parse_qs(urlsplit(self.head.target).query).items()}
+        return self.head.query
 
     def json(self) -> dict[str, Any]:
         content_type = self.head.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise HttpError(415, "unsupported_media_type", f"expected application/json, got {content_type!r}")
+        hint = "send a JSON object, e.g. {\"alg\": \"PS256\", \"data_b64\": \"...\"}"
         try:
-            value = json.loads(self.body)
+            value = json.loads(self.body, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise HttpError(400, "malformed_json", "request body nests too deeply", hint) from None
         except (UnicodeDecodeError, ValueError) as exc:
-            raise HttpError(400, "malformed_json", f"request body is not valid JSON: {exc}",
-                            "send a JSON object, e.g. {\"alg\": \"PS256\", \"data_b64\": \"...\"}") from None
+            raise HttpError(400, "malformed_json", f"request body is not valid JSON: {exc}", hint) from None
+        if self.body.count(b"{") + self.body.count(b"[") > _MAX_JSON_DEPTH and _depth(value) > _MAX_JSON_DEPTH:
+            raise HttpError(400, "malformed_json", f"request body nests deeper than {_MAX_JSON_DEPTH} levels", hint)
         if not isinstance(value, dict):
             raise HttpError(400, "malformed_json", "request body must be a JSON object")
         return value

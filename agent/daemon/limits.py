@@ -19,3 +19,11 @@ class Limits:
     linger: float = 0.002           # a worker's wait for the same client's next request
     busy_poll: float = 50e-6        # of which spent polling without sleeping
     log_successes: bool = True      # a log line for every answer; False: only for 4xx/5xx and dropped ones
+    # Per caller (peer uid): connections, and requests a lane's workers hold or will hold at once (0: the lane's
+    # size). A caller over its share waits for its own earlier requests, never for a worker another caller needs.
+    connections_per_uid: int = 64
+    in_flight_per_uid: int = 0
+    # A caller that no policy rule names may only ask health and ready: a few connections, one request at a time.
+    stranger_connections: int = 4
+    stranger_in_flight: int = 1
+

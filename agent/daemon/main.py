@@ -89,7 +89,8 @@ def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket,
             notifier.status(f"start-up failed: {exc}")
             return 1
         router = Router(agent)
-        server = Server(listener, router, settings.limits, accept=accept, remote=router.remote)
+        server = Server(listener, router, settings.limits, accept=accept, remote=router.remote,
+                        known=lambda peer: agent.policy.knows(peer))  # noqa: PLW0108 (the policy a reload put in place)
         runtime.pool.supervise(_AnswerHungCalls(server))
         stops = _install_signals(agent, server, notifier)
         stop_health = threading.Event()

@@ -151,8 +151,9 @@ class Policy:
     def is_admin(self, peer: Peer) -> bool:
         return peer.uid in self.admin_uids or bool(peer.groups & self.admin_gids)
 
-    def names(self, peer: Peer) -> bool:
-        """Whether any rule (or the admin list) names the peer: only those learn more than yes or no."""
+    def knows(self, peer: Peer) -> bool:
+        """Whether any rule, or the admin list, names ``peer``: a stranger gets the server's smallest quota, and
+        learns no more than yes or no from ``ready``."""
         return self.is_admin(peer) or any(rule.matches(peer) for rule in self.rules)
 
     def allows(self, peer: Peer, operation: str, key: str | None = None, bank: str | None = None) -> bool:

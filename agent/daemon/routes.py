@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from agent.daemon.http import Response
 from agent.operations.registry import BY_NAME
 from agent.operations.spec import Spec
+
+_CACHE_SIZE = 1024  # distinct (method, path) pairs: every key and bank alias, with room for junk
 
 
 def _json(result: Any) -> Response:
@@ -67,3 +69,49 @@ ROUTES: tuple[Route, ...] = (
 )
 
 BY_OPERATION: dict[str, Route] = {route.spec.name: route for route in ROUTES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """What a (method, path) resolves to: a route, or the methods the path accepts (405), or nothing (404)."""
+
+    route: Route | None
+    params: Mapping[str, str]
+    allowed: tuple[str, ...] = ()
+
+    @property
+    def remote(self) -> bool:
+        """The operation may call a bank, so the request goes to the bank workers."""
+        return self.route is not None and self.route.spec.calls_bank
+
+
+class RouteTable:
+    """Which route a (method, path) is: asked by the server (which workers?) and the router (which operation?)."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self._compiled = [(route.prefix, route, route.compiled()) for route in routes]
+        # Resolved once per (method, path), as clients repeat the same few; bounded, as paths are the caller's.
+        self._matches: dict[tuple[str, str], Match] = {}
+
+    def match(self, method: str, path: str) -> Match:
+        key = (method, path)
+        found = self._matches.get(key)
+        if found is None:
+            found = self._resolve(method, path)
+            if len(self._matches) >= _CACHE_SIZE:
+                self._matches.clear()
+            self._matches[key] = found
+        return found
+
+    def _resolve(self, method: str, path: str) -> Match:
+        allowed: list[str] = []
+        for prefix, route, pattern in self._compiled:
+            if not path.startswith(prefix):
+                continue
+            found = pattern.match(path)
+            if found is None:
+                continue
+            if route.method == method:
+                return Match(route, found.groupdict())
+            allowed.append(route.method)
+        return Match(None, {}, tuple(allowed))

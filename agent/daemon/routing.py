@@ -11,7 +11,6 @@ the request log line also carries.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ from agent.audit import AuditError, KeyUse
 from agent.daemon.app import Agent
 from agent.daemon.http import HttpError, Request, Response
 from agent.daemon.policy import Peer, Policy
-from agent.daemon.routes import ROUTES, Route
+from agent.daemon.routes import ROUTES, Route, RouteTable
 from agent.errors import AgentError, ConfigError, InputError
 from agent.jose import AlgorithmNotAllowedError, ClaimsError, JoseError
 from agent.openfinance.banks import UnknownBankError
@@ -40,22 +39,6 @@ from pkcs11_backends.errors import (
     TokenUnavailableError,
 )
 
-_CACHE_SIZE = 1024  # distinct (method, path) pairs: every key and bank alias, with room for junk
-
-
-@dataclasses.dataclass(frozen=True)
-class Match:
-    """What a (method, path) resolves to: a route, or the methods the path accepts (405), or nothing (404)."""
-
-    route: Route | None
-    params: Mapping[str, str]
-    allowed: tuple[str, ...] = ()
-
-    @property
-    def remote(self) -> bool:
-        """The operation may call a bank, so the request goes to the bank workers."""
-        return self.route is not None and self.route.spec.calls_bank
-
 
 class PeerGrants:
     """The policy as one socket peer sees it (what typed operations and listings ask)."""
@@ -72,47 +55,20 @@ class PeerGrants:
         return self.policy.scopes(self.peer, operation.value, bank)
 
     def named(self) -> bool:
-        return self.policy.names(self.peer)
+        return self.policy.knows(self.peer)
 
 
 class Router:
     def __init__(self, agent: Agent, routes: Sequence[Route] = ROUTES) -> None:
         self.agent = agent
-        self.routes = tuple(routes)
-        self._compiled = [(route.prefix, route, route.compiled()) for route in self.routes]
-        # Both the server (which workers?) and the handler (which route?) ask, for every request: resolved once
-        # per (method, path), as clients repeat the same few; bounded, as paths are the caller's choice.
-        self._matches: dict[tuple[str, str], Match] = {}
-
-    def match(self, method: str, path: str) -> Match:
-        key = (method, path)
-        found = self._matches.get(key)
-        if found is None:
-            found = self._resolve(method, path)
-            if len(self._matches) >= _CACHE_SIZE:
-                self._matches.clear()
-            self._matches[key] = found
-        return found
-
-    def _resolve(self, method: str, path: str) -> Match:
-        allowed: list[str] = []
-        for prefix, route, pattern in self._compiled:
-            if not path.startswith(prefix):
-                continue
-            found = pattern.match(path)
-            if found is None:
-                continue
-            if route.method == method:
-                return Match(route, found.groupdict())
-            allowed.append(route.method)
-        return Match(None, {}, tuple(allowed))
+        self.table = RouteTable(routes)
 
     def remote(self, request: Request) -> bool:
         """Whether the request may call a bank (the server's ``remote``)."""
-        return self.match(request.method, request.path).remote
+        return self.table.match(request.method, request.path).remote
 
     def __call__(self, request: Request) -> Response:
-        found = self.match(request.method, request.path)
+        found = self.table.match(request.method, request.path)
         route = found.route
         if route is None:
             if found.allowed:

@@ -35,7 +35,9 @@ and start a worker in its place; the stuck one drops its late answer and ends.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import enum
 import os
 import queue
 import select
@@ -44,7 +46,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.daemon.http import Head, HttpError, Request, Response, interaction_id, new_interaction_id, parse_head
+from agent.daemon.framing import CLOSED, EXPECT_CONTINUE, NEED_DATA, Message, RequestReader
+from agent.daemon.http import HttpError, Request, Response, interaction_id, new_interaction_id, reply_interaction_id
 from agent.daemon.limits import Limits
 from agent.daemon.policy import Peer
 from agent.log import get_logger
@@ -56,6 +59,8 @@ Handler = Callable[[Request], Response]
 Accept = Callable[[], socket.socket]
 # Whether a request calls a bank (it then goes to the bank workers).
 Remote = Callable[[Request], bool]
+# Whether any policy rule names a peer: a caller with none gets the small quota of ``Limits.stranger_*``.
+Known = Callable[[Peer], bool]
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 
 
@@ -70,28 +75,34 @@ def refuse_connection(sock: socket.socket, error: HttpError) -> None:
 
 
 class _Connection:
-    def __init__(self, sock: socket.socket, peer: Peer, now: float, idle_timeout: float) -> None:
+    def __init__(self, sock: socket.socket, peer: Peer, known: bool, now: float, limits: Limits) -> None:
         self.sock = sock
         self.peer = peer
-        self.buffer = bytearray()
-        self.head: Head | None = None  # of the request under way
-        self.raw_head = b""  # the last head parsed on this connection, and what it parsed to
-        self.parsed_head: Head | None = None
-        self.head_end = 0
-        self.length = 0
+        self.known = known
+        self.reader = RequestReader(limits.max_header_bytes, limits.max_request_bytes)
         self.started = 0.0
-        self.deadline = now + idle_timeout
+        self.deadline = now + limits.idle_timeout
         self.busy = False  # a worker has it: no deadline, no reads until re-armed
         self.answered = False  # the request under way was answered for its worker (hung token call)
         self.writing = threading.Lock()  # the worker and the watch thread may both answer
+        # An answer the client is slow to take: the I/O thread sends the rest, then the connection goes on
+        # (or closes). A worker never waits on a client that does not read.
+        self.outbox = b""
+        self.close_after_write = False
 
     def reset(self, now: float, idle_timeout: float) -> None:
-        self.head, self.head_end, self.length, self.started = None, 0, 0, 0.0
+        self.started = 0.0
         self.deadline = now + idle_timeout
 
     def request_started(self, now: float, timeout: float) -> None:
         self.started = now
         self.deadline = now + timeout
+
+
+class _Sent(enum.Enum):
+    ALL = "all"
+    QUEUED = "queued"  # the rest is in the connection's outbox, for the I/O thread
+    FAILED = "failed"
 
 
 class _Linger:
@@ -142,17 +153,27 @@ class _Lane:
         self.queue: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
         self.lingering: set[_Linger] = set()
         self.started = 0
+        self.parked = 0  # requests waiting for their caller's share of this lane (guarded by the server's lock)
+
+    @property
+    def idle(self) -> bool:
+        """Nobody waits for one of these workers, in the queue or behind their caller's share."""
+        return self.queue.empty() and not self.parked
 
     def put(self, item: tuple[_Connection, Request]) -> None:
         self.queue.put(item)
-        if self.lingering:  # a worker waiting on its last client would leave this request waiting: wake one
+        self.nudge()
+
+    def nudge(self) -> None:
+        """A worker waiting on its last client would leave a request waiting: wake one."""
+        if self.lingering:
             with contextlib.suppress(KeyError):
                 self.lingering.pop().wake()
 
 
 class Server:
     def __init__(self, listener: socket.socket, handler: Handler, limits: Limits, *, accept: Accept | None = None,
-                 remote: Remote | None = None) -> None:
+                 remote: Remote | None = None, known: Known | None = None) -> None:
         """``listener``: readable when a connection waits; ``accept`` takes it (default: ``listener.accept()``)."""
         self.listener = listener
         self._take = accept or (lambda: listener.accept()[0])
@@ -162,7 +183,13 @@ class Server:
         self._wake_r, self._wake_w = socket.socketpair()
         self._local = _Lane("worker", limits.workers)
         self._remote = remote
+        self._known = known
         self._lanes = [self._local] + ([_Lane("bank", limits.bank_workers)] if remote else [])
+        # Per caller: connections open, requests each lane holds for it, and those waiting for its share
+        # (guarded by _lock). Entries go when they reach zero, so their size follows the callers present.
+        self._uid_connections: collections.Counter[int] = collections.Counter()
+        self._load: collections.Counter[tuple[int, str]] = collections.Counter()
+        self._parked: dict[tuple[int, str], collections.deque[tuple[_Connection, Request]]] = {}
         self._lane_of: dict[int, _Lane] = {}  # by worker thread
         self._replaced: set[int] = set()  # workers stuck in a hung call: they end when it returns
         self._connections: dict[int, _Connection] = {}  # by fd, busy ones included (guarded by _lock)
@@ -207,7 +234,7 @@ class Server:
             else:
                 conn = self._connections.get(fd)
                 if conn is not None:
-                    self._read(conn)
+                    self._event(conn)
         now = time.monotonic()
         self.heartbeat = now
         if now < self._next_sweep:  # deadlines are seconds long: a sweep per turn under load is waste
@@ -216,12 +243,28 @@ class Server:
         with self._lock:
             expired = [c for c in self._connections.values() if not c.busy and c.deadline < now]
         for conn in expired:
-            if conn.buffer or conn.head is not None:
+            if conn.outbox:
+                log.info("request", peer_uid=conn.peer.uid, peer_pid=conn.peer.pid, code="write_timeout",
+                         unsent_bytes=len(conn.outbox))
+                self._close(conn)
+            elif conn.reader.in_progress:
                 self._refuse(conn, HttpError(408, "request_timeout",
                                              f"request not complete within {self.limits.request_timeout:g}s",
                                              "send the whole request at once"))
             else:
                 self._close(conn)
+
+    def _event(self, conn: _Connection) -> None:
+        """A connection the I/O thread watches is ready. Nothing one connection does may end the loop."""
+        try:
+            if conn.outbox:
+                self._flush(conn)
+            else:
+                self._read(conn)
+        except Exception as exc:  # a bug on one connection's path: that connection is the only casualty
+            log.error("connection_failed", peer_uid=conn.peer.uid, peer_pid=conn.peer.pid, error=repr(exc)[:200])
+            self._refuse(conn, HttpError(400, "bad_request", "the agent could not handle this request",
+                                         "see the agent's log; the connection was closed"))
 
     def _drain(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -263,89 +306,161 @@ class Server:
             except OSError as exc:  # EMFILE and friends: keep serving the connections we have
                 log.warning("accept_failed", error=exc.strerror)
                 return
-            sock.setblocking(False)
-            if len(self._connections) >= self.limits.max_connections:
-                self._send_refusal(sock)
-                continue
-            conn = _Connection(sock, Peer.of(sock), time.monotonic(), self.limits.idle_timeout)
-            with self._lock:
-                self._connections[sock.fileno()] = conn
-            self._epoll.register(sock.fileno(), _ARMED)
+            try:
+                self._admit(sock)
+            except OSError as exc:  # the peer left before we looked at it
+                log.info("accept_failed", error=exc.strerror)
+                sock.close()
 
-    def _send_refusal(self, sock: socket.socket) -> None:
-        refuse_connection(sock, HttpError(503, "too_many_connections",
-                                          f"the agent already serves {self.limits.max_connections} connections",
-                                          "retry after a second, or reuse keep-alive connections",
-                                          (("Retry-After", "1"),)))
+    def _admit(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if len(self._connections) >= self.limits.max_connections:
+            self._send_refusal(sock, HttpError(
+                503, "too_many_connections", f"the agent already serves {self.limits.max_connections} connections",
+                "retry after a second, or reuse keep-alive connections", (("Retry-After", "1"),)))
+            return
+        peer = Peer.of(sock)
+        known = self._known is None or self._known(peer)
+        share = self.limits.connections_per_uid if known else self.limits.stranger_connections
+        with self._lock:
+            crowded = self._uid_connections[peer.uid] >= share
+            if not crowded:
+                self._uid_connections[peer.uid] += 1
+        if crowded:
+            hint = ("close idle connections, or reuse keep-alive ones" if known else
+                    "a caller with no [policy] rule may only ask /v1/health and /v1/ready; ask the operator for one")
+            self._send_refusal(sock, HttpError(503, "too_many_connections",
+                                               f"uid {peer.uid} already has {share} connections to the agent",
+                                               hint, (("Retry-After", "1"),)))
+            return
+        conn = _Connection(sock, peer, known, time.monotonic(), self.limits)
+        with self._lock:
+            self._connections[sock.fileno()] = conn
+        self._epoll.register(sock.fileno(), _ARMED)
+
+    def _send_refusal(self, sock: socket.socket, error: HttpError) -> None:
+        refuse_connection(sock, error)
 
     def _read(self, conn: _Connection) -> None:
+        self._receive(conn)
+        self._go_on(conn)
+
+    def _receive(self, conn: _Connection) -> None:
+        """Give what the socket has to the connection's reader (end of file included)."""
         try:
             data = conn.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        if not data:
-            self._close(conn)
-            return
-        if not conn.buffer and conn.head is None:
-            conn.request_started(time.monotonic(), self.limits.request_timeout)
-        conn.buffer += data
+        conn.reader.receive(data)
+
+    def _go_on(self, conn: _Connection) -> None:
+        """After a read or a finished answer: dispatch the next whole request, or watch the connection again."""
+        request = self._complete(conn)
+        if request is not None:
+            conn.busy = True
+            self._dispatch(conn, request)
+
+    def _complete(self, conn: _Connection) -> Request | None:
+        """The next whole request the reader holds; else the connection is watched again, or closed."""
         try:
-            request = self._complete(conn)
+            while True:
+                event = conn.reader.next_event()
+                if event is not EXPECT_CONTINUE:
+                    break
+                with contextlib.suppress(OSError):
+                    conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         except HttpError as error:
             self._refuse(conn, error)
-            return
-        if request is None:
+            return None
+        if event is CLOSED:
+            self._close(conn)
+            return None
+        if event is NEED_DATA:
+            if conn.reader.in_progress and not conn.started:  # its deadline runs from its first byte
+                conn.request_started(time.monotonic(), self.limits.request_timeout)
+            conn.busy = False
             self._arm(conn)
+            return None
+        assert isinstance(event, Message)
+        if not conn.started:
+            conn.started = time.monotonic()
+        try:
+            interaction, refusal = interaction_id(event.head.headers), None
+        except HttpError as error:  # framed well: answered 400 by a worker, the connection goes on
+            interaction, refusal = new_interaction_id(), error
+        return Request(event.head, event.body, conn.peer, interaction, refusal=refusal)
+
+    def _flush(self, conn: _Connection) -> None:
+        """Send more of an answer the client was slow to take; when it is all out, the connection goes on."""
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
             return
-        conn.busy = True
-        self._dispatch(conn, request)
+        conn.outbox = conn.outbox[sent:]
+        if conn.outbox:
+            self._watch(conn, select.EPOLLOUT | select.EPOLLONESHOT)
+        elif conn.close_after_write:
+            self._close(conn)
+        else:
+            conn.reset(time.monotonic(), self.limits.idle_timeout)
+            self._go_on(conn)  # a pipelined request may be whole already
 
     def _dispatch(self, conn: _Connection, request: Request) -> None:
+        lane = self._lane(request)
+        key = (conn.peer.uid, lane.name)
+        share = (self.limits.in_flight_per_uid or lane.size) if conn.known else self.limits.stranger_in_flight
         with self._lock:
             self._in_flight += 1
-        self._lane(request).put((conn, request))
+            parked = self._load[key] >= share  # the caller's share is taken: it waits for its own requests only
+            if parked:
+                self._parked.setdefault(key, collections.deque()).append((conn, request))
+                lane.parked += 1
+            else:
+                self._load[key] += 1
+        if parked:
+            lane.nudge()  # a worker lingering on this caller's other connection holds a share it does not use
+        else:
+            lane.put((conn, request))
+
+    def _done(self, conn: _Connection, lane: _Lane) -> None:
+        """A worker has finished with a connection: the caller's share frees up for its next waiting request."""
+        key = (conn.peer.uid, lane.name)
+        with self._lock:  # in flight last: the drain closes idle connections once nothing is in flight
+            self._in_flight -= 1
+            waiting = self._parked.get(key)
+            if waiting:
+                item = waiting.popleft()
+                lane.parked -= 1
+                if not waiting:
+                    del self._parked[key]
+            else:
+                item = None
+                self._load[key] -= 1
+                if not self._load[key]:
+                    del self._load[key]
+        if item is not None:
+            lane.put(item)
 
     def _lane(self, request: Request) -> _Lane:
         return self._lanes[-1] if self._remote is not None and self._remote(request) else self._local
 
     def _arm(self, conn: _Connection) -> None:
+        self._watch(conn, _ARMED)
+
+    def _watch(self, conn: _Connection, events: int) -> None:
         try:
-            self._epoll.modify(conn.sock.fileno(), _ARMED)
+            self._epoll.modify(conn.sock.fileno(), events)
         except (OSError, ValueError):  # closed meanwhile (drain): nothing left to watch
             self._close(conn)
 
-    def _complete(self, conn: _Connection) -> Request | None:
-        """The buffered request if it is whole, else None; HttpError if it can never be served."""
-        if conn.head is None:
-            end = conn.buffer.find(b"\r\n\r\n")
-            limit = self.limits.max_header_bytes
-            if end > limit or (end < 0 and len(conn.buffer) > limit):
-                raise HttpError(431, "header_too_large", f"request head exceeds {limit} bytes")
-            if end < 0:
-                return None
-            raw, head = bytes(conn.buffer[:end]), conn.parsed_head
-            if head is None or raw != conn.raw_head:  # a keep-alive client tends to repeat its head: parse once
-                head = conn.parsed_head = parse_head(raw)
-                conn.raw_head = raw
-            conn.head = head
-            conn.head_end = end + 4
-            conn.length = conn.head.content_length(self.limits.max_request_bytes)
-            if (conn.head.headers.get("expect", "").lower() == "100-continue"
-                    and len(conn.buffer) < conn.head_end + conn.length):
-                with contextlib.suppress(OSError):
-                    conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        total = conn.head_end + conn.length
-        if len(conn.buffer) < total:
-            return None
-        body = bytes(conn.buffer[conn.head_end:total])
-        del conn.buffer[:total]
-        return Request(conn.head, body, conn.peer, interaction_id(conn.head.headers))
-
     def _refuse(self, conn: _Connection, error: HttpError) -> None:
         """Answer a protocol-level error and close (the stream can no longer be trusted)."""
-        interaction = interaction_id(conn.head.headers if conn.head else {})
+        interaction = reply_interaction_id(conn.reader.head_headers)
         with contextlib.suppress(OSError):
             conn.sock.send(Response.error(error, interaction).render(interaction, keep_alive=False))
         log.info("request", peer_uid=conn.peer.uid, peer_pid=conn.peer.pid, status=error.status, code=error.code,
@@ -356,6 +471,9 @@ class Server:
         with self._lock:
             if self._connections.get(conn.sock.fileno()) is conn:
                 del self._connections[conn.sock.fileno()]
+                self._uid_connections[conn.peer.uid] -= 1
+                if not self._uid_connections[conn.peer.uid]:
+                    del self._uid_connections[conn.peer.uid]
         with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(conn.sock.fileno())
         conn.sock.close()
@@ -377,12 +495,11 @@ class Server:
                 next_request: Request | None = request
                 while next_request is not None:
                     next_request = self._serve(thread, lane, linger, conn, next_request)
-            except Exception:  # never lose a worker: the connection is the only casualty
-                log.exception("worker_failed")
+            except Exception as exc:  # never lose a worker: the connection is the only casualty
+                log.error("worker_failed", peer_uid=conn.peer.uid, error=repr(exc)[:200])
                 self._close(conn)
             finally:
-                with self._lock:  # last: the drain closes idle connections once nothing is in flight
-                    self._in_flight -= 1
+                self._done(conn, lane)
             if thread in self._replaced:  # another worker took this one's place while it hung
                 self._replaced.discard(thread)
                 break
@@ -400,24 +517,32 @@ class Server:
         keep_alive = request.head.keep_alive and not self._stopping.is_set()
         with conn.writing:
             late = conn.answered
-            sent = not late and self._send(conn, response.render(request.interaction_id, keep_alive))
+            sent = _Sent.FAILED if late else self._send(conn, response.render(request.interaction_id, keep_alive),
+                                                        keep_alive)
         if self.limits.log_successes or response.status >= 400 or late:
             log.info("request", peer_uid=request.peer.uid, peer_pid=request.peer.pid, method=request.method,
                      path=request.path, status=response.status,
                      duration_ms=round((time.monotonic() - conn.started) * 1000, 2),
                      interaction_id=request.interaction_id, **request.log,
                      **({"dropped": "answered already: a token call passed [pkcs11] call_timeout"} if late else {}))
-        if not (keep_alive and sent):
+        if sent is _Sent.QUEUED:  # the I/O thread sends the rest, then goes on with the connection
+            return None
+        if not (keep_alive and sent is _Sent.ALL):
             self._close(conn)
             return None
         following = self._next(lane, linger, conn)
-        if following is None or self._lane(following) is lane:
+        if following is None:
+            return None
+        if self._lane(following) is lane and lane.idle:
             return following
-        self._dispatch(conn, following)  # a request for the other workers: the connection goes with it
+        # Another caller waits for a worker (or the request is for the other workers): to the back of the queue.
+        self._dispatch(conn, following)
         return None
 
     def _respond(self, request: Request) -> Response:
         try:
+            if request.refusal is not None:
+                raise request.refusal
             return self.handler(request)
         except HttpError as error:
             return Response.error(error, request.interaction_id)
@@ -426,57 +551,33 @@ class Server:
             return Response.error(HttpError(500, "internal_error", "the agent failed to handle the request",
                                             "see the agent's log for this interaction id"), request.interaction_id)
 
-    def _send(self, conn: _Connection, data: bytes) -> bool:
+    def _send(self, conn: _Connection, data: bytes, keep_alive: bool) -> _Sent:
         try:
             sent = conn.sock.send(data)  # an answer fits the socket's buffer unless the client stopped reading
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            return False
+            return _Sent.FAILED
         if sent == len(data):
-            return True
-        conn.sock.settimeout(self.limits.write_timeout)
-        try:
-            conn.sock.sendall(data[sent:])
-            return True
-        except OSError:
-            return False
-        finally:
-            conn.sock.setblocking(False)
+            return _Sent.ALL
+        conn.outbox, conn.close_after_write = data[sent:], not keep_alive
+        conn.deadline = time.monotonic() + self.limits.write_timeout
+        conn.busy = False
+        self._watch(conn, select.EPOLLOUT | select.EPOLLONESHOT)
+        return _Sent.QUEUED
 
     def _next(self, lane: _Lane, linger: _Linger, conn: _Connection) -> Request | None:
-        now = time.monotonic()
-        conn.reset(now, self.limits.idle_timeout)
-        if not conn.buffer and lane.queue.empty():  # nobody else waits for a worker: linger
+        """The same client's next request if it is whole at once; else the connection goes back to the I/O thread."""
+        conn.reset(time.monotonic(), self.limits.idle_timeout)
+        if not conn.reader.in_progress and lane.idle:  # nobody else waits for a worker: linger
             lane.lingering.add(linger)
             try:  # a request queued before we were in the set woke nobody: look again
-                readable = lane.queue.empty() and linger.wait(conn.sock, self.limits.linger, self.limits.busy_poll)
+                readable = lane.idle and linger.wait(conn.sock, self.limits.linger, self.limits.busy_poll)
             finally:
                 lane.lingering.discard(linger)
             if readable:
-                try:
-                    data: bytes | None = conn.sock.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    data = None
-                except OSError:
-                    data = b""
-                if data == b"":
-                    self._close(conn)
-                    return None
-                if data:
-                    conn.buffer += data
-        if conn.buffer:
-            conn.request_started(time.monotonic(), self.limits.request_timeout)
-            try:
-                request = self._complete(conn)
-            except HttpError as error:
-                self._refuse(conn, error)
-                return None
-            if request is not None:
-                return request
-        conn.busy = False
-        self._arm(conn)
-        return None
+                self._receive(conn)
+        return self._complete(conn)
 
     # -- hung token calls ----------------------------------------------------
     def serving(self, thread: int) -> bool:

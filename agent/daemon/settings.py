@@ -15,7 +15,8 @@ from agent.errors import ConfigError
 
 _KNOWN = {"socket", "socket_group", "socket_mode", "workers", "bank_workers", "max_connections", "max_request_bytes",
           "request_timeout", "idle_timeout", "health_interval", "audit_file", "audit_sync",
-          "audit_sync_interval_ms", "log_level", "processes", "busy_poll_us", "request_log"}
+          "audit_sync_interval_ms", "log_level", "processes", "busy_poll_us", "request_log",
+          "connections_per_uid", "in_flight_per_uid"}
 AUDIT_SYNC_MODES = ("always", "interval")
 REQUEST_LOG_MODES = ("all", "failures")
 
@@ -71,6 +72,8 @@ class DaemonSettings:
             idle_timeout=_number(section, "idle_timeout", 60.0, float, low=0.1, high=86400),
             busy_poll=_number(section, "busy_poll_us", 50, int, low=0, high=1000) / 1e6,
             log_successes=_request_log(section) == "all",
+            connections_per_uid=_number(section, "connections_per_uid", 64, int, low=1, high=100_000),
+            in_flight_per_uid=_number(section, "in_flight_per_uid", 0, int, low=0, high=256),
         )
         audit = Path(_text(section, "audit_file", str(config.state_dir / "audit.jsonl"))).expanduser()
         return cls(socket, gid, mode, limits, _number(section, "health_interval", 10.0, float, low=0.1, high=3600),

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from agent.client import AgentClient
-from agent.daemon.server import Handler, Limits, Server
+from agent.daemon.server import Handler, Known, Limits, Server
 from agent.runtime import Runtime
 from pkcs11_backends.keys import KeySpec
 from tests.conftest import Token
@@ -90,12 +90,12 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def http_server(path: Path, handler: Handler, limits: Limits) -> Iterator[Path]:
+def http_server(path: Path, handler: Handler, limits: Limits, known: Known | None = None) -> Iterator[Path]:
     """The daemon's HTTP server alone on a Unix socket at ``path``, answering with ``handler``."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen()
-    server = Server(listener, handler, limits)
+    server = Server(listener, handler, limits, known=known)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     try:
