@@ -105,8 +105,12 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Sections:
         problems.append(ConfigError(f"unknown section [{name}] in {where}",
                                     hint=f"sections: {', '.join(sorted(KNOWN_SECTIONS))}"))
     parsed_config = _attempt(problems, lambda: config_module.parse(raw, path))
+    skipped: frozenset[str] = frozenset()
     if parsed_config is None:
-        raise ConfigProblems(where, problems)
+        # Still check the other sections (every problem at once): with the broken core section left out.
+        parsed_config, skipped = _without_broken_core(raw, path)
+        if parsed_config is None:
+            raise ConfigProblems(where, problems)
     config = parsed_config
     banks = _attempt(problems, lambda: parse_banks(config))
     tokens = _attempt(problems, lambda: TokenSettings.from_config(config))
@@ -114,11 +118,22 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Sections:
         config = dataclasses.replace(config, keys=_purposes(config, banks, tokens, problems))
     parsed: dict[str, object] = {"banks": banks, "tokens": tokens}
     for name, parser in PARSERS.items():
+        if name == "policy" and "keys" in skipped:
+            continue  # its rules name keys, which did not load: their problems are reported already
         if name not in parsed:
             parsed[name] = _attempt(problems, lambda parser=parser: parser(config))  # type: ignore[misc]
     if problems:
         raise ConfigProblems(where, problems)
     return Sections(config, **parsed)  # type: ignore[arg-type]
+
+
+def _without_broken_core(raw: Mapping[str, Any], path: Path | None) -> tuple[Config | None, frozenset[str]]:
+    for dropped in (("pkcs11",), ("keys",), ("state",), ("pkcs11", "keys"), _CORE_SECTIONS):
+        try:
+            return config_module.parse({k: v for k, v in raw.items() if k not in dropped}, path), frozenset(dropped)
+        except AgentError:
+            continue
+    return None, frozenset(_CORE_SECTIONS)
 
 
 def problems_of(explicit: str | None) -> tuple[Path | None, list[AgentError]]:
@@ -150,7 +165,12 @@ def _purposes(config: Config, banks: Mapping[str, BankConfig], tokens: TokenSett
         if key is not None:
             transport.setdefault(key.alias, []).append(bank.name)
     resolved: dict[str, KeyConfig] = {}
+    by_uri: dict[str, str] = {}
     for alias, key in config.keys.items():
+        if key.uri in by_uri:  # two aliases, two purposes, one key: the purposes would mean nothing
+            problems.append(ConfigError(f"[keys.{alias}] and [keys.{by_uri[key.uri]}] name the same key {key.uri} "
+                                        f"in {where}", hint="give each key one [keys.NAME] entry"))
+        by_uri.setdefault(key.uri, alias)
         purpose = key.purpose or (KeyPurpose.TLS if alias in transport else KeyPurpose.JWS)
         if alias in transport and purpose is not KeyPurpose.TLS:
             problems.append(ConfigError(

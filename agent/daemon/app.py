@@ -72,8 +72,13 @@ class Agent:
         """Run the start-up checks; raise on the first failure; return a one-line status."""
         self.runtime.pool.start()
         store = self.runtime.keys
+        seen: dict[str, str] = {}
         for alias, key in self.config.keys.items():
             info = store.info(alias)
+            other = seen.setdefault(str(info.uri), alias)
+            if other != alias:  # two URIs for one key object: each alias would lend it its purpose
+                raise StartupCheckError(f"[keys.{alias}] and [keys.{other}] name the same key on the token "
+                                        f"({info.uri})", hint="give each key one [keys.NAME] entry")
             spki = store.public_key_info(alias).dump()
             if info.certificate is not None:
                 cert_spki = info.certificate.parsed["tbs_certificate"]["subject_public_key_info"].dump()
