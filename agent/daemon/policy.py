@@ -20,6 +20,8 @@ Nothing is allowed unless a rule says so. A refusal names the rule that is missi
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import errno
 import grp
@@ -36,6 +38,7 @@ from agent.operations.spec import Access, Resource
 
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python does not name it
 _MAX_GROUPS = 65536  # the kernel's NGROUPS_MAX
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # one handle for the process (immutable)
 
 
 def _operations(access: Access) -> frozenset[str]:
@@ -73,18 +76,17 @@ class Peer:
 def _peer_groups(conn: socket.socket) -> list[int]:
     """The peer's supplementary groups as the kernel saw them at connect time, however many there are.
 
-    The kernel answers ERANGE to a buffer too small for them, so the buffer grows until they fit.
+    Through libc: Python's ``getsockopt`` caps its buffer at 1024 bytes (256 groups), and the kernel answers
+    ERANGE, with the size it needs, to a buffer too small for them.
     """
-    size = 4 * 256
+    size = ctypes.c_uint32(4 * 64)
     while True:
-        try:
-            raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE and size < 4 * _MAX_GROUPS:
-                size *= 4
-                continue
+        buffer = ctypes.create_string_buffer(size.value)
+        if _libc.getsockopt(conn.fileno(), socket.SOL_SOCKET, _SO_PEERGROUPS, buffer, ctypes.byref(size)) == 0:
+            return list(struct.unpack(f"{size.value // 4}I", buffer.raw[:size.value - size.value % 4]))
+        if ctypes.get_errno() != errno.ERANGE or size.value > 4 * _MAX_GROUPS:
             return []
-        return list(struct.unpack(f"{len(raw) // 4}I", raw))
+        size = ctypes.c_uint32(max(size.value, len(buffer) * 2))
 
 
 @dataclasses.dataclass(frozen=True)
