@@ -47,7 +47,7 @@ class OpenFinance:
         self.runtime = runtime
         self.sections = sections
         self.config = sections.config
-        self.keys = signer
+        self.signer = signer
         self.observer = observer
         self._transports: dict[str, BankTransport] = {}
         self._tokens: dict[str, TokenClient] = {}
@@ -106,7 +106,7 @@ class OpenFinance:
                 settings = self.sections.tokens
                 transport = self.transport(name)
                 self._tokens[name] = TokenClient(
-                    self.keys, self.config, name, self.http(name),
+                    self.signer, self.config, name, self.http(name),
                     metadata=lambda: self.discovery(name).get(),
                     client_id=settings.client_id or _common_name(transport),
                     use_mtls_aliases=self.bank(name).use_mtls_aliases, settings=settings)

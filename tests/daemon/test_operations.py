@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,7 @@ from agent.operations.spec import Access
 from agent.runtime import Runtime
 from pkcs11_backends.keys import KeySpec
 from tests.conftest import Token
-from tests.daemon.conftest import NOBODY, Daemon, start_daemon
+from tests.daemon.conftest import NOBODY, TPP_AGENT, Daemon, daemon_config, start_daemon
 from tests.daemon.test_least_privilege import STRANGER
 from tests.daemon.test_policy import as_user
 
@@ -247,3 +248,26 @@ def test_client_and_cli_talk_only_to_a_socket_the_agents_user_serves(token: Toke
     finally:
         server.kill()
         server.wait()
+
+
+def test_serve_refuses_a_mistake_anywhere_before_ready(keyed_token: Token, public_dir: Path) -> None:
+    config = keyed_token.write_config(daemon_config(keyed_token, public_dir, "\n[banks.mb]\nissuer = 'https://b'\n"
+                                                    "discovery_url = 'https://b/d'\nca_bundle = 'ca.pem'\n"
+                                                    "read_timout = 5\n[tokenz]\nclient_id = 'x'\n"))
+    result = subprocess.run([TPP_AGENT, "--config", str(config), "serve"], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 78, result.stderr
+    assert f"error: 2 problems in {config}:" in result.stderr
+    assert "unknown section [tokenz]" in result.stderr and "read_timout in [banks.mb]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_reload_that_breaks_the_config_is_refused_and_the_old_one_kept(daemon: Daemon) -> None:
+    client = daemon.client()
+    good = daemon.config_path.read_text()
+    daemon.config_path.write_text(good + "\n[banks.mb]\ndiscovery_url = 'https://[x/d'\nissuer = 'https://b'\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_for("READY=1", timeout=30)
+    assert "reload_failed" in daemon.stderr() and "discovery_url must be an https:// URL" in daemon.stderr()
+    assert client.sign("signing", b"still serving the old configuration", "RS256")
+    daemon.config_path.write_text(good)
