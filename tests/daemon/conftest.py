@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from agent.client import AgentClient
-from agent.daemon.server import Handler, Known, Limits, Server
+from agent.daemon.limits import Limits
+from agent.daemon.server import Handler, Known, Server
 from agent.runtime import Runtime
 from pkcs11_backends.keys import KeySpec
 from tests.conftest import Token

@@ -126,7 +126,7 @@ def test_the_transport_key_signs_nothing_for_a_caller_whatever_its_grant(ops: Da
     status, answer = call(ops, 0, "POST", "/v1/keys/transport/csr", {"subject": "CN=attacker,O=x,C=AE"})
     assert status == 403 and answer["code"] == "key_purpose"
     # Its public half is no secret: PEM is fine.
-    assert call(ops, NOBODY, "GET", "/v1/keys/transport/public")[1]["text"].startswith("-----BEGIN PUBLIC KEY")
+    assert str(call(ops, NOBODY, "GET", "/v1/keys/transport/public")[1]["text"]).startswith("-----BEGIN PUBLIC KEY")
     records = [json.loads(line) for line in ops.audit_file.read_text().splitlines()]
     assert not [r for r in records if "object=transport" in r["key"] and r["operation"] != "canary"]
 
