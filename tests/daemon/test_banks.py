@@ -113,3 +113,22 @@ def test_policy_for_banks_and_admin_only_csr(bank_daemon: Daemon) -> None:
     assert made["status"] == 200
     request = x509.load_pem_x509_csr(json.loads(str(made["body"]))["pem"].encode())
     assert request.is_signature_valid and "OU=org-0001" in request.subject.rfc4514_string()
+
+
+def test_forward_reaches_only_the_endpoints_discovery_names(bank_daemon: Daemon, bank: ModelBank) -> None:  # noqa: F811
+    # A bank's document may hold any URL (service_documentation, op_policy_uri...): another bank's host there
+    # must not become a host the caller may reach through this bank.
+    named = bank.discovery_document
+    elsewhere = "https://127.0.0.2:4443"
+    bank.discovery_document = lambda: {**named(), "service_documentation": f"{elsewhere}/tpp-registration",  # type: ignore[method-assign]
+                                       "op_policy_uri": f"{elsewhere}/policy"}
+    bank_daemon.client().discovery(MB, refresh=True)
+    for url in (f"{elsewhere}/tpp-registration", f"{elsewhere}/policy"):
+        answer = as_user(bank_daemon, 0, 0, "POST", f"/v1/banks/{MB}/forward", json.dumps({"method": "GET",
+                                                                                           "url": url}))
+        error = json.loads(str(answer["body"]))
+        assert answer["status"] == 400 and error["code"] == "host_not_allowed", answer
+        assert elsewhere not in error["hint"] and bank.issuer in error["hint"]
+    # The token endpoint is named: reachable.
+    status, _, _ = bank_daemon.client().forward(MB, "GET", f"{bank.issuer}/token")
+    assert status == 404  # the bank's own answer to a GET there, not the agent's refusal
