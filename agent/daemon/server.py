@@ -499,8 +499,11 @@ class Server:
                 log.error("worker_failed", peer_uid=conn.peer.uid, error=repr(exc)[:200])
                 self._close(conn)
             finally:
-                self._done(conn, lane)
-            if thread in self._replaced:  # another worker took this one's place while it hung
+                with self._lock:
+                    replaced = thread in self._replaced
+                if not replaced:  # else the watch thread gave the caller's share back when it answered for us
+                    self._done(conn, lane)
+            if replaced:  # another worker took this one's place while it hung
                 self._replaced.discard(thread)
                 break
         del self._lane_of[thread]
@@ -601,6 +604,10 @@ class Server:
                     path=request.path, status=error.status, code=error.code,
                     interaction_id=request.interaction_id)
         lane = self._lane_of.get(thread)
-        if lane is not None and thread not in self._replaced:
-            self._replaced.add(thread)
+        with self._lock:
+            replacing = lane is not None and thread not in self._replaced
+            if replacing:
+                self._replaced.add(thread)
+        if replacing and lane is not None:
             self._start_worker(lane)
+            self._done(conn, lane)  # the caller's next requests must not wait behind the hung one
