@@ -63,10 +63,6 @@ class Agent:
     def policy(self) -> Policy:
         return self.sections.policy
 
-    @property
-    def keys(self) -> dict[str, KeyConfig]:
-        return dict(self.config.keys)
-
     # -- start-up ------------------------------------------------------------
     def preflight(self) -> str:
         """Run the start-up checks; raise on the first failure; return a one-line status."""

@@ -56,10 +56,6 @@ def parse_banks(config: Config) -> dict[str, BankConfig]:
     return banks
 
 
-def get_bank(config: Config, name: str) -> BankConfig:
-    return find_bank(parse_banks(config), name)
-
-
 def find_bank(banks: Mapping[str, BankConfig], name: str) -> BankConfig:
     if name not in banks:
         known = ", ".join(sorted(banks)) or "none"

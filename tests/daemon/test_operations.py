@@ -271,3 +271,21 @@ def test_a_reload_that_breaks_the_config_is_refused_and_the_old_one_kept(daemon:
     assert "reload_failed" in daemon.stderr() and "discovery_url must be an https:// URL" in daemon.stderr()
     assert client.sign("signing", b"still serving the old configuration", "RS256")
     daemon.config_path.write_text(good)
+
+
+def test_each_key_is_named_one_way_in_the_audit_trail(ops: Daemon) -> None:
+    assert call(ops, NOBODY, "POST", "/v1/keys/signing/sign", {"alg": "PS256", "data_b64": "aGk="})[0] == 200
+    assert call(ops, NOBODY, "POST", "/v1/keys/signing/jws", {"payload": {"a": 1}})[0] == 200
+    records = [json.loads(line) for line in ops.audit_file.read_text().splitlines()]
+    names = {r["key"] for r in records if "object=signing" in r["key"]}
+    assert names == {"pkcs11:token=" + ops.config_path.read_text().split("pkcs11:token=")[1].split('"')[0]}
+    assert {r["operation"] for r in records if r["key"] in names} >= {"canary", "sign", "jws"}
+
+
+def test_the_cli_publishes_no_transport_key(ops: Daemon, keyed_token: Token) -> None:
+    for direct in ((), ("--direct",)):
+        published = keyed_token.cli(*direct, "--config", str(ops.config_path), "jwks", check=True)
+        kids = {k["kid"] for k in json.loads(published.stdout)["keys"]}
+        assert len(kids) == 3 and "sig-1" in kids, published.stdout  # signing, ecsign, bare: the jws keys
+        refused = keyed_token.cli(*direct, "--config", str(ops.config_path), "jwks", "--key", "transport")
+        assert refused.returncode == 1 and "is a tls key: it has no JWK" in refused.stderr

@@ -9,7 +9,7 @@ import pytest
 
 from agent import config as config_module
 from agent.errors import ConfigError
-from agent.openfinance.banks import UnknownBankError, get_bank
+from agent.openfinance.banks import UnknownBankError, find_bank, parse_banks
 from agent.openfinance.discovery import DiscoveryDocument, DiscoveryError, IssuerMismatchError
 from agent.openfinance.service import OpenFinance
 from modelbank import Behaviour, ModelBank
@@ -93,14 +93,14 @@ def test_mtls_aliases_picked_when_configured_and_present(tpp: Tpp, bank: ModelBa
 def test_bank_config_errors_are_clear(table: dict[str, object], message: str) -> None:
     config = config_module.parse({"banks": {"b1": table}})
     with pytest.raises(ConfigError, match=message):
-        get_bank(config, "b1")
+        find_bank(parse_banks(config), "b1")
 
 
 def test_unknown_bank_names_the_configured_ones() -> None:
     config = config_module.parse({"banks": {"alpha": {"discovery_url": "https://a/d", "issuer": "https://a",
                                                       "ca_bundle": "ca.pem"}}})
     with pytest.raises(UnknownBankError, match=r"no bank 'beta'.*configured: alpha"):
-        get_bank(config, "beta")
+        find_bank(parse_banks(config), "beta")
 
 
 def test_a_5xx_storm_is_ridden_out_with_back_off_and_a_longer_one_fails_clearly(service: OpenFinance,
