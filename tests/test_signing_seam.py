@@ -64,5 +64,4 @@ def test_python_pkcs11_sessions_stay_in_pkcs11_backends() -> None:
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(name == "pkcs11" or name.startswith("pkcs11.") for name in names):
                 importers.add(str(path.relative_to(REPO)))
-    # Importing certificates onto the token still opens a session itself (to be moved into pkcs11_backends).
-    assert importers == {"agent/x509/certificates.py"}
+    assert importers == set()
