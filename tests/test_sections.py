@@ -85,6 +85,8 @@ def test_each_mistake_is_named_with_its_file_and_key(tmp_path: Path, text: str, 
     ('[keys.transport]\nuri = "pkcs11:object=transport"\n[keys.alias]\nuri = "pkcs11:object=transport"\n',
      "[keys.alias] and [keys.transport] name the same key"),
     ('[keys.x]\nuri = "pkcs11:object=x"\npurpose = "signing"\n', "purpose must be one of tls, jws, encryption, audit"),
+    ('[keys.cp]\nuri = "pkcs11:object=cp"\npurpose = "audit"\n[policy.rules.r]\nusers = [0]\noperations = ["jws"]\n'
+     'keys = ["cp"]\n', "grants 'jws' on key 'cp', but its purpose is 'audit'"),
     ('[policy.rules.r]\nusers = [0]\noperations = ["jws"]\nkeys = ["singing"]\n',
      "[policy.rules.r] names key 'singing', which is not configured"),
     ('[policy.rules.r]\nusers = [0]\noperations = ["token"]\nbanks = ["bm"]\n',

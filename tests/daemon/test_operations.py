@@ -42,6 +42,10 @@ def ops_config(token: Token, public_dir: Path) -> str:
         [keys.bare]
         uri = "pkcs11:token={token.label};object=bare;type=private"
 
+        [keys.checkpoints]
+        uri = "pkcs11:token={token.label};object=checkpoints;type=private"
+        purpose = "audit"
+
         [policy.rules.nobody-everything]
         users = ["nobody"]
         operations = ["keys", "public", "sign", "jws", "token", "par", "forward"]
@@ -71,6 +75,7 @@ def ops_config(token: Token, public_dir: Path) -> str:
 def ops(keyed_token: Token, runtime: Runtime, public_dir: Path) -> Iterator[Daemon]:
     runtime.keys.generate("transport", KeySpec.parse("rsa:2048"))
     runtime.keys.generate("bare", KeySpec.parse("rsa:2048"))
+    runtime.keys.generate("checkpoints", KeySpec.parse("ec:p256"))
     running = start_daemon(keyed_token, public_dir, ops_config(keyed_token, public_dir))
     yield running
     running.stop()
@@ -127,8 +132,15 @@ def test_the_transport_key_signs_nothing_for_a_caller_whatever_its_grant(ops: Da
     assert status == 403 and answer["code"] == "key_purpose"
     # Its public half is no secret: PEM is fine.
     assert str(call(ops, NOBODY, "GET", "/v1/keys/transport/public")[1]["text"]).startswith("-----BEGIN PUBLIC KEY")
+    # An audit key is the audit trail's alone: no caller operation signs with it either.
+    for target, body in (("/v1/keys/checkpoints/sign", {"alg": "ES256", "data_b64": data}),
+                         ("/v1/keys/checkpoints/jws", {"payload": {"seq": 1}})):
+        status, answer = call(ops, NOBODY, "POST", target, body)
+        assert status == 403 and answer["code"] == "key_purpose", answer
+    assert call(ops, 0, "POST", "/v1/keys/checkpoints/csr", {"subject": "CN=x,O=x,C=AE"})[0] == 403
     records = [json.loads(line) for line in ops.audit_file.read_text().splitlines()]
-    assert not [r for r in records if "object=transport" in r["key"] and r["operation"] != "canary"]
+    for name in ("object=transport", "object=checkpoints"):
+        assert not [r for r in records if name in r["key"] and r["operation"] != "canary" and r["result"] != "denied"]
 
 
 def test_a_raw_signature_needs_a_jws_key_that_declares_it(ops: Daemon) -> None:
