@@ -1,6 +1,6 @@
-"""The socket's routes, each a method and path mapped to one operation (agent/operations/), and the router.
+"""The router: serves the socket's routes (agent/daemon/routes.py), each mapped to one operation (agent/operations/).
 
-The router, built at start-up, does for every route what no handler repeats: it sets the log fields, checks the
+Built at start-up, it does for every route what no handler repeats: it sets the log fields, checks the
 caller's grant (deny by default: only ``health`` and ``ready`` are open) and audits a refusal, then hands the
 request's input to :func:`agent.operations.core.execute`, which checks the key or bank and its purpose and runs
 the operation with its key uses audited for the caller.
@@ -21,6 +21,7 @@ from agent.daemon.policy import Peer, Policy
 from agent.daemon.routes import ROUTES, Route, RouteTable
 from agent.errors import AgentError, ConfigError, InputError
 from agent.jose import AlgorithmNotAllowedError, ClaimsError, JoseError
+from agent.log import get_logger
 from agent.openfinance.banks import UnknownBankError
 from agent.openfinance.discovery import DiscoveryError
 from agent.openfinance.registration import RegistrationError, RegistrationOutcomeUnknownError
@@ -38,6 +39,8 @@ from pkcs11_backends.errors import (
     Pkcs11Error,
     TokenUnavailableError,
 )
+
+log = get_logger("tpp-agent.daemon")
 
 
 class PeerGrants:
@@ -133,9 +136,12 @@ class Router:
         configured = self.agent.config.keys.get(key) if key is not None else None
         named = configured.uri if configured is not None else (f"bank:{bank}" if bank else (key or "-"))
         peer = request.peer
-        self.agent.audit.record(KeyUse(peer.uid, peer.pid, named, spec.operation.value, "-",
-                                       f"{request.method} {request.path}".encode(), "denied",
-                                       request.interaction_id))
+        try:
+            self.agent.audit.record(KeyUse(peer.uid, peer.pid, named, spec.operation.value, "-",
+                                           f"{request.method} {request.path}".encode(), "denied",
+                                           request.interaction_id))
+        except AuditError as exc:  # the refusal stands; nothing was signed, so nothing is lost but the note
+            log.error("refusal_not_audited", error=str(exc), interaction_id=request.interaction_id)
 
 
 def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
