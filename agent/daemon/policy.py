@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import errno
+import functools
 import grp
 import pwd
 import socket
@@ -41,6 +42,7 @@ _MAX_GROUPS = 65536  # the kernel's NGROUPS_MAX
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # one handle for the process (immutable)
 
 
+@functools.cache  # the registry is fixed at import: asked on every request
 def _operations(access: Access) -> frozenset[str]:
     from agent.operations.registry import SPECS  # the registry imports the layers that import this module
 
