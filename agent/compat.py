@@ -32,3 +32,11 @@ def not_valid_after(cert: x509.Certificate) -> datetime.datetime:
     if isinstance(aware, datetime.datetime):
         return aware
     return cert.not_valid_after.replace(tzinfo=datetime.UTC)
+
+
+def not_valid_before(cert: x509.Certificate) -> datetime.datetime:
+    """The start of validity, aware (UTC); see :func:`not_valid_after`."""
+    aware = getattr(cert, "not_valid_before_utc", None)
+    if isinstance(aware, datetime.datetime):
+        return aware
+    return cert.not_valid_before.replace(tzinfo=datetime.UTC)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import getpass
+import glob
 import math
 import os
 import stat
@@ -54,6 +55,7 @@ class Pkcs11Config:
     call_timeout: float | None
     openssl_backend: str
     environment: Mapping[str, str]
+    init_args: str | None = None  # the module's C_Initialize string (pReserved), for modules that need one
 
 
 class KeyPurpose(enum.StrEnum):
@@ -140,6 +142,7 @@ def read(path: Path | None) -> dict[str, Any]:
             raise ConfigError(f"config file {path} is a directory", hint="pass --config FILE") from None
         except OSError as exc:
             raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        raw = _with_included_banks(raw, path)
         _reject_non_finite(raw, "", str(path))
     return raw
 
@@ -160,18 +163,56 @@ def _reject_non_finite(table: Mapping[str, Any], prefix: str, where: str) -> Non
                     raise ConfigError(f"{name} in {where} holds {item}, not a finite number")
 
 
+def _with_included_banks(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``include = ["banks.d/*.toml", …]``: banks files (``tpp-agent banks sync --write``) merged into [banks].
+
+    A path without a wildcard must exist; a pattern may match nothing. An included file holds [banks.NAME]
+    tables only, and a bank is defined in one place: the same name twice is an error, not an override.
+    """
+    include = raw.get("include")
+    if include is None:
+        return raw
+    if not isinstance(include, list) or not all(isinstance(item, str) and item for item in include):
+        raise ConfigError(f"include must be a list of banks file paths in {path}")
+    banks = dict(raw.get("banks", {})) if isinstance(raw.get("banks", {}), Mapping) else {}
+    origin = dict.fromkeys(banks, str(path))
+    for item in include:
+        pattern = path.parent / Path(item).expanduser()
+        files = sorted(pattern.parent.glob(pattern.name)) if glob.has_magic(item) else [pattern]
+        for file in files:
+            try:
+                with file.open("rb") as handle:
+                    included = tomllib.load(handle)
+            except FileNotFoundError:
+                raise ConfigError(f"banks file {file} (include of {path}) not found",
+                                  hint="write it with `tpp-agent banks sync --participants … --write FILE`, "
+                                       "or drop it from include") from None
+            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"banks file {file} (include of {path}) cannot be read: {exc}") from None
+            others = sorted(set(included) - {"banks"})
+            if others or not isinstance(included.get("banks", {}), Mapping):
+                raise ConfigError(f"banks file {file} (include of {path}) may hold only [banks.NAME] tables, "
+                                  f"found {', '.join(others) or 'banks that is not a table'}")
+            for name, table in included.get("banks", {}).items():
+                if name in banks:
+                    raise ConfigError(f"[banks.{name}] is defined twice: in {origin[name]} and in {file}",
+                                      hint="keep one; a bank configured by hand belongs in one file only")
+                banks[name], origin[name] = table, str(file)
+    return {**raw, "banks": banks}
+
+
 def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
     where = str(path) if path else "the built-in defaults"
     base = path.parent if path else Path.cwd()
     state = raw.get("state", {})
     _expect_table(state, "state", where)
-    _reject_unknown(state, {"dir"}, "state", where)
+    _reject_unknown(state, {"dir", "database"}, "state", where)  # database: agent.state reads it
     state_dir = _path(state.get("dir"), base, "state.dir", where) or default_state_dir()
 
     p11 = raw.get("pkcs11", {})
     _expect_table(p11, "pkcs11", where)
     _reject_unknown(p11, {"module", "token", "pin_file", "pin_credential", "max_sessions", "call_timeout",
-                          "openssl_backend", "environment"}, "pkcs11", where)
+                          "openssl_backend", "environment", "init_args"}, "pkcs11", where)
     environment = p11.get("environment", {})
     _expect_table(environment, "pkcs11.environment", where)
     if not all(isinstance(v, str) for v in environment.values()):
@@ -199,6 +240,7 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
         call_timeout=float(call_timeout) or None,
         openssl_backend=backend,
         environment=dict(environment),
+        init_args=_init_args(p11.get("init_args"), where),
     )
 
     keys_raw = raw.get("keys", {})
@@ -226,6 +268,15 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
         keys[alias] = KeyConfig(alias, uri, tuple(algorithms), kid_text,
                                 KeyPurpose(purpose) if purpose is not None else None, raw_sign)
     return Config(path, state_dir, pkcs11, keys, raw)
+
+
+def _init_args(value: object, where: str) -> str | None:
+    if value is None:
+        return None
+    text = _string(value, "pkcs11.init_args", where)
+    if "\0" in text or len(text.encode("utf-8")) > 4096:
+        raise ConfigError(f"[pkcs11] init_args must be text of at most 4096 bytes without NUL in {where}")
+    return text
 
 
 def _expect_table(value: object, name: str, where: str) -> None:

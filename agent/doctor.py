@@ -73,7 +73,25 @@ def _checks(ctx: CliContext, now: datetime.datetime) -> Iterator[Check]:
         if check.status is Status.FAIL:
             yield from (Check(later, Status.SKIP, f"needs a working {name}") for later in token_checks[position + 1:])
             return
+    yield _attempt("mechanisms", lambda: _mechanisms(runtime.keys))
     yield from _key_checks(runtime.keys, ctx.config, ctx.sections.certificates.expiry_warning_days, now)
+
+
+def _mechanisms(store: KeyStore) -> str:
+    """How each algorithm will be signed, as probed from the module (never assumed)."""
+    return store.capabilities.summary()
+
+
+def _operations(store: KeyStore, key: KeyInfo, wanted: tuple[str, ...] = ()) -> Check | None:
+    """A check naming what the module cannot do with this key, if anything (FAIL for a configured algorithm)."""
+    missing = [scheme.jose_name for scheme in store.capabilities.missing(key.spec.kind, key.spec.bits)]
+    if not missing:
+        return None
+    configured = [name for name in missing if name in wanted]
+    status = Status.FAIL if configured else Status.WARN
+    return Check(f"key {key.label} operations", status,
+                 f"the module cannot make {', '.join(missing)} with this {key.spec} key",
+                 "use an algorithm the module offers (see the mechanisms check) or a key type it supports")
 
 
 def _linkage() -> str:
@@ -122,6 +140,14 @@ def _key_checks(store: KeyStore, config: Config, warn_days: int, now: datetime.d
             yield Check(f"alias {alias}", Status.OK, f"names key {info.label!r}")
         except (AgentError, Pkcs11Error) as exc:
             yield Check(f"alias {alias}", Status.FAIL, str(exc), f"fix [keys.{alias}] uri in the config")
+            continue
+        unable = _operations(store, info, config.keys[alias].algorithms)
+        if unable is not None and unable.status is Status.FAIL:  # a configured algorithm the module cannot make
+            yield dataclasses.replace(unable, name=f"alias {alias} operations")
+    for key in keys:
+        unable = _operations(store, key)
+        if unable is not None:
+            yield unable
 
 
 def _key_check(store: KeyStore, key: KeyInfo, now: datetime.datetime, warn_days: int) -> Check:

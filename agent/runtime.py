@@ -16,22 +16,24 @@ from pkcs11_backends.sessions import SessionPool
 
 
 class Runtime:
-    def __init__(self, config: Config, interactive: bool = False) -> None:
+    def __init__(self, config: Config, interactive: bool = False, processes: int = 1) -> None:
         self.config = config
         self.interactive = interactive
+        self.processes = processes  # serving processes side by side, each with this runtime's sessions
 
     @functools.cached_property
     def module(self) -> Module:
         # The module reads its own environment (SOFTHSM2_CONF…) when it initialises.
         for name, value in self.config.pkcs11.environment.items():
             os.environ[name] = value
-        return Module.load(self.config.pkcs11.module)
+        init_args = self.config.pkcs11.init_args
+        return Module.load(self.config.pkcs11.module, init_args.encode("utf-8") if init_args is not None else None)
 
     @functools.cached_property
     def pool(self) -> SessionPool:
         cfg = self.config.pkcs11
         return SessionPool(self.module, TokenSelector.parse(cfg.token), pin_reader(cfg, self.interactive),
-                           max_sessions=cfg.max_sessions, call_timeout=cfg.call_timeout)
+                           max_sessions=cfg.max_sessions, call_timeout=cfg.call_timeout, processes=self.processes)
 
     @functools.cached_property
     def keys(self) -> KeyStore:

@@ -17,46 +17,51 @@ from agent import config as config_module
 from agent.config import Config, KeyConfig, KeyPurpose
 from agent.daemon.policy import Policy
 from agent.daemon.settings import DaemonSettings
+from agent.directory.settings import DirectorySettings
 from agent.errors import AgentError, ConfigError
 from agent.jose import JoseSettings
+from agent.lifecycle.validity import expiry_warning_days
 from agent.openfinance.banks import BankConfig, parse_banks
 from agent.openfinance.tokens import TokenSettings
+from agent.state import database_url
 
 T = TypeVar("T")
-DEFAULT_EXPIRY_WARNING_DAYS = 30
 
 
 @dataclasses.dataclass(frozen=True)
 class CertificateSettings:
-    """``[certificates]``: when ``tpp-agent doctor`` starts warning of a certificate's expiry."""
+    """``[certificates]``: when a certificate is due for renewal (doctor warns, needs-renewal says so)."""
 
-    expiry_warning_days: int = DEFAULT_EXPIRY_WARNING_DAYS
+    expiry_warning_days: int
 
     @classmethod
     def parse(cls, config: Config) -> CertificateSettings:
-        section = config.section("certificates")
-        unknown = sorted(set(section) - {"expiry_warning_days"})
+        unknown = sorted(set(config.section("certificates")) - {"expiry_warning_days"})
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in [certificates] of {config.where}",
                               hint="known settings: expiry_warning_days")
-        value = section.get("expiry_warning_days", DEFAULT_EXPIRY_WARNING_DAYS)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"[certificates] expiry_warning_days must be a non-negative integer in {config.where}")
-        return cls(value)
+        return cls(expiry_warning_days(config))
 
 
 # The sections config.parse reads itself (the token and its keys: everything else needs them).
 _CORE_SECTIONS = ("state", "pkcs11", "keys")
-# Each other section and its one parser; a section not named here is an error.
-PARSERS: Mapping[str, Callable[[Config], object]] = {
-    "daemon": DaemonSettings.parse,
-    "banks": parse_banks,
-    "tokens": TokenSettings.from_config,
-    "jose": JoseSettings.from_config,
-    "certificates": CertificateSettings.parse,
-    "policy": lambda config: Policy.parse(config.section("policy"), config.keys, frozenset(config.section("banks"))),
+# Top-level settings that are no section: config.read merges the banks files ``include`` names.
+_TOP_LEVEL = ("include",)
+# Each section (or part of one) and its one parser, by the Sections field it fills; a section not named here
+# is an error.
+PARSERS: Mapping[str, tuple[str, Callable[[Config], object]]] = {
+    "database": ("state", database_url),
+    "daemon": ("daemon", DaemonSettings.parse),
+    "banks": ("banks", parse_banks),
+    "tokens": ("tokens", TokenSettings.from_config),
+    "jose": ("jose", JoseSettings.from_config),
+    "certificates": ("certificates", CertificateSettings.parse),
+    "directory": ("directory", lambda config: DirectorySettings.from_config(config)
+                  if config.section("directory") else None),
+    "policy": ("policy", lambda config: Policy.parse(config.section("policy"), config.keys,
+                                                     frozenset(config.section("banks")))),
 }
-KNOWN_SECTIONS = frozenset(_CORE_SECTIONS) | frozenset(PARSERS)
+KNOWN_SECTIONS = frozenset(_CORE_SECTIONS) | frozenset(_TOP_LEVEL) | frozenset(s for s, _ in PARSERS.values())
 
 
 class ConfigProblems(ConfigError):
@@ -81,6 +86,8 @@ class Sections:
     tokens: TokenSettings
     jose: JoseSettings
     certificates: CertificateSettings
+    directory: DirectorySettings | None  # the directory's API (certificates, participants), if configured
+    database: str | None  # [state] database: the shared PostgreSQL store, else the state dir's SQLite file
     policy: Policy
 
     @property
@@ -117,7 +124,7 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Sections:
     if banks is not None:
         config = dataclasses.replace(config, keys=_purposes(config, banks, tokens, problems))
     parsed: dict[str, object] = {"banks": banks, "tokens": tokens}
-    for name, parser in PARSERS.items():
+    for name, (_, parser) in PARSERS.items():
         if name == "policy" and "keys" in skipped:
             continue  # its rules name keys, which did not load: their problems are reported already
         if name not in parsed:

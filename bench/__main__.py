@@ -5,7 +5,8 @@
     python -m bench --repeat 1                  # one run per cell instead of 3
     python -m bench --docs                      # also put the tables into docs/performance.md
 
-Benchmarks: ``signing`` (targets 1 and 4), ``forward`` (target 2), ``handshakes`` (target 3). Each creates its
+Benchmarks: ``signing`` (targets 1 and 4 of issue 7, p11-kit remoting next to it), ``network-hsm`` (issue 22:
+a module whose signatures take milliseconds), ``forward`` (target 2), ``handshakes`` (target 3). Each creates its
 own SoftHSM2 token in a temporary directory. Results go to ``.bench/results.md`` and ``.bench/results.json``.
 """
 
@@ -21,11 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import forward, handshakes, signing
+from bench import forward, handshakes, network_hsm, signing
 from bench.common import REPO, Check, Outcome, Table, machine
 from bench.report import render, update_docs
 
-BENCHMARKS = ("signing", "forward", "handshakes")
+BENCHMARKS = ("signing", "network-hsm", "forward", "handshakes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per cell, baseline and agent taking turns in short windows; all runs are "
                              "added up (default 3)")
+    parser.add_argument("--hsm-delay-us", type=int, default=2000,
+                        help="network-hsm: µs added to each signature (default 2000)")
+    parser.add_argument("--hsm-clients", default="8,32", help="network-hsm: concurrent clients (default 8,32)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
     parser.add_argument("--profile", action="store_true", help="profile fresh handshakes with py-spy (on PATH)")
     parser.add_argument("--out", type=Path, default=REPO / ".bench", help="where results.md/json go")
@@ -76,9 +80,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--seconds must be a positive number of seconds, not {args.seconds:g}")
     if args.repeat < 1:
         parser.error(f"--repeat must be at least 1 (runs per cell), not {args.repeat}")
-    counts = args.clients.split(",")
-    if not all(c.strip().isdigit() and int(c) > 0 for c in counts):
-        parser.error(f"--clients must be positive numbers separated by commas (e.g. 1,2,8,32), not {args.clients!r}")
+    for option, value in (("--clients", args.clients), ("--hsm-clients", args.hsm_clients)):
+        if not all(c.strip().isdigit() and int(c) > 0 for c in value.split(",")):
+            parser.error(f"{option} must be positive numbers separated by commas (e.g. 1,2,8,32), not {value!r}")
+    if not 0 <= args.hsm_delay_us <= 1_000_000:
+        parser.error(f"--hsm-delay-us must be from 0 to 1000000 µs, not {args.hsm_delay_us}")
 
 
 def _in_child(name: str, args: argparse.Namespace, tmp: Path) -> Outcome:
@@ -87,7 +93,8 @@ def _in_child(name: str, args: argparse.Namespace, tmp: Path) -> Outcome:
     work, result = tmp / name, tmp / f"{name}.json"
     work.mkdir()
     command = [sys.executable, "-m", "bench", "--child", name, "--result", str(result), "--out", str(work),
-               "--seconds", str(args.seconds), "--clients", args.clients, "--repeat", str(args.repeat)]
+               "--seconds", str(args.seconds), "--clients", args.clients, "--repeat", str(args.repeat),
+               "--hsm-delay-us", str(args.hsm_delay_us), "--hsm-clients", args.hsm_clients]
     command += ["--profile"] if args.profile else []
     subprocess.run(command, check=True, cwd=REPO)
     raw = json.loads(result.read_text())
@@ -98,6 +105,9 @@ def _run(name: str, args: argparse.Namespace, work: Path) -> Outcome:
     clients = tuple(int(n) for n in args.clients.split(","))
     if name == "signing":
         return signing.run(work, args.seconds, clients, args.repeat)
+    if name == "network-hsm":
+        return network_hsm.run(work, args.seconds, args.repeat, args.hsm_delay_us,
+                               tuple(int(n) for n in args.hsm_clients.split(",")))
     if name == "forward":
         return forward.run(work, args.seconds, args.repeat)
     return handshakes.run(work, args.seconds, args.profile)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from agent import config as config_module
 from agent.runtime import Runtime
 from bench.bank import DISCOVERY_PATH, Bank
 from bench.common import (
-    REPO,
+    RATIO_NOTE,
     TURN_SECONDS,
     Check,
     Contender,
@@ -30,7 +29,9 @@ from bench.common import (
     Outcome,
     State,
     Table,
+    build_shim,
     compare_cells,
+    daemon_table,
     http_request,
     ratio_cell,
 )
@@ -39,13 +40,6 @@ from bench.signing import PROFILES
 
 CLIENTS = (1, 4)  # the bank transport keeps at most 4 connections per bank (TlsSettings.max_connections)
 CALLS = 1000
-
-
-def build_shim(work: Path) -> Path:
-    out = work / "pkcs11_shim.so"
-    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-I/usr/include/p11-kit-1", "-o", str(out),
-                    str(REPO / "tests" / "faults" / "pkcs11_shim.c"), "-ldl"], check=True, timeout=120)
-    return out
 
 
 def signs(stats: Path) -> int:
@@ -92,8 +86,8 @@ def _run(work: Path, seconds: float, repeat: int, bank: Bank) -> Outcome:
     _, cert_path, key_path = bank.memory_identity(work)
     body = (f'[banks.mb]\nissuer = "{bank.url}"\ndiscovery_url = "{bank.discovery_url}"\n'
             f'ca_bundle = "{bank.ca_bundle}"\nclient_key = "{key_uri}"\n')
-    configs = {name: state.write_config(f"config-{name}.toml", body + f'[daemon]\nsocket = "{state.dir}/run-{name}/'
-                                        f'agent.sock"\naudit_file = "{state.dir}/audit/audit.jsonl"\n' + lines,
+    configs = {name: state.write_config(f"config-{name}.toml", body + daemon_table(
+        state.dir / f"run-{name}" / "agent.sock", state.dir / "audit" / "audit.jsonl") + lines,
                                         module=str(shim))
                for name, lines in PROFILES}
     request = base64.b64encode(http_request("POST", "/v1/banks/mb/forward",
@@ -109,7 +103,7 @@ def _run(work: Path, seconds: float, repeat: int, bank: Bank) -> Outcome:
                        "client thread. Profiles as in the signing table; the target is checked on the throughput "
                        f"profile. Token signatures: the throughput profile's during its windows. Each cell: {repeat} "
                        f"runs of {seconds:g} s per load, the three taking turns in windows of {TURN_SECONDS:g} s, "
-                       "added up; ratio: all runs together (lowest and highest run).")
+                       f"added up; {RATIO_NOTE}.")
     ratios: dict[str, list[float]] = {name: [] for name, _ in PROFILES}
     peak_rss = 0.0
     daemons = {name: Daemon.start(configs[name], state.dir / f"run-{name}" / "agent.sock", shim_env)

@@ -2,7 +2,7 @@
 
     python -m bench.load      # stdin: the spec, then one line per window; stdout: what each window measured
 
-The first line on stdin is the spec: ``{"mode": "unix" | "https", "threads": N, ...}``. Once its connections
+The first line on stdin is the spec: ``{"mode": "unix" | "https" | "pkcs11", "threads": N, ...}``. Once its connections
 are open the generator prints ``ready``; then each line ``{"warmup": W, "seconds": S}`` drives one window: it
 prints ``go`` when the window opens, ``end`` when it closes (the bench reads the daemon's CPU time at both)
 and, once the requests still under way are answered, the window's ``{"count", "client_cpu_seconds",
@@ -12,7 +12,11 @@ and, once the requests still under way are answered, the window's ``{"count", "c
 all driven by one thread with epoll: the client does as little as a client can (no threads handing its own
 interpreter lock around on the CPUs the agent needs), so what is measured is the agent. ``https`` is the
 baseline of the forward benchmark: N threads, each a urllib3 pool with the client key in memory (``cert``,
-``key``, ``ca``, ``url``), keep-alive.
+``key``, ``ca``, ``url``), keep-alive. ``pkcs11`` signs with python-pkcs11 on the module ``module`` (loaded
+after ``environment`` is set: p11-kit's client finds its server there), one session per thread, logged in
+with the PIN in ``pin_file``, key ``key`` of token ``token``, ``alg`` ES256 or PS256 over a local SHA-256:
+p11-kit 0.24's RPC cannot carry the parameters of CKM_SHA256_RSA_PKCS_PSS, so PS256 is CKM_RSA_PKCS_PSS on
+the digest (the same token work).
 Closed loop without ``rate``; with ``rate`` (``unix`` only) an open loop: requests are due on a fixed schedule
 and latency counts from when a request was due, so a slow answer cannot hide the queue behind it.
 """
@@ -164,19 +168,50 @@ def https_sender(spec: dict[str, Any]) -> Work:
     return send
 
 
+def pkcs11_signer(spec: dict[str, Any]) -> Work:
+    """One session's signing loop body (see the module docstring); on the thread that calls it."""
+    import hashlib
+    import os
+
+    import pkcs11  # only this mode needs it
+    from pkcs11 import MGF, Mechanism, ObjectClass
+    from pkcs11.exceptions import UserAlreadyLoggedIn
+
+    os.environ.update(spec.get("environment", {}))
+    token = pkcs11.lib(spec["module"]).get_token(token_label=spec["token"])
+    with open(spec["pin_file"]) as pin_file:
+        pin = pin_file.read().strip()
+    try:
+        session = token.open(user_pin=pin)
+    except UserAlreadyLoggedIn:  # a server that shares one module instance among its clients
+        session = token.open()
+    key: Any = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=spec["key"])
+    data = base64.b64decode(spec["data_b64"])
+    if spec["alg"] == "PS256":
+        def sign() -> None:
+            key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.RSA_PKCS_PSS,
+                     mechanism_param=(Mechanism.SHA256, MGF.SHA256, 32))
+    else:
+        def sign() -> None:
+            key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
+    return sign
+
+
 def say(line: str) -> None:
     print(line, flush=True)
 
 
 def serve(driver: Driver) -> None:
     say("ready")
+    reported = 0  # errors told so far: those of the set-up (a thread's session) come with the first window
     for line in sys.stdin:
         command = json.loads(line)
         window = Window.after(float(command["warmup"]), float(command["seconds"]))
-        before, errors = len(driver.latencies), len(driver.errors)
+        before = len(driver.latencies)
         cpu = measure(window, driver.run, lambda: say("go"), lambda: say("end"))
         say(json.dumps({"count": len(driver.latencies) - before, "client_cpu_seconds": cpu,
-                        "errors": driver.errors[errors:errors + 3]}))
+                        "errors": driver.errors[reported:reported + 3]}))
+        reported = len(driver.errors)
     p50, p99 = p50_p99_ms(driver.latencies)
     say(json.dumps({"p50_ms": p50, "p99_ms": p99, "errors": driver.errors[:3]}))
 
@@ -186,7 +221,8 @@ def main() -> None:
     if spec["mode"] == "unix":
         serve(UnixDriver(spec))
         return
-    threads = ClosedLoopThreads(int(spec["threads"]), lambda: https_sender(spec))
+    setup = (lambda: pkcs11_signer(spec)) if spec["mode"] == "pkcs11" else (lambda: https_sender(spec))
+    threads = ClosedLoopThreads(int(spec["threads"]), setup)
     try:
         serve(threads)
     finally:

@@ -22,23 +22,30 @@ from pkcs11.types import SignMixin
 from agent import config as config_module
 from agent.runtime import Runtime
 from bench.common import (
+    RATIO_NOTE,
     TURN_SECONDS,
     Check,
     Contender,
     Daemon,
     InProcess,
     LoadProcess,
+    LoadProcesses,
+    Measured,
     Outcome,
+    Process,
     State,
     Table,
     compare_cells,
+    daemon_table,
     drive,
     http_request,
     ratio_cell,
 )
 from pkcs11_backends.keys import KeySpec, SignatureScheme, sign_with
+from tests.modules.p11kit import P11KitServer, p11kit_server
 
 RAW_THREADS = 8  # the raw baseline signs on min(clients, 8) sessions/threads
+P11KIT_CLIENTS = 8  # p11-kit remoting is measured up to this many clients (one process each)
 CASES = (("rsa", "rsa:2048", "PS256", 0.75), ("ec", "ec:p256", "ES256", 0.30))
 # A JWS signing input of the size a client assertion has.
 SIGNING_INPUT = b"eyJhbGciOiJQUzI1NiIsImtpZCI6InNpZy0xIn0." + base64.urlsafe_b64encode(os.urandom(240))
@@ -52,8 +59,8 @@ def run(work: Path, seconds: float, clients: tuple[int, ...], repeat: int) -> Ou
     state = State.create(work / "signing", "bench")
     body = "".join(f'[keys.{alias}]\nuri = "pkcs11:token=bench;object={alias};type=private"\n'
                    f'algorithms = ["{alg}"]\nraw_sign = true\n' for alias, _, alg, _ in CASES)
-    configs = {name: state.write_config(f"config-{name}.toml", body + f'[daemon]\nsocket = "{state.dir}/run-{name}/'
-                                        f'agent.sock"\naudit_file = "{state.dir}/audit/audit.jsonl"\n' + lines)
+    configs = {name: state.write_config(f"config-{name}.toml", body + daemon_table(
+        state.dir / f"run-{name}" / "agent.sock", state.dir / "audit" / "audit.jsonl") + lines)
                for name, lines in PROFILES}
     runtime = Runtime(config_module.load(str(configs["default"])))
     for alias, spec, _, _ in CASES:
@@ -88,7 +95,9 @@ def run(work: Path, seconds: float, clients: tuple[int, ...], repeat: int) -> Ou
             outcome.checks += [Check(f"daemon READY=1, {name} (median of 3)", f"{ready_times[1]:.2f} s", "< 1 s",
                                      ready_times[1] < 1),
                                Check(f"daemon RSS at rest, {name}", f"{rest_rss:.0f} MB", "< 80 MB", rest_rss < 80)]
-        _measure(outcome, daemons, runtime, seconds, clients, repeat)
+        with p11kit_server(config_module.default_module(), state.label, state.dir / "p11kit",
+                           {"SOFTHSM2_CONF": str(state.softhsm_conf)}) as p11kit:
+            _measure(outcome, daemons, runtime, seconds, clients, repeat, _P11Kit(p11kit, state))
         for row, (name, _) in zip(footprint.rows, PROFILES, strict=True):
             _, peak = daemons[name].memory_mb()
             row[3] = f"{peak:.1f} MB"
@@ -103,8 +112,24 @@ def run(work: Path, seconds: float, clients: tuple[int, ...], repeat: int) -> Ou
     return outcome
 
 
+class _P11Kit:
+    """p11-kit's server exporting the bench token, and the spec of one client process on p11-kit-client.so."""
+
+    def __init__(self, server: P11KitServer, state: State) -> None:
+        self.server = server
+        self.state = state
+        # The launcher's child: its CPU and that of each connection's p11-kit-remote are p11-kit's.
+        self.cpu = Process(server._service.process.pid if server._service.process else 0)
+
+    def load(self, clients: int, alias: str, alg: str) -> LoadProcesses:
+        spec = {"mode": "pkcs11", "threads": 1, "module": self.server.module, "environment": self.server.environment,
+                "token": self.state.label, "pin_file": str(self.state.dir / "softhsm" / "user.pin"), "key": alias,
+                "alg": alg, "data_b64": base64.b64encode(SIGNING_INPUT).decode()}
+        return LoadProcesses([spec] * clients, self.cpu)
+
+
 def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, seconds: float,
-             clients: tuple[int, ...], repeat: int) -> None:
+             clients: tuple[int, ...], repeat: int, p11kit: _P11Kit) -> None:
     table = Table("Signing over the socket vs raw python-pkcs11 in-process",
                   ["alg", "clients", "raw sig/s", "raw p50 ms", "default: sig/s", "ratio", "p99 ms", "CPU µs/req",
                    "throughput: sig/s", "ratio", "p50 ms", "p99 ms", "CPU µs/req", "agent's own CPU µs/req"])
@@ -115,7 +140,7 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
                        "key found once, nothing audited.")
     table.notes.append(f"Each cell: {repeat} runs of {seconds:g} s per load, raw and both agents taking turns "
                        f"in windows of {TURN_SECONDS:g} s (so that all meet the same drift of the machine's speed), "
-                       "added up; ratio: all runs together (lowest and highest run). Every run is in results.json.")
+                       f"added up; {RATIO_NOTE}. Every run is in results.json.")
     table.notes.append("default: `tpp-agent serve` with every [daemon] setting at its default (one process, "
                        "workers = CPUs, each audit record fdatasync'ed on ext4 before the answer). throughput: "
                        "`processes = \"auto\"` (one serving process per CPU, workers = 1 each) and "
@@ -145,6 +170,8 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
                 daemon = daemons[name]
                 contenders[name] = LoadProcess({"mode": "unix", "socket": str(daemon.socket_path), "threads": n,
                                                 "request_b64": request}, daemon)
+            if n <= P11KIT_CLIENTS:
+                contenders["p11kit"] = p11kit.load(n, alias, alg)
     results = compare_cells(cells, seconds, repeat)  # every cell's loads are up: the runs go round the table
     for _, _, alg, bound in CASES:
         ratios: dict[str, list[float]] = {name: [] for name, _ in PROFILES}
@@ -178,6 +205,7 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
         outcome.checks.append(Check(f"{alg} over the socket / raw, worst (default profile)",
                                     f"{min(ratios['default']):.0%}", "report", True))
     outcome.tables.append(table)
+    _against_p11kit(outcome, results, clients)
 
     throughput = daemons["throughput"]
     half = Table("Open loop at half the peak rate (throughput profile, 8 connections, latency from when each "
@@ -199,3 +227,52 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
 
     for session in sessions:
         session.close()
+
+
+def _against_p11kit(outcome: Outcome, results: dict[tuple[str, int], dict[str, Measured]],
+                    clients: tuple[int, ...]) -> None:
+    """The agent next to p11-kit remoting, the tool a user would pick instead, from the same runs."""
+    table = Table("Signing through the agent vs p11-kit remoting (same token and keys, taking turns)",
+                  ["alg", "clients", "p11-kit sig/s", "p50 ms", "CPU µs/sig", "default: sig/s", "ratio",
+                   "CPU µs/sig", "throughput: sig/s", "ratio", "p50 ms", "CPU µs/sig", "raw CPU µs/sig"])
+    table.notes.append("p11-kit: `p11-kit server` exporting the token over a Unix socket (a `p11-kit-remote` "
+                       "process per connection, each with its own SoftHSM2), one client process per client on "
+                       "`p11-kit-client.so` with its own session; three RPC round trips per signature "
+                       "(C_SignInit, C_Sign for the length, C_Sign); no policy, no audit. PS256 is "
+                       "CKM_RSA_PKCS_PSS over a SHA-256 taken in the client: p11-kit 0.24's RPC cannot carry "
+                       "CKM_SHA256_RSA_PKCS_PSS's parameters. p50: the slowest client's.")
+    table.notes.append("Agent: the same loads as in the table above (`POST /v1/keys/{alias}/sign`, policy, audit "
+                       "record, JSON), in the same runs. CPU µs/sig: every process of the contender, server and "
+                       f"clients (the agent's load generator included). {RATIO_NOTE}.")
+    for _, _, alg, _ in CASES:
+        worst = float("inf")
+        for n in clients:
+            if n > P11KIT_CLIENTS:
+                continue
+            measured = results[alg, n]
+            p11kit = measured["p11kit"]
+            row = [alg, str(n), f"{p11kit.total.rate:,.0f}", f"{p11kit.total.p50_ms:.2f}",
+                   f"{p11kit.total.all_cpu_us_per_request:,.0f}"]
+            record: dict[str, object] = {"alg": alg, "clients": n, "p11kit_rate": p11kit.total.rate,
+                                         "p11kit_rates": [r.rate for r in p11kit.runs],
+                                         "p11kit_cpu_us": p11kit.total.all_cpu_us_per_request,
+                                         "raw_cpu_us": measured["raw"].total.all_cpu_us_per_request}
+            for name, _ in PROFILES:
+                agent = measured[name]
+                ratio = agent.ratio(p11kit)
+                shown = ratio_cell(ratio, agent.ratios(p11kit))
+                row += [f"{agent.total.rate:,.0f}", shown]
+                if name == "throughput":
+                    worst = min(worst, ratio)
+                    row.append(f"{agent.total.p50_ms:.2f}")
+                row.append(f"{agent.total.all_cpu_us_per_request:,.0f}")
+                record[name] = {"ratio": ratio, "ratios": agent.ratios(p11kit),
+                                "cpu_us": agent.total.all_cpu_us_per_request}
+            row.append(f"{measured['raw'].total.all_cpu_us_per_request:,.0f}")
+            table.rows.append(row)
+            outcome.data.setdefault("p11kit", []).append(record)
+        if worst < float("inf"):
+            outcome.checks.append(Check(f"{alg} through the agent / p11-kit remoting, worst of 1 to "
+                                        f"{P11KIT_CLIENTS} clients (throughput profile)", f"{worst:.0%}", "≥ 100%",
+                                        worst >= 1))
+    outcome.tables.append(table)

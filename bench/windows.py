@@ -71,11 +71,13 @@ class ClosedLoopThreads:
         self.errors: list[str] = []
         self._setup = setup
         self._window: Window | None = None  # None: the threads end
+        self._set_up = threading.Barrier(threads + 1)
         self._go = threading.Barrier(threads + 1)
         self._done = threading.Barrier(threads + 1)
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
         for thread in self._threads:
             thread.start()
+        self._set_up.wait()  # every thread has its work (a session, a pool) before the first window
 
     def run(self, window: Window) -> None:
         """Drive one window; return once every thread is idle again."""
@@ -95,6 +97,7 @@ class ClosedLoopThreads:
         except Exception as exc:  # reported by the caller, and the benchmark fails loudly
             self.errors.append(f"{type(exc).__name__}: {exc}")
             work = None
+        self._set_up.wait()
         while True:
             self._go.wait()
             window = self._window

@@ -32,6 +32,22 @@ class TokenUnavailableError(Pkcs11Error):
     hint = "check that the HSM is reachable; the agent reconnects by itself when it is back"
 
 
+class TokenOperationError(Pkcs11Error):
+    """The module answered a call with an error that does not mean the token went away (``rv``: its CK_RV)."""
+
+    hint = "the PKCS#11 module refused or failed this operation; its own log may say why (the agent goes on)"
+
+    def __init__(self, message: str, rv: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.rv = rv
+
+
+class ModuleLimitError(Pkcs11Error):
+    """The configuration needs more of the module than it allows (sessions)."""
+
+    hint = "lower [pkcs11] max_sessions or [daemon] processes to what the module allows"
+
+
 class TokenTimeoutError(TokenUnavailableError):
     """A PKCS#11 call did not return in time; the pool refuses new calls until it does."""
 
@@ -68,6 +84,10 @@ class DuplicateKeyError(Pkcs11Error):
 
 class KeySpecError(Pkcs11Error):
     hint = "use one of rsa:2048, rsa:3072, rsa:4096, ec:p256, ec:p384"
+
+
+class KeyTemplateError(Pkcs11Error):
+    hint = "the module refused the key's attributes: make the key with the module's own tool and name it by label"
 
 
 class MechanismError(Pkcs11Error):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
+import functools
 import os
 import threading
 from collections.abc import Mapping
@@ -16,8 +16,7 @@ from typing import Any, cast
 
 import pkcs11
 from asn1crypto import core, keys
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.mechanisms import MGF
+from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.types import SignMixin
 from pkcs11.util.ec import encode_named_curve_parameters
 
@@ -27,16 +26,18 @@ from pkcs11_backends.errors import (
     DuplicateKeyError,
     KeyNotFoundError,
     KeySpecError,
-    MechanismError,
+    KeyTemplateError,
     UriError,
 )
+from pkcs11_backends.returns import ReturnValue, describe, rv_of
+from pkcs11_backends.schemes import KeyKind, SignatureScheme
 from pkcs11_backends.sessions import PooledSession, SessionPool
+from pkcs11_backends.signing import Capabilities, sign_with
 from pkcs11_backends.uri import ObjectType, Pkcs11Uri
 
-
-class KeyKind(enum.Enum):
-    RSA = "rsa"
-    EC = "ec"
+# KeyKind, SignatureScheme and sign_with live in schemes.py and signing.py; callers find them here too.
+__all__ = ["KEY_TEMPLATES", "Curve", "KeyInfo", "KeyKind", "KeySpec", "KeyStore", "KeyTemplate", "SignatureScheme",
+           "sign_with"]
 
 
 class Curve(enum.Enum):
@@ -83,33 +84,6 @@ class KeySpec:
         return f"ec:{self.curve.short}" if self.curve else f"rsa:{self.bits}"
 
 
-class SignatureScheme(enum.Enum):
-    """Signature algorithms the token is asked for; output is what the standard wants raw.
-
-    ECDSA signatures come back as raw ``r||s`` (JWS form); X.509 callers convert to DER.
-    """
-
-    RSA_PKCS1_SHA256 = ("RS256", KeyKind.RSA, "sha256")
-    RSA_PSS_SHA256 = ("PS256", KeyKind.RSA, "sha256")
-    ECDSA_SHA256 = ("ES256", KeyKind.EC, "sha256")
-    ECDSA_SHA384 = ("ES384", KeyKind.EC, "sha384")
-
-    def __init__(self, jose_name: str, kind: KeyKind, hash_name: str) -> None:
-        self.jose_name = jose_name
-        self.kind = kind
-        self.hash_name = hash_name
-
-    @classmethod
-    def from_jose(cls, name: str) -> SignatureScheme:
-        scheme = _BY_JOSE_NAME.get(name)
-        if scheme is not None:
-            return scheme
-        raise MechanismError(f"unsupported signature algorithm {name!r}", hint="use PS256, ES256, ES384 or RS256")
-
-
-_BY_JOSE_NAME = {scheme.jose_name: scheme for scheme in SignatureScheme}
-
-
 @dataclasses.dataclass(frozen=True)
 class KeyInfo:
     """What ``keys list`` shows about a key pair on the token."""
@@ -141,13 +115,36 @@ _PRIVATE_TEMPLATE = {
     Attribute.UNWRAP: False,
     Attribute.DERIVE: False,
 }
-_PUBLIC_TEMPLATE = {
-    Attribute.TOKEN: True,
-    Attribute.PRIVATE: False,
-    Attribute.VERIFY: True,
-    Attribute.ENCRYPT: False,
-    Attribute.WRAP: False,
-}
+# What the private key must be, whatever template the module took.
+_PRIVATE_MUST = {Attribute.SIGN: True, Attribute.DECRYPT: False, Attribute.UNWRAP: False,
+                 Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyTemplate:
+    """A public-key template; the private one never changes (sign only, sensitive, never extractable)."""
+
+    name: str
+    public: Mapping[Attribute, Any]
+
+
+# Tried in order. Some modules couple usage attributes: tpm2-pkcs11 derives one TPM
+# object from both halves, so public CKA_VERIFY must equal private CKA_DECRYPT and
+# public CKA_ENCRYPT private CKA_SIGN (a sign-only TPM key "encrypts" with its public
+# half). The public object's usage flags are never used: verification is done off the token.
+KEY_TEMPLATES = (
+    KeyTemplate("public CKA_VERIFY=true, CKA_ENCRYPT=false",
+                {Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.VERIFY: True, Attribute.ENCRYPT: False,
+                 Attribute.WRAP: False}),
+    KeyTemplate("public usage coupled to the private key's (CKA_VERIFY=false, CKA_ENCRYPT=true)",
+                {Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.VERIFY: False, Attribute.ENCRYPT: True,
+                 Attribute.WRAP: False}),
+)
+# Answers to C_GenerateKeyPair that mean "not this template" (tpm2-pkcs11 says CKR_GENERAL_ERROR).
+_TEMPLATE_REFUSED = frozenset({ReturnValue.TEMPLATE_INCONSISTENT, ReturnValue.TEMPLATE_INCOMPLETE,
+                               ReturnValue.ATTRIBUTE_VALUE_INVALID, ReturnValue.ATTRIBUTE_TYPE_INVALID,
+                               ReturnValue.ATTRIBUTE_READ_ONLY, ReturnValue.GENERAL_ERROR,
+                               ReturnValue.FUNCTION_FAILED})
 
 
 class KeyStore:
@@ -167,6 +164,12 @@ class KeyStore:
         # Parsing a name costs more than the rest of a request's bookkeeping: each is parsed once per alias set.
         self._aliases = value
         self._resolved: dict[str, Pkcs11Uri] = {}
+
+    @functools.cached_property
+    def capabilities(self) -> Capabilities:
+        """The token's mechanisms, read once (it logs in first, as some modules list them only then)."""
+        token = self.pool.token
+        return Capabilities.probe(token, self.pool.module.path)
 
     # -- naming --------------------------------------------------------------
     def resolve(self, name: str) -> Pkcs11Uri:
@@ -262,21 +265,27 @@ class KeyStore:
     def generate(self, label: str, spec: KeySpec, key_id: bytes | None = None) -> KeyInfo:
         if not label or len(label.encode("utf-8")) > 128:
             raise KeySpecError("a key label must be 1 to 128 bytes", hint="pass --label NAME")
+        if not self.capabilities.can_generate(spec.kind, spec.bits):
+            raise KeySpecError(f"the PKCS#11 module {self.pool.module.path} cannot generate {spec} key pairs",
+                               hint="pick a key type the module offers (`tpp-agent doctor` lists them)")
         key_id = key_id if key_id is not None else os.urandom(8)
         with self._generate_lock, self.pool.session() as pooled:
             session = pooled.session
             _check_free(session, label, key_id)
-            common: dict[str, Any] = {"label": label, "id": key_id, "store": True,
-                      "public_template": _PUBLIC_TEMPLATE, "private_template": _PRIVATE_TEMPLATE}
-            if spec.kind is KeyKind.RSA:
-                _, private = session.generate_keypair(KeyType.RSA, spec.bits, **common)
-            else:
-                assert spec.curve is not None
-                params = session.create_domain_parameters(
-                    KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(spec.curve.asn1_name)},
-                    local=True)
-                _, private = params.generate_keypair(**common)
-            return self._info(session, private)
+            refusals: list[str] = []
+            for template in KEY_TEMPLATES:
+                try:
+                    private = _generate(session, spec, label, key_id, template)
+                except pkcs11.PKCS11Error as exc:
+                    if rv_of(exc) not in _TEMPLATE_REFUSED:
+                        raise
+                    refusals.append(f"{template.name}: {describe(exc)}")
+                    continue
+                _check_private(session, private, label, key_id)
+                return self._info(session, private)
+        raise KeyTemplateError(f"the PKCS#11 module {self.pool.module.path} refused every {spec} key template "
+                               f"(private key CKA_SIGN=true, CKA_DECRYPT=false, CKA_UNWRAP=false; "
+                               f"{'; '.join(refusals)}); nothing was created")
 
     # -- signing -------------------------------------------------------------
     def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme,
@@ -285,7 +294,7 @@ class KeyStore:
         uri = name if isinstance(name, Pkcs11Uri) else self.resolve(name)
 
         def run(pooled: PooledSession) -> bytes:
-            return sign_with(self.private_key(pooled, uri), data, scheme)
+            return self.capabilities.sign(self.private_key(pooled, uri), data, scheme)
 
         return self.pool.call(run, timeout)
 
@@ -308,18 +317,30 @@ def _check_free(session: pkcs11.Session, label: str, key_id: bytes | None) -> No
             raise DuplicateKeyError(f"the token already has an object with {what}; nothing was created")
 
 
-def sign_with(key: SignMixin, data: bytes, scheme: SignatureScheme) -> bytes:
-    key_type = cast(pkcs11.Key, key).key_type
-    if (scheme.kind is KeyKind.RSA) != (key_type == KeyType.RSA):
-        raise MechanismError(f"{scheme.jose_name} cannot be made with a {key_type.name} key")
-    if scheme is SignatureScheme.RSA_PKCS1_SHA256:
-        return bytes(key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS))
-    if scheme is SignatureScheme.RSA_PSS_SHA256:
-        return bytes(key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS_PSS,
-                              mechanism_param=(Mechanism.SHA256, MGF.SHA256, 32)))
-    # SoftHSM2 2.6 has no CKM_ECDSA_SHA256: hash here, sign the digest with CKM_ECDSA.
-    digest = hashlib.new(scheme.hash_name, data).digest()
-    return bytes(key.sign(digest, mechanism=Mechanism.ECDSA))
+def _generate(session: pkcs11.Session, spec: KeySpec, label: str, key_id: bytes,
+              template: KeyTemplate) -> pkcs11.Object:
+    common: dict[str, Any] = {"label": label, "id": key_id, "store": True, "public_template": dict(template.public),
+                              "private_template": _PRIVATE_TEMPLATE}
+    if spec.kind is KeyKind.RSA:
+        _, private = session.generate_keypair(KeyType.RSA, spec.bits, **common)
+    else:
+        assert spec.curve is not None
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(spec.curve.asn1_name)}, local=True)
+        _, private = params.generate_keypair(**common)
+    return cast(pkcs11.Object, private)
+
+
+def _check_private(session: pkcs11.Session, private: pkcs11.Object, label: str, key_id: bytes) -> None:
+    """A module that took a template may still have set usages of its own: such a key is removed, not kept."""
+    wrong = [f"{attr.name}={private[attr]}" for attr, value in _PRIVATE_MUST.items() if private[attr] != value]
+    if not wrong:
+        return
+    for obj in list(session.get_objects({Attribute.LABEL: label, Attribute.ID: key_id})):
+        obj.destroy()
+    raise KeyTemplateError(f"the module made a private key with {', '.join(wrong)}; it was destroyed",
+                           hint="this module cannot make a sign-only key: make one with its own tool and name it "
+                                "by label")
 
 
 def _spki(public: pkcs11.Object) -> keys.PublicKeyInfo:

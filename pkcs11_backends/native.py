@@ -9,51 +9,24 @@
 * ``C_Logout`` / ``C_Finalize``: used by the recovery ladder.
 * ``C_InitToken``: python-pkcs11 has no binding for it; provisioning needs it.
 
-The module is opened with ``dlopen`` on the same path as python-pkcs11 and the
-OpenSSL engine/provider, so all three share one module instance.
+Most modules hand out one function list, whoever asks. Some (p11-kit's RPC client)
+make a new instance, with its own state, on every ``C_GetFunctionList``: so these
+calls go through python-pkcs11's own function list when one is given (see
+``module.py``), and :func:`instance_per_call` tells whether the OpenSSL engine or
+provider, which call ``C_GetFunctionList`` themselves, will have to log in on their own.
 """
 
 from __future__ import annotations
 
 import ctypes
-import enum
+
+from pkcs11_backends.returns import ReturnValue
 
 CK_ULONG = ctypes.c_ulong
 CK_RV = CK_ULONG
 
 CKF_OS_LOCKING_OK = 0x00000002
 CKU_USER = 1
-
-
-class ReturnValue(enum.IntEnum):
-    OK = 0x000
-    GENERAL_ERROR = 0x005
-    FUNCTION_FAILED = 0x006
-    ARGUMENTS_BAD = 0x007
-    DEVICE_ERROR = 0x030
-    DEVICE_REMOVED = 0x032
-    PIN_INCORRECT = 0x0A0
-    PIN_INVALID = 0x0A1
-    PIN_LEN_RANGE = 0x0A2
-    PIN_EXPIRED = 0x0A3
-    PIN_LOCKED = 0x0A4
-    SESSION_CLOSED = 0x0B0
-    SESSION_HANDLE_INVALID = 0x0B3
-    TOKEN_NOT_PRESENT = 0x0E0
-    TOKEN_NOT_RECOGNIZED = 0x0E1
-    USER_ALREADY_LOGGED_IN = 0x100
-    USER_NOT_LOGGED_IN = 0x101
-    USER_PIN_NOT_INITIALIZED = 0x102
-    USER_ANOTHER_ALREADY_LOGGED_IN = 0x104
-    CRYPTOKI_NOT_INITIALIZED = 0x190
-    CRYPTOKI_ALREADY_INITIALIZED = 0x191
-
-    @classmethod
-    def name_of(cls, rv: int) -> str:
-        try:
-            return "CKR_" + cls(rv).name
-        except ValueError:
-            return f"CKR_0x{rv:08X}"
 
 
 class _InitializeArgs(ctypes.Structure):
@@ -73,6 +46,35 @@ _Login = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.c_char_p, CK_ULONG)
 _Logout = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
 _InitToken = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_char_p)
 
+# ulMaxSessionCount and ulMaxRwSessionCount: 0 is CK_EFFECTIVELY_INFINITE, all ones CK_UNAVAILABLE_INFORMATION.
+UNAVAILABLE_INFORMATION = ctypes.c_ulong(-1).value
+
+
+class TokenInfo(ctypes.Structure):
+    _fields_ = [
+        ("label", ctypes.c_char * 32),
+        ("manufacturerID", ctypes.c_char * 32),
+        ("model", ctypes.c_char * 16),
+        ("serialNumber", ctypes.c_char * 16),
+        ("flags", CK_ULONG),
+        ("ulMaxSessionCount", CK_ULONG),
+        ("ulSessionCount", CK_ULONG),
+        ("ulMaxRwSessionCount", CK_ULONG),
+        ("ulRwSessionCount", CK_ULONG),
+        ("ulMaxPinLen", CK_ULONG),
+        ("ulMinPinLen", CK_ULONG),
+        ("ulTotalPublicMemory", CK_ULONG),
+        ("ulFreePublicMemory", CK_ULONG),
+        ("ulTotalPrivateMemory", CK_ULONG),
+        ("ulFreePrivateMemory", CK_ULONG),
+        ("hardwareVersion", ctypes.c_ubyte * 2),
+        ("firmwareVersion", ctypes.c_ubyte * 2),
+        ("utcTime", ctypes.c_char * 16),
+    ]
+
+
+_GetTokenInfo = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(TokenInfo))
+
 
 class _FunctionList(ctypes.Structure):
     # The head of CK_FUNCTION_LIST up to C_Logout; the rest is never read here.
@@ -85,7 +87,7 @@ class _FunctionList(ctypes.Structure):
         ("C_GetFunctionList", ctypes.c_void_p),
         ("C_GetSlotList", ctypes.c_void_p),
         ("C_GetSlotInfo", ctypes.c_void_p),
-        ("C_GetTokenInfo", ctypes.c_void_p),
+        ("C_GetTokenInfo", _GetTokenInfo),
         ("C_GetMechanismList", ctypes.c_void_p),
         ("C_GetMechanismInfo", ctypes.c_void_p),
         ("C_InitToken", _InitToken),
@@ -102,25 +104,54 @@ class _FunctionList(ctypes.Structure):
     ]
 
 
+def _function_list(dll: ctypes.CDLL) -> ctypes._Pointer[_FunctionList]:
+    get_list = dll.C_GetFunctionList
+    get_list.restype = CK_RV
+    get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionList))]
+    pointer = ctypes.POINTER(_FunctionList)()
+    rv = get_list(ctypes.byref(pointer))
+    if rv != ReturnValue.OK:
+        raise OSError(f"C_GetFunctionList failed: {ReturnValue.name_of(rv)}")
+    return pointer
+
+
+def instance_per_call(path: str) -> bool:
+    """Whether the module answers each ``C_GetFunctionList`` with a new instance (a probe, two calls)."""
+    # RTLD_GLOBAL is not needed: dlopen of the same path returns the same library.
+    dll = ctypes.CDLL(path)
+    first, second = _function_list(dll), _function_list(dll)
+    return ctypes.addressof(first.contents) != ctypes.addressof(second.contents)
+
+
 class NativeModule:
-    """A ctypes view of one PKCS#11 module's function list."""
+    """A ctypes view of one PKCS#11 module's function list (``function_list``: an address, or our own)."""
 
-    def __init__(self, path: str) -> None:
-        # RTLD_GLOBAL is not needed: dlopen of the same path returns the same instance.
+    def __init__(self, path: str, function_list: int | None = None) -> None:
         self._dll = ctypes.CDLL(path)
-        get_list = self._dll.C_GetFunctionList
-        get_list.restype = CK_RV
-        get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionList))]
-        pointer = ctypes.POINTER(_FunctionList)()
-        rv = get_list(ctypes.byref(pointer))
-        if rv != ReturnValue.OK:
-            raise OSError(f"C_GetFunctionList failed: {ReturnValue.name_of(rv)}")
-        self._functions = pointer.contents
+        if function_list is None:
+            self._functions = _function_list(self._dll).contents
+        else:
+            self._functions = _FunctionList.from_address(function_list)
+        if self._functions.version_major not in (2, 3):
+            raise OSError(f"{path} gave a function list of unknown version {self._functions.version_major}")
+        # Kept alive as long as the module may read it (PKCS#11 says nothing about copying pReserved).
+        self._init_args: ctypes.Array[ctypes.c_char] | None = None
 
-    def initialize(self) -> int:
-        """C_Initialize with OS locking; returns the raw CK_RV."""
-        args = _InitializeArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
+    def initialize(self, init_args: bytes | None = None) -> int:
+        """C_Initialize with OS locking and ``init_args`` as pReserved (NUL-terminated); the raw CK_RV."""
+        if init_args is not None:
+            self._init_args = ctypes.create_string_buffer(init_args)
+        reserved = ctypes.cast(self._init_args, ctypes.c_void_p) if self._init_args is not None else None
+        args = _InitializeArgs(None, None, None, None, CKF_OS_LOCKING_OK, reserved)
         return int(self._functions.C_Initialize(ctypes.addressof(args)))
+
+    def token_info(self, slot_id: int) -> TokenInfo:
+        """C_GetTokenInfo: python-pkcs11's Token leaves out the session limits."""
+        info = TokenInfo()
+        rv = self._functions.C_GetTokenInfo(slot_id, ctypes.byref(info))
+        if rv != ReturnValue.OK:
+            raise OSError(f"C_GetTokenInfo failed: {ReturnValue.name_of(rv)}")
+        return info
 
     def finalize(self) -> int:
         return int(self._functions.C_Finalize(None))

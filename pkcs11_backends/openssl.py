@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pkcs11_backends.errors import Pkcs11Error
+from pkcs11_backends.module import Module
 
 _SYSTEM_PREFIXES = ("/usr/lib/", "/lib/", "/usr/lib64/", "/lib64/", "/usr/local/lib/")
 _MULTIARCH_GLOBS = ("/usr/lib/*-linux-gnu", "/usr/lib64", "/usr/lib")
@@ -96,7 +97,10 @@ def find_provider() -> Path | None:
 #
 # The caller logs in through its SessionPool first: PKCS#11 login is per
 # application, so the engine's and provider's sessions on the same module
-# instance are already logged in and never need the PIN.
+# instance are already logged in and never need the PIN. A module that makes a
+# new instance per C_GetFunctionList (p11-kit's client: ``Module.instance_per_call``)
+# gives them one of their own, not logged in: they are then given the pool's PIN
+# source and log in themselves.
 
 BACKEND_CHOICES = ("auto", "engine", "provider")
 
@@ -237,6 +241,9 @@ class EngineBackend:
         self._ctrl(engine, b"MODULE_PATH", self.module_path.encode())
         added = self._ex_data_slots(engine) - before
         self._ctx_index = added.pop() if len(added) == 1 else None
+        pin = _own_instance_pin(self.module_path)
+        if pin is not None:
+            self._ctrl(engine, b"PIN", pin)
         # The module is usually initialised already (python-pkcs11 with locking):
         # libp11 gets CKR_CRYPTOKI_ALREADY_INITIALIZED and carries on.
         if not lib.ENGINE_init(engine):
@@ -350,8 +357,12 @@ class ProviderBackend:
         # The provider's own digests and public-key operations need the default provider beside it.
         if not lib.OSSL_PROVIDER_load(libctx, b"default"):
             raise OpenSSLBackendError(f"cannot load OpenSSL's default provider: {_openssl_errors(lib)}")
-        settings = ((b"pkcs11-module-path", self.module_path.encode()), (b"pkcs11-module-quirks", b"no-deinit"),
-                    (b"pkcs11-module-cache-keys", b"false"))
+        settings: tuple[tuple[bytes, bytes], ...] = (
+            (b"pkcs11-module-path", self.module_path.encode()), (b"pkcs11-module-quirks", b"no-deinit"),
+            (b"pkcs11-module-cache-keys", b"false"))
+        pin = _own_instance_pin(self.module_path)
+        if pin is not None:
+            settings += ((b"pkcs11-module-token-pin", pin),)
         params = (_OsslParam * (len(settings) + 1))()  # the last one stays zeroed: the end marker
         for i, (key, value) in enumerate(settings):
             params[i] = _OsslParam(key, _OSSL_PARAM_UTF8_STRING, ctypes.cast(ctypes.c_char_p(value), ctypes.c_void_p),
@@ -387,6 +398,14 @@ class ProviderBackend:
             finally:
                 lib.OSSL_STORE_close(store)
             raise OpenSSLKeyError(f"pkcs11-provider found no private key at {uri}: {_openssl_errors(lib)}")
+
+
+def _own_instance_pin(module_path: str) -> bytes | None:
+    """The PIN, when this backend's instance of the module is not the session pool's (see above)."""
+    module = Module.loaded(module_path)
+    if module is None or not module.instance_per_call or module.login_pin is None:
+        return None
+    return module.login_pin()
 
 
 _backends: dict[tuple[str, str], KeyBackend] = {}

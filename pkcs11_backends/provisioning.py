@@ -10,7 +10,7 @@ from pkcs11.constants import TokenFlag
 
 from pkcs11_backends.errors import Pkcs11Error, TokenNotFoundError
 from pkcs11_backends.module import Module, TokenSelector
-from pkcs11_backends.native import ReturnValue
+from pkcs11_backends.returns import ReturnValue
 
 
 def init_token(module: Module, label: str, so_pin: bytes, user_pin: bytes) -> None:

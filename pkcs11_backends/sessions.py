@@ -9,6 +9,13 @@
 * Stale handles (token removed, module restarted) trigger the recovery ladder:
   new sessions → log in again → finalize/initialise the module. Meanwhile
   callers fail fast with :class:`TokenUnavailableError`.
+* Errors are told apart by return code (``returns.Fault``): ``CKR_GENERAL_ERROR`` is a
+  failed call, answered as such, not a token that went away. The ladder climbs to
+  ``C_Finalize``/``C_Initialize`` at once when calls keep failing (``FAULT_LIMIT`` in
+  a row) or fail again right after a login that "succeeded" (a module whose connection
+  dropped may answer ``CKR_USER_ALREADY_LOGGED_IN`` and then fail every ``C_Sign``).
+* Every other module error leaves a loan as :class:`TokenOperationError`: one line,
+  with its ``CKR_`` name.
 * ``C_Finalize`` while another thread is inside the module crashes it, so the last
   rung waits, under a :class:`_Gate`, until no borrowed session is in use.
 * A bounded call (``call_timeout``) runs on a spare thread so that a hung HSM cannot
@@ -34,32 +41,29 @@ import pkcs11
 from pkcs11.constants import TokenFlag
 
 from pkcs11_backends.errors import (
+    ModuleLimitError,
     PinError,
     PinIncorrectError,
     PinLockedError,
     Pkcs11Error,
     TokenNotFoundError,
+    TokenOperationError,
     TokenTimeoutError,
     TokenUnavailableError,
 )
 from pkcs11_backends.module import Module, TokenSelector
-from pkcs11_backends.native import ReturnValue
+from pkcs11_backends.native import UNAVAILABLE_INFORMATION
+from pkcs11_backends.returns import Fault, ReturnValue, describe, fault_of, rv_of
 
 T = TypeVar("T")
 
-# Errors after which the session (and maybe the whole module state) is useless.
-STALE_ERRORS: tuple[type[Exception], ...] = (
-    pkcs11.exceptions.SessionHandleInvalid,
-    pkcs11.exceptions.SessionClosed,
-    pkcs11.exceptions.DeviceRemoved,
-    pkcs11.exceptions.DeviceError,
-    pkcs11.exceptions.TokenNotPresent,
-    pkcs11.exceptions.TokenNotRecognised,
-    pkcs11.exceptions.ObjectHandleInvalid,
-    pkcs11.exceptions.KeyHandleInvalid,
-    pkcs11.exceptions.UserNotLoggedIn,
-    pkcs11.exceptions.GeneralError,
-)
+def _stale(exc: BaseException | None) -> pkcs11.PKCS11Error | None:
+    """``exc`` if it says the session (and maybe the whole module state) is useless (``returns.Fault.STALE``)."""
+    if isinstance(exc, pkcs11.PKCS11Error):
+        rv = rv_of(exc)
+        if rv is not None and fault_of(rv) is Fault.STALE:
+            return exc
+    return None
 
 
 def session_handle(session: pkcs11.Session) -> int:
@@ -258,23 +262,33 @@ class _Loan:
 
     def _end(self, exc: BaseException | None) -> None:
         pool, pooled = self._pool, self._pooled
-        if isinstance(exc, STALE_ERRORS):
+        stale = _stale(exc)
+        if stale is not None:
             generation = pooled.generation if pooled else pool._generation
             pool._discard(pooled)
             pool._lending.give_back(None)
             # Only once given back: recovery may hold the pool lock while it waits for every loan to end.
-            pool._mark_stale(generation, exc)
-            raise TokenUnavailableError(f"token {pool.selector} stopped answering: {exc!r}") from exc
+            pool._mark_stale(generation, stale)
+            raise TokenUnavailableError(f"token {pool.selector} stopped answering: {describe(stale)}") from exc
         if pooled is not None and pooled.generation == pool._generation:
             pool._lending.give_back(pooled)
         else:
             pool._discard(pooled)
             pool._lending.give_back(None)
+        if exc is None:
+            if pool._faults or pool._on_probation:  # plain reads on the path of every signature
+                pool._faults, pool._on_probation = 0, False
+        elif isinstance(exc, pkcs11.PKCS11Error):
+            rv = rv_of(exc)
+            if rv is not None and fault_of(rv) is Fault.MODULE:
+                pool._note_fault(pooled.generation if pooled else pool._generation, exc)
+            raise TokenOperationError(f"token {pool.selector}: the module answered {describe(exc)}", rv) from exc
 
 
 class SessionPool:
     RECOVERY_INTERVAL = 1.0
     DRAIN_TIMEOUT = 5.0
+    FAULT_LIMIT = 3  # failed calls in a row (CKR_GENERAL_ERROR...) after which the module is started afresh
 
     def __init__(
         self,
@@ -283,8 +297,14 @@ class SessionPool:
         pin: Callable[[], bytes],
         max_sessions: int = 8,
         call_timeout: float | None = None,
+        *,
+        processes: int = 1,
     ) -> None:
         self.module = module
+        self.processes = processes
+        self._faults = 0
+        self._on_probation = False  # recovered by a login alone: the next failure goes to C_Finalize
+        self._escalate = False
         self.call_timeout = call_timeout
         self._watch: _Watch | None = None
         self._hung = 0
@@ -337,6 +357,8 @@ class SessionPool:
         if self._pin_failure is not None:
             raise self._pin_failure
         token = self.module.find_token(self.selector)
+        if self._token is None:
+            self._check_limits(token)
         flags = token.flags
         if flags & TokenFlag.USER_PIN_LOCKED:
             self._refuse(PinLockedError(f"user PIN of token {token.label!r} is locked"))
@@ -353,6 +375,8 @@ class SessionPool:
         rv = self.module.native.login(session_handle(anchor), self._pin())
         if rv in (ReturnValue.OK, ReturnValue.USER_ALREADY_LOGGED_IN):
             self._token, self._anchor = token, anchor
+            if self.module.instance_per_call:
+                self.module.login_pin = self._pin  # the OpenSSL engine's own instance logs in with it
             self._generation += 1
             self._set_state(PoolState.READY, f"logged in to {token.label!r}")
             return
@@ -364,6 +388,16 @@ class SessionPool:
         if rv in (ReturnValue.PIN_INVALID, ReturnValue.PIN_LEN_RANGE, ReturnValue.PIN_EXPIRED):
             self._refuse(PinIncorrectError(f"token {token.label!r} rejected the PIN: {ReturnValue.name_of(rv)}"))
         raise TokenUnavailableError(f"C_Login on token {token.label!r} failed: {ReturnValue.name_of(rv)}")
+
+    def _check_limits(self, token: pkcs11.Token) -> None:
+        """Refuse a configuration that needs more sessions than the token allows at a time."""
+        info = self.module.token_info(token)
+        wanted = (self._max + 1) * self.processes  # the anchor holds the login beside the workers
+        for limit, what in ((info.ulMaxSessionCount, "sessions"), (info.ulMaxRwSessionCount, "read-write sessions")):
+            if limit not in (0, UNAVAILABLE_INFORMATION) and wanted > limit:
+                raise ModuleLimitError(
+                    f"token {token.label!r} allows {limit} {what} at a time; [pkcs11] max_sessions = {self._max} "
+                    f"(plus one for the login) in each of {self.processes} process(es) needs {wanted}")
 
     def _refuse(self, error: PinError) -> None:
         self._pin_failure = error
@@ -488,12 +522,19 @@ class SessionPool:
         self._fail_if_hung()
         self.recover()
 
-    def _mark_stale(self, generation: int, cause: Exception) -> None:
+    def _mark_stale(self, generation: int, cause: pkcs11.PKCS11Error, escalate: bool = False) -> None:
         with self._lock:
             if generation != self._generation or self._health.state is not PoolState.READY:
                 return
-            self._set_state(PoolState.RECOVERING, f"stale handles: {cause!r}")
+            self._escalate = escalate or self._on_probation
+            why = "the module keeps failing" if escalate else "stale handles"
+            self._set_state(PoolState.RECOVERING, f"{why}: {describe(cause)}")
             self._anchor = None
+
+    def _note_fault(self, generation: int, cause: pkcs11.PKCS11Error) -> None:
+        self._faults += 1
+        if self._faults >= self.FAULT_LIMIT or self._on_probation:
+            self._mark_stale(generation, cause, escalate=True)
 
     def recover(self, force: bool = False) -> None:
         """Walk the recovery ladder once; raise if the token is still away.
@@ -513,18 +554,31 @@ class SessionPool:
             self._next_recovery = now + self.RECOVERY_INTERVAL
             self._generation += 1  # every borrowed and idle session is now stale
             self._anchor = None
+            escalate, self._escalate = self._escalate, False
             try:
-                try:
-                    self._login()
-                except (TokenNotFoundError, TokenUnavailableError, pkcs11.PKCS11Error):
-                    # The module's own view of slots may be stale: start it afresh.
+                if escalate:
                     self._reinitialize()
                     self._login()
+                else:
+                    try:
+                        self._login()
+                    except (TokenNotFoundError, TokenUnavailableError, pkcs11.PKCS11Error):
+                        # The module's own view of slots may be stale: start it afresh.
+                        escalate = True
+                        self._reinitialize()
+                        self._login()
             except PinError:
                 raise
-            except (Pkcs11Error, pkcs11.PKCS11Error) as exc:
+            except pkcs11.PKCS11Error as exc:
+                self._escalate = True
+                self._set_state(PoolState.UNAVAILABLE, f"token {self.selector} unavailable: {describe(exc)}")
+                raise TokenUnavailableError(f"token {self.selector} is unavailable: {describe(exc)}") from exc
+            except Pkcs11Error as exc:
+                self._escalate = True
                 self._set_state(PoolState.UNAVAILABLE, f"token {self.selector} unavailable: {exc}")
                 raise TokenUnavailableError(f"token {self.selector} is unavailable: {exc}") from exc
+            # A login alone may "succeed" on a module that lost its connection: prove it with the next call.
+            self._faults, self._on_probation = 0, not escalate
             self._set_state(PoolState.READY, f"recovered: logged in to {self.selector}", recovered=True)
 
     def _reinitialize(self) -> None:

@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
     (["--clients", "1,x"], "--clients must be positive numbers separated by commas (e.g. 1,2,8,32), not '1,x'"),
     (["--clients", "0,8"], "--clients must be positive numbers separated by commas"),
     (["--clients", ""], "--clients must be positive numbers separated by commas"),
+    (["--hsm-clients", "8,many"], "--hsm-clients must be positive numbers separated by commas"),
+    (["--hsm-delay-us", "-5"], "--hsm-delay-us must be from 0 to 1000000 µs, not -5"),
 ])
 def test_bad_bench_settings_are_refused_at_once(args: list[str], message: str, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "bench", "--out", str(tmp_path), *args], cwd=REPO,

@@ -13,12 +13,12 @@ import uuid
 from collections.abc import Sequence
 
 from agent import __version__, audit, log
-from agent.cli import banks, cert, config, csr, daemon, doctor, jose, keys, tokens
+from agent.cli import banks, cert, config, csr, daemon, doctor, jose, keys, lifecycle, tokens
 from agent.cli.context import CliContext
 from agent.errors import EX_CONFIG, AgentError, ConfigError
 from pkcs11_backends.errors import Pkcs11Error
 
-COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, daemon)
+COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, daemon, lifecycle)
 
 
 def build_parser() -> argparse.ArgumentParser:

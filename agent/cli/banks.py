@@ -1,8 +1,6 @@
-"""``tpp-agent discover|register|registrations``: a bank's discovery document, registering
-the application with it over mTLS, and the log of every registration attempt.
-
-``discover`` and ``register`` go through a running agent (see agent/cli/context.py); ``registrations``
-reads the local registration log.
+"""``tpp-agent discover|register``: a bank's discovery document, and registering the application with it
+over mTLS. Both go through a running agent (see agent/cli/context.py); ``registrations`` is in
+agent/cli/lifecycle.py.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from typing import Any
 
 from agent.cli.context import CliContext
 from agent.openfinance.discovery import ENDPOINTS, DiscoveryDocument
-from agent.openfinance.records import RegistrationLog
 
 
 def register(sub: Any) -> None:
@@ -30,11 +27,6 @@ def register(sub: Any) -> None:
                      help="register again even if this certificate is already registered with the bank")
     reg.add_argument("--json", action="store_true")
     reg.set_defaults(handler=register_bank)
-
-    lst = sub.add_parser("registrations", help="list every registration attempt")
-    lst.add_argument("--bank", help="only this bank")
-    lst.add_argument("--json", action="store_true")
-    lst.set_defaults(handler=list_registrations)
 
 
 def discover(args: argparse.Namespace, ctx: CliContext) -> int:
@@ -70,20 +62,3 @@ def register_bank(args: argparse.Namespace, ctx: CliContext) -> int:
         print(f"  x-fapi-interaction-id: {result['interaction_id']}")
     return 0
 
-
-def list_registrations(args: argparse.Namespace, ctx: CliContext) -> int:
-    attempts = RegistrationLog(ctx.config.state_dir).attempts(args.bank)
-    if args.json:
-        print(json.dumps([a.as_dict() for a in attempts], indent=2))
-        return 0
-    if not attempts:
-        print("no registration attempts yet (register with `tpp-agent register BANK`)")
-        return 0
-    print(f"{'TIME (UTC)':<20} {'BANK':<12} {'OUTCOME':<11} {'HTTP':<4} {'INTERACTION ID':<36} {'CERT SHA-256':<16} "
-          "DETAIL")
-    for a in attempts:
-        when = datetime.datetime.fromisoformat(a.attempted_at).strftime("%Y-%m-%d %H:%M:%S")
-        detail = (a.error or "").split(" (")[0] or a.endpoint
-        print(f"{when:<20} {a.bank:<12} {a.outcome:<11} {a.status or '-'!s:<4} {a.interaction_id:<36} "
-              f"{a.cert_sha256[:16]:<16} {detail}")
-    return 0

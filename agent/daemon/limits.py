@@ -9,6 +9,7 @@ import dataclasses
 class Limits:
     max_connections: int = 256
     workers: int = 8                # for requests that stay on this host (token, policy, JWS)
+    max_workers: int | None = None  # None: always ``workers``; else up to this many while requests block
     bank_workers: int = 8           # for requests that call a bank
     max_request_bytes: int = 1 << 20
     max_header_bytes: int = 16 << 10
@@ -20,7 +21,8 @@ class Limits:
     busy_poll: float = 50e-6        # of which spent polling without sleeping
     log_successes: bool = True      # a log line for every answer; False: only for 4xx/5xx and dropped ones
     # Per caller (peer uid): connections, and requests a lane's workers hold or will hold at once (0: the lane's
-    # size). A caller over its share waits for its own earlier requests, never for a worker another caller needs.
+    # workers, as many as it has at the time). A caller over its share waits for its own earlier requests, never
+    # for a worker another caller needs.
     connections_per_uid: int = 64
     in_flight_per_uid: int = 0
     # A caller that no policy rule names may only ask health and ready: a few connections, one request at a time.

@@ -70,7 +70,7 @@ def run(config_path: str | None, socket_override: str | None) -> int:
 def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket, where: str,
           notifier: systemd.Notifier, *, accept: Accept | None = None) -> int:
     """One serving process: log in, check, serve ``listener``'s connections until SIGTERM; the exit status."""
-    runtime = Runtime(sections.config)
+    runtime = Runtime(sections.config, processes=settings.processes)
     # Serving processes side by side would take turns on one file's lock for every record: each has its own.
     audit = (own_trail(settings.audit_file, settings.audit_sync_interval) if settings.processes > 1
              else AuditTrail(settings.audit_file, settings.audit_sync_interval))
@@ -98,7 +98,7 @@ def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket,
                                   name="health", daemon=True)
         health.start()
         log.info("ready", socket=where, status=status, audit_file=str(audit.path),
-                 seconds=round(time.monotonic() - started, 3))
+                 seconds=round(time.monotonic() - started, 3), signing=runtime.keys.capabilities.summary())
         notifier.ready(status)
         server.serve_forever()
         stop_health.set()

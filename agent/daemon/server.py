@@ -23,6 +23,11 @@ at 1 client with 50 µs); one that does not costs at most that much CPU per answ
 The poll releases the interpreter lock at each turn and sees a request queued for
 a worker as the sleeping wait does.
 
+The workers for requests that stay on this host number ``workers`` (the CPUs) while
+requests compute, and grow up to ``max_workers`` (the token's sessions) while they
+block, as on a network HSM: :mod:`agent.daemon.sizing` measures a sample of the
+requests and the lane starts or retires workers to match.
+
 Requests that call a bank (``remote``) have workers of their own, ``bank_workers``:
 a bank that answers in seconds cannot hold the workers that sign, and signing needs
 few workers (more threads in one process only hand the interpreter lock around).
@@ -50,6 +55,7 @@ from agent.daemon.framing import CLOSED, EXPECT_CONTINUE, NEED_DATA, Message, Re
 from agent.daemon.http import HttpError, Request, Response, interaction_id, new_interaction_id, reply_interaction_id
 from agent.daemon.limits import Limits
 from agent.daemon.policy import Peer
+from agent.daemon.sizing import Meter, Sizing
 from agent.log import get_logger
 
 log = get_logger("tpp-agent.daemon")
@@ -62,6 +68,7 @@ Remote = Callable[[Request], bool]
 # Whether any policy rule names a peer: a caller with none gets the small quota of ``Limits.stranger_*``.
 Known = Callable[[Peer], bool]
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
+IDLE_WORKER_SECONDS = 2.0  # a worker beyond a lane's start that waits this long for a request ends
 
 
 def refuse_connection(sock: socket.socket, error: HttpError) -> None:
@@ -147,13 +154,17 @@ class _Linger:
 class _Lane:
     """Workers for one kind of request, the requests waiting for them, and the workers lingering."""
 
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, sizing: Sizing | None = None) -> None:
         self.name = name
-        self.size = size
+        self.size = size  # the workers at the start
+        # None in the queue: the worker that takes it ends (the lane shrinks, or the server stops).
         self.queue: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
         self.lingering: set[_Linger] = set()
         self.started = 0
         self.parked = 0  # requests waiting for their caller's share of this lane (guarded by the server's lock)
+        self.sizing = sizing  # None: the lane keeps ``size`` workers
+        self.workers = 0  # taking requests: started, less those retired or stuck in a hung call (under resizing)
+        self.resizing = threading.Lock()
 
     @property
     def idle(self) -> bool:
@@ -181,7 +192,9 @@ class Server:
         self.limits = limits
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._local = _Lane("worker", limits.workers)
+        grows = limits.max_workers is not None and limits.max_workers > limits.workers
+        self._local = _Lane("worker", limits.workers,
+                            Sizing(limits.workers, limits.max_workers) if grows and limits.max_workers else None)
         self._remote = remote
         self._known = known
         self._lanes = [self._local] + ([_Lane("bank", limits.bank_workers)] if remote else [])
@@ -413,7 +426,7 @@ class Server:
     def _dispatch(self, conn: _Connection, request: Request) -> None:
         lane = self._lane(request)
         key = (conn.peer.uid, lane.name)
-        share = (self.limits.in_flight_per_uid or lane.size) if conn.known else self.limits.stranger_in_flight
+        share = (self.limits.in_flight_per_uid or lane.workers) if conn.known else self.limits.stranger_in_flight
         with self._lock:
             self._in_flight += 1
             parked = self._load[key] >= share  # the caller's share is taken: it waits for its own requests only
@@ -480,8 +493,14 @@ class Server:
 
     # -- workers -------------------------------------------------------------
     def _start_worker(self, lane: _Lane) -> None:
-        # Daemon threads: a worker stuck in a hung token call must not keep the process from exiting.
+        with lane.resizing:
+            self._spawn(lane)
+
+    def _spawn(self, lane: _Lane) -> None:
+        """One more worker (``lane.resizing`` held)."""
         lane.started += 1
+        lane.workers += 1
+        # Daemon threads: a worker stuck in a hung token call must not keep the process from exiting.
         worker = threading.Thread(target=self._work, args=(lane,), name=f"{lane.name}_{lane.started}", daemon=True)
         worker.start()
 
@@ -489,12 +508,13 @@ class Server:
         thread = threading.get_ident()
         self._lane_of[thread] = lane
         linger = _Linger()
-        while (item := lane.queue.get()) is not None:
+        meter = lane.sizing.meter() if lane.sizing is not None else None
+        while (item := self._next_item(lane)) is not None:
             conn, request = item
             try:
                 next_request: Request | None = request
                 while next_request is not None:
-                    next_request = self._serve(thread, lane, linger, conn, next_request)
+                    next_request = self._serve(thread, lane, linger, conn, next_request, meter=meter)
             except Exception as exc:  # never lose a worker: the connection is the only casualty
                 log.error("worker_failed", peer_uid=conn.peer.uid, error=repr(exc)[:200])
                 self._close(conn)
@@ -508,15 +528,52 @@ class Server:
                 break
         del self._lane_of[thread]
         linger.close()
+        if meter is not None:
+            meter.close()
 
-    def _serve(self, thread: int, lane: _Lane, linger: _Linger, conn: _Connection,
-               request: Request) -> Request | None:
+    def _next_item(self, lane: _Lane) -> tuple[_Connection, Request] | None:
+        """The next request for this worker; None when it is to end: the server stops, the lane shrinks, or the
+        lane has grown past its start and this worker has had nothing to do for ``IDLE_WORKER_SECONDS`` (a lane
+        grown for a burst gives its threads back when the burst is over, as no request is left to measure)."""
+        if lane.sizing is None:
+            return lane.queue.get()
+        while True:
+            try:
+                return lane.queue.get(timeout=IDLE_WORKER_SECONDS)
+            except queue.Empty:
+                with lane.resizing:
+                    if lane.workers > lane.size:
+                        lane.workers -= 1
+                        return None
+
+    def _resize(self, lane: _Lane, wanted: int) -> None:
+        """Start or retire workers so that ``wanted`` take requests (retired ones end once idle)."""
+        with lane.resizing:
+            if self._stopping.is_set() or wanted == lane.workers:
+                return
+            was = lane.workers
+            while lane.workers < wanted:
+                self._spawn(lane)
+            while lane.workers > wanted:
+                lane.workers -= 1
+                lane.queue.put(None)
+        log.info("workers_resized", lane=lane.name, workers=wanted, was=was)
+
+    def _serve(self, thread: int, lane: _Lane, linger: _Linger, conn: _Connection, request: Request, *,
+               meter: Meter | None) -> Request | None:
         """Answer one request; the same client's next one if it came at once (else the connection is handed back)."""
         self._serving[thread] = (conn, request)
+        wanted = None
         try:
+            if meter is not None:
+                meter.begin()
             response = self._respond(request)
+            if meter is not None:
+                wanted = meter.end()
         finally:
             del self._serving[thread]
+        if wanted is not None:
+            self._resize(lane, wanted)
         keep_alive = request.head.keep_alive and not self._stopping.is_set()
         with conn.writing:
             late = conn.answered
@@ -609,5 +666,7 @@ class Server:
             if replacing:
                 self._replaced.add(thread)
         if replacing and lane is not None:
+            with lane.resizing:
+                lane.workers -= 1  # until its call returns; then it ends
             self._start_worker(lane)
             self._done(conn, lane)  # the caller's next requests must not wait behind the hung one

@@ -62,10 +62,11 @@ class DaemonSettings:
         if mode & 0o007:
             raise ConfigError("[daemon] socket_mode must give others no access", hint='use "0660" or "0600"')
         processes = _processes(section)
+        workers, max_workers = _workers(section, processes, config.pkcs11.max_sessions)
         limits = Limits(
             max_connections=_number(section, "max_connections", 256, int, low=1, high=100_000),
-            # The token's work is CPU work: by default the CPUs, shared among the serving processes.
-            workers=_number(section, "workers", max(1, _cpus() // processes), int, low=1, high=256),
+            workers=workers,
+            max_workers=max_workers,
             bank_workers=_number(section, "bank_workers", 8, int, low=1, high=256),
             max_request_bytes=_number(section, "max_request_bytes", 1 << 20, int, low=1024, high=1 << 30),
             request_timeout=_number(section, "request_timeout", 10.0, float, low=0.1, high=3600),
@@ -93,6 +94,22 @@ def _processes(section: Mapping[str, Any]) -> int:
         raise ConfigError(f"[daemon] processes must be \"auto\" or a whole number from 1 to 64, got {value!r}",
                           hint='"auto" runs one serving process per CPU')
     return value
+
+
+def _workers(section: Mapping[str, Any], processes: int, sessions: int) -> tuple[int, int | None]:
+    """``workers`` and ``max_workers`` of :class:`Limits`. By default ("auto") the CPUs, shared among the
+    serving processes, while requests compute (a local token's work is CPU work), and up to the token's sessions
+    while they block (a network HSM's round trips, audit syncs): see :mod:`agent.daemon.sizing`. A number:
+    that many workers, always."""
+    base = max(1, _cpus() // processes)
+    value = section.get("workers", "auto")
+    if value == "auto":
+        return base, max(base, sessions)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ConfigError(f"[daemon] workers must be \"auto\" or a whole number from 1 to 256, got {value!r}",
+                          hint='"auto" (the default): the CPUs while requests compute, up to [pkcs11] '
+                               "max_sessions while they wait on the token")
+    return value, None
 
 
 def _audit_sync_interval(section: Mapping[str, Any]) -> float | None:

@@ -1,44 +1,28 @@
-"""Every registration attempt, in ``STATE_DIR/registrations.sqlite3``.
+"""Every registration attempt, in the state store (``agent/state``: SQLite by default, PostgreSQL for a fleet).
 
-The row is written *before* the POST (outcome ``pending``) and completed after it, in
-WAL mode with ``synchronous=FULL``: an attempt that may have reached the bank is on disk
-even if the agent dies during the request. Nothing retries on its own; the log is what
-an operator reads to decide.
+The row is written *before* the POST (outcome ``pending``) and completed after it: an attempt that may have
+reached the bank is on disk even if the agent dies during the request. Nothing retries on its own; the log
+is what an operator reads to decide.
 
-The log is also what decides whether a registration may be sent: :meth:`RegistrationLog.claim`
-reads the earlier attempts and writes the new ``pending`` row in one ``BEGIN IMMEDIATE``
-transaction, so of the threads and processes sharing a state dir only one can claim it.
+An attempt is for one transport certificate (``cert_sha256``: the SHA-256 of its DER, its ``x5t#S256`` in
+hex) at one registration endpoint (the URL the bank's discovery document names): the bank knows a TPP by the
+certificate it registered, at the endpoint it registered it, so a bank moved from its sandbox to its
+production URL is registered again, and so is a new certificate.
+
+The log also decides whether a registration may be sent: :meth:`RegistrationLog.claim` reads the earlier
+attempts for the pair and writes the new ``pending`` row in one transaction that holds the pair's claim row
+locked, so of the threads, processes and hosts sharing the store only one can claim it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 
-DB_NAME = "registrations.sqlite3"
+from agent.state import StateStore
+from agent.state.store import Row, Transaction
+
 BODY_LIMIT = 4096  # enough for any error document; a bank that sends a page of HTML gets cut
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS registrations (
-    id             INTEGER PRIMARY KEY AUTOINCREMENT,
-    bank           TEXT NOT NULL,
-    endpoint       TEXT NOT NULL,
-    attempted_at   TEXT NOT NULL,
-    cert_sha256    TEXT NOT NULL,
-    cert_subject   TEXT NOT NULL,
-    interaction_id TEXT NOT NULL,
-    outcome        TEXT NOT NULL,
-    status         INTEGER,
-    response_body  TEXT,
-    error          TEXT,
-    duration_ms    REAL
-);
-CREATE INDEX IF NOT EXISTS registrations_bank_cert ON registrations (bank, cert_sha256, outcome);
-"""
 
 PENDING, REGISTERED, FAILED = "pending", "registered", "failed"
 UNCERTAIN = "uncertain"  # the request may have reached the bank; its answer never came
@@ -64,7 +48,7 @@ class Attempt:
 
 
 class UnresolvedAttemptError(Exception):
-    """The last attempt for this bank and certificate is pending or uncertain: it may have reached the bank."""
+    """The last attempt for this certificate and endpoint is pending or uncertain: it may have reached the bank."""
 
     def __init__(self, attempt: Attempt) -> None:
         super().__init__(f"registration attempt {attempt.id} for bank {attempt.bank!r} is {attempt.outcome}")
@@ -79,91 +63,71 @@ def truncate_body(body: bytes) -> str:
 
 
 class RegistrationLog:
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / DB_NAME
-        state_dir.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.row_factory = sqlite3.Row
-            yield db
-        finally:
-            db.close()
-
-    def claim(self, bank: str, cert_sha256: str, cert_subject: str, interaction_id: str, *,
+    def claim(self, bank: str, cert_sha256: str, cert_subject: str, endpoint: str, interaction_id: str, *,
               force: bool) -> Attempt:
-        """The attempt that stands for this bank and certificate: the last ``registered`` one, or else a new
-        ``pending`` one, which only this caller holds.
+        """The attempt that stands for this certificate at this endpoint: the last ``registered`` one, or else a
+        new ``pending`` one, which only this caller holds.
 
         Raises :class:`UnresolvedAttemptError` when the last attempt is pending or uncertain. ``force``
-        skips both checks. The new row's endpoint is empty until :meth:`address` (discovery needs the
-        network, and nothing here may wait on it while holding the write lock).
+        skips both checks. Nothing here waits on the network while it holds the pair's lock.
         """
-        with self._connect() as db:
-            # IMMEDIATE takes the write lock at BEGIN: a second claimant waits here, then sees this one's row.
-            db.execute("BEGIN IMMEDIATE")
+        with self.store.transaction() as tx:
+            tx.execute("INSERT INTO registration_claims (cert_sha256, endpoint) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                       (cert_sha256, endpoint))
+            # The lock a second claimant (thread, process or host) waits on; it then sees this one's row.
+            claim = "SELECT cert_sha256 FROM registration_claims WHERE cert_sha256 = ? AND endpoint = ?"
+            tx.execute(tx.for_update(claim), (cert_sha256, endpoint))
+            if not force:
+                registered = _last(tx, cert_sha256, endpoint, REGISTERED)
+                if registered is not None:
+                    return registered
+                last = _last(tx, cert_sha256, endpoint)
+                if last is not None and last.outcome in (PENDING, UNCERTAIN):
+                    raise UnresolvedAttemptError(last)
             now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
-            try:
-                if not force:
-                    registered = _last(db, bank, cert_sha256, REGISTERED)
-                    if registered is not None:
-                        return registered
-                    last = _last(db, bank, cert_sha256)
-                    if last is not None and last.outcome in (PENDING, UNCERTAIN):
-                        raise UnresolvedAttemptError(last)
-                cursor = db.execute(
-                    "INSERT INTO registrations (bank, endpoint, attempted_at, cert_sha256, cert_subject,"
-                    " interaction_id, outcome) VALUES (?, '', ?, ?, ?, ?, ?)",
-                    (bank, now, cert_sha256, cert_subject, interaction_id, PENDING))
-                claimed = _attempt(db.execute("SELECT * FROM registrations WHERE id = ?", (cursor.lastrowid,)))
-                db.execute("COMMIT")
-            finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-        assert claimed is not None
-        return claimed
-
-    def address(self, row_id: int, endpoint: str) -> None:
-        """Where the claimed attempt goes: written before it is sent."""
-        with self._connect() as db:
-            db.execute("UPDATE registrations SET endpoint = ? WHERE id = ?", (endpoint, row_id))
-
-    def release(self, row_id: int) -> None:
-        """Give up a claim that was never sent (discovery failed): it was no attempt, the log keeps none."""
-        with self._connect() as db:
-            db.execute("DELETE FROM registrations WHERE id = ? AND outcome = ?", (row_id, PENDING))
+            row = tx.one("INSERT INTO registrations (bank, endpoint, attempted_at, cert_sha256, cert_subject,"
+                         " interaction_id, outcome) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                         (bank, endpoint, now, cert_sha256, cert_subject, interaction_id, PENDING))
+        assert row is not None
+        return _attempt(row)
 
     def finish(self, row_id: int, outcome: str, *, status: int | None, body: bytes | None, error: str | None,
                duration_ms: float) -> None:
-        with self._connect() as db:
-            db.execute(
+        with self.store.transaction() as tx:
+            tx.execute(
                 "UPDATE registrations SET outcome = ?, status = ?, response_body = ?, error = ?, duration_ms = ?"
                 " WHERE id = ?",
                 (outcome, status, truncate_body(body) if body is not None else None, error, round(duration_ms, 1),
                  row_id))
 
+    def standing(self, cert_sha256: str, endpoint: str) -> Attempt | None:
+        """The last attempt for this certificate at this endpoint: what decides whether it is registered."""
+        with self.store.transaction(write=False) as tx:
+            registered = _last(tx, cert_sha256, endpoint, REGISTERED)
+            return registered or _last(tx, cert_sha256, endpoint)
+
     def attempts(self, bank: str | None = None) -> list[Attempt]:
-        with self._connect() as db:
+        with self.store.transaction(write=False) as tx:
             if bank is None:
-                rows = db.execute("SELECT * FROM registrations ORDER BY id").fetchall()
+                rows = tx.execute("SELECT * FROM registrations ORDER BY id")
             else:
-                rows = db.execute("SELECT * FROM registrations WHERE bank = ? ORDER BY id", (bank,)).fetchall()
-        return [Attempt(**dict(row)) for row in rows]
+                rows = tx.execute("SELECT * FROM registrations WHERE bank = ? ORDER BY id", (bank,))
+        return [_attempt(row) for row in rows]
 
 
-def _attempt(cursor: sqlite3.Cursor) -> Attempt | None:
-    row = cursor.fetchone()
-    return Attempt(**dict(row)) if row else None
+def _attempt(row: Row) -> Attempt:
+    return Attempt(**row)
 
 
-def _last(db: sqlite3.Connection, bank: str, cert_sha256: str, outcome: str | None = None) -> Attempt | None:
-    """The last attempt for this bank and certificate (with this outcome, when given)."""
-    return _attempt(db.execute("SELECT * FROM registrations WHERE bank = ? AND cert_sha256 = ?"
-                               " AND (? IS NULL OR outcome = ?) ORDER BY id DESC LIMIT 1",
-                               (bank, cert_sha256, outcome, outcome)))
+def _last(tx: Transaction, cert_sha256: str, endpoint: str, outcome: str | None = None) -> Attempt | None:
+    """The last attempt for this certificate at this endpoint (with this outcome, when given)."""
+    if outcome is None:
+        row = tx.one("SELECT * FROM registrations WHERE cert_sha256 = ? AND endpoint = ? ORDER BY id DESC LIMIT 1",
+                     (cert_sha256, endpoint))
+    else:
+        row = tx.one("SELECT * FROM registrations WHERE cert_sha256 = ? AND endpoint = ? AND outcome = ?"
+                     " ORDER BY id DESC LIMIT 1", (cert_sha256, endpoint, outcome))
+    return _attempt(row) if row is not None else None

@@ -5,8 +5,9 @@ Any 2xx is success. Each failure is its own error naming the bank, the interacti
 and what to check. Every attempt is logged (``records.py``) before it is sent; a
 registration that succeeded for this bank and certificate is not sent again unless
 forced, and nothing here ever retries on its own: a POST that may have reached the bank
-is the operator's call. The log's claim is atomic, so this holds for concurrent callers
-too (daemon threads, agent processes sharing a state dir).
+is the operator's call. "Already registered" is per transport certificate and per
+registration endpoint. The log's claim is atomic, so this holds for concurrent callers
+too (daemon threads, agent processes sharing a state dir, hosts sharing a database).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class RegistrationError(AgentError):
 
     def __init__(self, bank: str, endpoint: str, interaction_id: str, status: int, body: bytes) -> None:
         self.bank, self.endpoint, self.interaction_id, self.status = bank, endpoint, interaction_id, status
-        detail = _error_summary(body)
+        detail = error_summary(body)
         super().__init__(
             f"bank {bank!r} refused the registration: HTTP {status}{': ' + detail if detail else ''} "
             f"({endpoint}, x-fapi-interaction-id {interaction_id})",
@@ -96,8 +97,8 @@ def _error_class(status: int) -> type[RegistrationError]:
     return _BY_STATUS.get(status, UnexpectedStatusError)
 
 
-def _error_summary(body: bytes) -> str:
-    """The bank's own words, short: a JSON error document's message, else the first line of the body."""
+def error_summary(body: bytes) -> str:
+    """The server's own words, short: a JSON error document's message, else the first line of the body."""
     try:
         document = json.loads(body)
     except ValueError:
@@ -146,8 +147,12 @@ class Registrar:
     def register(self, force: bool = False) -> RegistrationResult:
         bank, identity = self.bank, self.identity
         interaction_id = str(uuid.uuid4())
+        # The endpoint is part of what is registered (a bank moved to another URL registers again): discovery
+        # first, from its cache while that is fresh, and never while the claim is held.
+        endpoint = self.discovery.get().endpoint("registration_endpoint", bank.use_mtls_aliases)
         try:
-            claimed = self.records.claim(bank.name, identity.sha256, identity.subject, interaction_id, force=force)
+            claimed = self.records.claim(bank.name, identity.sha256, identity.subject, endpoint, interaction_id,
+                                         force=force)
         except UnresolvedAttemptError as exc:
             # A timeout, a lost connection or a crash mid-request: the bank may hold it. Never resend blindly.
             raise RegistrationOutcomeUnknownError(exc.attempt) from None
@@ -155,13 +160,6 @@ class Registrar:
             return RegistrationResult(bank.name, claimed.endpoint, claimed.interaction_id, claimed.status or 0,
                                       0.0, already=claimed)
         row = claimed.id
-        try:
-            # After the claim: an answer the log already gives needs no discovery (and no reachable bank).
-            endpoint = self.discovery.get().endpoint("registration_endpoint", bank.use_mtls_aliases)
-        except BaseException:
-            self.records.release(row)
-            raise
-        self.records.address(row, endpoint)
         started = time.monotonic()
 
         def elapsed() -> float:

@@ -25,6 +25,7 @@ from agent.openfinance.records import RegistrationLog
 from agent.openfinance.registration import Identity, Registrar
 from agent.openfinance.tokens import TokenClient
 from agent.runtime import Runtime
+from agent.state import open_state
 from agent.transport.client import BankTransport, Response, open_transport
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class OpenFinance:
 
     @functools.cached_property
     def records(self) -> RegistrationLog:
-        return RegistrationLog(self.config.state_dir)
+        return RegistrationLog(open_state(self.config))
 
     def bank(self, name: str) -> BankConfig:
         return find_bank(self.sections.banks, name)

@@ -34,6 +34,7 @@ from urllib3 import exceptions as u3
 from urllib3.util.ssl_match_hostname import CertificateError
 
 from agent import log
+from agent.lifecycle.validity import validity_problem
 from agent.runtime import Runtime
 from agent.transport import errors
 from agent.transport.pool import (
@@ -94,6 +95,10 @@ class BankTransport:
             raise errors.ConnectFailedError("only https:// URLs are allowed for banks", bank=self.bank, url=url,
                                             interaction_id=interaction_id or "-")
         interaction_id = interaction_id or str(uuid.uuid4())
+        problem = validity_problem(self.tls.certificate)  # a context outlives its certificate's validity
+        if problem is not None:
+            raise errors.ClientCertNotPresentedError(f"the client certificate is {problem}", bank=self.bank, url=url,
+                                                     interaction_id=interaction_id)
         sent = {k.lower(): v for k, v in (headers or {}).items()}
         sent[INTERACTION_HEADER] = interaction_id
         if json is not None:

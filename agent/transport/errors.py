@@ -3,7 +3,8 @@
 Everything raised while talking to a bank is a :class:`TransportError` that names
 the bank, the URL and the ``x-fapi-interaction-id`` of the attempt (so the bank's
 support can find it), and says what to check. Setting up a TLS context fails
-with a :class:`TlsSetupError` instead (configuration, not the network).
+with a :class:`TlsSetupError` instead (configuration, not the network), e.g.
+:class:`ClientCertificateValidityError` for a client certificate that is expired or not yet valid.
 
     TransportError
     ├── TlsError
@@ -14,6 +15,7 @@ with a :class:`TlsSetupError` instead (configuration, not the network).
     │   │   ├── ClientCertRevokedError    … because it was revoked
     │   │   └── ClientCertUnknownCaError  … because the bank does not trust its issuer
     │   └── HandshakeFailedError          no common protocol/suite, or another TLS failure
+    ├── ClientCertNotPresentedError       our certificate is outside its validity period: nothing sent
     ├── ConnectFailedError                no TCP connection (DNS, network)
     │   └── ConnectRefusedError           nothing listens on the bank's port
     ├── BankTimeoutError
@@ -40,6 +42,13 @@ class KeyCertificateMismatchError(TlsSetupError):
 
 class ClientCertificateMissingError(TlsSetupError):
     hint = "import the transport certificate onto the token next to the key, or set client_certificate to a PEM file"
+
+
+class ClientCertificateValidityError(TlsSetupError):
+    """The client certificate is expired or not yet valid: it is never presented."""
+
+    hint = ("import a current transport certificate (tpp-agent cert import; tpp-agent certs needs-renewal tells "
+            "when one is due), or check the system clock")
 
 
 class CaBundleError(TlsSetupError):
@@ -83,6 +92,11 @@ class ClientCertRejectedError(TlsError):
 
 class ClientCertExpiredError(ClientCertRejectedError):
     what_to_check = "our transport certificate has expired: issue a new one in the directory and import it"
+
+
+class ClientCertNotPresentedError(TransportError):
+    what_to_check = ("our transport certificate is outside its validity period, so nothing was sent: import a "
+                     "current one (tpp-agent cert import), or check the system clock")
 
 
 class ClientCertRevokedError(ClientCertRejectedError):

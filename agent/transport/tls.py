@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import datetime
 import functools
 import re
 from collections.abc import Mapping
@@ -43,8 +42,14 @@ from OpenSSL._util import ffi as _ffi
 from agent import log
 from agent.compat import not_valid_after, pyopenssl_certificate
 from agent.errors import ConfigError
+from agent.lifecycle.validity import expiry_warning_days, renewal_due, validity_problem
 from agent.runtime import Runtime
-from agent.transport.errors import CaBundleError, ClientCertificateMissingError, KeyCertificateMismatchError
+from agent.transport.errors import (
+    CaBundleError,
+    ClientCertificateMissingError,
+    ClientCertificateValidityError,
+    KeyCertificateMismatchError,
+)
 from pkcs11_backends.openssl import check_linkage, key_backend, libssl
 
 FAPI_TLS12_CIPHERS = (
@@ -165,7 +170,12 @@ def build_context(runtime: Runtime, settings: TlsSettings, openssl_backend: str 
     context.set_options(SSL.OP_NO_COMPRESSION)
     context.set_verify(SSL.VERIFY_PEER)
     _load_trust(context, settings)
-    chain = _client_chain(runtime, settings)
+    chain = client_chain(runtime, settings)
+    problem = validity_problem(chain[0])
+    if problem is not None:
+        raise ClientCertificateValidityError(
+            f"bank {settings.bank!r}: the client certificate {chain[0].subject.rfc4514_string()} is {problem}; "
+            "it is never presented")
     context.use_certificate(pyopenssl_certificate(chain[0]))
     for extra in chain[1:]:
         context.add_extra_chain_cert(pyopenssl_certificate(extra))
@@ -184,7 +194,7 @@ def build_context(runtime: Runtime, settings: TlsSettings, openssl_backend: str 
         raise KeyCertificateMismatchError(
             f"the client certificate {chain[0].subject.rfc4514_string()} does not belong to the token key {uri}",
         ) from exc
-    _warn_if_expiring(settings.bank, chain[0])
+    _warn_if_expiring(settings.bank, chain[0], expiry_warning_days(runtime.config))
     return TlsContext(settings.bank, context, chain[0], uri, backend.name, generation)
 
 
@@ -214,7 +224,7 @@ def _load_trust(context: SSL.Context, settings: TlsSettings) -> None:
         context.set_default_verify_paths()
 
 
-def _client_chain(runtime: Runtime, settings: TlsSettings) -> list[x509.Certificate]:
+def client_chain(runtime: Runtime, settings: TlsSettings) -> list[x509.Certificate]:
     """Our certificate first, then any intermediates (from the PEM file)."""
     if settings.client_certificate is not None:
         try:
@@ -233,10 +243,8 @@ def _client_chain(runtime: Runtime, settings: TlsSettings) -> list[x509.Certific
     return [x509.load_der_x509_certificate(info.certificate.der)]
 
 
-def _warn_if_expiring(bank: str, cert: x509.Certificate) -> None:
+def _warn_if_expiring(bank: str, cert: x509.Certificate, days: int) -> None:
     not_after = not_valid_after(cert)
-    left = not_after - datetime.datetime.now(datetime.UTC)
-    if left < datetime.timedelta(days=14):
+    if renewal_due(not_after, days):
         _logger.warning("tls.client_certificate_expiring", bank=bank, not_after=not_after.isoformat(),
-                        subject=cert.subject.rfc4514_string())
-
+                        subject=cert.subject.rfc4514_string(), expiry_warning_days=days)

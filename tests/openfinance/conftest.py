@@ -54,9 +54,11 @@ class Tpp:
         trail = AuditTrail(self.state_dir / "audit.jsonl")
         return Core(sections.parse(config.raw, config.path), self.runtime, lambda: trail).banks
 
-    def write_config(self, bank: ModelBank, **settings: object) -> Path:
-        """The same as a TOML file, for the console script (token and PIN of the session's token)."""
-        lines = [f'[state]\ndir = "{self.state_dir}"\n',
+    def write_config(self, bank: ModelBank, database: str | None = None, **settings: object) -> Path:
+        """The same as a TOML file, for the console script (token and PIN of the session's token);
+        ``database``: ``[state] database``."""
+        state = f'dir = "{self.state_dir}"' + (f'\ndatabase = "{database}"' if database else "")
+        lines = [f'[state]\n{state}\n',
                  f'[pkcs11]\nmodule = "{config_module.default_module()}"\ntoken = "tpp-agent"',
                  f'pin_file = "{self.softhsm_state / "softhsm" / "user.pin"}"\n',
                  f'[pkcs11.environment]\nSOFTHSM2_CONF = "{self.softhsm_state / "softhsm" / "softhsm2.conf"}"\n',

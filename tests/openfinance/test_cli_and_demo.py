@@ -25,12 +25,21 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_discover_register_and_list(tpp: Tpp, bank: ModelBank) -> None:
     config = tpp.write_config(bank, use_mtls_aliases=True)
+    [unknown] = json.loads(cli(config, "registrations", "--json").stdout)
+    assert (unknown["state"], unknown["endpoint"]) == ("unknown", None)
+    assert unknown["problem"] == f"registration endpoint not known: discover it with `tpp-agent discover {BANK}`"
+    missing = cli(config, "registrations", "--bank", "nosuchbank")
+    assert missing.returncode == 1 and "error: no bank 'nosuchbank' in the configuration (configured: mb)" in \
+        missing.stderr
 
     shown = cli(config, "discover", BANK)
     assert shown.returncode == 0, shown.stderr
     assert f"issuer {bank.issuer}" in shown.stdout and "/mtls/tpp-registration  (mTLS alias)" in shown.stdout
     as_json = json.loads(cli(config, "discover", BANK, "--json").stdout)
     assert as_json["document"]["issuer"] == bank.issuer and as_json["fetched_now"] is False
+
+    before = cli(config, "registrations")
+    assert before.returncode == 0 and f"{BANK:<16} not registered" in before.stdout
 
     bank.behaviour = Behaviour.failing("500")
     failed = cli(config, "register", BANK)
@@ -52,12 +61,19 @@ def test_cli_discover_register_and_list(tpp: Tpp, bank: ModelBank) -> None:
     assert again.returncode == 0 and "already registered" in again.stdout and "--force" in again.stdout
     assert len(bank.registrations) == 1
 
-    listed = json.loads(cli(config, "registrations", "--json").stdout)
+    listed = json.loads(cli(config, "registrations", "--attempts", "--json").stdout)
     assert [(a["outcome"], a["status"]) for a in listed] == [("failed", 500), ("registered", 204)]
     assert listed[1]["interaction_id"] == registration.interaction_id
     assert listed[1]["cert_sha256"] == registration.sha256
-    table = cli(config, "registrations").stdout
+    table = cli(config, "registrations", "--attempts").stdout
     assert "registered" in table and registration.interaction_id in table
+
+    [status] = json.loads(cli(config, "registrations", "--json").stdout)
+    assert (status["bank"], status["state"], status["certificate_sha256"]) == (BANK, "registered", registration.sha256)
+    assert status["endpoint"] == bank.url + "/mtls/tpp-registration"
+    assert status["attempt"]["interaction_id"] == registration.interaction_id
+    view = cli(config, "registrations")
+    assert view.returncode == 0 and f"{BANK:<16} registered" in view.stdout
 
 
 def test_cli_unknown_bank(tpp: Tpp, bank: ModelBank) -> None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import os
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from agent.openfinance.records import DB_NAME, FAILED, REGISTERED, UNCERTAIN
+from agent.lifecycle.readiness import transport_certificate_problems
+from agent.openfinance.banks import parse_banks
+from agent.openfinance.records import FAILED, REGISTERED, UNCERTAIN
 from agent.openfinance.registration import (
     BankServerError,
     RegistrationError,
@@ -16,6 +23,7 @@ from agent.openfinance.registration import (
     RegistrationUnauthorizedError,
 )
 from agent.openfinance.service import OpenFinance
+from agent.state import SQLITE_NAME
 from agent.transport import errors
 from modelbank import Behaviour, ModelBank
 from tests.openfinance.conftest import BANK, Tpp, issue_identity
@@ -52,7 +60,7 @@ def test_log_is_wal_with_full_sync_and_keeps_bodies(service: OpenFinance, bank: 
     bank.behaviour = Behaviour(registration_status=400)
     with pytest.raises(RegistrationRejectedError):
         service.registrar(BANK).register()
-    db = sqlite3.connect(tpp.state_dir / DB_NAME)
+    db = sqlite3.connect(tpp.state_dir / SQLITE_NAME)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     body, error = db.execute("SELECT response_body, error FROM registrations").fetchone()
     assert "model bank configured to answer 400" in body and error.startswith("RegistrationRejectedError")
@@ -115,18 +123,17 @@ def test_tls_failures_are_distinct_and_agent_stays_usable(service: OpenFinance, 
     assert registrar.register().status == 204
 
 
-def test_expired_client_certificate(tpp: Tpp, bank: ModelBank) -> None:
+def test_expired_client_certificate_is_never_presented(tpp: Tpp, bank: ModelBank) -> None:
     uri, _, pem = issue_identity(tpp.runtime, bank, expired=True)
     cert_file = tpp.state_dir / "expired.pem"
     cert_file.write_bytes(pem)
     service = tpp.service(bank, client_key=uri, client_certificate=str(cert_file))
     try:
-        with pytest.raises(errors.ClientCertExpiredError) as caught:
+        with pytest.raises(errors.ClientCertificateValidityError, match=f"bank '{BANK}'.* expired on"):
             service.registrar(BANK).register()
-        assert "expired" in caught.value.hint
     finally:
         service.close()
-    assert not bank.registrations
+    assert not bank.registrations and bank.handshakes == 0 and service.records.attempts() == []
 
 
 def test_bank_that_never_answers_times_out_once(tpp: Tpp, bank: ModelBank) -> None:
@@ -149,3 +156,53 @@ def test_bank_that_never_answers_times_out_once(tpp: Tpp, bank: ModelBank) -> No
         assert registrar.register(force=True).status == 204
     finally:
         service.close()
+
+
+def test_readiness_names_the_banks_whose_certificate_cannot_be_presented(tpp: Tpp, bank: ModelBank) -> None:
+    uri, _, pem = issue_identity(tpp.runtime, bank, expired=True)
+    expired = tpp.state_dir / "expired.pem"
+    expired.write_bytes(pem)
+    config = tpp.config(bank)
+    banks = {**parse_banks(config),
+             "old": parse_banks(tpp.config(bank, client_key=uri, client_certificate=str(expired)))[BANK]}
+    [problem] = transport_certificate_problems(tpp.runtime, banks)
+    assert problem.startswith("bank 'old': the transport certificate CN=") and " is expired on " in problem
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=400)
+    assert len(transport_certificate_problems(tpp.runtime, banks, later)) == 2
+    assert transport_certificate_problems(tpp.runtime, parse_banks(config)) == []
+
+
+def test_another_registration_endpoint_is_registered_again(tpp: Tpp, bank: ModelBank) -> None:
+    """A bank moved from one registration endpoint to another (sandbox to production, here: to its mTLS alias)
+    is registered again with the same certificate; back at the first, the first registration stands."""
+    plain = tpp.service(bank)
+    aliased = tpp.service(bank, use_mtls_aliases=True)
+    try:
+        first = plain.registrar(BANK).register()
+        moved = aliased.registrar(BANK).register()
+        assert moved.already is None and moved.endpoint == bank.url + "/mtls/tpp-registration"
+        assert [r.path for r in bank.registrations] == ["/tpp-registration", "/mtls/tpp-registration"]
+        back = plain.registrar(BANK).register()
+        assert back.already is not None and back.interaction_id == first.interaction_id
+        assert aliased.registrar(BANK).register().interaction_id == moved.interaction_id
+    finally:
+        plain.close()
+        aliased.close()
+    assert len(bank.registrations) == 2
+
+
+@pytest.mark.parametrize("days,warned", [(None, False), (400, True)])
+def test_the_tls_layer_warns_by_the_configured_threshold(tpp: Tpp, bank: ModelBank, days: int | None,
+                                                         warned: bool) -> None:
+    config = tpp.write_config(bank)
+    if days is not None:
+        config.write_text(config.read_text() + f"\n[certificates]\nexpiry_warning_days = {days}\n")
+    env = {**os.environ, "TPP_AGENT_CONFIG": str(config)}
+    env.pop("SOFTHSM2_CONF", None)
+    done = subprocess.run([str(Path(sys.executable).parent / "tpp-agent"), "--direct", "discover", BANK],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    # The certificate has 395 days: due within 400 days, not within the default 30.
+    assert ("tls.client_certificate_expiring" in done.stderr) is warned, done.stderr
+    if warned:
+        assert "expiry_warning_days=400" in done.stderr

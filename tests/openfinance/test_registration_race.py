@@ -1,36 +1,21 @@
-"""A registration is sent once, whoever asks at the same moment: threads of one agent, or
-agent processes sharing a state dir. The log's claim decides, in one SQLite write transaction."""
+"""A registration is sent once, whoever asks at the same moment: threads of one agent here; processes and
+hosts sharing the state store in tests/state and tests/openfinance/test_fleet.py. The log's claim decides."""
 
 from __future__ import annotations
 
 import contextvars
-import json
-import sqlite3
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
-from agent.openfinance.records import (
-    DB_NAME,
-    FAILED,
-    PENDING,
-    REGISTERED,
-    UNCERTAIN,
-    RegistrationLog,
-    UnresolvedAttemptError,
-)
+from agent.openfinance.records import PENDING, REGISTERED
 from agent.openfinance.registration import RegistrationOutcomeUnknownError, RegistrationResult
 from agent.openfinance.service import OpenFinance
 from modelbank import Behaviour, ModelBank
-from modelbank.server import REGISTRATION_PATH, Registration
+from modelbank.server import DISCOVERY_PATH, REGISTRATION_PATH, Registration
 from tests.openfinance.conftest import BANK
 
 CALLERS = 4
-REPO = Path(__file__).resolve().parents[2]
-SHA = "ab" * 32
 
 
 def _posts(bank: ModelBank) -> list[str]:
@@ -109,7 +94,7 @@ def test_forced_registration_is_sent_while_another_is_pending(service: OpenFinan
     assert [a.outcome for a in service.records.attempts()] == [REGISTERED, REGISTERED]
 
 
-def test_discovery_failure_releases_the_claim(service: OpenFinance, bank: ModelBank) -> None:
+def test_discovery_failure_leaves_no_attempt(service: OpenFinance, bank: ModelBank) -> None:
     bank.behaviour = Behaviour.failing("wrong-issuer")
     with pytest.raises(Exception, match="issuer"):
         service.registrar(BANK).register()
@@ -118,80 +103,9 @@ def test_discovery_failure_releases_the_claim(service: OpenFinance, bank: ModelB
     assert service.registrar(BANK).register().status == 204
 
 
-def test_already_registered_needs_no_discovery(service: OpenFinance, bank: ModelBank) -> None:
+def test_already_registered_needs_no_connection(service: OpenFinance, bank: ModelBank) -> None:
     first = service.registrar(BANK).register()
-    service.discovery(BANK).cache_file.unlink()
-    bank.behaviour = Behaviour.failing("wrong-issuer")  # a fetch now would fail
+    bank.behaviour = Behaviour.failing("wrong-issuer")  # a fetch now would fail: the cached document is used
     assert service.registrar(BANK).register().already is not None
     assert first.interaction_id == service.records.attempts()[0].interaction_id
-
-
-def test_claim_decides_by_the_earlier_attempts(tmp_path: Path) -> None:
-    log = RegistrationLog(tmp_path)
-    first = log.claim(BANK, SHA, "CN=tpp", "one", force=False)
-    assert first.outcome == PENDING and first.endpoint == ""
-    with pytest.raises(UnresolvedAttemptError) as pending:
-        log.claim(BANK, SHA, "CN=tpp", "two", force=False)
-    assert pending.value.attempt == first
-    assert log.claim(BANK, "cd" * 32, "CN=tpp", "other certificate", force=False).outcome == PENDING
-
-    log.finish(first.id, UNCERTAIN, status=None, body=None, error="ReadTimeoutError", duration_ms=1)
-    with pytest.raises(UnresolvedAttemptError):
-        log.claim(BANK, SHA, "CN=tpp", "three", force=False)
-    forced = log.claim(BANK, SHA, "CN=tpp", "forced", force=True)
-    log.finish(forced.id, FAILED, status=500, body=b"", error="BankServerError", duration_ms=1)
-    retry = log.claim(BANK, SHA, "CN=tpp", "after a refusal", force=False)
-    assert retry.outcome == PENDING
-
-    log.address(retry.id, "https://bank/tpp-registration")
-    log.finish(retry.id, REGISTERED, status=204, body=b"", error=None, duration_ms=1)
-    already = log.claim(BANK, SHA, "CN=tpp", "again", force=False)
-    assert already.interaction_id == "after a refusal" and already.endpoint == "https://bank/tpp-registration"
-    assert log.claim(BANK, SHA, "CN=tpp", "forced again", force=True).outcome == PENDING
-    assert len(log.attempts()) == 5
-
-
-_CLAIMANT = """
-import json, sys
-from pathlib import Path
-from agent.openfinance.records import RegistrationLog, UnresolvedAttemptError
-log = RegistrationLog(Path(sys.argv[1]))
-print("ready", flush=True)
-sys.stdin.readline()
-print("claiming", flush=True)
-try:
-    attempt = log.claim("mb", sys.argv[2], "CN=tpp", sys.argv[3], force=False)
-    print(json.dumps({"claimed": attempt.interaction_id}), flush=True)
-except UnresolvedAttemptError as exc:
-    print(json.dumps({"refused": exc.attempt.interaction_id}), flush=True)
-"""
-
-
-def test_processes_sharing_a_state_dir_claim_once(tmp_path: Path) -> None:
-    RegistrationLog(tmp_path)
-    # The test holds the write lock until every claimant is on its way: they all wait at BEGIN, then race.
-    blocker = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    claimants = [subprocess.Popen([sys.executable, "-c", _CLAIMANT, str(tmp_path), SHA, f"process-{i}"], cwd=REPO,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(CALLERS)]
-    try:
-        for proc in claimants:
-            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        for proc in claimants:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        for proc in claimants:
-            assert proc.stdout is not None and proc.stdout.readline() == "claiming\n"
-        blocker.execute("ROLLBACK")
-        answers = [json.loads(proc.communicate(timeout=60)[0]) for proc in claimants]
-    finally:
-        blocker.close()
-        for proc in claimants:
-            proc.kill()
-            proc.wait()
-    assert all(proc.returncode == 0 for proc in claimants)
-    [winner] = [a["claimed"] for a in answers if "claimed" in a]
-    assert sorted(a.get("refused", "") for a in answers) == [""] + [winner] * (CALLERS - 1)
-    [row] = RegistrationLog(tmp_path).attempts()
-    assert (row.interaction_id, row.outcome) == (winner, PENDING)
+    assert [path for _, path, _ in bank.requests].count(DISCOVERY_PATH) == 1

@@ -70,15 +70,21 @@ def test_server_does_not_trust_our_ca(shared_runtime: Runtime, bank_ca: TestCa, 
         still_works(transport, good_server)
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_our_certificate_expired(shared_runtime: Runtime, bank_ca: TestCa, pki_dir: Path, serve: Any,
-                                 version: ssl.TLSVersion) -> None:
+def test_our_expired_certificate_is_never_presented(shared_runtime: Runtime, bank_ca: TestCa,
+                                                    good_server: TlsHttpServer) -> None:
     key = client_identity(shared_runtime, bank_ca, expired=True)
-    server = serve(server_context(*bank_ca.server_identity(pki_dir), bank_ca.pem_path, max_version=version))
-    with open_transport(shared_runtime, settings_for("bank1", bank_ca, key)) as transport, \
-            pytest.raises(errors.ClientCertExpiredError) as caught:
-        transport.get(f"https://localhost:{server.port}/x")
-    assert "expired" in caught.value.hint
+    with pytest.raises(errors.ClientCertificateValidityError, match=r"expired on .* never presented") as caught:
+        open_transport(shared_runtime, settings_for("bank1", bank_ca, key))
+    assert "tpp-agent cert import" in caught.value.hint
+    # A transport built while its certificate was valid stops sending once it is not, before any connection.
+    good = client_identity(shared_runtime, bank_ca)
+    expired = bank_ca.issue(bank_ca.key.public_key(), "tpp expired", expired=True)
+    with open_transport(shared_runtime, settings_for("bank1", bank_ca, good)) as transport:
+        outlived = BankTransport(transport.settings, dataclasses.replace(transport.tls, certificate=expired))
+        with pytest.raises(errors.ClientCertNotPresentedError, match="expired on") as sent:
+            outlived.get(f"https://localhost:{good_server.port}/x", interaction_id="iid-expired")
+        assert "iid-expired" in sent.value.hint and outlived.stats.total == 0
+        still_works(transport, good_server)
 
 
 def test_connection_refused(transport: BankTransport, good_server: TlsHttpServer) -> None:
