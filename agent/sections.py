@@ -43,6 +43,17 @@ class CertificateSettings:
         return cls(expiry_warning_days(config))
 
 
+def _directory(config: Config) -> DirectorySettings | None:
+    """The directory's API settings; a [directory] with participants_url alone serves `banks sync` only."""
+    table = config.section("directory")
+    if set(table) <= {"participants_url"}:
+        url = table.get("participants_url")
+        if url is not None and (not isinstance(url, str) or not url.startswith("https://")):
+            raise ConfigError(f"[directory] participants_url must be an https:// URL in {config.where}")
+        return None
+    return DirectorySettings.from_config(config)
+
+
 # The sections config.parse reads itself (the token and its keys: everything else needs them).
 _CORE_SECTIONS = ("state", "pkcs11", "keys")
 # Top-level settings that are no section: config.read merges the banks files ``include`` names.
@@ -56,8 +67,7 @@ PARSERS: Mapping[str, tuple[str, Callable[[Config], object]]] = {
     "tokens": ("tokens", TokenSettings.from_config),
     "jose": ("jose", JoseSettings.from_config),
     "certificates": ("certificates", CertificateSettings.parse),
-    "directory": ("directory", lambda config: DirectorySettings.from_config(config)
-                  if config.section("directory") else None),
+    "directory": ("directory", _directory),
     "policy": ("policy", lambda config: Policy.parse(config.section("policy"), config.keys,
                                                      frozenset(config.section("banks")))),
 }
