@@ -4,7 +4,9 @@
 
 Everything lives under DIR/softhsm/: its own softhsm2.conf and token directory
 (no system-wide token is touched), a random SO PIN and a random user PIN in
-files of mode 0600. Running it again with the same label changes nothing.
+files of mode 0600. The token gets the key that signs the audit trail's
+checkpoints (label ``audit``, P-256: the default ``[daemon] audit_checkpoint_key``).
+Running it again with the same label changes nothing.
 Point SOFTHSM2_CONF at DIR/softhsm/softhsm2.conf (the agent's defaults do).
 """
 
@@ -16,6 +18,7 @@ import secrets
 import sys
 from pathlib import Path
 
+AUDIT_KEY = "audit"
 SOFTHSM_MODULES = (
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
@@ -60,7 +63,27 @@ def make_token(state_dir: Path, label: str) -> Path:
     except TokenNotFoundError:
         init_token(module, label, so_pin, user_pin)
         print(f"created token {label!r} in {tokens}")
+    _make_audit_key(state_dir, module_path, label, home / "user.pin", conf)
     return conf
+
+
+def _make_audit_key(state_dir: Path, module_path: str, label: str, pin_file: Path, conf: Path) -> None:
+    from agent import config
+    from agent.runtime import Runtime
+    from pkcs11_backends.errors import KeyNotFoundError
+    from pkcs11_backends.keys import KeySpec
+
+    runtime = Runtime(config.parse({"state": {"dir": str(state_dir)}, "pkcs11": {
+        "module": module_path, "token": label, "pin_file": str(pin_file),
+        "environment": {"SOFTHSM2_CONF": str(conf)}}}))
+    try:
+        try:
+            runtime.keys.info(f"pkcs11:object={AUDIT_KEY}")
+        except KeyNotFoundError:
+            runtime.keys.generate(AUDIT_KEY, KeySpec.parse("ec:p256"))
+            print(f"created the audit checkpoint key {AUDIT_KEY!r} (ec:p256)")
+    finally:
+        runtime.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from asn1crypto import csr, pem
 
-from agent.audit import KeyUse, own_trail
+from agent.audit import KeyUse, anchor_on, own_trail
+from agent.runtime import Runtime
 from tests.conftest import Token
 
 KEY = "pkcs11:object=transport"
@@ -23,11 +24,14 @@ SIGNER = f'[keys.signer]\nuri = "{KEY}"\n'  # JWS needs a configured key (with i
 def audited_token(token: Token, tmp_path: Path) -> Token:
     token.write_config(f'[daemon]\naudit_file = "{tmp_path / "trail" / "audit.jsonl"}"\n{SIGNER}')
     token.cli("keys", "generate", "--label", "transport", "--type", "rsa:2048", check=True)
+    token.cli("keys", "generate", "--label", "audit", "--type", "ec:p256", check=True)  # signs checkpoints
     return token
 
 
 def records(tmp_path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (tmp_path / "trail" / "audit.jsonl").read_text().splitlines()]
+    """The key uses in the trail (checkpoints left out)."""
+    lines = (tmp_path / "trail" / "audit.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["operation"] != "checkpoint"]
 
 
 def test_csr_and_direct_jws_are_audited_as_the_operator(audited_token: Token, tmp_path: Path) -> None:
@@ -50,7 +54,8 @@ def test_csr_and_direct_jws_are_audited_as_the_operator(audited_token: Token, tm
     assert csr_record["interaction_id"] != jws_record["interaction_id"]
 
     verified = audited_token.cli("audit", "verify", check=True)
-    assert "2 record(s), chain intact" in verified.stdout
+    # Each command checkpointed the trail when it started signing and when it ended.
+    assert "6 record(s), chain intact, checkpoints verified" in verified.stdout
 
 
 def test_reading_keys_needs_no_trail_but_signing_refuses_without_one(token: Token, tmp_path: Path) -> None:
@@ -71,14 +76,19 @@ def test_reading_keys_needs_no_trail_but_signing_refuses_without_one(token: Toke
 def test_verify_checks_every_serving_process_trail_and_names_the_damaged_one(audited_token: Token,
                                                                              tmp_path: Path) -> None:
     audited_token.cli("csr", "--key", KEY, "--subject", "CN=audited", check=True)  # the shared audit.jsonl
-    trails = [own_trail(tmp_path / "trail" / "audit.jsonl") for _ in range(2)]  # as two serving processes
-    for n, trail in enumerate(trails):
-        for _ in range(n + 2):
-            trail.record(KeyUse(0, 1, KEY, "sign", "ES256", b"x", "ok", "id"))
-        trail.close()
+    runtime = Runtime(audited_token.config())
+    try:
+        trails = [own_trail(tmp_path / "trail" / "audit.jsonl") for _ in range(2)]  # as two serving processes
+        for n, trail in enumerate(trails):
+            trail.anchor(anchor_on(runtime.keys, "pkcs11:object=audit"), None)
+            for _ in range(n + 2):
+                trail.record(KeyUse(0, 1, KEY, "sign", "ES256", b"x", "ok", "id"))
+            trail.close()
+    finally:
+        runtime.close()
     intact = audited_token.cli("audit", "verify", check=True)
-    assert [line.split(": ", 1)[1] for line in intact.stdout.splitlines()] == [
-        "1 record(s), chain intact", "2 record(s), chain intact", "3 record(s), chain intact"]
+    assert [line.split(": ", 1)[1] for line in intact.stdout.splitlines()[:3]] == [
+        f"{n} record(s), chain intact, checkpoints verified" for n in (3, 4, 5)]
 
     damaged = trails[1].path
     lines = damaged.read_text().splitlines()
@@ -86,5 +96,5 @@ def test_verify_checks_every_serving_process_trail_and_names_the_damaged_one(aud
     refused = audited_token.cli("audit", "verify")
     assert refused.returncode == 1
     assert f"{damaged}:2: removed: record 2 missing" in refused.stdout
-    assert f"audit trail {trails[0].path}: 2 record(s), chain intact" in refused.stdout
-    assert f"audit trail {damaged}: 1 problem(s) in 2 line(s)" in refused.stderr
+    assert f"audit trail {trails[0].path}: 4 record(s), chain intact, checkpoints verified" in refused.stdout
+    assert f"audit trail {damaged}: 1 problem(s) in 4 line(s)" in refused.stderr

@@ -12,7 +12,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 
-from agent import __version__, audit, log
+from agent import __version__, audit, hardening, log
 from agent.cli import banks, cert, config, csr, daemon, doctor, jose, keys, lifecycle, tokens
 from agent.cli.context import CliContext
 from agent.errors import EX_CONFIG, AgentError, ConfigError
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    hardening.no_core_dumps()  # before anything reads a PIN or a token
     args = build_parser().parse_args(argv)
     log.configure("console")  # log lines (requests, interaction ids) on stderr; results on stdout
     context = CliContext(args.config, direct=args.direct)

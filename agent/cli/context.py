@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 
 from agent import sections as sections_module
-from agent.audit import AuditError, AuditTrail
+from agent.audit import AuditError, AuditTrail, find_anchor
 from agent.cli.backend import Backend, Direct, ThroughAgent
 from agent.client import AgentClient, AgentUnavailableError, UntrustedAgentError
 from agent.config import Config
@@ -51,11 +51,21 @@ class CliContext:
         """The agent's audit trail, shared with it (appends are locked across processes)."""
         settings = self.sections.daemon
         try:
-            return AuditTrail(settings.audit_file, settings.audit_sync_interval)
+            trail = AuditTrail(settings.audit_file, settings.audit_sync_interval)
         except AuditError as exc:
             raise AuditError(f"{exc}; nothing was signed", hint=(
                 "signing on the token from the CLI is audited into [daemon] audit_file: run this as a user who "
                 "may write it (e.g. the agent's user), or let a running agent do it (drop --direct)")) from None
+        try:  # checkpointed like the agent's: one when this command starts using keys, one when it ends
+            # Quiet when the key is missing: the agent warns at each start, `audit verify` says what it means.
+            anchor = find_anchor(self.runtime.keys, settings.audit_checkpoint_key,
+                                 required=settings.audit_checkpoint_required, warn=False)
+            if anchor is not None:
+                trail.anchor(anchor, None)
+        except BaseException:
+            trail.close()
+            raise
+        return trail
 
     @functools.cached_property
     def core(self) -> Core:
@@ -86,11 +96,13 @@ class CliContext:
         return AgentClient(path, timeout=_CALL_TIMEOUT)
 
     def close(self) -> None:
-        if "backend" in self.__dict__:
-            self.backend.close()
-        if "core" in self.__dict__:
-            self.core.close()
-        if "runtime" in self.__dict__:
-            self.runtime.close()
-        if "audit" in self.__dict__:
-            self.audit.close()
+        try:
+            if "backend" in self.__dict__:
+                self.backend.close()
+            if "core" in self.__dict__:
+                self.core.close()
+            if "audit" in self.__dict__:
+                self.audit.close()  # before the runtime: its closing checkpoint is signed on the token
+        finally:
+            if "runtime" in self.__dict__:
+                self.runtime.close()

@@ -134,6 +134,9 @@ class Agent:
     # -- health --------------------------------------------------------------
     def health_check(self) -> Readiness:
         """Ask the token something real; stale handles start the pool's recovery."""
+        if self.audit.cut:  # no key use until an operator restarts the agent (agent/audit.py)
+            self.readiness = Readiness(False, self.audit.cut)
+            return self.readiness
         try:
             count = count_private_keys(self.runtime.pool, expect_some=bool(self.config.keys))
         except (Pkcs11Error, AgentError) as exc:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent import sections as sections_module
-from agent.audit import AuditTrail, own_trail
+from agent.audit import AuditTrail, find_anchor, own_trail
 from agent.daemon import processes, systemd
 from agent.daemon.app import Agent
 from agent.daemon.listener import bind_unix
@@ -80,6 +80,10 @@ def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket,
         started = time.monotonic()
         try:
             status = agent.preflight()
+            anchor = find_anchor(runtime.keys, settings.audit_checkpoint_key,
+                                 required=settings.audit_checkpoint_required)
+            if anchor is not None:
+                audit.anchor(anchor, settings.audit_checkpoint_interval)
         except (PinError, AgentError) as exc:
             log.error("startup_failed", error=str(exc), hint=exc.hint)
             notifier.status(f"start-up failed: {exc}")
@@ -108,8 +112,10 @@ def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket,
                  audit_last_seq=audit.last_seq)
         return 0
     finally:
-        runtime.close()
-        audit.close()
+        try:
+            audit.close()  # first: the closing checkpoint is signed on the token
+        finally:
+            runtime.close()
 
 
 class _AnswerHungCalls:

@@ -30,7 +30,7 @@ from agent.operations.core import Caller, check_purpose, execute
 from agent.operations.errors import KeyPurposeError, NotReadyError, PolicyDenied, UnknownKeyError
 from agent.operations.inputs import InvalidInput
 from agent.operations.spec import Access, Operation, Resource, Spec
-from agent.transport.errors import TransportError
+from agent.transport.errors import BankBusyError, BankTimeoutError, ResponseTooLargeError, TransportError
 from pkcs11_backends.errors import (
     AmbiguousKeyError,
     KeyNotFoundError,
@@ -170,6 +170,12 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(404, "unknown_bank", str(exc), hint)
     if isinstance(exc, ConfigError):
         return HttpError(500, "config_error", str(exc), hint)
+    if isinstance(exc, BankBusyError):
+        return HttpError(503, "bank_busy", str(exc), hint, (("Retry-After", "1"),))
+    if isinstance(exc, BankTimeoutError):
+        return HttpError(504, "bank_timeout", str(exc), hint)
+    if isinstance(exc, ResponseTooLargeError):
+        return HttpError(502, "bank_answer_too_large", str(exc), hint)
     if isinstance(exc, TransportError):
         return HttpError(502, "bank_unreachable", str(exc), hint)
     if isinstance(exc, DiscoveryError):

@@ -51,6 +51,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from agent import waiting
 from agent.daemon.framing import CLOSED, EXPECT_CONTINUE, NEED_DATA, Message, RequestReader
 from agent.daemon.http import HttpError, Request, Response, interaction_id, new_interaction_id, reply_interaction_id
 from agent.daemon.limits import Limits
@@ -445,11 +446,11 @@ class Server:
         key = (conn.peer.uid, lane.name)
         with self._lock:  # in flight last: the drain closes idle connections once nothing is in flight
             self._in_flight -= 1
-            waiting = self._parked.get(key)
-            if waiting:
-                item = waiting.popleft()
+            queued = self._parked.get(key)  # not "waiting": that is the module the workers defer answers with
+            if queued:
+                item = queued.popleft()
                 lane.parked -= 1
-                if not waiting:
+                if not queued:
                     del self._parked[key]
             else:
                 item = None
@@ -507,6 +508,8 @@ class Server:
     def _work(self, lane: _Lane) -> None:
         thread = threading.get_ident()
         self._lane_of[thread] = lane
+        if lane is self._local:  # its signatures leave only in its answers: those can wait, not the worker
+            waiting.defer_here()
         linger = _Linger()
         meter = lane.sizing.meter() if lane.sizing is not None else None
         while (item := self._next_item(lane)) is not None:
@@ -574,6 +577,44 @@ class Server:
             del self._serving[thread]
         if wanted is not None:
             self._resize(lane, wanted)
+        records = waiting.take_deferred()
+        if records:  # the answer leaves once its audit records are durable, and this worker moves on
+            trail, seq = max(records, key=lambda record: record[1])
+            with self._lock:
+                self._in_flight += 1  # until the answer is sent: the drain waits for it
+            trail.when_durable(seq, lambda error: self._answer_durable(lane, conn, request, response, error))
+            return None
+        following = self._answer(lane, linger, conn, request, response)
+        if following is None:
+            return None
+        if self._lane(following) is lane and lane.idle:
+            return following
+        # Another caller waits for a worker (or the request is for the other workers): to the back of the queue.
+        self._dispatch(conn, following)
+        return None
+
+    def _answer_durable(self, lane: _Lane, conn: _Connection, request: Request, response: Response,
+                        error: Exception | None) -> None:
+        """On the audit trail's committer thread: send an answer whose records are now durable (or say why
+        they are not); the client's next request, if it came already, goes to the workers."""
+        try:
+            if error is not None:
+                response = Response.error(HttpError(500, "audit_unavailable", str(error),
+                                                    getattr(error, "hint", "") or ""), request.interaction_id)
+            following = self._answer(lane, None, conn, request, response)
+            if following is not None:
+                self._dispatch(conn, following)
+        except Exception as exc:
+            log.error("worker_failed", peer_uid=conn.peer.uid, error=repr(exc)[:200])
+            self._close(conn)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _answer(self, lane: _Lane, linger: _Linger | None, conn: _Connection, request: Request,
+                response: Response) -> Request | None:
+        """Send ``response`` and log it; the same client's next request if it came at once (lingering for it
+        with ``linger``), else None and the connection is handed back (or closed)."""
         keep_alive = request.head.keep_alive and not self._stopping.is_set()
         with conn.writing:
             late = conn.answered
@@ -590,14 +631,7 @@ class Server:
         if not (keep_alive and sent is _Sent.ALL):
             self._close(conn)
             return None
-        following = self._next(lane, linger, conn)
-        if following is None:
-            return None
-        if self._lane(following) is lane and lane.idle:
-            return following
-        # Another caller waits for a worker (or the request is for the other workers): to the back of the queue.
-        self._dispatch(conn, following)
-        return None
+        return self._next(lane, linger, conn)
 
     def _respond(self, request: Request) -> Response:
         try:
@@ -626,10 +660,10 @@ class Server:
         self._watch(conn, select.EPOLLOUT | select.EPOLLONESHOT)
         return _Sent.QUEUED
 
-    def _next(self, lane: _Lane, linger: _Linger, conn: _Connection) -> Request | None:
+    def _next(self, lane: _Lane, linger: _Linger | None, conn: _Connection) -> Request | None:
         """The same client's next request if it is whole at once; else the connection goes back to the I/O thread."""
         conn.reset(time.monotonic(), self.limits.idle_timeout)
-        if not conn.reader.in_progress and lane.idle:  # nobody else waits for a worker: linger
+        if linger is not None and not conn.reader.in_progress and lane.idle:  # nobody waits for a worker: linger
             lane.lingering.add(linger)
             try:  # a request queued before we were in the set woke nobody: look again
                 readable = lane.idle and linger.wait(conn.sock, self.limits.linger, self.limits.busy_poll)

@@ -16,7 +16,8 @@ from agent.errors import ConfigError
 _KNOWN = {"socket", "socket_group", "socket_mode", "workers", "bank_workers", "max_connections", "max_request_bytes",
           "request_timeout", "idle_timeout", "health_interval", "audit_file", "audit_sync",
           "audit_sync_interval_ms", "log_level", "processes", "busy_poll_us", "request_log",
-          "connections_per_uid", "in_flight_per_uid"}
+          "connections_per_uid", "in_flight_per_uid",
+          "audit_checkpoint_key", "audit_checkpoint_seconds"}
 AUDIT_SYNC_MODES = ("always", "interval")
 REQUEST_LOG_MODES = ("all", "failures")
 
@@ -37,6 +38,10 @@ class DaemonSettings:
     audit_sync_interval: float | None  # seconds between background syncs; None: each record synced on its own
     log_level: str
     processes: int = 1
+    # The token key that signs the trail's checkpoints (agent/audit.py); required on the token once named here.
+    audit_checkpoint_key: str = "audit"
+    audit_checkpoint_required: bool = False
+    audit_checkpoint_interval: float = 60.0
 
     @classmethod
     def parse(cls, config: Config, socket_override: str | None = None) -> DaemonSettings:
@@ -79,7 +84,9 @@ class DaemonSettings:
         audit = Path(_text(section, "audit_file", str(config.state_dir / "audit.jsonl"))).expanduser()
         return cls(socket, gid, mode, limits, _number(section, "health_interval", 10.0, float, low=0.1, high=3600),
                    audit if audit.is_absolute() else base / audit, _audit_sync_interval(section),
-                   _text(section, "log_level", "info"), processes)
+                   _text(section, "log_level", "info"), processes, _text(section, "audit_checkpoint_key", "audit"),
+                   "audit_checkpoint_key" in section,
+                   _number(section, "audit_checkpoint_seconds", 60.0, float, low=1, high=86400))
 
 
 def _cpus() -> int:

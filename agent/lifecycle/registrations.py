@@ -21,6 +21,7 @@ from agent.openfinance.client import BankResponse
 from agent.openfinance.discovery import Discovery, DiscoveryError
 from agent.openfinance.records import REGISTERED, Attempt, RegistrationLog
 from agent.runtime import Runtime
+from agent.transport.client import AnswerLimit
 from agent.transport.tls import client_chain
 from pkcs11_backends.errors import Pkcs11Error
 
@@ -54,7 +55,8 @@ class _Offline:
     """Discovery's transport for a read-only view: only the cache is read, nothing is fetched."""
 
     def request(self, method: str, url: str, *, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> BankResponse:
+                headers: Mapping[str, str] | None = None, interaction_id: str | None = None,
+                limit: AnswerLimit = "max_response_bytes") -> BankResponse:
         raise DiscoveryError("not fetched: this view is offline")
 
 

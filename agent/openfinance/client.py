@@ -8,7 +8,10 @@ which already name the bank, the URL and the interaction id.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Protocol
+
+from agent.transport.client import AnswerLimit
 
 
 class BankResponse(Protocol):
@@ -24,4 +27,13 @@ class BankResponse(Protocol):
 
 class BankHttp(Protocol):
     def request(self, method: str, url: str, *, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> BankResponse: ...
+                headers: Mapping[str, str] | None = None, interaction_id: str | None = None,
+                limit: AnswerLimit = "max_response_bytes") -> BankResponse:
+        """``limit`` names the [banks.NAME] setting that bounds the answer's size."""
+
+
+class LimitedBankHttp(BankHttp, Protocol):
+    """A transport that also lends one of the bank's places for requests in flight (``max_in_flight``)."""
+
+    def slot(self, what: str = "-", interaction_id: str = "-") -> AbstractContextManager[None]:
+        """For a caller that must wait (for another's answer) before it sends: the wait counts as a request."""

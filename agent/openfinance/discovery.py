@@ -15,18 +15,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent import log
+from agent import files, log
 from agent.errors import AgentError
 from agent.openfinance.banks import BankConfig
 from agent.openfinance.client import BankHttp, BankResponse
-from agent.transport.errors import BankTimeoutError, ConnectFailedError, ConnectionLostError
+from agent.transport.errors import BankTimeoutError, ConnectFailedError, ConnectionLostError, RequestDeadlineError
 
 ENDPOINTS = ("registration_endpoint", "token_endpoint", "pushed_authorization_request_endpoint")
 _REQUIRED = ("issuer", "registration_endpoint")
 # A GET of the document is safe to repeat: after a network failure or a 5xx/429, try again after
-# these pauses (then give up with the last error). TLS failures are not retried: they do not pass.
+# these pauses (then give up with the last error). TLS failures are not retried: they do not pass;
+# nor is a bank that did not finish its answer within request_timeout: it would hold a bank worker
+# three times as long.
 RETRY_DELAYS = (0.25, 1.0)
 _RETRIED_ERRORS = (ConnectFailedError, BankTimeoutError, ConnectionLostError)
+_NOT_RETRIED_ERRORS = (RequestDeadlineError,)
 
 _logger = log.get_logger("openfinance.discovery")
 
@@ -133,9 +136,10 @@ class Discovery:
     def _get(self) -> BankResponse:
         for pause in (*RETRY_DELAYS, None):
             try:
-                response = self.http.request("GET", self.bank.discovery_url, headers={"Accept": "application/json"})
+                response = self.http.request("GET", self.bank.discovery_url, headers={"Accept": "application/json"},
+                                             limit="max_discovery_bytes")
             except _RETRIED_ERRORS as exc:
-                if pause is None:
+                if pause is None or isinstance(exc, _NOT_RETRIED_ERRORS):
                     raise
                 failure = f"{type(exc).__name__}: {exc.detail}"
                 interaction_id = exc.interaction_id
@@ -150,7 +154,7 @@ class Discovery:
 
     def _store(self, doc: DiscoveryDocument) -> None:
         # Write-then-rename: a reader sees the old document or the new one, never half.
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        os.close(files.open_dir(self.cache_file.parent))  # 0700 whatever the umask, not a link
         fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=f".{self.bank.name}.", suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(doc.as_dict(), handle, indent=2, sort_keys=True)

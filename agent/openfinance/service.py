@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import threading
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
@@ -26,7 +27,7 @@ from agent.openfinance.registration import Identity, Registrar
 from agent.openfinance.tokens import TokenClient
 from agent.runtime import Runtime
 from agent.state import open_state
-from agent.transport.client import BankTransport, Response, open_transport
+from agent.transport.client import AnswerLimit, BankTransport, Response, open_transport
 
 if TYPE_CHECKING:
     from agent.audit import AuditedKeyStore
@@ -154,19 +155,23 @@ class ObservedTransport:
         self.bank = bank
 
     def request(self, method: str, url: str, *, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, interaction_id: str | None = None) -> Response:
+                headers: Mapping[str, str] | None = None, interaction_id: str | None = None,
+                limit: AnswerLimit = "max_response_bytes") -> Response:
         observer = self.owner.observer
         # The record says which host was called: the caller chose the URL (forward), within the bank's origins.
         host = _origin(url)
         try:
             response = self.owner.transport(self.bank).request(method, url, body=body, headers=headers,
-                                                               interaction_id=interaction_id)
+                                                               interaction_id=interaction_id, limit=limit)
         except Exception as exc:
             observer.bank_call(self._call(method, url, body, interaction_id, f"error: {type(exc).__name__} at {host}"))
             raise
         observer.bank_call(self._call(method, url, body, response.interaction_id,
                                       f"http {response.status} from {host}"))
         return response
+
+    def slot(self, what: str = "-", interaction_id: str = "-") -> AbstractContextManager[None]:
+        return self.owner.transport(self.bank).slot(what, interaction_id)
 
     def _call(self, method: str, url: str, body: bytes | None, interaction_id: str | None, result: str) -> BankCall:
         client_key = self.owner.bank(self.bank).tls.client_key

@@ -5,8 +5,8 @@
   certificate (RFC 8705).
 * Tokens are cached in memory only, per bank and scope, until ``refresh_margin`` seconds (at most half the
   lifetime) before ``expires_in``; the next caller then gets a new one. One request per bank and scope is in
-  flight at a time: concurrent callers wait for it instead of each asking the bank. Tokens are never written
-  to disk nor logged.
+  flight at a time: concurrent callers wait for it instead of each asking the bank (past half a second, each
+  wait takes one of the bank's ``max_in_flight`` places). Tokens are never written to disk nor logged.
 * PAR: a signed request object plus a client assertion; the bank's ``request_uri`` and the PKCE verifier,
   state and nonce go back to the caller.
 
@@ -21,19 +21,21 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from agent import jose
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
-from agent.openfinance.client import BankHttp
+from agent.openfinance.client import LimitedBankHttp
+from agent.transport.client import BUSY_PATIENCE
 from pkcs11_backends.keys import KeyStore
 
 DEFAULT_SIGNING_KEY = "signing"
@@ -140,7 +142,7 @@ class _ScopeLock:
 class TokenClient:
     """Tokens and PAR for one bank over its transport. Keep one per bank: the cache lives here."""
 
-    def __init__(self, store: KeyStore, config: Config, bank: str, http: BankHttp, *,
+    def __init__(self, store: KeyStore, config: Config, bank: str, http: LimitedBankHttp, *,
                  metadata: Callable[[], BankMetadata], client_id: str, use_mtls_aliases: bool = False,
                  settings: TokenSettings | None = None, clock: Callable[[], float] = time.time) -> None:
         self.store, self.config, self.bank, self.http = store, config, bank, http
@@ -164,16 +166,16 @@ class TokenClient:
     def token(self, scope: str, *, refresh: bool = False) -> AccessToken:
         """A valid access token for ``scope``: the cached one, or a new one when it is close to expiry."""
         scope = normalise_scope(scope)
+        if not refresh and (cached := self._fresh(scope)) is not None:
+            return cached  # no bank call, so no place among the bank's requests in flight
         with self._lock:
-            lock = self._locks.get(scope)
-            if lock is None:
-                lock = self._locks[scope] = _ScopeLock()
-        with lock.lock:
+            held = self._locks.get(scope)
+            if held is None:
+                held = self._locks[scope] = _ScopeLock()
+        with self._turn(held.lock):
+            if not refresh and (cached := self._fresh(scope)) is not None:
+                return cached  # the request waited for brought it
             with self._lock:
-                cached = self._cache.get(scope)
-                if cached is not None and not refresh and self.clock() < cached.refresh_at:
-                    self._cache.move_to_end(scope)
-                    return cached.token
                 self._cache.pop(scope, None)
             token, lifetime = self._request_token(scope)
             if lifetime > 0:
@@ -183,6 +185,27 @@ class TokenClient:
                     while len(self._cache) > MAX_CACHED_SCOPES:
                         self._cache.popitem(last=False)
             return token
+
+    @contextlib.contextmanager
+    def _turn(self, lock: threading.Lock) -> Iterator[None]:
+        """The scope's lock. Waiting longer than a healthy bank takes counts as a request at the bank (one of its
+        places in flight, or ``BankBusyError``): a slow bank must not gather every bank worker in this wait."""
+        if lock.acquire(timeout=BUSY_PATIENCE):
+            try:
+                yield
+            finally:
+                lock.release()
+            return
+        with self.http.slot("token request"), lock:
+            yield
+
+    def _fresh(self, scope: str) -> AccessToken | None:
+        with self._lock:
+            cached = self._cache.get(scope)
+            if cached is None or self.clock() >= cached.refresh_at:
+                return None
+            self._cache.move_to_end(scope)  # recently used: the last to go when the cache is full
+            return cached.token
 
     def forget(self) -> None:
         """Drop every cached token (e.g. after the transport certificate changed)."""

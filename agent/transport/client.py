@@ -10,24 +10,37 @@
 * Connections are kept alive and reused, per host, up to ``max_connections``: a
   handshake (and so a signature on the token) is paid per connection, not per
   request; a new connection resumes the last TLS session where the bank allows.
-* Every request carries ``x-fapi-interaction-id``: the caller's, else a new UUIDv4.
+* Every request carries ``x-fapi-interaction-id``: the caller's, else a new UUIDv4,
+  and the caller's other header fields only as ``headers.py`` lets them through.
+* Every request is bounded whatever the bank does: ``request_timeout`` for all of it
+  (``exchange.py`` cuts the socket at the deadline), ``max_response_bytes`` for the
+  answer (read in pieces; past the limit the connection is dropped), and at most
+  ``max_in_flight`` requests at the bank at once (the next one fails with
+  :class:`~agent.transport.errors.BankBusyError`: at once when those have been under way
+  for half a second, else once it has waited that long for a place), so one slow or
+  hostile bank holds no more than that many of the caller's threads for long. An operation that waits before it
+  sends (for another caller's token request) takes its place first: :meth:`BankTransport.slot`.
 * One log line per request: method, URL, status, duration, interaction id (never
   bodies, headers with credentials or the PIN).
 * HTTP statuses are returned, not raised: what a 4xx/5xx means is the caller's
   business. Anything below HTTP raises a :class:`TransportError` subclass from
-  ``errors.py``. Nothing is retried: a POST that reached the bank must not be
-  sent twice behind the caller's back.
+  ``errors.py``. A request is sent again only when a pooled connection broke under it
+  (the bank closed it while idle) and it cannot have reached the bank whole, or its
+  method is idempotent: a POST that may have reached the bank is never sent twice
+  behind the caller's back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json as jsonlib
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import urllib3
 from urllib3 import exceptions as u3
@@ -37,17 +50,28 @@ from agent import log
 from agent.lifecycle.validity import validity_problem
 from agent.runtime import Runtime
 from agent.transport import errors
+from agent.transport.exchange import Exchange, Watchdog
+from agent.transport.headers import INTERACTION_HEADER, outgoing
 from agent.transport.pool import (
     X509_V_ERR_HOSTNAME_MISMATCH,
     X509_V_ERR_IP_ADDRESS_MISMATCH,
+    BankConnection,
+    BankConnectionPool,
     BankSslContext,
     HandshakeError,
     HandshakeStats,
+    idle_limit,
 )
 from agent.transport.tls import TlsContext, TlsSettings, build_context
 
-INTERACTION_HEADER = "x-fapi-interaction-id"
-USER_AGENT = "tpp-agent"
+# Which [banks.NAME] setting bounds an answer's body.
+AnswerLimit = Literal["max_response_bytes", "max_discovery_bytes"]
+# RFC 9110 §9.2.2: sending one of these twice has the effect of sending it once.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_READ_SIZE = 64 << 10
+# Longer than a healthy bank takes to answer: a request over the bank's max_in_flight waits this long at most for
+# a place, and not at all once the requests holding them have been under way for this long.
+BUSY_PATIENCE = 0.5
 
 _logger = log.get_logger("transport.http")
 
@@ -70,6 +94,21 @@ class Response:
         return jsonlib.loads(self.body)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Attempt:
+    """A request as the transport sends it (again, if a stale connection broke under it)."""
+
+    method: str
+    url: str
+    body: bytes | None
+    headers: dict[str, str]
+    where: dict[str, str]  # bank, url, interaction id: for errors
+    deadline: float        # time.monotonic()
+    connect_timeout: float
+    read_timeout: float
+    limit: AnswerLimit
+
+
 class BankTransport:
     """All HTTP traffic to one bank: pooled mTLS connections with the bank's TLS context."""
 
@@ -81,8 +120,15 @@ class BankTransport:
         self._pools = urllib3.PoolManager(
             num_pools=8, maxsize=settings.max_connections, block=False, ssl_context=self._ssl,
             retries=False, timeout=urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout),
-            headers={"User-Agent": USER_AGENT},
         )
+        self._pools.pool_classes_by_scheme = {"https": BankConnectionPool}
+        # Counted here, where every request to the bank passes, whichever operation sends it: when each request
+        # in flight started (time.monotonic()), by ticket.
+        self._in_flight: dict[int, float] = {}
+        self._tickets = 0
+        self._slots = threading.Condition()
+        self._holder = threading.local()  # whether this thread holds one of those places
+        self._watchdog = Watchdog(settings.bank)
 
     @property
     def stats(self) -> HandshakeStats:
@@ -90,40 +136,147 @@ class BankTransport:
 
     def request(self, method: str, url: str, *, body: bytes | None = None, json: Any = None,
                 headers: Mapping[str, str] | None = None, interaction_id: str | None = None,
-                connect_timeout: float | None = None, read_timeout: float | None = None) -> Response:
+                connect_timeout: float | None = None, read_timeout: float | None = None,
+                limit: AnswerLimit = "max_response_bytes") -> Response:
+        """One request; the answer must arrive whole within ``request_timeout`` and ``limit`` bytes.
+
+        A request that failed on a pooled connection the bank had closed is sent again on a new one
+        when it cannot have reached the bank whole, or when its method is idempotent; never otherwise.
+        """
         if not url.startswith("https://"):
             raise errors.ConnectFailedError("only https:// URLs are allowed for banks", bank=self.bank, url=url,
                                             interaction_id=interaction_id or "-")
+        sent = outgoing(headers)
         interaction_id = interaction_id or str(uuid.uuid4())
         problem = validity_problem(self.tls.certificate)  # a context outlives its certificate's validity
         if problem is not None:
             raise errors.ClientCertNotPresentedError(f"the client certificate is {problem}", bank=self.bank, url=url,
                                                      interaction_id=interaction_id)
-        sent = {k.lower(): v for k, v in (headers or {}).items()}
         sent[INTERACTION_HEADER] = interaction_id
         if json is not None:
             if body is not None:
                 raise ValueError("pass body or json, not both")
             body = jsonlib.dumps(json, separators=(",", ":")).encode("utf-8")
             sent.setdefault("content-type", "application/json")
-        timeout = urllib3.Timeout(connect=connect_timeout or self.settings.connect_timeout,
-                                  read=read_timeout or self.settings.read_timeout)
+        where = {"bank": self.bank, "url": url, "interaction_id": interaction_id}
         started = time.monotonic()
         try:
-            raw = self._pools.request(method, url, body=body, headers=sent, timeout=timeout, redirect=False,
-                                      preload_content=True)
-        except (u3.HTTPError, OSError) as exc:
-            duration = (time.monotonic() - started) * 1000
-            error = classify(exc, bank=self.bank, url=url, interaction_id=interaction_id)
+            with self.slot(url, interaction_id):
+                raw, data = self._send(_Attempt(
+                    method, url, body, sent, where, started + self.settings.request_timeout,
+                    connect_timeout or self.settings.connect_timeout, read_timeout or self.settings.read_timeout,
+                    limit))
+        except errors.TransportError as error:
             _logger.warning("http.request", bank=self.bank, method=method, url=url, status=None,
-                            duration_ms=round(duration, 1), interaction_id=interaction_id,
-                            error=type(error).__name__, detail=error.detail)
-            raise error from exc
+                            duration_ms=round((time.monotonic() - started) * 1000, 1),
+                            interaction_id=interaction_id, error=type(error).__name__, detail=error.detail)
+            raise
         duration = (time.monotonic() - started) * 1000
         _logger.info("http.request", bank=self.bank, method=method, url=url, status=raw.status,
                      duration_ms=round(duration, 1), interaction_id=interaction_id)
-        return Response(method, url, raw.status, {k.lower(): v for k, v in raw.headers.items()}, raw.data,
+        return Response(method, url, raw.status, {k.lower(): v for k, v in raw.headers.items()}, data,
                         interaction_id, duration)
+
+    @contextlib.contextmanager
+    def slot(self, what: str = "-", interaction_id: str = "-") -> Iterator[None]:
+        """One of the bank's ``max_in_flight`` places for this thread until the block ends, else
+        :class:`~agent.transport.errors.BankBusyError` (at once if the bank is slow, after at most
+        :data:`BUSY_PATIENCE` if it is only busy). A thread that holds one already (an operation that waits
+        for another's answer before it sends, as the token cache does) uses it again."""
+        if getattr(self._holder, "slot", False):
+            yield
+            return
+        ticket = self._take_slot(what, interaction_id)
+        self._holder.slot = True
+        try:
+            yield
+        finally:
+            self._holder.slot = False
+            with self._slots:
+                del self._in_flight[ticket]
+                self._slots.notify()
+
+    def _take_slot(self, what: str, interaction_id: str) -> int:
+        # A bank whose places are all held by quick requests is busy, not slow: wait a moment for one. Once they
+        # have been held for BUSY_PATIENCE, the bank is slow: refuse at once, so that a flood of requests to it
+        # keeps no worker waiting here (those to other banks wait for workers behind them).
+        give_up = time.monotonic() + BUSY_PATIENCE
+        with self._slots:
+            while len(self._in_flight) >= self.settings.max_in_flight:
+                now = time.monotonic()
+                oldest = min(self._in_flight.values())
+                if now - oldest >= BUSY_PATIENCE or now >= give_up:
+                    raise errors.BankBusyError(
+                        f"{self.settings.max_in_flight} requests are already under way at this bank, the oldest for "
+                        f"{now - oldest:.1f} s (max_in_flight)", bank=self.bank, url=what,
+                        interaction_id=interaction_id)
+                self._slots.wait(min(give_up, oldest + BUSY_PATIENCE) - now)
+            self._tickets += 1
+            self._in_flight[self._tickets] = time.monotonic()
+            return self._tickets
+
+    def _send(self, attempt: _Attempt) -> tuple[urllib3.BaseHTTPResponse, bytes]:
+        where = attempt.where
+        # Each failed attempt discards one stale pooled connection: at most the pool's worth, then a new one.
+        for tries_left in range(self.settings.max_connections, -1, -1):
+            with self._watchdog.guard(Exchange(attempt.deadline)) as exchange:
+                left = exchange.remaining()
+                if left <= 0:
+                    raise self._deadline_passed(where)
+                timeout = urllib3.Timeout(connect=min(attempt.connect_timeout, left),
+                                          read=min(attempt.read_timeout, left))
+                try:
+                    raw = self._pools.request(attempt.method, attempt.url, body=attempt.body, headers=attempt.headers,
+                                              timeout=timeout, redirect=False, preload_content=False,
+                                              decode_content=False)
+                except (u3.HTTPError, OSError) as exc:
+                    error = self._failure(exc, exchange, where)
+                    if tries_left and _resendable(attempt.method, exchange, error):
+                        _logger.info("http.resend", bank=self.bank, method=attempt.method, url=attempt.url,
+                                     interaction_id=where["interaction_id"], detail=error.detail,
+                                     sent_whole=exchange.sent_whole)
+                        continue
+                    raise error from exc
+                try:
+                    body = self._answer(raw, attempt.limit, where)
+                except (u3.HTTPError, OSError) as exc:
+                    raise (self._failure(exc, exchange, where)) from exc
+                if exchange.expired:  # http.client takes a head cut short for a whole one: the cut is ours
+                    raise self._deadline_passed(where)
+                return raw, body
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _answer(self, raw: urllib3.BaseHTTPResponse, limit: AnswerLimit, where: dict[str, str]) -> bytes:
+        """The whole body, read up to the limit; past it the connection is dropped, not drained."""
+        connection = raw.connection
+        if isinstance(connection, BankConnection):
+            connection.idle_limit = idle_limit(raw.headers.get("keep-alive"), self.settings.idle_timeout)
+        most = getattr(self.settings, limit)
+        body = bytearray()
+        try:
+            announced = raw.headers.get("content-length", "")
+            if announced.isdigit() and int(announced) > most:
+                raise errors.ResponseTooLargeError(f"the answer announces {int(announced)} bytes, more than "
+                                                   f"{limit} = {most}", **where)
+            while chunk := raw.read(_READ_SIZE, decode_content=False):
+                body += chunk
+                if len(body) > most:
+                    raise errors.ResponseTooLargeError(f"the answer is larger than {limit} = {most} bytes", **where)
+        except BaseException:
+            raw.close()  # with what is left unread: the connection cannot carry another request
+            raw.release_conn()
+            raise
+        raw.release_conn()
+        return bytes(body)
+
+    def _failure(self, exc: BaseException, exchange: Exchange, where: dict[str, str]) -> errors.TransportError:
+        # Past the deadline, whatever broke (the watchdog's cut, or a timeout clipped to it) broke because of it.
+        return self._deadline_passed(where) if exchange.expired or exchange.remaining() <= 0 \
+            else classify(exc, **where)
+
+    def _deadline_passed(self, where: dict[str, str]) -> errors.RequestDeadlineError:
+        limit = self.settings.request_timeout
+        return errors.RequestDeadlineError(f"no whole answer within request_timeout = {limit:g} s", **where)
 
     def get(self, url: str, **kwargs: Any) -> Response:
         return self.request("GET", url, **kwargs)
@@ -133,12 +286,19 @@ class BankTransport:
 
     def close(self) -> None:
         self._pools.clear()
+        self._watchdog.close()
 
     def __enter__(self) -> BankTransport:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _resendable(method: str, exchange: Exchange, error: errors.TransportError) -> bool:
+    """A pooled connection broke under a request the bank cannot have acted on, or may see twice."""
+    return (isinstance(error, errors.ConnectionLostError) and exchange.reused
+            and (not exchange.sent_whole or method in IDEMPOTENT_METHODS))
 
 
 def open_transport(runtime: Runtime, settings: TlsSettings) -> BankTransport:

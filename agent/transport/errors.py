@@ -20,8 +20,11 @@ with a :class:`TlsSetupError` instead (configuration, not the network), e.g.
     │   └── ConnectRefusedError           nothing listens on the bank's port
     ├── BankTimeoutError
     │   ├── ConnectTimeoutError           no TCP/TLS connection in time
-    │   └── ReadTimeoutError              connected, but no answer in time
-    └── ConnectionLostError               the connection broke mid-request
+    │   ├── ReadTimeoutError              connected, but no answer in time
+    │   └── RequestDeadlineError          no whole answer within the request's total deadline
+    ├── ConnectionLostError               the connection broke mid-request
+    ├── ResponseTooLargeError             the answer is larger than the bank's limit
+    └── BankBusyError                     the bank has as many requests in flight as it may
 """
 
 from __future__ import annotations
@@ -136,3 +139,18 @@ class ReadTimeoutError(BankTimeoutError):
 
 class ConnectionLostError(TransportError):
     what_to_check = "the connection broke mid-request: retry; if it persists ask the bank about this interaction id"
+
+
+class RequestDeadlineError(BankTimeoutError):
+    what_to_check = ("the bank did not send its whole answer within request_timeout: ask the bank about this "
+                     "interaction id before retrying a non-idempotent request, or raise request_timeout")
+
+
+class ResponseTooLargeError(TransportError):
+    what_to_check = ("the bank's answer is larger than the agent accepts: raise max_response_bytes (or, for the "
+                     "discovery document, max_discovery_bytes) in [banks.NAME] if the bank really sends that much")
+
+
+class BankBusyError(TransportError):
+    what_to_check = ("the agent already has max_in_flight requests under way at this bank (a slow bank holds them): "
+                     "retry in a moment, or raise max_in_flight in [banks.NAME]")

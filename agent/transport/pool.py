@@ -11,7 +11,14 @@ builds its own) and adds what urllib3's pyOpenSSL wrapper lacks:
 * counters of full and resumed handshakes (a full handshake = one signature
   with the token key), for tests, metrics and the health report;
 * a handshake failure keeps OpenSSL's reasons and verify result, which
-  ``client.py`` turns into one of the errors of ``errors.py``.
+  ``client.py`` turns into one of the errors of ``errors.py``;
+* every read and write tells ``exchange.py`` which socket the request under way
+  uses (so its deadline can cut it) and when the request has gone out whole.
+
+:class:`BankConnectionPool` is urllib3's pool with idle limits: a connection that
+has sat unused longer than the bank allows (its ``Keep-Alive: timeout=N``, less a
+margin, or the bank's ``idle_timeout``) is closed instead of reused, since the bank
+may close it just as the next request is written to it.
 """
 
 from __future__ import annotations
@@ -20,15 +27,20 @@ import ctypes
 import dataclasses
 import functools
 import ipaddress
+import math
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 from OpenSSL import SSL
+from urllib3.connection import HTTPSConnection
+from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.contrib.pyopenssl import PyOpenSSLContext, WrappedSocket
 from urllib3.util import wait_for_read
 
+from agent.transport import exchange
 from agent.transport.tls import TlsContext, pointer
 from pkcs11_backends.openssl import libcrypto, libssl
 
@@ -95,6 +107,31 @@ class _SessionSavingSocket(WrappedSocket):
         super().__init__(connection, sock)
         self._on_close = on_close
 
+    def recv(self, *args: Any, **kwargs: Any) -> bytes:
+        self._reading()
+        return super().recv(*args, **kwargs)
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        self._reading()
+        return super().recv_into(*args, **kwargs)
+
+    def sendall(self, data: bytes) -> None:
+        exchange.use_socket(self.socket)
+        try:
+            super().sendall(data)
+        except BaseException:
+            current = exchange.current()
+            if current is not None:
+                current.send_failed = True
+            raise
+
+    def _reading(self) -> None:
+        # http.client reads only once the whole request is out.
+        exchange.use_socket(self.socket)
+        current = exchange.current()
+        if current is not None:
+            current.reading = True
+
     def close(self) -> None:
         # urllib3 drops connections without a close_notify, and OpenSSL then marks
         # their session as not resumable; a clean end of ours is a clean end.
@@ -130,6 +167,7 @@ class BankSslContext(PyOpenSSLContext):
             server_hostname = server_hostname.decode("ascii")
         if not server_hostname:
             raise ssl.SSLError("a bank connection needs the server's host name to verify it")
+        exchange.use_socket(sock)
         connection = SSL.Connection(self._ctx, sock)
         ssl_ptr = pointer(connection._ssl)
         if self._expect_host(ssl_ptr, server_hostname):
@@ -185,3 +223,51 @@ class BankSslContext(PyOpenSSLContext):
         if ok != 1:
             raise ssl.SSLError(f"cannot set the expected server name {host!r}")
         return ip is None
+
+
+# A bank's Keep-Alive timeout is its own clock: stop reusing a connection this much before it runs out.
+KEEP_ALIVE_MARGIN = 1.0
+
+
+def idle_limit(keep_alive: str | None, default: float) -> float:
+    """How long a connection may sit idle: ``default``, or less when ``Keep-Alive: timeout=N`` says so."""
+    for part in (keep_alive or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "timeout":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return default
+            if not math.isfinite(seconds) or seconds < 0:  # ignore a header that makes no sense
+                return default
+            # Never the bank's full timeout, and with a short one at least half of it.
+            return min(default, max(seconds - KEEP_ALIVE_MARGIN, seconds / 2))
+    return default
+
+
+class BankConnection(HTTPSConnection):
+    """urllib3's connection, with how long it may stay idle in the pool and since when it is."""
+
+    idle_limit: float = 0.0
+    idle_since: float | None = None  # time.monotonic() when it went back to the pool
+
+
+class BankConnectionPool(HTTPSConnectionPool):
+    """Reuses a connection only within its idle limit; tells the exchange whether it got a used one."""
+
+    ConnectionCls = BankConnection
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)
+        if isinstance(conn, BankConnection) and conn.idle_since is not None and not conn.is_closed \
+                and time.monotonic() - conn.idle_since > conn.idle_limit:
+            conn.close()  # urllib3 connects it afresh on the request
+        current = exchange.current()
+        if current is not None:
+            current.reused = not conn.is_closed
+        return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        if isinstance(conn, BankConnection):
+            conn.idle_since = time.monotonic()
+        super()._put_conn(conn)

@@ -21,7 +21,13 @@ context is checked to hold a certificate matching it before any connection.
 default ``transport``), ``client_certificate`` (PEM path; default: the token's
 certificate with the key's CKA_ID), ``tls12_ciphers`` (list of OpenSSL suite
 names), ``tls13`` (bool, default true), ``connect_timeout``/``read_timeout``
-(seconds), ``max_connections``.
+(seconds), ``max_connections``, and for ``client.py``: ``request_timeout`` (seconds for a
+whole request: connect, send, the whole answer; default 30), ``max_in_flight`` (requests
+under way at once at this bank, default 4: the rest are refused at once, so one slow bank
+cannot take every bank worker), ``max_response_bytes`` (default 4 MiB) and
+``max_discovery_bytes`` (default 256 KiB) for the answers, ``idle_timeout`` (seconds a
+pooled connection may sit unused and still be reused, default 30; less if the bank's
+``Keep-Alive`` header says so).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,6 +82,11 @@ class TlsSettings:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     max_connections: int = 4
+    request_timeout: float = 30.0
+    max_in_flight: int = 4
+    max_response_bytes: int = 4 << 20
+    max_discovery_bytes: int = 256 << 10
+    idle_timeout: float = 30.0
 
     @classmethod
     def from_table(cls, bank: str, table: Mapping[str, Any], base: Path) -> TlsSettings:
@@ -92,9 +104,16 @@ class TlsSettings:
 
         def number(key: str, default: float) -> float:
             value = table.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"{where} {key} must be a positive number of seconds")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600 \
+                    or not math.isfinite(value):
+                raise ConfigError(f"{where} {key} must be a number of seconds above 0, at most 3600")
             return float(value)
+
+        def integer(key: str, default: int, low: int, high: int, unit: str = "") -> int:
+            value = table.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{where} {key} must be an integer{unit} from {low} to {high}")
+            return value
 
         def flag(key: str, default: bool) -> bool:
             value = table.get(key, default)
@@ -108,15 +127,16 @@ class TlsSettings:
         client_key = table.get("client_key", DEFAULT_CLIENT_KEY)
         if not isinstance(client_key, str) or not client_key:
             raise ConfigError(f"{where} client_key must be a key alias or a pkcs11: URI")
-        max_connections = table.get("max_connections", 4)
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or not 1 <= max_connections <= 64:
-            raise ConfigError(f"{where} max_connections must be an integer from 1 to 64")
         settings = cls(
             bank=bank, ca_bundle=path("ca_bundle"), client_key=client_key,
             client_certificate=path("client_certificate"), tls12_ciphers=tuple(ciphers),
             tls13=flag("tls13", True), system_ca=flag("system_ca", False),
             connect_timeout=number("connect_timeout", 10.0), read_timeout=number("read_timeout", 30.0),
-            max_connections=max_connections,
+            max_connections=integer("max_connections", 4, 1, 64),
+            request_timeout=number("request_timeout", 30.0), max_in_flight=integer("max_in_flight", 4, 1, 256),
+            max_response_bytes=integer("max_response_bytes", 4 << 20, 1024, 1 << 30, " (bytes)"),
+            max_discovery_bytes=integer("max_discovery_bytes", 256 << 10, 1024, 16 << 20, " (bytes)"),
+            idle_timeout=number("idle_timeout", 30.0),
         )
         if settings.ca_bundle is None and not settings.system_ca:
             raise ConfigError(f"{where} needs ca_bundle (the ecosystem's CAs are private)",

@@ -29,6 +29,7 @@ from agent.client import AgentClient
 from agent.daemon.limits import Limits
 from agent.daemon.server import Handler, Known, Server
 from agent.runtime import Runtime
+from pkcs11_backends.errors import DuplicateKeyError
 from pkcs11_backends.keys import KeySpec
 from tests.conftest import Token
 
@@ -153,6 +154,8 @@ def public_dir() -> Iterator[Path]:
 def keyed_token(token: Token, runtime: Runtime) -> Token:
     runtime.keys.generate("signing", KeySpec.parse("rsa:2048"))
     runtime.keys.generate("ecsign", KeySpec.parse("ec:p256"))
+    with contextlib.suppress(DuplicateKeyError):  # softhsm/make_token.py's token has it already
+        runtime.keys.generate("audit", KeySpec.parse("ec:p256"))  # signs the audit trail's checkpoints
     return token
 
 

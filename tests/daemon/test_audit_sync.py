@@ -23,7 +23,7 @@ from agent.config import parse
 from agent.daemon.settings import DaemonSettings
 from agent.errors import ConfigError
 from tests.conftest import Token
-from tests.daemon.conftest import TPP_AGENT, daemon_config, launch
+from tests.daemon.conftest import daemon_config, launch
 
 INTERVAL = 0.005  # seconds
 
@@ -196,7 +196,10 @@ def test_daemon_and_direct_cli_with_interval_sync_leave_a_verified_trail(keyed_t
                     check=True)
 
     records = [json.loads(line) for line in daemon.audit_file.read_text().splitlines()]
-    assert sum(r["operation"] == "sign" for r in records) == 20 and records[-1]["operation"] == "jws"
-    verified = subprocess.run([TPP_AGENT, "audit", "verify", "--file", str(daemon.audit_file)], capture_output=True,
-                              text=True, timeout=60, check=False)
-    assert verified.returncode == 0 and f"{len(records)} record(s), chain intact" in verified.stdout
+    uses = [r for r in records if r["operation"] != "checkpoint"]
+    assert sum(r["operation"] == "sign" for r in uses) == 20 and uses[-1]["operation"] == "jws"
+    # The agent's checkpoints when it started and stopped, the CLI's around its signature.
+    assert [r["event"] for r in records if r["operation"] == "checkpoint"] == ["start", "stop", "start", "stop"]
+    verified = keyed_token.cli("audit", "verify", "--file", str(daemon.audit_file))
+    assert verified.returncode == 0, verified.stderr
+    assert f"{len(records)} record(s), chain intact, checkpoints verified" in verified.stdout

@@ -29,6 +29,7 @@ from agent.runtime import Runtime
 from agent.transport.tls import TlsSettings
 from pkcs11_backends.certificates import store_certificate
 from pkcs11_backends.keys import KeySpec
+from tests.transport.hostile import HostileBank
 
 NOW = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 DAY = datetime.timedelta(days=1)
@@ -221,3 +222,16 @@ def serve() -> Iterator[Any]:
         server.stopping.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def hostile_identity(bank_ca: TestCa, pki_dir: Path) -> tuple[Path, Path]:
+    return bank_ca.server_identity(pki_dir)
+
+
+@pytest.fixture
+def hostile(bank_ca: TestCa, hostile_identity: tuple[Path, Path]) -> Iterator[HostileBank]:
+    """A :class:`HostileBank` with a certificate from ``bank_ca``, trusting client certificates from it."""
+    bank = HostileBank(*hostile_identity, bank_ca.pem_path).start()
+    yield bank
+    bank.stop()

@@ -28,9 +28,10 @@ def _free_port() -> int:
 
 
 class Nginx:
-    def __init__(self, tls12_port: int, tls13_port: int) -> None:
+    def __init__(self, tls12_port: int, tls13_port: int, keep_alive_port: int) -> None:
         self.tls12_port = tls12_port
         self.tls13_port = tls13_port
+        self.keep_alive_port = keep_alive_port  # keepalive_timeout 2s, announced as Keep-Alive: timeout=2
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def nginx(bank_ca: TestCa, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     assert NGINX is not None
     root = tmp_path_factory.mktemp("nginx")
     cert, key = bank_ca.server_identity(root)
-    ports = Nginx(_free_port(), _free_port())
+    ports = Nginx(_free_port(), _free_port(), _free_port())
     tls = (f"ssl_certificate {cert}; ssl_certificate_key {key}; ssl_client_certificate {bank_ca.pem_path}; "
            "ssl_verify_client on;")
     reply = ('location / { default_type application/json; '
@@ -65,6 +66,13 @@ http {{
         listen 127.0.0.1:{ports.tls13_port} ssl;
         server_name localhost;
         ssl_protocols TLSv1.3;
+        {tls}
+        {reply}
+    }}
+    server {{
+        listen 127.0.0.1:{ports.keep_alive_port} ssl;
+        server_name localhost;
+        keepalive_timeout 2s 2s;
         {tls}
         {reply}
     }}
@@ -122,3 +130,17 @@ def test_tls13_only_server_with_tls12_only_client(shared_runtime: Runtime, bank_
     settings = settings_for("nginx", bank_ca, key, tls13=False)
     with open_transport(shared_runtime, settings) as transport, pytest.raises(errors.HandshakeFailedError):
         transport.get(f"https://localhost:{nginx.tls13_port}/")
+
+
+def test_nginx_keep_alive_timeout_is_honoured(shared_runtime: Runtime, bank_ca: TestCa, nginx: Nginx) -> None:
+    """nginx closes a connection idle for keepalive_timeout; the agent stops reusing it a margin before."""
+    key = client_identity(shared_runtime, bank_ca)
+    url = f"https://localhost:{nginx.keep_alive_port}/"
+    with open_transport(shared_runtime, settings_for("nginx", bank_ca, key)) as transport:
+        first = transport.get(url)
+        assert first.headers["keep-alive"] == "timeout=2"
+        time.sleep(0.3)
+        assert transport.get(url).json()["connection_requests"] == "2"  # reused within the limit
+        time.sleep(1.3)  # past 2 s less the margin, within nginx's 2 s: the bank might close it as we write
+        assert transport.get(url).json()["connection_requests"] == "1"  # a new connection (before: the old one)
+        assert transport.stats.total == 2
