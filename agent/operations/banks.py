@@ -137,7 +137,9 @@ class ForwardInput:
                 raise InvalidInput("bad_field", f"header name {name[:40]!r} is not an HTTP token",
                                    hint="names are letters, digits and !#$%&'*+.^_`|~- only (no spaces)")
             if not _HEADER_VALUE.match(value):
-                raise InvalidInput("bad_field", f"header {name!r} holds a control character (line break, NUL...)")
+                bad = next(c for c in value if not _HEADER_VALUE.match(c))
+                raise InvalidInput("bad_field", f"header {name!r} holds the control character {bad!r}",
+                                   hint="header values are text without line breaks, NUL or other controls")
 
 
 def forward(context: Context, given: ForwardInput) -> dict[str, Any]:
