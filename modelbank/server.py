@@ -23,7 +23,12 @@ from typing import Any
 
 from cryptography import x509
 
+from modelbank.authorization import AUTHORIZATION_PATH, AuthorizationServer
 from modelbank.ca import ServerCredentials, TestCA
+from modelbank.events import EventSender
+from modelbank.jose_bank import JWKS_PATH, BankJose
+from modelbank.reply import Reply
+from modelbank.signed_apis import SignedApis
 from modelbank.token_endpoint import TokenEndpoint
 
 REGISTRATION_PATH = "/tpp-registration"
@@ -94,6 +99,12 @@ class ModelBank:
         # /token, /par and /accounts live in modelbank/token_endpoint.py.
         self.tokens = TokenEndpoint(lambda: self.issuer,
                                     lambda sha256: any(r.sha256 == sha256 for r in self.registrations))
+        # The bank's keys and /jwks, /authorize and the code/refresh grants, signed APIs, the event sender.
+        self.jose = BankJose()
+        self.authorization = AuthorizationServer(self.tokens, self.jose, lambda: self.issuer)
+        self.apis = SignedApis(self.tokens, self.authorization, self.jose, lambda: self.issuer)
+        self.events = EventSender(self.jose, lambda: self.issuer)
+        self.routes = (self.tokens, self.jose, self.authorization, self.apis)
         self.requests: list[tuple[str, str, str]] = []  # (method, path, x-fapi-interaction-id)
         self.handshakes = 0
         self.discovery_failures = 0  # answer 503 to this many discovery requests (a 5xx storm)
@@ -130,7 +141,10 @@ class ModelBank:
         return {
             "issuer": self.behaviour.issuer or self.issuer,
             **{name: base + path for name, path in endpoints.items()},
-            "jwks_uri": base + "/jwks",
+            "authorization_endpoint": base + AUTHORIZATION_PATH,
+            "jwks_uri": base + JWKS_PATH,
+            "authorization_response_iss_parameter_supported": True,
+            "response_types_supported": ["code"],
             "mtls_endpoint_aliases": {name: mtls + path for name, path in endpoints.items()},
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "tls_client_certificate_bound_access_tokens": True,
@@ -235,12 +249,20 @@ class _Handler(BaseHTTPRequestHandler):
         return self.headers.get("x-fapi-interaction-id", "")
 
     def _send(self, status: int, body: dict[str, Any] | None = None) -> None:
-        data = json.dumps(body).encode() if body is not None else b""
-        self.send_response(status)
+        if body is None:
+            self._reply(Reply(status))
+        else:
+            self._reply(Reply.json(status, body))
+
+    def _reply(self, reply: Reply) -> None:
+        data = reply.body
+        self.send_response(reply.status)
         if self._interaction_id():
             self.send_header("x-fapi-interaction-id", self._interaction_id())
-        if body is not None:
-            self.send_header("Content-Type", "application/json")
+        if reply.content_type is not None:
+            self.send_header("Content-Type", reply.content_type)
+        for name, value in reply.headers:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         if not self.bank.behaviour.keep_alive:
             self.send_header("Connection", "close")
@@ -255,17 +277,23 @@ class _Handler(BaseHTTPRequestHandler):
         with self.bank._lock:
             self.bank.requests.append((self.command, self.path, self._interaction_id()))
 
-    def _answer_tokens(self, body: bytes) -> bool:
+    def _answer_routes(self, body: bytes) -> bool:
+        """The first of the bank's route owners (token endpoint, JWKS, authorization, APIs) that answers."""
         der = self.connection.getpeercert(binary_form=True)
         headers = {k.lower(): v for k, v in self.headers.items()}
-        answer = self.bank.tokens.handle(self.command, self.path, headers, body, der)
-        if answer is not None:
-            self._send(*answer)
-        return answer is not None
+        for owner in self.bank.routes:
+            answer = owner.handle(self.command, self.path, headers, body, der)
+            if isinstance(answer, Reply):
+                self._reply(answer)
+                return True
+            if answer is not None:
+                self._send(*answer)
+                return True
+        return False
 
     def do_GET(self) -> None:
         self._record()
-        if self._answer_tokens(b""):
+        if self._answer_routes(b""):
             return
         if self.path == DISCOVERY_PATH:
             with self.bank._lock:
@@ -282,7 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._record()
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        if self._answer_tokens(body):
+        if self._answer_routes(body):
             return
         if self.path not in (REGISTRATION_PATH, MTLS_PREFIX + REGISTRATION_PATH):
             self._error(404, "NotFound", f"no resource at {self.path}")

@@ -69,6 +69,13 @@ class IssuedToken:
     scope: str
     cnf_x5t_s256: str
     expires_at: float
+    consent_id: str | None = None  # tokens of the authorization code flow belong to a consent
+
+
+# A grant handler: (form, authenticated client_id, client certificate DER) → the token answer.
+Grant = Callable[[dict[str, str], str, bytes], "Answer"]
+_PKCE_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
+_PROMPTS = {"none", "login", "consent", "select_account"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +104,9 @@ class TokenEndpoint:
         self.refusals: list[tuple[str, str]] = []  # (path, error_description), for the tests' asserts
         self.directory: Path | None = None
         self.on_token: Callable[[IssuedToken], None] | None = None
+        self.require_resource = False  # True: a PAR without resource is refused (as a strict RAR bank does)
+        # grant_type → handler; modelbank/authorization.py adds authorization_code and refresh_token.
+        self.grants: dict[str, Grant] = {"client_credentials": self._client_credentials}
         self._jti_seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -129,35 +139,52 @@ class TokenEndpoint:
     # -- endpoints -------------------------------------------------------------------
     def _token(self, form: dict[str, str], cert: bytes | None) -> Answer:
         client_id = self._authenticate(form, cert)
-        if form.get("grant_type") != "client_credentials":
-            raise OAuthError(400, "unsupported_grant_type", "only client_credentials is served here")
+        grant = self.grants.get(form.get("grant_type", ""))
+        if grant is None:
+            raise OAuthError(400, "unsupported_grant_type", f"grant_type must be one of {', '.join(self.grants)}")
+        assert cert is not None
+        return grant(form, client_id, cert)
+
+    def _client_credentials(self, form: dict[str, str], client_id: str, cert: bytes) -> Answer:
         scope = form.get("scope", "").strip()
         if not scope:
             raise OAuthError(400, "invalid_scope", "scope is required")
-        assert cert is not None
+        token, _ = self.issue(client_id, scope, cert)
+        return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.token_lifetime, "scope": scope}
+
+    def issue(self, client_id: str, scope: str, cert: bytes, consent_id: str | None = None) -> tuple[str, IssuedToken]:
+        """A new access token bound to ``cert`` (cnf.x5t#S256)."""
         token = secrets.token_urlsafe(32)
-        issued = IssuedToken(client_id, scope, x5t_s256(cert), time.time() + self.token_lifetime)
+        issued = IssuedToken(client_id, scope, x5t_s256(cert), time.time() + self.token_lifetime, consent_id)
         with self._lock:
             self.issued[token] = issued
         if self.on_token is not None:
             self.on_token(issued)
-        return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.token_lifetime, "scope": scope}
+        return token, issued
+
+    def revoke(self, consent_id: str) -> None:
+        """Every access token of a consent stops working."""
+        with self._lock:
+            self.issued = {t: i for t, i in self.issued.items() if i.consent_id != consent_id}
 
     def _par(self, form: dict[str, str], cert: bytes | None) -> Answer:
         client_id = self._authenticate(form, cert)
         request = form.get("request")
         if not request:
             raise OAuthError(400, "invalid_request", "request (a signed request object) is required")
-        claims = self._verify(request, client_id, "request object", 400, "invalid_request_object")
+        claims = self.verify_client_jwt(request, client_id, "request object", 400, "invalid_request_object")
         now = time.time()
         if claims["exp"] - claims["nbf"] > MAX_REQUEST_WINDOW:
             raise OAuthError(400, "invalid_request_object", "request object: exp - nbf exceeds 600 s")
         problems = [
             (claims.get("client_id", client_id) != client_id, "client_id differs from iss"),
             (claims.get("response_type") != "code", "response_type must be code"),
-            (claims.get("code_challenge_method") != "S256" or not claims.get("code_challenge"), "PKCE S256 required"),
+            (claims.get("code_challenge_method") != "S256"
+             or not _PKCE_CHALLENGE.fullmatch(str(claims.get("code_challenge", ""))), "PKCE S256 required"),
             (not str(claims.get("redirect_uri", "")).startswith("https://"), "redirect_uri must be https"),
             *((not claims.get(name), f"{name} is required") for name in ("scope", "nonce", "state")),
+            *_optional_parameter_problems(claims),
+            (self.require_resource and "resource" not in claims, "resource is required"),
         ]
         for broken, why in problems:
             if broken:
@@ -199,7 +226,7 @@ class TokenEndpoint:
             raise _invalid_client("the client certificate's CN is not the assertion's client_id")
         if self.require_registration and not self._registered(hashlib.sha256(cert).hexdigest()):
             raise _invalid_client("this client certificate was never registered at /tpp-registration")
-        claims = self._verify(assertion, client_id, "client assertion", 401, "invalid_client")
+        claims = self.verify_client_jwt(assertion, client_id, "client assertion", 401, "invalid_client")
         if claims.get("sub") != client_id:
             raise _invalid_client("client assertion: sub must equal iss")
         if claims["exp"] - claims["iat"] > MAX_ASSERTION_LIFETIME:
@@ -220,7 +247,7 @@ class TokenEndpoint:
         with contextlib.suppress(FileNotFoundError):
             self.register_client(client_id, json.loads((self.directory / f"{client_id}.json").read_text()))
 
-    def _verify(self, token: str, client_id: str, what: str, status: int, code: str) -> dict[str, Any]:
+    def verify_client_jwt(self, token: str, client_id: str, what: str, status: int, code: str) -> dict[str, Any]:
         def refuse(why: str) -> OAuthError:
             return OAuthError(status, code, f"{what}: {why}")
 
@@ -241,6 +268,27 @@ class TokenEndpoint:
         except jwt.PyJWTError as exc:
             raise refuse(str(exc)) from None
         return claims
+
+
+def _optional_parameter_problems(claims: dict[str, Any]) -> list[tuple[bool, str]]:
+    """resource (RFC 8707), prompt, max_age, acr_values, claims (OIDC), authorization_details (RFC 9396)."""
+    resource = claims.get("resource")
+    resources = resource if isinstance(resource, list) else [resource]
+    prompt = claims.get("prompt")
+    details = claims.get("authorization_details")
+    return [
+        ("resource" in claims and not all(isinstance(r, str) and "://" in r and "#" not in r for r in resources),
+         "resource must be an absolute URI (or a list of them)"),
+        ("prompt" in claims and (not isinstance(prompt, str) or not set(prompt.split()) <= _PROMPTS
+                                 or ("none" in prompt.split() and prompt.strip() != "none")), "prompt is invalid"),
+        ("max_age" in claims and (not isinstance(claims["max_age"], int) or claims["max_age"] < 0),
+         "max_age must be a non-negative integer"),
+        ("acr_values" in claims and not isinstance(claims["acr_values"], str), "acr_values must be a string"),
+        ("claims" in claims and not isinstance(claims["claims"], dict), "claims must be an object"),
+        (details is not None and (not isinstance(details, list) or not details
+                                  or not all(isinstance(d, dict) and isinstance(d.get("type"), str) for d in details)),
+         "authorization_details must be a non-empty array of objects with a type"),
+    ]
 
 
 def _form(body: bytes) -> dict[str, str]:

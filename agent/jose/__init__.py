@@ -2,6 +2,9 @@
 
 Every function takes the :class:`~pkcs11_backends.keys.KeyStore` and the :class:`~agent.config.Config`; keys are
 named by alias or ``pkcs11:`` URI. The daemon and the CLI call these and nothing below them.
+
+What others sign or encrypt is read by :mod:`agent.jose.verify` (a bank's JWS) and :mod:`agent.jose.jwe` (JWE to a
+bank's key, or from a bank to ours, unwrapped on the token): sans-I/O, on jwcrypto.
 """
 
 from agent.jose.assertions import (

@@ -37,6 +37,7 @@ DEFAULT_JWS_MAX_LIFETIME = 600
 MAX_JWS_LIFETIME = 86400
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _PKCE_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_PROMPTS = frozenset({"none", "login", "consent", "select_account"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +133,7 @@ def pkce_pair() -> tuple[str, str]:
 def request_object_claims(client_id: str, audience: str, settings: JoseSettings, *, scope: str, redirect_uri: str,
                           code_challenge: str, state: str, nonce: str,
                           authorization_details: Sequence[Mapping[str, Any]] | None = None,
+                          parameters: Mapping[str, Any] | None = None,
                           lifetime: int | None = None, now: float | None = None) -> dict[str, Any]:
     iat = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
@@ -142,7 +144,53 @@ def request_object_claims(client_id: str, audience: str, settings: JoseSettings,
     }
     if authorization_details is not None:
         claims["authorization_details"] = [dict(d) for d in authorization_details]
+    check_authorization_parameters(parameters or {})
+    claims.update(parameters or {})
     return claims
+
+
+def check_authorization_parameters(parameters: Mapping[str, Any]) -> None:
+    """The optional request parameters a bank may require, each of the type its standard gives.
+
+    ``resource`` (RFC 8707: an absolute URI or a list of them), ``prompt`` (OIDC: space-separated none, login,
+    consent, select_account), ``max_age`` (seconds), ``acr_values`` (space-separated), ``claims`` (OIDC §5.5 object).
+    """
+    unknown = sorted(set(parameters) - set(AUTHORIZATION_PARAMETERS))
+    if unknown:
+        raise ClaimsError(f"request object: unknown parameter(s) {', '.join(unknown)}",
+                          hint=f"the optional parameters are {', '.join(AUTHORIZATION_PARAMETERS)}")
+    for name, value in parameters.items():
+        if not AUTHORIZATION_PARAMETERS[name](value):
+            raise ClaimsError(f"request object: {name} has the wrong form: {_PARAMETER_FORMS[name]}")
+
+
+def _absolute_uri(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return bool(parts.scheme and parts.netloc and not parts.fragment)
+
+
+def _words(value: Any, allowed: frozenset[str] | None = None) -> bool:
+    words = value.split() if isinstance(value, str) else []
+    return bool(words) and (allowed is None or set(words) <= allowed)
+
+
+AUTHORIZATION_PARAMETERS: dict[str, Any] = {
+    "resource": lambda v: _absolute_uri(v) or (isinstance(v, list) and bool(v) and all(map(_absolute_uri, v))),
+    "prompt": lambda v: _words(v, _PROMPTS) and ("none" not in v.split() or v.strip() == "none"),
+    "max_age": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**9,
+    "acr_values": _words,
+    "claims": lambda v: isinstance(v, dict) and set(v) <= {"id_token", "userinfo"}
+                        and all(isinstance(x, dict) for x in v.values()),
+}
+_PARAMETER_FORMS = {
+    "resource": "an absolute URI without a fragment, or a non-empty list of them",
+    "prompt": "space-separated values from none, login, consent, select_account (none alone)",
+    "max_age": "a whole number of seconds, 0 or more",
+    "acr_values": "space-separated values",
+    "claims": "an object with id_token and/or userinfo objects (OpenID Connect Core §5.5)",
+}
 
 
 def check_request_object(claims: Mapping[str, Any]) -> None:
@@ -175,6 +223,7 @@ def check_request_object(claims: Mapping[str, Any]) -> None:
 def request_object(store: KeyStore, config: Config, key: str | JoseKey, client_id: str, audience: str, *,
                    scope: str, redirect_uri: str, authorization_details: Sequence[Mapping[str, Any]] | None = None,
                    state: str | None = None, nonce: str | None = None,
+                   parameters: Mapping[str, Any] | None = None,
                    lifetime: int | None = None) -> AuthorizationRequest:
     """A signed request object for PAR; the PKCE verifier (and state, nonce) go back to the caller only."""
     settings = JoseSettings.from_config(config)
@@ -183,7 +232,8 @@ def request_object(store: KeyStore, config: Config, key: str | JoseKey, client_i
     nonce = nonce or b64url(secrets.token_bytes(16))
     claims = request_object_claims(client_id, audience, settings, scope=scope, redirect_uri=redirect_uri,
                                    code_challenge=challenge, state=state, nonce=nonce,
-                                   authorization_details=authorization_details, lifetime=lifetime)
+                                   authorization_details=authorization_details, parameters=parameters,
+                                   lifetime=lifetime)
     check_request_object(claims)
     signed = sign_claims(store, config, key, claims, header={"typ": "oauth-authz-req+jwt"})
     return AuthorizationRequest(signed, verifier, state, nonce, claims)

@@ -51,6 +51,13 @@ class TokenError(AgentError):
     hint = "read the bank's error above; the x-fapi-interaction-id lets the bank find the request in its logs"
 
 
+class InvalidGrantError(TokenError):
+    """``invalid_grant``: the code or refresh token is used, expired, revoked, or not this client's."""
+
+    hint = ("the grant is gone: an authorization code is single-use; a refresh token is replaced at each refresh "
+            "(keep the newest) and a replayed old one revokes the consent: the customer must consent again")
+
+
 _HINTS = {
     "invalid_client": ("the bank did not accept the client authentication: check [tokens] client_id, that the "
                        "signing key's kid is in the directory's JWKS for this client, the transport certificate, "
@@ -214,12 +221,18 @@ class TokenClient:
 
     def push_authorization(self, *, scope: str, redirect_uri: str,
                            authorization_details: Sequence[Mapping[str, Any]] | None = None,
-                           state: str | None = None, nonce: str | None = None) -> PushedAuthorization:
-        """Sign a request object, push it with a client assertion, return the bank's ``request_uri``."""
+                           state: str | None = None, nonce: str | None = None,
+                           parameters: Mapping[str, Any] | None = None) -> PushedAuthorization:
+        """Sign a request object, push it with a client assertion, return the bank's ``request_uri``.
+
+        ``parameters``: the optional request parameters (``resource``, ``prompt``, ``max_age``, ``acr_values``,
+        ``claims``), checked by :func:`agent.jose.assertions.check_authorization_parameters`.
+        """
         metadata = self.metadata()
         made = jose.request_object(self.store, self.config, self.settings.signing_key, self.client_id,
                                    metadata.issuer, scope=normalise_scope(scope), redirect_uri=redirect_uri,
-                                   authorization_details=authorization_details, state=state, nonce=nonce)
+                                   authorization_details=authorization_details, state=state, nonce=nonce,
+                                   parameters=parameters)
         url = metadata.endpoint("pushed_authorization_request_endpoint", self.use_mtls_aliases)
         answer, interaction_id = self._post(url, {"client_id": self.client_id, "request": made.request,
                                                   **self._client_auth(metadata)},
@@ -231,6 +244,14 @@ class TokenClient:
                              f"(x-fapi-interaction-id {interaction_id})")
         return PushedAuthorization(self.bank, request_uri, expires_in, made.code_verifier, made.state, made.nonce,
                                    interaction_id)
+
+    def exchange(self, form: Mapping[str, str], what: str) -> tuple[dict[str, Any], str]:
+        """POST a grant (``authorization_code``, ``refresh_token``) with a fresh client assertion to the token
+        endpoint; the JSON answer and the interaction id. Not cached: the caller owns what comes back."""
+        metadata = self.metadata()
+        url = metadata.endpoint("token_endpoint", self.use_mtls_aliases)
+        self.requests += 1
+        return self._post(url, {**form, "client_id": self.client_id, **self._client_auth(metadata)}, what, (200,))
 
     # -- internals ---------------------------------------------------------------------
     def _client_auth(self, metadata: BankMetadata) -> dict[str, str]:
@@ -270,8 +291,9 @@ class TokenClient:
             error = answer.get("error") if isinstance(answer, dict) else None
             description = answer.get("error_description", "") if isinstance(answer, dict) else ""
             detail = (f": {error}" + (f": {description}" if description else "")) if error else ""
-            raise TokenError(f"bank {self.bank!r} refused the {what}: HTTP {response.status}{detail} {where}",
-                             hint=_HINTS.get(str(error)))
+            refusal = InvalidGrantError if error == "invalid_grant" else TokenError
+            raise refusal(f"bank {self.bank!r} refused the {what}: HTTP {response.status}{detail} {where}",
+                          hint=_HINTS.get(str(error)))
         if not isinstance(answer, dict):
             raise TokenError(f"bank {self.bank!r} answered the {what} without a JSON object {where}")
         return answer, response.interaction_id

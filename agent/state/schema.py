@@ -3,7 +3,9 @@
 Version 1 is the registrations table as tpp-agent has always written it (a file of that age has it and no
 ``schema_version`` table). Version 2 keys registrations by the transport certificate *and* the bank's
 registration endpoint (a claim row per pair, the row a registration claim locks), and adds the rotation
-state. Steps run in one transaction with the version read, so two hosts starting at once migrate once.
+state. Version 3 adds the consent flow's pending authorizations and the events' seen ``jti`` values
+(``agent/openfinance/flow_state.py``). Steps run in one transaction with the version read, so two hosts starting
+at once migrate once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable
 
 from agent.state.store import SchemaTooNewError, Transaction
 
-VERSION = 2
+VERSION = 3
 
 
 def _v1(tx: Transaction) -> None:
@@ -72,7 +74,23 @@ def _v2(tx: Transaction) -> None:
         PRIMARY KEY (key_alias, bank))""")
 
 
-_STEPS: dict[int, Callable[[Transaction], None]] = {1: _v1, 2: _v2}
+def _v3(tx: Transaction) -> None:
+    # Consent flows (issue 19): a callback may reach another process or host than its PAR; an event may be
+    # delivered to two of them. Rows live minutes (pending) or until the event's exp (seen).
+    tx.execute("""CREATE TABLE pending_authorizations (
+        state      TEXT PRIMARY KEY,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        data       TEXT NOT NULL)""")
+    tx.execute("CREATE INDEX pending_authorizations_created ON pending_authorizations (created_at)")
+    tx.execute("""CREATE TABLE seen_events (
+        bank       TEXT NOT NULL,
+        jti        TEXT NOT NULL,
+        kept_until DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (bank, jti))""")
+
+
+_STEPS: dict[int, Callable[[Transaction], None]] = {1: _v1, 2: _v2, 3: _v3}
 
 
 def found_version(tx: Transaction) -> int:

@@ -19,9 +19,11 @@ SESSIONS = 4
 # In a child process: the shim reads its environment once, when the module is loaded.
 PROGRAM = textwrap.dedent(f"""
     import json, sys, threading, time
-    import pkcs11
     from pkcs11 import KeyType, Mechanism, ObjectClass
-    token = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2])
+    from pkcs11_backends.module import Module
+    # Threads on one module: initialised with CKF_OS_LOCKING_OK (python-pkcs11's own C_Initialize tells
+    # SoftHSM2 there is one thread, and four signing at once then hang or crash it).
+    token = Module.load(sys.argv[1]).lib.get_token(token_label=sys.argv[2])
     with open(sys.argv[3]) as pin_file:
         pin = pin_file.read().strip()
     started = time.monotonic()
