@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import socket
+import struct
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,13 @@ DEFAULT_SOCKET = Path("/run/tpp-agent/agent.sock")
 
 class AgentUnavailableError(AgentError):
     hint = "start the agent (systemctl start tpp-agent) or pass the right socket path"
+
+
+class UntrustedAgentError(AgentUnavailableError):
+    """Something answers on the socket path, but not as the agent's user: nothing is sent to it."""
+
+    hint = ("another program holds the agent's socket path: stop it, check the socket's directory (it must be the "
+            "agent's, e.g. /run/tpp-agent owned by the tpp-agent user), then start the agent")
 
 
 class AgentRequestError(AgentError):
@@ -46,25 +54,44 @@ class AgentRequestError(AgentError):
 
 
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, server_uid: int | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
+        self._server_uid = server_uid
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             sock.connect(self._path)
-        except OSError:
+            check_server(sock, self._path, self._server_uid)
+        except BaseException:
             sock.close()
             raise
         self.sock = sock
 
 
+def check_server(sock: socket.socket, path: str, expected: int | None) -> None:
+    """The process serving ``sock`` (``SO_PEERCRED``) runs as the agent's user, or as root.
+
+    The agent's user is ``expected``, else the owner of the socket's directory: whoever may create the socket
+    there is the agent (systemd's RuntimeDirectory= belongs to its User=). A stranger's socket at that path
+    would otherwise receive the caller's payloads and hand back signatures of its own choosing.
+    """
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if expected is None:
+        expected = os.stat(os.path.dirname(os.path.abspath(path))).st_uid
+    if uid not in (0, expected):
+        raise UntrustedAgentError(f"the socket {path} is served by uid {uid}, not by the agent's user (uid {expected})")
+
+
 class AgentClient:
-    def __init__(self, socket_path: str | Path | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, socket_path: str | Path | None = None, timeout: float = 30.0, *,
+                 server_uid: int | None = None) -> None:
+        """``server_uid``: the agent's user; default: the owner of the socket's directory (see check_server)."""
         self.socket_path = str(socket_path or os.environ.get("TPP_AGENT_SOCKET") or DEFAULT_SOCKET)
         self.timeout = timeout
+        self.server_uid = server_uid
         self._local = threading.local()
 
     # -- endpoints -----------------------------------------------------------
@@ -79,7 +106,7 @@ class AgentClient:
         return result
 
     def public_key_pem(self, alias: str) -> str:
-        return self._request("GET", f"/v1/keys/{alias}/public")[1].decode("ascii")
+        return self.call("GET", f"/v1/keys/{alias}/public")[1].decode("ascii")
 
     def sign(self, alias: str, data: bytes, alg: str) -> bytes:
         body = {"alg": alg, "data_b64": base64.b64encode(data).decode("ascii")}
@@ -147,11 +174,12 @@ class AgentClient:
 
     # -- plumbing ------------------------------------------------------------
     def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        _, payload = self._request(method, path, body)
+        _, payload = self.call(method, path, body)
         value: dict[str, Any] = json.loads(payload)
         return value
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+        """One request (``path`` with its query); the status and body of a success, else AgentRequestError."""
         data = json.dumps(body).encode("utf-8") if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
         for attempt in (1, 2):
@@ -185,7 +213,7 @@ class AgentClient:
     def _connection(self) -> _UnixConnection:
         conn: _UnixConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = _UnixConnection(self.socket_path, self.timeout)
+            conn = self._local.conn = _UnixConnection(self.socket_path, self.timeout, self.server_uid)
         return conn
 
 

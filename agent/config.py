@@ -8,8 +8,10 @@ token that ``softhsm/make-token`` creates under the state directory.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import getpass
 import glob
+import math
 import os
 import stat
 import sys
@@ -56,12 +58,24 @@ class Pkcs11Config:
     init_args: str | None = None  # the module's C_Initialize string (pReserved), for modules that need one
 
 
+class KeyPurpose(enum.StrEnum):
+    """What a configured key is for; each key is used for its purpose only (see agent/operations/)."""
+
+    TLS = "tls"  # TLS client authentication by the transport stack; never a signature for a caller
+    JWS = "jws"  # JWS, client assertions, request objects; raw signatures only with raw_sign = true
+    ENCRYPTION = "encryption"  # JWE decryption; never a signature
+    AUDIT = "audit"  # the audit trail's checkpoints; never usable by a caller
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyConfig:
     alias: str
     uri: str
     algorithms: tuple[str, ...]
     kid: str | None
+    # None until agent.sections resolves the default: tls for a bank's client_key, else jws.
+    purpose: KeyPurpose | None = None
+    raw_sign: bool = False  # may make raw signatures (POST /v1/keys/ALIAS/sign) of caller-chosen bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +90,21 @@ class Config:
     def aliases(self) -> dict[str, str]:
         return {alias: key.uri for alias, key in self.keys.items()}
 
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else "the built-in defaults"
+
     def section(self, name: str) -> Mapping[str, Any]:
-        """A top-level table for the layers that own it (banks, daemon, policy…)."""
+        """A top-level table, for the one parser that agent.sections registers for it."""
         value = self.raw.get(name, {})
         if not isinstance(value, Mapping):
-            raise ConfigError(f"[{name}] must be a table in {self.path}")
+            raise ConfigError(f"[{name}] must be a table in {self.where}")
         return value
+
+    def key_named(self, name: str) -> KeyConfig | None:
+        """The ``[keys.ALIAS]`` entry for an alias, or for a URI written exactly as a configured one."""
+        found = self.keys.get(name)
+        return found or next((k for k in self.keys.values() if k.uri == name), None)
 
 
 def locate(explicit: str | None) -> Path | None:
@@ -94,7 +117,13 @@ def locate(explicit: str | None) -> Path | None:
 
 
 def load(explicit: str | None = None) -> Config:
+    """The token and key sections only; agent.sections.load reads the whole file (what serve and the CLI use)."""
     path = locate(explicit)
+    return parse(read(path), path)
+
+
+def read(path: Path | None) -> dict[str, Any]:
+    """The file's TOML tables (none: no file, the built-in defaults)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -109,8 +138,29 @@ def load(explicit: str | None = None) -> Config:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory", hint="pass --config FILE") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
         raw = _with_included_banks(raw, path)
-    return parse(raw, path)
+        _reject_non_finite(raw, "", str(path))
+    return raw
+
+
+def _reject_non_finite(table: Mapping[str, Any], prefix: str, where: str) -> None:
+    """TOML has nan and inf literals; no setting of the agent means them (a timeout of nan never ends)."""
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} = {value} in {where} is not a finite number", hint="give a finite number")
+        if isinstance(value, Mapping):
+            _reject_non_finite(value, f"{name}.", where)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, Mapping):
+                    _reject_non_finite(item, f"{name}.", where)
+                elif isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{name} in {where} holds {item}, not a finite number")
 
 
 def _with_included_banks(raw: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -156,6 +206,7 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
     base = path.parent if path else Path.cwd()
     state = raw.get("state", {})
     _expect_table(state, "state", where)
+    _reject_unknown(state, {"dir", "database"}, "state", where)  # database: agent.state reads it
     state_dir = _path(state.get("dir"), base, "state.dir", where) or default_state_dir()
 
     p11 = raw.get("pkcs11", {})
@@ -197,7 +248,7 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
     keys: dict[str, KeyConfig] = {}
     for alias, entry in keys_raw.items():
         _expect_table(entry, f"keys.{alias}", where)
-        _reject_unknown(entry, {"uri", "algorithms", "kid"}, f"keys.{alias}", where)
+        _reject_unknown(entry, {"uri", "algorithms", "kid", "purpose", "raw_sign"}, f"keys.{alias}", where)
         uri = _string(entry.get("uri"), f"keys.{alias}.uri", where)
         if not uri.startswith("pkcs11:"):
             raise ConfigError(f"[keys.{alias}] uri must be a pkcs11: URI in {where}")
@@ -206,7 +257,16 @@ def parse(raw: Mapping[str, Any], path: Path | None = None) -> Config:
             raise ConfigError(f"[keys.{alias}] algorithms must be a list of strings in {where}")
         kid = entry.get("kid")
         kid_text = _string(kid, f"keys.{alias}.kid", where) if kid is not None else None
-        keys[alias] = KeyConfig(alias, uri, tuple(algorithms), kid_text)
+        purpose = entry.get("purpose")
+        if purpose is not None and purpose not in tuple(KeyPurpose):
+            raise ConfigError(f"[keys.{alias}] purpose must be one of {', '.join(p.value for p in KeyPurpose)} "
+                              f"in {where}, got {purpose!r}",
+                              hint="tls: a bank's client_key; jws: signs JWS and JWTs; encryption; audit")
+        raw_sign = entry.get("raw_sign", False)
+        if not isinstance(raw_sign, bool):
+            raise ConfigError(f"[keys.{alias}] raw_sign must be true or false in {where}")
+        keys[alias] = KeyConfig(alias, uri, tuple(algorithms), kid_text,
+                                KeyPurpose(purpose) if purpose is not None else None, raw_sign)
     return Config(path, state_dir, pkcs11, keys, raw)
 
 
@@ -241,7 +301,11 @@ def _path(value: object, base: Path, name: str, where: str) -> Path | None:
     if value is None:
         return None
     text = _string(value, name, where)
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~user" for a user this host does not have
+        raise ConfigError(f"{name} = {text!r} in {where}: no such user's home directory",
+                          hint="write the path out in full") from None
     return path if path.is_absolute() else base / path
 
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from agent.cli.context import CliContext
 from agent.config import Config
 from agent.errors import AgentError
-from agent.lifecycle.validity import expiry_warning_days
 from agent.x509.certificates import days_left
 from agent.x509.signatures import same_public_key
 from pkcs11_backends import openssl
@@ -54,7 +53,7 @@ def run(ctx: CliContext, now: datetime.datetime | None = None) -> list[Check]:
 
 
 def _checks(ctx: CliContext, now: datetime.datetime) -> Iterator[Check]:
-    config = _attempt("config", lambda: f"loaded {ctx.config.path or 'built-in defaults'}")
+    config = _attempt("config", lambda: f"loaded {ctx.sections.path or 'built-in defaults'}, every section checked")
     yield config
     yield _attempt("pyopenssl", _linkage)
     yield _openssl_backend(ctx.config.pkcs11.openssl_backend if config.status is Status.OK else "auto")
@@ -75,7 +74,7 @@ def _checks(ctx: CliContext, now: datetime.datetime) -> Iterator[Check]:
             yield from (Check(later, Status.SKIP, f"needs a working {name}") for later in token_checks[position + 1:])
             return
     yield _attempt("mechanisms", lambda: _mechanisms(runtime.keys))
-    yield from _key_checks(runtime.keys, ctx.config, now)
+    yield from _key_checks(runtime.keys, ctx.config, ctx.sections.certificates.expiry_warning_days, now)
 
 
 def _mechanisms(store: KeyStore) -> str:
@@ -124,10 +123,9 @@ def _token(ctx: CliContext) -> str:
     return f"{token.label!r} serial {serial} ({token.manufacturer_id.strip()} {token.model.strip()})"
 
 
-def _key_checks(store: KeyStore, config: Config, now: datetime.datetime) -> Iterator[Check]:
+def _key_checks(store: KeyStore, config: Config, warn_days: int, now: datetime.datetime) -> Iterator[Check]:
     try:
         keys = store.list()
-        warn_days = expiry_warning_days(config)
     except (AgentError, Pkcs11Error) as exc:
         yield Check("keys", Status.FAIL, str(exc), exc.hint)
         return

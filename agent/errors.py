@@ -61,6 +61,10 @@ EXIT_STATUS: dict[str, ExitStatus] = {
     "agent.daemon.listener.SocketSetupError": ExitStatus.CONFIG,
     "agent.files.UnsafePathError": ExitStatus.CONFIG,
     "agent.daemon.policy.PolicyDenied": ExitStatus.NOPERM,
+    "agent.operations.errors.PolicyDenied": ExitStatus.NOPERM,
+    "agent.operations.errors.KeyPurposeError": ExitStatus.NOPERM,
+    "agent.operations.errors.UnknownKeyError": ExitStatus.NOINPUT,
+    "agent.operations.errors.NotReadyError": ExitStatus.UNAVAILABLE,
     "agent.daemon.app.StartupCheckError": ExitStatus.CONFIG,
     "agent.jose.errors.JoseError": ExitStatus.DATAERR,
     "agent.jose.errors.KidError": ExitStatus.CONFIG,
@@ -111,6 +115,7 @@ EXIT_STATUS: dict[str, ExitStatus] = {
 AGENT_CODES: dict[str, ExitStatus] = {
     "forbidden": ExitStatus.NOPERM,
     "algorithm_not_allowed": ExitStatus.NOPERM,
+    "key_purpose": ExitStatus.NOPERM,
     "bad_input": ExitStatus.DATAERR,
     "bad_field": ExitStatus.DATAERR,
     "bad_query": ExitStatus.DATAERR,

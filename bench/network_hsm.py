@@ -61,7 +61,7 @@ def run(work: Path, seconds: float, repeat: int, delay_us: int, clients: tuple[i
     per_process = {"default": HSM_SESSIONS, "throughput": max(1, HSM_SESSIONS // processes)}
     in_all = {"default": HSM_SESSIONS, "throughput": per_process["throughput"] * processes}
     body = "".join(f'[keys.{alias}]\nuri = "pkcs11:token=nethsm;object={alias};type=private"\n'
-                   f'algorithms = ["{alg}"]\n' for alias, _, alg, _ in CASES)
+                   f'algorithms = ["{alg}"]\nraw_sign = true\n' for alias, _, alg, _ in CASES)
     configs = {name: state.write_config(f"config-{name}.toml", body + daemon_table(
         state.dir / f"run-{name}" / "agent.sock", state.dir / f"audit-{name}" / "audit.jsonl") + lines,
                                         module=str(shim), pkcs11=f"max_sessions = {per_process[name]}\n")

@@ -58,7 +58,7 @@ PROFILES = (("default", ""), ("throughput", 'processes = "auto"\naudit_sync = "i
 def run(work: Path, seconds: float, clients: tuple[int, ...], repeat: int) -> Outcome:
     state = State.create(work / "signing", "bench")
     body = "".join(f'[keys.{alias}]\nuri = "pkcs11:token=bench;object={alias};type=private"\n'
-                   f'algorithms = ["{alg}"]\n' for alias, _, alg, _ in CASES)
+                   f'algorithms = ["{alg}"]\nraw_sign = true\n' for alias, _, alg, _ in CASES)
     configs = {name: state.write_config(f"config-{name}.toml", body + daemon_table(
         state.dir / f"run-{name}" / "agent.sock", state.dir / "audit" / "audit.jsonl") + lines)
                for name, lines in PROFILES}

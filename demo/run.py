@@ -104,9 +104,9 @@ class Demo:
             f'[state]\ndir = "{self.state}"\n\n'
             f'[pkcs11]\ntoken = "{TOKEN}"\npin_file = "{softhsm / "user.pin"}"\n\n'
             f'[pkcs11.environment]\nSOFTHSM2_CONF = "{softhsm / "softhsm2.conf"}"\n\n'
-            f'[keys.{KEY}]\nuri = "pkcs11:token={TOKEN};object={KEY};type=private"\n\n'
+            f'[keys.{KEY}]\nuri = "pkcs11:token={TOKEN};object={KEY};type=private"\npurpose = "tls"\n\n'
             f'[keys.{SIGNING_KEY}]\nuri = "pkcs11:token={TOKEN};object={SIGNING_KEY};type=private"\n'
-            'algorithms = ["PS256"]\n\n'
+            'purpose = "jws"\nalgorithms = ["PS256"]\n\n'
             # The demo's own socket: a CLI finds no agent there and uses the demo's token, never a system agent.
             f'[daemon]\nsocket = "{self.state / "agent.sock"}"\n'
         )

@@ -2,8 +2,8 @@
 
 ``one_input`` is what the daemon's I/O thread and a worker do with a connection's bytes, without the
 socket: split the stream where the fuzzer says, feed the reader, route each whole request, decode its
-body as the endpoints do. :class:`HttpError` is the only way any of it may refuse; anything else
-raised is a finding.
+body and parse it as its operation's typed input. :class:`HttpError` and the input's ``InvalidInput``
+are the only ways any of it may refuse; anything else raised is a finding.
 
 ``fuzz.http_target`` runs it under atheris (``make fuzz``); ``tests/test_fuzz_corpus.py`` replays the corpus.
 """
@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import contextlib
 
-from agent.daemon import api, banks, routing  # noqa: F401 (api and banks register the routes)
 from agent.daemon.errors import HttpError
 from agent.daemon.framing import CLOSED, NEED_DATA, Message, RequestReader
 from agent.daemon.http import Request, interaction_id
 from agent.daemon.policy import Peer
+from agent.daemon.routes import ROUTES, RouteTable
+from agent.operations import inputs
 
 _PEER = Peer(uid=4242, gid=4242, pid=1, groups=frozenset({4242}))
 _MAX_HEAD, _MAX_BODY = 1024, 4096  # small limits: the fuzzer reaches them instead of spending its time below
+_TABLE = RouteTable(ROUTES)
 
 
 def one_input(data: bytes) -> None:
@@ -52,8 +54,14 @@ def _serve(message: Message) -> None:
         request = Request(head, message.body, _PEER, interaction_id(head.headers))
     except HttpError:
         return
-    found = routing.match(request.method, request.path)
-    assert found.endpoint is not None or found.params == {}
+    found = _TABLE.match(request.method, request.path)
+    assert found.route is not None or found.params == {}
+    body = None
     with contextlib.suppress(HttpError):
-        request.json()
-    dict(request.query)
+        body = request.json()
+    query = dict(request.query)
+    if found.route is not None:  # the operation's typed input, as the router parses it
+        given = query if found.route.from_query else body
+        if given is not None:
+            with contextlib.suppress(inputs.InvalidInput):
+                inputs.parse(found.route.spec.input, given, from_query=found.route.from_query)

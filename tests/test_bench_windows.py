@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.daemon.http import HttpError, Request, Response
-from agent.daemon.server import Limits
+from agent.daemon.limits import Limits
 from bench.common import Contender, InProcess, Load, LoadProcess, compare_cells, http_request
 from tests.daemon.conftest import http_server
 

@@ -18,11 +18,12 @@ from agent.runtime import Runtime
 from tests.conftest import Token
 
 KEY = "pkcs11:object=transport"
+SIGNER = f'[keys.signer]\nuri = "{KEY}"\n'  # JWS needs a configured key (with its purpose: jws by default)
 
 
 @pytest.fixture
 def audited_token(token: Token, tmp_path: Path) -> Token:
-    token.write_config(f'[daemon]\naudit_file = "{tmp_path / "trail" / "audit.jsonl"}"\n')
+    token.write_config(f'[daemon]\naudit_file = "{tmp_path / "trail" / "audit.jsonl"}"\n{SIGNER}')
     token.cli("keys", "generate", "--label", "transport", "--type", "rsa:2048", check=True)
     token.cli("keys", "generate", "--label", "audit", "--type", "ec:p256", check=True)  # signs checkpoints
     return token
@@ -44,7 +45,8 @@ def test_csr_and_direct_jws_are_audited_as_the_operator(audited_token: Token, tm
     csr_record, jws_record = records(tmp_path)
     assert (csr_record["operation"], csr_record["algorithm"], csr_record["result"]) == ("csr", "RS256", "ok")
     assert csr_record["input_sha256"] == hashlib.sha256(request["certification_request_info"].dump()).hexdigest()
-    assert (jws_record["operation"], jws_record["algorithm"], jws_record["result"]) == ("sign-jws", "PS256", "ok")
+    # The record names the operation, as for the same JWS made through the agent.
+    assert (jws_record["operation"], jws_record["algorithm"], jws_record["result"]) == ("jws", "PS256", "ok")
     assert jws_record["input_sha256"] == hashlib.sha256(jws.rsplit(".", 1)[0].encode()).hexdigest()
     assert base64.urlsafe_b64decode(jws.split(".")[1] + "==") == b'{"hello":"world"}'
     for record in (csr_record, jws_record):
@@ -60,7 +62,7 @@ def test_csr_and_direct_jws_are_audited_as_the_operator(audited_token: Token, tm
 def test_reading_keys_needs_no_trail_but_signing_refuses_without_one(token: Token, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    token.write_config(f'[daemon]\naudit_file = "{blocker / "audit.jsonl"}"\n')
+    token.write_config(f'[daemon]\naudit_file = "{blocker / "audit.jsonl"}"\n{SIGNER}')
     token.cli("keys", "generate", "--label", "transport", "--type", "ec:secp256r1", check=True)
     token.cli("keys", "public", KEY, check=True)
 

@@ -18,6 +18,7 @@ from tests.conftest import Token
 NOBODY = 65534
 TPP_AGENT = str(Path(sys.executable).parent / "tpp-agent")
 KEY = "pkcs11:object=transport"
+SIGNER = f'[keys.signer]\nuri = "{KEY}"\n'  # JWS needs a configured key (with its purpose: jws by default)
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def test_root_does_not_follow_a_link_the_state_dirs_owner_planted_as_the_audit_t
     victim = tmp_path / "root-only"
     victim.write_text("root's file\n")
     os.symlink(victim, state / "audit.jsonl")  # what that user can plant for root's next CLI run
-    signing_token.write_config(f'[daemon]\naudit_file = "{state / "audit.jsonl"}"\n')
+    signing_token.write_config(f'[daemon]\naudit_file = "{state / "audit.jsonl"}"\n{SIGNER}')
 
     refused = _sign_direct(signing_token)
     assert refused.returncode == ExitStatus.CANTCREAT and refused.stdout == ""
@@ -53,7 +54,7 @@ def test_a_state_directory_that_is_a_link_is_refused(signing_token: Token, tmp_p
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (tmp_path / "state").symlink_to(elsewhere)
-    signing_token.write_config(f'[daemon]\naudit_file = "{tmp_path / "state" / "audit.jsonl"}"\n')
+    signing_token.write_config(f'[daemon]\naudit_file = "{tmp_path / "state" / "audit.jsonl"}"\n{SIGNER}')
     refused = _sign_direct(signing_token)
     assert refused.returncode == ExitStatus.CANTCREAT and "is a symbolic link, not a directory" in refused.stderr
     assert list(elsewhere.iterdir()) == []
@@ -62,7 +63,7 @@ def test_a_state_directory_that_is_a_link_is_refused(signing_token: Token, tmp_p
 def test_the_audit_trail_and_its_directory_are_private_whatever_the_umask(signing_token: Token,
                                                                           tmp_path: Path) -> None:
     trail = tmp_path / "new" / "state" / "audit.jsonl"
-    signing_token.write_config(f'[daemon]\naudit_file = "{trail}"\n')
+    signing_token.write_config(f'[daemon]\naudit_file = "{trail}"\n{SIGNER}')
     signed = _sign_direct(signing_token, umask=0)
     assert signed.returncode == 0, signed.stderr
     assert stat.S_IMODE(trail.stat().st_mode) == 0o600

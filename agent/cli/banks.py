@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
 
 
 def discover(args: argparse.Namespace, ctx: CliContext) -> int:
-    answer = ctx.backend.discover(args.bank, args.refresh)
+    answer = ctx.backend.run("discovery", {"refresh": True} if args.refresh else {}, bank=args.bank)
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
@@ -49,7 +49,7 @@ def discover(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def register_bank(args: argparse.Namespace, ctx: CliContext) -> int:
-    result = ctx.backend.register(args.bank, args.force)
+    result = ctx.backend.run("register", {"force": args.force}, bank=args.bank)
     if args.json:
         print(json.dumps(result, indent=2))
     elif result["already_registered"] is not None:

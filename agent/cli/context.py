@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import functools
 
-from agent import config as config_module
-from agent.audit import AuditedKeyStore, AuditError, AuditTrail, find_anchor
+from agent import sections as sections_module
+from agent.audit import AuditError, AuditTrail, find_anchor
 from agent.cli.backend import Backend, Direct, ThroughAgent
-from agent.client import AgentClient, AgentUnavailableError
+from agent.client import AgentClient, AgentUnavailableError, UntrustedAgentError
 from agent.config import Config
 from agent.log import get_logger
+from agent.operations.core import Core
 from agent.runtime import Runtime
+from agent.sections import Sections
 
 _HEALTH_TIMEOUT = 2.0
 _CALL_TIMEOUT = 60.0  # calls may wait for a bank (the agent's own read_timeout bounds that)
@@ -32,8 +34,13 @@ class CliContext:
         self.direct = direct
 
     @functools.cached_property
+    def sections(self) -> Sections:
+        """The whole configuration, every section checked (a mistake anywhere is an error before any work)."""
+        return sections_module.load(self.config_path)
+
+    @property
     def config(self) -> Config:
-        return config_module.load(self.config_path)
+        return self.sections.config
 
     @functools.cached_property
     def runtime(self) -> Runtime:
@@ -42,9 +49,7 @@ class CliContext:
     @functools.cached_property
     def audit(self) -> AuditTrail:
         """The agent's audit trail, shared with it (appends are locked across processes)."""
-        from agent.daemon.settings import DaemonSettings
-
-        settings = DaemonSettings.parse(self.config)
+        settings = self.sections.daemon
         try:
             trail = AuditTrail(settings.audit_file, settings.audit_sync_interval)
         except AuditError as exc:
@@ -63,27 +68,27 @@ class CliContext:
         return trail
 
     @functools.cached_property
-    def signer(self) -> AuditedKeyStore:
-        """The token's keys, every signature recorded in :attr:`audit`."""
-        return AuditedKeyStore(self.runtime.keys, self.audit)
+    def core(self) -> Core:
+        """The operations' core on the token in this process; every signature recorded in :attr:`audit`."""
+        return Core(self.sections, self.runtime, lambda: self.audit)
 
     @functools.cached_property
     def backend(self) -> Backend:
         agent = None if self.direct else self._running_agent()
         if agent is None:
-            return Direct(self.runtime, lambda: self.signer)
+            return Direct(self.core)
         get_logger("cli").info("through_agent", socket=agent.socket_path, hint="--direct uses the token instead")
         return ThroughAgent(agent)
 
     def _running_agent(self) -> AgentClient | None:
-        from agent.daemon.settings import DaemonSettings
-
-        path = DaemonSettings.parse(self.config).socket
+        path = self.sections.daemon.socket
         if not path.exists():
             return None
         probe = AgentClient(path, timeout=_HEALTH_TIMEOUT)
         try:
             probe.health()
+        except UntrustedAgentError:
+            raise  # never fall back silently: someone else answers where the agent should
         except AgentUnavailableError:
             return None
         finally:
@@ -94,6 +99,8 @@ class CliContext:
         try:
             if "backend" in self.__dict__:
                 self.backend.close()
+            if "core" in self.__dict__:
+                self.core.close()
             if "audit" in self.__dict__:
                 self.audit.close()  # before the runtime: its closing checkpoint is signed on the token
         finally:

@@ -54,7 +54,7 @@ def make_csr(args: argparse.Namespace, ctx: CliContext) -> int:
     if args.out is not None:
         _check_writable(args.out, args.force)
 
-    signed = build_csr(ctx.signer, args.key, subject, algorithm)
+    signed = build_csr(ctx.core.signer, args.key, subject, algorithm)
     if args.out is None:
         sys.stdout.write(signed.pem)
     else:

@@ -36,9 +36,8 @@ def serve_command(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def verify_command(args: argparse.Namespace, ctx: CliContext) -> int:
     from agent import audit
-    from agent.daemon.settings import DaemonSettings
 
-    settings = DaemonSettings.parse(ctx.config)
+    settings = ctx.sections.daemon
     # No file yet: verify() says where it looked.
     paths = [Path(args.file)] if args.file else audit.trail_files(settings.audit_file) or [settings.audit_file]
     spki = _checkpoint_key(args.public_key, ctx, settings.audit_checkpoint_key)

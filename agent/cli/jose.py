@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from pathlib import Path
@@ -26,14 +27,22 @@ def register(sub: Any) -> None:
 
 
 def jwks(args: argparse.Namespace, ctx: CliContext) -> int:
-    print(json.dumps(ctx.backend.jwks(args.key), indent=2))
+    """Every jws key's JWK (never a transport key's), or those of the keys named."""
+    if args.key:
+        keyset = {"keys": [ctx.backend.run("public", {"format": "jwk"}, key=key) for key in args.key]}
+    else:
+        keyset = ctx.backend.run("jwks")
+    print(json.dumps(keyset, indent=2))
     return 0
 
 
 def sign_jws(args: argparse.Namespace, ctx: CliContext) -> int:
-    payload = read_input(args.payload, "--payload")
-    header = parse_json_object(args.header, "--header") if args.header else None
-    print(ctx.backend.sign_jws(args.key, payload, args.alg, header))
+    body: dict[str, Any] = {"payload_b64": base64.b64encode(read_input(args.payload, "--payload")).decode("ascii")}
+    if args.header:
+        body["header"] = parse_json_object(args.header, "--header")
+    if args.alg:
+        body["alg"] = args.alg
+    print(ctx.backend.run("jws", body, key=args.key)["jws"])
     return 0
 
 

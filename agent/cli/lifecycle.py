@@ -25,8 +25,7 @@ from agent.errors import AgentError, InputError
 from agent.lifecycle import participants
 from agent.lifecycle.download import fetch
 from agent.lifecycle.registrations import UNKNOWN, bank_registration
-from agent.lifecycle.validity import expiry_warning_days, renewal_due
-from agent.openfinance.banks import parse_banks
+from agent.lifecycle.validity import renewal_due
 from agent.openfinance.records import RegistrationLog
 from agent.state import open_state
 from agent.x509.certificates import days_left, key_certificates
@@ -82,7 +81,7 @@ def list_registrations(args: argparse.Namespace, ctx: CliContext) -> int:
     records = RegistrationLog(open_state(ctx.config))
     if args.attempts:
         return _print_attempts(records, args)
-    banks = parse_banks(ctx.config)
+    banks = dict(ctx.sections.banks)
     if args.bank is not None:
         banks = {args.bank: _bank(banks, args.bank)}
     views = [bank_registration(ctx.runtime, bank, records) for bank in banks.values()]
@@ -144,7 +143,7 @@ def needs_renewal(args: argparse.Namespace, ctx: CliContext) -> int:
 def _needs_renewal(args: argparse.Namespace, ctx: CliContext) -> int:
     if args.days is not None and not 0 <= args.days <= 3650:
         raise InputError(f"--days must be from 0 to 3650, got {args.days:g}")
-    days = args.days if args.days is not None else expiry_warning_days(ctx.config)
+    days = args.days if args.days is not None else ctx.sections.certificates.expiry_warning_days
     store = ctx.runtime.keys
     keys = [args.key] if args.key else [str(k.uri) for k in store.list() if k.certificate is not None]
     if not keys:
@@ -184,7 +183,7 @@ def sync_banks(args: argparse.Namespace, ctx: CliContext) -> int:
     else:
         data = _read_file(Path(source))
     servers = participants.parse(data, source)
-    configured = parse_banks(ctx.config)
+    configured = dict(ctx.sections.banks)
     written_here = _banks_in(Path(args.write)) if args.write else set()
     # Banks the file being written holds are the directory's, not configured by hand: they are rewritten.
     by_hand = {name: bank for name, bank in configured.items() if name not in written_here}

@@ -42,13 +42,13 @@ def register(sub: Any) -> None:
 
 
 def client_assertion(args: argparse.Namespace, ctx: CliContext) -> int:
-    answer = ctx.backend.client_assertion(args.bank)
+    answer = ctx.backend.run("client_assertion", bank=args.bank)
     print(json.dumps(answer, indent=2) if args.json else answer["client_assertion"])
     return 0
 
 
 def get_token(args: argparse.Namespace, ctx: CliContext) -> int:
-    answer = ctx.backend.token(args.bank, args.scope, args.refresh)
+    answer = ctx.backend.run("token", {"scope": args.scope, "refresh": args.refresh}, bank=args.bank)
     if not args.show_token:
         answer.pop("access_token")
     if args.json:
@@ -71,8 +71,9 @@ def push(args: argparse.Namespace, ctx: CliContext) -> int:
         if not isinstance(details, list) or not all(isinstance(d, dict) for d in details):
             raise InputError("--authorization-details must be a JSON list of objects",
                              hint='e.g. \'[{"type": "urn:openfinanceuae:account-access-consent:v1.2"}]\'')
-    answer = ctx.backend.par(args.bank, args.scope, args.redirect_uri, authorization_details=details,
-                             state=args.state, nonce=args.nonce)
+    body = {"scope": args.scope, "redirect_uri": args.redirect_uri, "authorization_details": details,
+            "state": args.state, "nonce": args.nonce}
+    answer = ctx.backend.run("par", {k: v for k, v in body.items() if v is not None}, bank=args.bank)
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0

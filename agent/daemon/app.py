@@ -6,77 +6,75 @@ certificate (if any) matching the key, and a canary signature verified in softwa
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
-import uuid
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-from pkcs11 import Attribute, ObjectClass
-from pkcs11.exceptions import TokenNotPresent
 
-from agent import config as config_module
-from agent.audit import AuditedBankCalls, AuditedKeyStore, AuditTrail, KeyUse
+from agent import audit as audit_module
+from agent import sections as sections_module
+from agent.audit import AuditTrail
 from agent.config import Config, KeyConfig, pin_reader
+from agent.daemon.http import new_interaction_id
 from agent.daemon.policy import Policy
 from agent.daemon.settings import DaemonSettings
 from agent.errors import AgentError
 from agent.log import get_logger
-from agent.openfinance.service import OpenFinance
+from agent.operations.core import Core, Readiness
 from agent.runtime import Runtime
+from agent.sections import Sections
 from pkcs11_backends.errors import Pkcs11Error
 from pkcs11_backends.keys import KeyKind, SignatureScheme
-from pkcs11_backends.sessions import PooledSession
+from pkcs11_backends.probe import count_private_keys
 
 log = get_logger("tpp-agent.daemon")
 _DEFAULT_SCHEME = {KeyKind.RSA: SignatureScheme.RSA_PSS_SHA256, KeyKind.EC: SignatureScheme.ECDSA_SHA256}
+
+__all__ = ["Agent", "Readiness", "StartupCheckError", "verify_in_software"]
 
 
 class StartupCheckError(AgentError):
     hint = "fix the key or certificate on the token, or the [keys] section, then restart the agent"
 
 
-@dataclasses.dataclass(frozen=True)
-class Readiness:
-    ready: bool
-    detail: str
-
-
 class Agent:
-    def __init__(self, config: Config, settings: DaemonSettings, runtime: Runtime, audit: AuditTrail) -> None:
-        self.config = config
+    def __init__(self, sections: Sections, settings: DaemonSettings, runtime: Runtime, audit: AuditTrail) -> None:
         self.settings = settings
-        self.policy = Policy.parse(config.section("policy"))
         self.runtime = runtime
         self.audit = audit
-        # The token's keys for flows that sign deep inside (JWS, assertions, CSRs, /sign): every signature audited.
-        # One instance, so its parsed key names are cached across requests (reset when the aliases change).
-        self.signer = AuditedKeyStore(runtime.keys, audit)
-        self.openfinance = self._banks(config)
         self.readiness = Readiness(False, "start-up checks not run yet")
         self._reload_lock = threading.Lock()
+        self._use(sections)
 
-    def _banks(self, config: Config) -> OpenFinance:
-        """Banks (transports, token clients with their caches) for ``config``; JWTs signed through the audit."""
-        return OpenFinance(self.runtime, config, keys=self.signer, observer=AuditedBankCalls(self.audit))
-
-    def _use_aliases(self, config: Config) -> None:
-        self.runtime.keys.aliases = dict(config.aliases)
-        self.signer.aliases = dict(config.aliases)
+    def _use(self, sections: Sections) -> None:
+        """Serve ``sections``: its policy, and a core (banks with their token caches) built for it."""
+        self.sections = sections
+        self.runtime.keys.aliases = dict(sections.config.aliases)
+        # Every signature in this process goes through the core's audited signer, the canary's included.
+        self.core = Core(sections, self.runtime, lambda: self.audit, lambda: self.readiness)
 
     @property
-    def keys(self) -> dict[str, KeyConfig]:
-        return dict(self.config.keys)
+    def config(self) -> Config:
+        return self.sections.config
+
+    @property
+    def policy(self) -> Policy:
+        return self.sections.policy
 
     # -- start-up ------------------------------------------------------------
     def preflight(self) -> str:
         """Run the start-up checks; raise on the first failure; return a one-line status."""
         self.runtime.pool.start()
         store = self.runtime.keys
+        seen: dict[str, str] = {}
         for alias, key in self.config.keys.items():
             info = store.info(alias)
+            other = seen.setdefault(str(info.uri), alias)
+            if other != alias:  # two URIs for one key object: each alias would lend it its purpose
+                raise StartupCheckError(f"[keys.{alias}] and [keys.{other}] name the same key on the token "
+                                        f"({info.uri})", hint="give each key one [keys.NAME] entry")
             spki = store.public_key_info(alias).dump()
             if info.certificate is not None:
                 cert_spki = info.certificate.parsed["tbs_certificate"]["subject_public_key_info"].dump()
@@ -85,9 +83,8 @@ class Agent:
                                             "does not match the key's public key")
             scheme = self.scheme_for(key, info.spec.kind)
             canary = b"tpp-agent canary " + os.urandom(16)
-            signature = store.sign(alias, canary, scheme)
-            self.audit.record(KeyUse(os.getuid(), os.getpid(), key.uri, "canary", scheme.jose_name, canary, "ok",
-                                     str(uuid.uuid4())))
+            with audit_module.on_behalf_of(os.getuid(), os.getpid(), "canary", new_interaction_id()):
+                signature = self.core.signer.sign(alias, canary, scheme)
             if not verify_in_software(spki, signature, canary, scheme):
                 raise StartupCheckError(f"canary signature of key {alias!r} ({scheme.jose_name}) does not verify")
         status = f"token {self.config.pkcs11.token!r} logged in, {len(self.config.keys)} key(s) checked"
@@ -104,32 +101,32 @@ class Agent:
 
     # -- SIGHUP --------------------------------------------------------------
     def reload(self) -> None:
-        """Re-read the config and certificates; the token session (and login) stays as it is."""
+        """Re-read the whole config and the certificates; a config with any problem is refused, the old one kept.
+
+        The token session (and login) stays as it is."""
         with self._reload_lock:
-            old_config, old_policy = self.config, self.policy
+            old = self.sections
             try:
-                config = config_module.load(str(old_config.path) if old_config.path else None)
-                new_settings = DaemonSettings.parse(config, str(self.settings.socket))
-                policy = Policy.parse(config.section("policy"))
+                sections = sections_module.load(str(old.path) if old.path else None)
+                new_settings = DaemonSettings.parse(sections.config, str(self.settings.socket))
             except AgentError as exc:
                 log.error("reload_failed", error=str(exc), hint=exc.hint)
                 return
-            if (config.pkcs11.module, config.pkcs11.token) != (old_config.pkcs11.module, old_config.pkcs11.token):
+            config = sections.config
+            if (config.pkcs11.module, config.pkcs11.token) != (old.config.pkcs11.module, old.config.pkcs11.token):
                 log.warning("reload_needs_restart", reason="[pkcs11] module or token changed; kept the old ones")
             if new_settings != self.settings:
                 log.warning("reload_needs_restart", reason="[daemon] settings change on restart only")
-            self.config, self.policy = config, policy
-            self._use_aliases(config)
-            old_banks, self.openfinance = self.openfinance, self._banks(config)
-            old_banks.close()
+            old_core = self.core
+            self._use(sections)
+            old_core.close()
             self.runtime.pool.set_pin_source(pin_reader(config.pkcs11))
             try:
                 status = self.preflight()
             except (AgentError, Pkcs11Error) as exc:
                 log.error("reload_rejected", error=str(exc), hint=exc.hint)
-                self.config, self.policy = old_config, old_policy
-                self._use_aliases(old_config)
-                self.openfinance = self._banks(old_config)
+                self.core.close()
+                self._use(old)
                 self.preflight()
                 return
             log.info("reloaded", status=status)
@@ -137,19 +134,11 @@ class Agent:
     # -- health --------------------------------------------------------------
     def health_check(self) -> Readiness:
         """Ask the token something real; stale handles start the pool's recovery."""
-        def probe(pooled: PooledSession) -> int:
-            count = len(list(pooled.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})))
-            if count == 0 and self.config.keys:
-                # SoftHSM2 lists nothing once its token directory is gone, where an HSM would say
-                # TOKEN_NOT_PRESENT: treat it the same, so that the pool's recovery starts.
-                raise TokenNotPresent("the token lists no private key, but keys are configured")
-            return count
-
         if self.audit.cut:  # no key use until an operator restarts the agent (agent/audit.py)
             self.readiness = Readiness(False, self.audit.cut)
             return self.readiness
         try:
-            count = self.runtime.pool.call(probe)
+            count = count_private_keys(self.runtime.pool, expect_some=bool(self.config.keys))
         except (Pkcs11Error, AgentError) as exc:
             self.readiness = Readiness(False, f"token check failed: {exc}")
         else:

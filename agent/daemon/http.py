@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import json
 import os
-import re
 import uuid
 from typing import Any
 
@@ -15,7 +12,7 @@ from agent.daemon.errors import HttpError
 from agent.daemon.framing import Head
 from agent.daemon.policy import Peer
 
-__all__ = ["INTERACTION_HEADER", "HttpError", "Request", "Response", "base64_field", "interaction_id",
+__all__ = ["INTERACTION_HEADER", "HttpError", "Request", "Response", "interaction_id",
            "new_interaction_id", "reply_interaction_id"]
 
 REASONS = {
@@ -26,7 +23,6 @@ REASONS = {
     503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
 INTERACTION_HEADER = "x-fapi-interaction-id"
-_BASE64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # one for every answer: json.dumps with options makes one each
 _MAX_JSON_DEPTH = 32  # deeper than any request the agent takes; json's own limit is the interpreter's stack
 
@@ -141,15 +137,3 @@ class Response:
                  *(f"{name}: {value}" for name, value in self.headers)]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
-
-def base64_field(body: dict[str, Any], name: str) -> bytes:
-    """A required JSON field holding base64 (standard or URL-safe alphabet)."""
-    value = body.get(name)
-    if not isinstance(value, str):
-        raise HttpError(400, "missing_field", f"field {name!r} (base64) is required")
-    try:
-        if _BASE64URL.match(value) and ("-" in value or "_" in value):
-            return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise HttpError(400, "bad_base64", f"field {name!r} is not base64") from None

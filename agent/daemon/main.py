@@ -9,6 +9,7 @@ file excludes from restarts: restarting would spend another PIN try.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import resource
 import signal
 import socket
@@ -17,27 +18,29 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from agent import config as config_module
+from agent import sections as sections_module
 from agent.audit import AuditTrail, find_anchor, own_trail
-from agent.config import Config
-from agent.daemon import api, banks, processes, routing, systemd
+from agent.daemon import processes, systemd
 from agent.daemon.app import Agent
 from agent.daemon.listener import bind_unix
+from agent.daemon.routing import Router, http_error
 from agent.daemon.server import Accept, Server
 from agent.daemon.settings import DaemonSettings
 from agent.errors import EX_CONFIG, AgentError, ConfigError, exit_status
 from agent.log import configure, get_logger
 from agent.runtime import Runtime
+from agent.sections import Sections
 from pkcs11_backends.errors import PinError, Pkcs11Error, TokenTimeoutError
 from pkcs11_backends.sessions import PoolState
 
-ENDPOINTS = (api, banks)  # importing them registers their routes
 log = get_logger("tpp-agent.daemon")
 
 
 def run(config_path: str | None, socket_override: str | None) -> int:
-    config = config_module.load(config_path)
-    settings = DaemonSettings.parse(config, socket_override)
+    sections = sections_module.load(config_path)  # the whole file, every section checked, before anything runs
+    settings = sections.daemon
+    if socket_override:
+        settings = dataclasses.replace(settings, socket=Path(socket_override))
     configure("json", settings.log_level, final=True)
     _raise_fd_limit()
     notifier = systemd.Notifier()
@@ -49,10 +52,10 @@ def run(config_path: str | None, socket_override: str | None) -> int:
     where = "socket activation" if activated else str(settings.socket)
     try:
         if settings.processes == 1:
-            return serve(config, settings, listener, where, notifier)
+            return serve(sections, settings, listener, where, notifier)
         # Nothing PKCS#11 has been loaded in this process yet: each serving process starts its own.
         def serving(channel: socket.socket) -> int:
-            return serve(config, settings, channel, where, systemd.Notifier(connected=channel),
+            return serve(sections, settings, channel, where, systemd.Notifier(connected=channel),
                          accept=processes.connections_from(channel))
 
         return processes.supervise(settings.processes, listener, serving, notifier, settings.limits.drain_timeout)
@@ -64,15 +67,15 @@ def run(config_path: str | None, socket_override: str | None) -> int:
         notifier.close()
 
 
-def serve(config: Config, settings: DaemonSettings, listener: socket.socket, where: str,
+def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket, where: str,
           notifier: systemd.Notifier, *, accept: Accept | None = None) -> int:
     """One serving process: log in, check, serve ``listener``'s connections until SIGTERM; the exit status."""
-    runtime = Runtime(config, processes=settings.processes)
+    runtime = Runtime(sections.config, processes=settings.processes)
     # Serving processes side by side would take turns on one file's lock for every record: each has its own.
     audit = (own_trail(settings.audit_file, settings.audit_sync_interval) if settings.processes > 1
              else AuditTrail(settings.audit_file, settings.audit_sync_interval))
     try:
-        agent = Agent(config, settings, runtime, audit)
+        agent = Agent(sections, settings, runtime, audit)
         notifier.status("logging in to the token and checking keys")
         started = time.monotonic()
         try:
@@ -89,7 +92,8 @@ def serve(config: Config, settings: DaemonSettings, listener: socket.socket, whe
             log.error("startup_failed", error=str(exc), hint=exc.hint)
             notifier.status(f"start-up failed: {exc}")
             return exit_status(exc)  # 69 (the HSM is away: systemd retries), 78 (a wrong module path: it does not)
-        server = Server(listener, routing.handler(agent), settings.limits, accept=accept, remote=routing.remote,
+        router = Router(agent)
+        server = Server(listener, router, settings.limits, accept=accept, remote=router.remote,
                         known=lambda peer: agent.policy.knows(peer))  # noqa: PLW0108 (the policy a reload put in place)
         runtime.pool.supervise(_AnswerHungCalls(server))
         stops = _install_signals(agent, server, notifier)
@@ -125,7 +129,7 @@ class _AnswerHungCalls:
         return self.server.serving(thread)
 
     def overdue(self, thread: int, error: TokenTimeoutError) -> None:
-        self.server.answer_for(thread, routing.http_error(error))
+        self.server.answer_for(thread, http_error(error))
 
 
 def _install_signals(agent: Agent, server: Server, notifier: systemd.Notifier) -> list[tuple[str, int, float]]:

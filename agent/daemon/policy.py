@@ -12,13 +12,19 @@
     operations = ["keys", "public", "sign", "jws", "forward", "token"]
     keys = ["signing"]              # configured key aliases, or "*"
     banks = ["modelbank"]           # configured banks, or "*"
+    scopes = ["accounts"]           # the scopes token and par may ask for (default: any)
 
-Nothing is allowed unless a rule says so. A refusal names the rule that is missing.
+Nothing is allowed unless a rule says so. A refusal names the rule that is missing. The operations are those of
+:mod:`agent.operations`; a rule granting one on a key whose purpose forbids it is a configuration error.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import errno
+import functools
 import grp
 import pwd
 import socket
@@ -26,16 +32,24 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from agent.errors import AgentError, ConfigError
+from agent.config import KeyConfig
+from agent.errors import ConfigError
+from agent.operations.errors import PolicyDenied
+from agent.operations.spec import Access, Resource
 
-OPERATIONS = frozenset({"keys", "public", "sign", "jws", "discovery", "register", "forward", "client_assertion",
-                        "token", "par"})
-ADMIN_OPERATIONS = frozenset({"csr"})
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python does not name it
+_MAX_GROUPS = 65536  # the kernel's NGROUPS_MAX
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # one handle for the process (immutable)
 
 
-class PolicyDenied(AgentError):
-    """The peer is not allowed; ``str()`` says what is missing, ``hint`` how to add it."""
+@functools.cache  # the registry is fixed at import: asked on every request
+def _operations(access: Access) -> frozenset[str]:
+    from agent.operations.registry import SPECS  # the registry imports the layers that import this module
+
+    return frozenset(spec.operation.value for spec in SPECS if spec.access is access)
+
+
+__all__ = ["Peer", "Policy", "PolicyDenied", "Rule"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +76,19 @@ class Peer:
 
 
 def _peer_groups(conn: socket.socket) -> list[int]:
-    """The peer's supplementary groups as the kernel saw them at connect time."""
-    try:
-        raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 256)
-    except OSError:
-        return []
-    return list(struct.unpack(f"{len(raw) // 4}I", raw))
+    """The peer's supplementary groups as the kernel saw them at connect time, however many there are.
+
+    Through libc: Python's ``getsockopt`` caps its buffer at 1024 bytes (256 groups), and the kernel answers
+    ERANGE, with the size it needs, to a buffer too small for them.
+    """
+    size = ctypes.c_uint32(4 * 64)
+    while True:
+        buffer = ctypes.create_string_buffer(size.value)
+        if _libc.getsockopt(conn.fileno(), socket.SOL_SOCKET, _SO_PEERGROUPS, buffer, ctypes.byref(size)) == 0:
+            return list(struct.unpack(f"{size.value // 4}I", buffer.raw[:size.value - size.value % 4]))
+        if ctypes.get_errno() != errno.ERANGE or size.value > 4 * _MAX_GROUPS:
+            return []
+        size = ctypes.c_uint32(max(size.value, len(buffer) * 2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +99,7 @@ class Rule:
     operations: frozenset[str]
     keys: frozenset[str]
     banks: frozenset[str]
+    scopes: frozenset[str] | None = None  # None: any scope
 
     def matches(self, peer: Peer) -> bool:
         return peer.uid in self.uids or bool(peer.groups & self.gids)
@@ -95,28 +117,38 @@ class Policy:
     rules: tuple[Rule, ...]
 
     @classmethod
-    def parse(cls, section: Mapping[str, Any]) -> Policy:
+    def parse(cls, section: Mapping[str, Any], keys: Mapping[str, KeyConfig] | None = None,
+              banks: frozenset[str] | None = None) -> Policy:
+        """``keys`` and ``banks`` (the configured ones): a rule must name those, and grant nothing on a key that
+        the key's purpose forbids."""
         _known(section, {"admin_users", "admin_groups", "rules"}, "policy")
         rules_raw = section.get("rules", {})
         if not isinstance(rules_raw, Mapping):
             raise ConfigError("[policy.rules] must be a table of named rules, e.g. [policy.rules.payments]")
+        grantable, admin_only = _operations(Access.RULE), _operations(Access.ADMIN)
         rules = []
         for name, entry in rules_raw.items():
             where = f"policy.rules.{name}"
             if not isinstance(entry, Mapping):
                 raise ConfigError(f"[{where}] must be a table")
-            _known(entry, {"users", "groups", "operations", "keys", "banks"}, where)
+            _known(entry, {"users", "groups", "operations", "keys", "banks", "scopes"}, where)
             operations = frozenset(_strings(entry.get("operations", []), f"{where}.operations"))
-            if operations & ADMIN_OPERATIONS:
-                raise ConfigError(f"[{where}] grants {', '.join(sorted(operations & ADMIN_OPERATIONS))}, "
+            if operations & admin_only:
+                raise ConfigError(f"[{where}] grants {', '.join(sorted(operations & admin_only))}, "
                                   "which only admins may do", hint="list the user in [policy] admin_users instead")
-            unknown = operations - OPERATIONS
+            unknown = operations - grantable
             if unknown:
                 raise ConfigError(f"[{where}] has unknown operation(s) {', '.join(sorted(unknown))}",
-                                  hint=f"operations: {', '.join(sorted(OPERATIONS))}")
+                                  hint=f"operations: {', '.join(sorted(grantable))}")
+            rule_keys = frozenset(_strings(entry.get("keys", []), f"{where}.keys"))
+            rule_banks = frozenset(_strings(entry.get("banks", []), f"{where}.banks"))
+            _configured(rule_keys, keys, "key", where)
+            _configured(rule_banks, banks, "bank", where)
+            if keys is not None:
+                _purposes_allow(operations, rule_keys, keys, where)
+            scopes = (frozenset(_strings(entry["scopes"], f"{where}.scopes")) if "scopes" in entry else None)
             rules.append(Rule(name, _uids(entry.get("users", []), where), _gids(entry.get("groups", []), where),
-                              operations, frozenset(_strings(entry.get("keys", []), f"{where}.keys")),
-                              frozenset(_strings(entry.get("banks", []), f"{where}.banks"))))
+                              operations, rule_keys, rule_banks, scopes))
         return cls(_uids(section.get("admin_users", []), "policy.admin_users"),
                    _gids(section.get("admin_groups", []), "policy.admin_groups"), tuple(rules))
 
@@ -124,21 +156,34 @@ class Policy:
         return peer.uid in self.admin_uids or bool(peer.groups & self.admin_gids)
 
     def knows(self, peer: Peer) -> bool:
-        """Whether any rule, or the admin list, names ``peer`` (a stranger gets the server's smallest quota)."""
+        """Whether any rule, or the admin list, names ``peer``: a stranger gets the server's smallest quota, and
+        learns no more than yes or no from ``ready``."""
         return self.is_admin(peer) or any(rule.matches(peer) for rule in self.rules)
 
     def allows(self, peer: Peer, operation: str, key: str | None = None, bank: str | None = None) -> bool:
         if self.is_admin(peer):
             return True
-        if operation in ADMIN_OPERATIONS:
+        if operation in _operations(Access.ADMIN):
             return False
         return any(rule.matches(peer) and rule.grants(operation, key, bank) for rule in self.rules)
+
+    def scopes(self, peer: Peer, operation: str, bank: str) -> frozenset[str] | None:
+        """The scopes ``operation`` may ask ``bank`` for on behalf of ``peer``; None: any."""
+        if self.is_admin(peer):
+            return None
+        allowed: set[str] = set()
+        for rule in self.rules:
+            if rule.matches(peer) and rule.grants(operation, None, bank):
+                if rule.scopes is None:
+                    return None
+                allowed |= rule.scopes
+        return frozenset(allowed)
 
     def check(self, peer: Peer, operation: str, key: str | None = None, bank: str | None = None) -> None:
         if self.allows(peer, operation, key, bank):
             return
         target = "".join(f" {what} {name!r}" for what, name in (("on key", key), ("at bank", bank)) if name)
-        if operation in ADMIN_OPERATIONS:
+        if operation in _operations(Access.ADMIN):
             raise PolicyDenied(f"{peer.describe()} may not {operation}: it is an admin operation and no "
                                "[policy] admin_users/admin_groups entry names this user or its groups",
                                hint=f'add "{peer.user}" to [policy] admin_users')
@@ -153,6 +198,34 @@ class Policy:
 
     def permitted(self, peer: Peer, operation: str, keys: Iterable[str]) -> list[str]:
         return [key for key in keys if self.allows(peer, operation, key=key)]
+
+
+def _configured(names: frozenset[str], configured: Iterable[str] | None, kind: str, where: str) -> None:
+    if configured is None:
+        return
+    missing = sorted(names - set(configured) - {"*"})
+    if missing:
+        raise ConfigError(f"[{where}] names {kind} {missing[0]!r}, which is not configured",
+                          hint=f"configured {kind}s: {', '.join(sorted(configured)) or 'none'}")
+
+
+def _purposes_allow(operations: frozenset[str], names: frozenset[str], keys: Mapping[str, KeyConfig],
+                    where: str) -> None:
+    """A rule that names a key and an operation the key's purpose forbids is a mistake to say at load."""
+    from agent.operations.registry import SPECS
+
+    for operation in sorted(operations):
+        specs = [s for s in SPECS if s.operation.value == operation and s.resource is Resource.KEY]
+        for alias in sorted(names - {"*"}):
+            key = keys[alias]
+            if key.purpose is None or not specs:
+                continue
+            reasons = [s.refusal(key.purpose, key.raw_sign) for s in specs]
+            if all(reasons):
+                raise ConfigError(f"[{where}] grants {operation!r} on key {alias!r}, but {reasons[0]}",
+                                  hint=f"remove {operation!r} or {alias!r} from the rule"
+                                       + (f", or set raw_sign = true in [keys.{alias}]"
+                                          if "raw_sign" in str(reasons[0]) else ""))
 
 
 def _known(table: Mapping[str, Any], known: set[str], where: str) -> None:

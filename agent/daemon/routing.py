@@ -1,25 +1,35 @@
-"""Routes and error mapping: each endpoint checks the policy, does one thing, answers JSON.
+"""The router: serves the socket's routes (agent/daemon/routes.py), each mapped to one operation (agent/operations/).
 
-Errors carry a stable ``code`` (clients branch on it), a ``message``, a ``hint``
-and the ``interaction_id`` that the request log line also carries.
+Built at start-up, it does for every route what no handler repeats: it sets the log fields, checks the
+caller's grant (deny by default: only ``health`` and ``ready`` are open) and audits a refusal, then hands the
+request's input to :func:`agent.operations.core.execute`, which checks the key or bank and its purpose and runs
+the operation with its key uses audited for the caller.
+
+Errors carry a stable ``code`` (clients branch on it), a ``message``, a ``hint`` and the ``interaction_id`` that
+the request log line also carries.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from agent.audit import AuditError
+from agent.audit import AuditError, KeyUse
 from agent.daemon.app import Agent
 from agent.daemon.http import HttpError, Request, Response
-from agent.daemon.policy import PolicyDenied
+from agent.daemon.policy import Peer, Policy
+from agent.daemon.routes import ROUTES, Route, RouteTable
 from agent.errors import AgentError, ConfigError, InputError
 from agent.jose import AlgorithmNotAllowedError, ClaimsError, JoseError
+from agent.log import get_logger
 from agent.openfinance.banks import UnknownBankError
 from agent.openfinance.discovery import DiscoveryError
 from agent.openfinance.registration import RegistrationError, RegistrationOutcomeUnknownError
 from agent.openfinance.tokens import TokenError
+from agent.operations.core import Caller, check_purpose, execute
+from agent.operations.errors import KeyPurposeError, NotReadyError, PolicyDenied, UnknownKeyError
+from agent.operations.inputs import InvalidInput
+from agent.operations.spec import Access, Operation, Resource, Spec
 from agent.transport.errors import BankBusyError, BankTimeoutError, ResponseTooLargeError, TransportError
 from pkcs11_backends.errors import (
     AmbiguousKeyError,
@@ -30,92 +40,122 @@ from pkcs11_backends.errors import (
     TokenUnavailableError,
 )
 
-Route = Callable[[Agent, Request, dict[str, str]], Response]
-# (literal prefix, method, pattern, endpoint, remote): the prefix spares most of the regular expressions.
-_ROUTES: list[tuple[str, str, re.Pattern[str], Route, bool]] = []
-_CACHE_SIZE = 1024  # distinct (method, path) pairs: every key and bank alias, with room for junk
+log = get_logger("tpp-agent.daemon")
 
 
-@dataclasses.dataclass(frozen=True)
-class Match:
-    """What a (method, path) resolves to: an endpoint, or the methods the path accepts (405), or nothing (404)."""
+class PeerGrants:
+    """The policy as one socket peer sees it (what typed operations and listings ask)."""
 
-    endpoint: Route | None
-    params: dict[str, str]
-    remote: bool  # the endpoint calls a bank, so the request goes to the bank workers
-    allowed: tuple[str, ...] = ()
+    __slots__ = ("peer", "policy")
 
+    def __init__(self, policy: Policy, peer: Peer) -> None:
+        self.policy, self.peer = policy, peer
 
-def route(method: str, pattern: str, *, remote: bool = False) -> Callable[[Route], Route]:
-    """``remote``: the endpoint calls a bank, so its requests go to the bank workers."""
-    compiled = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
-    prefix = pattern.split("{", 1)[0]
+    def allows(self, operation: Operation, key: str | None = None, bank: str | None = None) -> bool:
+        return self.policy.allows(self.peer, operation.value, key, bank)
 
-    def register(func: Route) -> Route:
-        _ROUTES.append((prefix, method, compiled, func, remote))
-        _matches.clear()
-        return func
+    def scopes(self, operation: Operation, bank: str) -> frozenset[str] | None:
+        return self.policy.scopes(self.peer, operation.value, bank)
 
-    return register
+    def named(self) -> bool:
+        return self.policy.knows(self.peer)
 
 
-# Both the server (which workers?) and the handler (which endpoint?) ask, for every request: resolved once per
-# (method, path), as clients repeat the same few.
-_matches: dict[tuple[str, str], Match] = {}
+class Router:
+    def __init__(self, agent: Agent, routes: Sequence[Route] = ROUTES) -> None:
+        self.agent = agent
+        self.table = RouteTable(routes)
 
+    def remote(self, request: Request) -> bool:
+        """Whether the request may call a bank (the server's ``remote``)."""
+        return self.table.match(request.method, request.path).remote
 
-def match(method: str, path: str) -> Match:
-    key = (method, path)
-    found = _matches.get(key)
-    if found is None:
-        found = _resolve(method, path)
-        if len(_matches) >= _CACHE_SIZE:
-            _matches.clear()
-        _matches[key] = found
-    return found
-
-
-def _resolve(method: str, path: str) -> Match:
-    allowed: list[str] = []
-    for prefix, wanted, pattern, endpoint, remote in _ROUTES:
-        if not path.startswith(prefix):
-            continue
-        found = pattern.match(path)
-        if found is None:
-            continue
-        if wanted == method:
-            return Match(endpoint, found.groupdict(), remote)
-        allowed.append(wanted)
-    return Match(None, {}, False, tuple(allowed))
-
-
-def remote(request: Request) -> bool:
-    """Whether the request calls a bank (the server's ``remote``)."""
-    return match(request.method, request.path).remote
-
-
-def handler(agent: Agent) -> Callable[[Request], Response]:
-    def handle(request: Request) -> Response:
-        found = match(request.method, request.path)
-        if found.endpoint is None:
+    def __call__(self, request: Request) -> Response:
+        found = self.table.match(request.method, request.path)
+        route = found.route
+        if route is None:
             if found.allowed:
                 raise HttpError(405, "method_not_allowed", f"{request.path} accepts {', '.join(found.allowed)}",
                                 headers=(("Allow", ", ".join(found.allowed)),))
             raise HttpError(404, "not_found", f"no endpoint {request.path}", "see GET /v1/health, /v1/keys")
+        spec = route.spec
+        key, bank = found.params.get("alias"), found.params.get("bank")
+        request.log["operation"] = spec.operation.value
+        if key is not None:
+            request.log["key"] = key
+        if bank is not None:
+            request.log["bank"] = bank
+        agent = self.agent
+        grants = PeerGrants(agent.policy, request.peer)
         try:
-            return found.endpoint(agent, request, dict(found.params))  # a copy: the match is shared
-        except HttpError:
-            raise
+            self._authorize(agent, spec, request.peer, key, bank)
+            body = request.query if route.from_query else self._body(request)
+            caller = Caller(request.peer.uid, request.peer.pid, request.interaction_id)
+            result = execute(agent.core, spec, caller, grants, body, key=key, bank=bank, log=request.log,
+                             from_query=route.from_query)
         except PolicyDenied as exc:
+            self._audit_refusal(request, spec, key, bank, exc)
             raise HttpError(403, "forbidden", str(exc), exc.hint) from None
         except (Pkcs11Error, AgentError) as exc:
             raise http_error(exc) from None
+        return route.render(result)
 
-    return handle
+    @staticmethod
+    def _body(request: Request) -> Mapping[str, Any]:
+        if request.head.headers.get("content-length", "0").strip() == "0":
+            return {}
+        return request.json()
+
+    @staticmethod
+    def _authorize(agent: Agent, spec: Spec[Any], peer: Peer, key: str | None, bank: str | None) -> None:
+        """Deny by default: every operation but the open ones needs a rule (or an admin) for its resource."""
+        if spec.access is Access.OPEN:
+            return
+        operation = spec.operation.value
+        policy = agent.policy
+        if spec.resource is Resource.KEYS:
+            keys = agent.config.keys
+            if keys and not any(policy.allows(peer, operation, key=alias) for alias in keys):
+                policy.check(peer, operation, key="*")
+            return
+        try:
+            policy.check(peer, operation, key=key, bank=bank)
+        except PolicyDenied as exc:
+            configured = agent.config.keys.get(key) if key is not None else None
+            if configured is not None:
+                try:
+                    check_purpose(spec, key or "", configured)
+                except KeyPurposeError as purpose:
+                    # No hint to add a rule that the configuration would refuse.
+                    raise PolicyDenied(f"{exc}; and no rule may grant it: {purpose}", purpose.hint) from None
+            raise
+
+    def _audit_refusal(self, request: Request, spec: Spec[Any], key: str | None, bank: str | None,
+                       refusal: PolicyDenied) -> None:
+        """A refused request is a record too: who asked what, for which key or bank (nothing was signed)."""
+        configured = self.agent.config.keys.get(key) if key is not None else None
+        named = configured.uri if configured is not None else (f"bank:{bank}" if bank else (key or "-"))
+        peer = request.peer
+        try:
+            self.agent.audit.record(KeyUse(peer.uid, peer.pid, named, spec.operation.value, "-",
+                                           f"{request.method} {request.path}".encode(), "denied",
+                                           request.interaction_id))
+        except AuditError as exc:  # the refusal stands; nothing was signed, so nothing is lost but the note
+            log.error("refusal_not_audited", error=str(exc), interaction_id=request.interaction_id)
 
 
 def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
     hint = exc.hint or ""
+    if isinstance(exc, InvalidInput):
+        return HttpError(400, exc.code, str(exc), hint)
+    if isinstance(exc, PolicyDenied):
+        return HttpError(403, "forbidden", str(exc), hint)
+    if isinstance(exc, KeyPurposeError):
+        return HttpError(403, "key_purpose", str(exc), hint)
+    if isinstance(exc, UnknownKeyError):
+        return HttpError(404, "unknown_key", str(exc), hint)
+    if isinstance(exc, NotReadyError):
+        return HttpError(503, "not_ready", str(exc), hint, (("Retry-After", "1"),))
     if isinstance(exc, KeyNotFoundError | AmbiguousKeyError):
         return HttpError(404 if isinstance(exc, KeyNotFoundError) else 409, "key_not_found", str(exc), hint)
     if isinstance(exc, MechanismError):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
-from agent.daemon.server import Limits
+from agent.daemon.limits import Limits
 from agent.errors import ConfigError
 
 _KNOWN = {"socket", "socket_group", "socket_mode", "workers", "bank_workers", "max_connections", "max_request_bytes",

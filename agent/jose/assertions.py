@@ -33,6 +33,8 @@ from pkcs11_backends.keys import KeyStore
 MAX_ASSERTION_LIFETIME = 300
 MAX_REQUEST_OBJECT_WINDOW = 600  # exp - nbf
 MAX_NBF_SKEW = 60
+DEFAULT_JWS_MAX_LIFETIME = 600
+MAX_JWS_LIFETIME = 86400
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _PKCE_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _PROMPTS = frozenset({"none", "login", "consent", "select_account"})
@@ -46,6 +48,7 @@ class JoseSettings:
     request_object_lifetime: int = 300
     nbf_skew: int = 10
     assertion_nbf: bool = True
+    jws_max_lifetime: int = DEFAULT_JWS_MAX_LIFETIME  # a caller's JWS (POST /v1/keys/ALIAS/jws): exp - now at most
 
     @classmethod
     def from_config(cls, config: Config) -> JoseSettings:
@@ -57,7 +60,8 @@ class JoseSettings:
                             hint=f"known settings: {', '.join(sorted(known))}")
         settings = cls(**raw)
         bounds = {"assertion_lifetime": (1, MAX_ASSERTION_LIFETIME), "nbf_skew": (0, MAX_NBF_SKEW),
-                  "request_object_lifetime": (1, MAX_REQUEST_OBJECT_WINDOW - settings.nbf_skew)}
+                  "request_object_lifetime": (1, MAX_REQUEST_OBJECT_WINDOW - settings.nbf_skew),
+                  "jws_max_lifetime": (1, MAX_JWS_LIFETIME)}
         for name, (low, high) in bounds.items():
             value = getattr(settings, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

@@ -5,6 +5,8 @@
     issuer = "https://127.0.0.1:8443"              # as the directory lists it
     use_mtls_aliases = true                        # prefer mtls_endpoint_aliases (default false)
     discovery_ttl = 900                            # seconds a fetched document is used (default 15 min)
+    api_origins = ["https://api.modelbank.ae"]     # more hosts `forward` may call (default: the endpoints'
+                                                   # of discovery: registration, token, PAR, mTLS aliases)
     ca_bundle = "/etc/tpp-agent/ca/al-tareq.pem"   # transport settings, read by agent.transport's
     client_key = "transport"                       # TlsSettings: CAs, our key, timeouts…
 
@@ -24,7 +26,7 @@ from agent.errors import ConfigError
 from agent.transport.tls import TlsSettings
 
 DEFAULT_DISCOVERY_TTL = 15 * 60.0  # the directory's own caching period
-_OWN = {"discovery_url", "issuer", "use_mtls_aliases", "discovery_ttl"}
+_OWN = {"discovery_url", "issuer", "use_mtls_aliases", "discovery_ttl", "api_origins"}
 _KNOWN = _OWN | {f.name for f in dataclasses.fields(TlsSettings)} - {"bank"}
 
 
@@ -40,6 +42,7 @@ class BankConfig:
     tls: TlsSettings
     use_mtls_aliases: bool = False
     discovery_ttl: float = DEFAULT_DISCOVERY_TTL
+    api_origins: tuple[str, ...] = ()  # https://host[:port] the forward call may reach besides discovery's
 
 
 def parse_banks(config: Config) -> dict[str, BankConfig]:
@@ -53,8 +56,7 @@ def parse_banks(config: Config) -> dict[str, BankConfig]:
     return banks
 
 
-def get_bank(config: Config, name: str) -> BankConfig:
-    banks = parse_banks(config)
+def find_bank(banks: Mapping[str, BankConfig], name: str) -> BankConfig:
     if name not in banks:
         known = ", ".join(sorted(banks)) or "none"
         raise UnknownBankError(f"no bank {name!r} in the configuration (configured: {known})",
@@ -72,24 +74,53 @@ def _parse_bank(name: str, table: Mapping[str, Any], base: Path, where: str) -> 
         if required not in table:
             raise ConfigError(f"{section} lacks {required} in {where}",
                               hint="a bank needs discovery_url, issuer and ca_bundle (from the directory)")
-    discovery_url = _text(table, "discovery_url", section, where)
-    parsed = urllib.parse.urlsplit(discovery_url)
-    if parsed.scheme != "https" or not parsed.hostname:
-        raise ConfigError(f"{section} discovery_url must be an https:// URL in {where}, got {discovery_url!r}")
+    discovery_url = _https_url(table, "discovery_url", section, where)
+    issuer = _https_url(table, "issuer", section, where)
     use_aliases = table.get("use_mtls_aliases", False)
     if not isinstance(use_aliases, bool):
         raise ConfigError(f"{section} use_mtls_aliases must be true or false in {where}")
     ttl = table.get("discovery_ttl", DEFAULT_DISCOVERY_TTL)
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < 10 ** 9:
         raise ConfigError(f"{section} discovery_ttl must be a positive number of seconds in {where}")
+    origins = table.get("api_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise ConfigError(f"{section} api_origins must be a list of https://host[:port] origins in {where}")
     return BankConfig(
         name=name,
         discovery_url=discovery_url,
-        issuer=_text(table, "issuer", section, where),
+        issuer=issuer,
         tls=TlsSettings.from_table(name, table, base),
         use_mtls_aliases=use_aliases,
         discovery_ttl=float(ttl),
+        api_origins=tuple(_origin_of(o, f"{section} api_origins", where) for o in origins),
     )
+
+
+def https_origin(url: str) -> str | None:
+    """``https://host[:port]`` (host in lower case) of an https URL with no user part; None for anything else."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        return None
+    if parts.scheme != "https" or not parts.hostname or "@" in parts.netloc:
+        return None
+    return f"https://{parts.netloc.lower()}"
+
+
+def _https_url(table: Mapping[str, Any], key: str, section: str, where: str) -> str:
+    url = _text(table, key, section, where)
+    if https_origin(url) is None:
+        raise ConfigError(f"{section} {key} must be an https:// URL in {where}, got {url[:200]!r}")
+    return url
+
+
+def _origin_of(url: str, what: str, where: str) -> str:
+    origin = https_origin(url)
+    if origin is None or url.rstrip("/").lower() != origin:
+        raise ConfigError(f"{what} must hold origins like \"https://api.bank.ae\" (no path) in {where}, "
+                          f"got {url[:200]!r}")
+    return origin
 
 
 def _text(table: Mapping[str, Any], key: str, section: str, where: str) -> str:

@@ -13,39 +13,43 @@ import functools
 import threading
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 from cryptography.x509.oid import NameOID
 
 from agent import log
-from agent.config import Config
 from agent.errors import ConfigError
-from agent.openfinance.banks import BankConfig, get_bank, parse_banks
+from agent.openfinance.banks import BankConfig, find_bank
 from agent.openfinance.discovery import Discovery
 from agent.openfinance.records import RegistrationLog
 from agent.openfinance.registration import Identity, Registrar
-from agent.openfinance.tokens import TokenClient, TokenSettings
+from agent.openfinance.tokens import TokenClient
 from agent.runtime import Runtime
 from agent.state import open_state
 from agent.transport.client import AnswerLimit, BankTransport, Response, open_transport
-from pkcs11_backends.keys import KeyStore
+
+if TYPE_CHECKING:
+    from agent.audit import AuditedKeyStore
+    from agent.sections import Sections
 
 _logger = log.get_logger("openfinance")
 
 
 class OpenFinance:
-    """``config`` (default: the runtime's) names the banks and the state dir; the token is the runtime's.
+    """``sections`` names the banks, the token settings and the state dir; the token is the runtime's.
 
-    ``keys`` signs client assertions and request objects (default: the runtime's key store; the daemon passes
-    one that audits every signature). ``observer`` hears of every request sent with the transport key (the
-    daemon audits them: each is a use of that key, whether or not it needed a new handshake).
+    ``signer`` signs client assertions and request objects, every signature audited (there is no other way to
+    sign here). ``observer`` hears of every request sent with the transport key (the audit trail records each:
+    a use of that key, whether or not it needed a new handshake).
     """
 
-    def __init__(self, runtime: Runtime, config: Config | None = None, keys: KeyStore | None = None,
-                 observer: BankCallObserver | None = None) -> None:
+    def __init__(self, runtime: Runtime, sections: Sections, *, signer: AuditedKeyStore,
+                 observer: BankCallObserver) -> None:
         self.runtime = runtime
-        self.config = config or runtime.config
-        self.keys = keys
+        self.sections = sections
+        self.config = sections.config
+        self.signer = signer
         self.observer = observer
         self._transports: dict[str, BankTransport] = {}
         self._tokens: dict[str, TokenClient] = {}
@@ -56,14 +60,8 @@ class OpenFinance:
     def records(self) -> RegistrationLog:
         return RegistrationLog(open_state(self.config))
 
-    @functools.cached_property
-    def _banks(self) -> dict[str, BankConfig]:
-        # Parsed once per configuration (a reload builds a new OpenFinance): a forward call asks three times.
-        return parse_banks(self.config)
-
     def bank(self, name: str) -> BankConfig:
-        found = self._banks.get(name)
-        return found if found is not None else get_bank(self.config, name)  # raises UnknownBankError
+        return find_bank(self.sections.banks, name)
 
     def transport(self, name: str) -> BankTransport:
         """The bank's transport; rebuilt when the PKCS#11 module was re-initialised since it was made.
@@ -107,10 +105,10 @@ class OpenFinance:
         """The bank's token client; one per bank for the life of this object, so its token cache is shared."""
         with self._lock:
             if name not in self._tokens:
-                settings = TokenSettings.from_config(self.config)
+                settings = self.sections.tokens
                 transport = self.transport(name)
                 self._tokens[name] = TokenClient(
-                    self.keys or self.runtime.keys, self.config, name, self.http(name),
+                    self.signer, self.config, name, self.http(name),
                     metadata=lambda: self.discovery(name).get(),
                     client_id=settings.client_id or _common_name(transport),
                     use_mtls_aliases=self.bank(name).use_mtls_aliases, settings=settings)
@@ -160,15 +158,16 @@ class ObservedTransport:
                 headers: Mapping[str, str] | None = None, interaction_id: str | None = None,
                 limit: AnswerLimit = "max_response_bytes") -> Response:
         observer = self.owner.observer
+        # The record says which host was called: the caller chose the URL (forward), within the bank's origins.
+        host = _origin(url)
         try:
             response = self.owner.transport(self.bank).request(method, url, body=body, headers=headers,
                                                                interaction_id=interaction_id, limit=limit)
         except Exception as exc:
-            if observer is not None:
-                observer.bank_call(self._call(method, url, body, interaction_id, f"error: {type(exc).__name__}"))
+            observer.bank_call(self._call(method, url, body, interaction_id, f"error: {type(exc).__name__} at {host}"))
             raise
-        if observer is not None:
-            observer.bank_call(self._call(method, url, body, response.interaction_id, f"http {response.status}"))
+        observer.bank_call(self._call(method, url, body, response.interaction_id,
+                                      f"http {response.status} from {host}"))
         return response
 
     def slot(self, what: str = "-", interaction_id: str = "-") -> AbstractContextManager[None]:
@@ -178,3 +177,11 @@ class ObservedTransport:
         client_key = self.owner.bank(self.bank).tls.client_key
         key = self.owner.runtime.keys.aliases.get(client_key, client_key)
         return BankCall(self.bank, key, method, url, body, interaction_id, result)
+
+
+def _origin(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "an unparsable URL"
+    return f"{parts.scheme}://{parts.netloc}"

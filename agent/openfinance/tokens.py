@@ -20,12 +20,14 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -38,6 +40,8 @@ from pkcs11_backends.keys import KeyStore
 
 DEFAULT_SIGNING_KEY = "signing"
 DEFAULT_REFRESH_MARGIN = 30.0
+MAX_SCOPE_LENGTH = 1024  # characters: far more than any real set of scopes, far less than a request can carry
+MAX_CACHED_SCOPES = 256  # distinct scopes whose tokens a bank's cache keeps (least recently used go first)
 _FORM = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
 
 
@@ -133,6 +137,15 @@ class _Cached:
     refresh_at: float
 
 
+class _ScopeLock:
+    """A scope's lock, in a weak-value map: it goes when no request for that scope holds it."""
+
+    __slots__ = ("__weakref__", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
 class TokenClient:
     """Tokens and PAR for one bank over its transport. Keep one per bank: the cache lives here."""
 
@@ -146,8 +159,10 @@ class TokenClient:
         self.settings = settings or TokenSettings.from_config(config)
         self.clock = clock
         self.requests = 0  # token requests actually sent to the bank
-        self._cache: dict[str, _Cached] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        # Scopes are the caller's choice: the cache keeps the most recently used MAX_CACHED_SCOPES, and a scope's
+        # lock lives only while a request for it is under way (weakly held), so neither grows with callers' junk.
+        self._cache: collections.OrderedDict[str, _Cached] = collections.OrderedDict()
+        self._locks: weakref.WeakValueDictionary[str, _ScopeLock] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
     def client_assertion(self, metadata: BankMetadata | None = None) -> str:
@@ -161,15 +176,21 @@ class TokenClient:
         if not refresh and (cached := self._fresh(scope)) is not None:
             return cached  # no bank call, so no place among the bank's requests in flight
         with self._lock:
-            lock = self._locks.setdefault(scope, threading.Lock())
-        with self._turn(lock):
+            held = self._locks.get(scope)
+            if held is None:
+                held = self._locks[scope] = _ScopeLock()
+        with self._turn(held.lock):
             if not refresh and (cached := self._fresh(scope)) is not None:
                 return cached  # the request waited for brought it
-            self._cache.pop(scope, None)
+            with self._lock:
+                self._cache.pop(scope, None)
             token, lifetime = self._request_token(scope)
             if lifetime > 0:
                 margin = min(self.settings.refresh_margin, lifetime / 2)
-                self._cache[scope] = _Cached(token, token.expires_at - margin)
+                with self._lock:
+                    self._cache[scope] = _Cached(token, token.expires_at - margin)
+                    while len(self._cache) > MAX_CACHED_SCOPES:
+                        self._cache.popitem(last=False)
             return token
 
     @contextlib.contextmanager
@@ -186,8 +207,12 @@ class TokenClient:
             yield
 
     def _fresh(self, scope: str) -> AccessToken | None:
-        cached = self._cache.get(scope)
-        return cached.token if cached is not None and self.clock() < cached.refresh_at else None
+        with self._lock:
+            cached = self._cache.get(scope)
+            if cached is None or self.clock() >= cached.refresh_at:
+                return None
+            self._cache.move_to_end(scope)  # recently used: the last to go when the cache is full
+            return cached.token
 
     def forget(self) -> None:
         """Drop every cached token (e.g. after the transport certificate changed)."""
@@ -276,6 +301,9 @@ class TokenClient:
 
 def normalise_scope(scope: str) -> str:
     """One spelling per set of scopes (order and repeats do not matter), so the cache finds it."""
+    if len(scope) > MAX_SCOPE_LENGTH:
+        raise TokenError(f"the scope has {len(scope)} characters, more than the {MAX_SCOPE_LENGTH} allowed",
+                         hint="ask for the scopes the bank defines, e.g. accounts")
     parts = sorted(set(scope.split()))
     if not parts:
         raise TokenError("a scope is required", hint="pass --scope, e.g. --scope accounts")

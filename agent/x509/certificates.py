@@ -26,16 +26,14 @@ import dataclasses
 import datetime
 import re
 
-import pkcs11
 from asn1crypto import pem, x509
 
 from agent.errors import InputError
 from agent.x509.signatures import is_valid, same_public_key
 from agent.x509.subject import rfc4514
-from pkcs11_backends import certificates as token_certs
+from pkcs11_backends.certificate_sets import Stored, read_with_chain, store_with_chain
 from pkcs11_backends.certificates import StoredCertificate
 from pkcs11_backends.keys import KeyStore
-from pkcs11_backends.sessions import PooledSession
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 IMPORT_HINT = "give the PEM (or DER) certificate the directory issued for this key's CSR"
@@ -47,14 +45,6 @@ class CertificateMismatchError(InputError):
 
 class CertificateValidityError(InputError):
     hint = "get a current certificate from the directory (make a new CSR with `tpp-agent csr` if needed)"
-
-
-@dataclasses.dataclass(frozen=True)
-class ImportResult:
-    certificate: StoredCertificate
-    chain_added: tuple[str, ...]
-    replaced: int
-    already_present: bool
 
 
 def read_certificates(data: bytes, source: str) -> list[x509.Certificate]:
@@ -115,7 +105,7 @@ def check_chain(leaf: x509.Certificate, chain: list[x509.Certificate], now: date
 
 
 def import_certificate(store: KeyStore, key: str, data: bytes, source: str, *, replace: bool = False,
-                       now: datetime.datetime | None = None) -> ImportResult:
+                       now: datetime.datetime | None = None) -> Stored:
     now = now or datetime.datetime.now(datetime.UTC)
     leaf, *chain = read_certificates(data, source)
     info = store.info(key)
@@ -124,37 +114,8 @@ def import_certificate(store: KeyStore, key: str, data: bytes, source: str, *, r
             f"the certificate in {source} ({rfc4514(leaf.subject)}) is for another key, not {info.label!r}")
     check_chain(leaf, chain, now)
     leaf_der = bytes(leaf.dump())
-    with store.pool.session() as pooled:
-        session = pooled.session
-        existing = token_certs.find_certificates(session, info.id)
-        present = any(c.der == leaf_der for c in existing)
-        created: list[bytes] = []
-        chain_added: list[str] = []
-        try:
-            if not present:
-                token_certs.store_certificate(session, leaf_der, info.label, info.id)
-                created.append(leaf_der)
-            for cert in chain:
-                der = bytes(cert.dump())
-                if not token_certs.has_certificate(session, der):
-                    label = token_certs.store_ca_certificate(session, der, _ca_label(cert)).label
-                    created.append(der)
-                    chain_added.append(label)
-        except Exception:  # store_certificate already names the token's refusal
-            _roll_back(session, created)
-            raise
-        replaced = token_certs.delete_certificates(session, info.id, keep=leaf_der) if replace else 0
-        stored = next((c for c in existing if c.der == leaf_der), None) or StoredCertificate(info.label, info.id,
-                                                                                               leaf_der)
-    return ImportResult(stored, tuple(chain_added), replaced, present)
-
-
-def _roll_back(session: pkcs11.Session, created: list[bytes]) -> None:
-    for der in created:
-        try:
-            token_certs.delete_certificate(session, der)
-        except pkcs11.PKCS11Error:
-            continue  # keep removing the rest; the original error is what the operator needs
+    return store_with_chain(store.pool, info, leaf_der, [(bytes(c.dump()), _ca_label(c)) for c in chain],
+                            replace=replace)
 
 
 def _ca_label(cert: x509.Certificate) -> str:
@@ -177,14 +138,8 @@ class KeyCertificates:
 
 def key_certificates(store: KeyStore, key: str) -> KeyCertificates:
     info = store.info(key)
-
-    def read(pooled: PooledSession) -> KeyCertificates:
-        certs = sorted(token_certs.find_certificates(pooled.session, info.id), key=lambda c: c.not_after,
-                       reverse=True)
-        chain = token_certs.find_chain(pooled.session, certs[0].der) if certs else []
-        return KeyCertificates(info.label, tuple(certs), tuple(chain))
-
-    return store.pool.call(read)
+    certs, chain = read_with_chain(store.pool, info)
+    return KeyCertificates(info.label, tuple(certs), tuple(chain))
 
 
 def days_left(cert: StoredCertificate, now: datetime.datetime | None = None) -> float:

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from agent.client import AgentClient
-from agent.daemon.server import Handler, Known, Limits, Server
+from agent.daemon.limits import Limits
+from agent.daemon.server import Handler, Known, Server
 from agent.runtime import Runtime
 from pkcs11_backends.errors import DuplicateKeyError
 from pkcs11_backends.keys import KeySpec
@@ -164,10 +165,12 @@ def daemon_config(token: Token, public_dir: Path, extra: str = "") -> str:
         uri = "pkcs11:token={token.label};object=signing;type=private"
         algorithms = ["PS256", "RS256"]
         kid = "sig-1"
+        raw_sign = true
 
         [keys.ecsign]
         uri = "pkcs11:token={token.label};object=ecsign;type=private"
         algorithms = ["ES256"]
+        raw_sign = true
 
         [daemon]
         socket = "{public_dir}/run/agent.sock"

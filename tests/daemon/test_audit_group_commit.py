@@ -16,7 +16,7 @@ import pytest
 
 from agent.audit import AuditError, AuditTrail, KeyUse, verify
 from agent.daemon.http import Request, Response
-from agent.daemon.server import Limits
+from agent.daemon.limits import Limits
 from tests.daemon.conftest import http_server, read_response
 
 

@@ -197,7 +197,7 @@ def test_daemon_and_direct_cli_with_interval_sync_leave_a_verified_trail(keyed_t
 
     records = [json.loads(line) for line in daemon.audit_file.read_text().splitlines()]
     uses = [r for r in records if r["operation"] != "checkpoint"]
-    assert sum(r["operation"] == "sign" for r in uses) == 20 and uses[-1]["operation"] == "sign-jws"
+    assert sum(r["operation"] == "sign" for r in uses) == 20 and uses[-1]["operation"] == "jws"
     # The agent's checkpoints when it started and stopped, the CLI's around its signature.
     assert [r["event"] for r in records if r["operation"] == "checkpoint"] == ["start", "stop", "start", "stop"]
     verified = keyed_token.cli("audit", "verify", "--file", str(daemon.audit_file))

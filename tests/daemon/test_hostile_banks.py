@@ -47,6 +47,7 @@ def start(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_path: Path, daemon: s
         [keys.signing]
         uri = "{signing_key}"
         algorithms = ["PS256"]
+        raw_sign = true
 
         [banks.{EVIL}]
         discovery_url = "{hostile.url('/.well-known/openid-configuration')}"

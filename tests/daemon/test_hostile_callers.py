@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.daemon.http import Request, Response
-from agent.daemon.server import Limits
+from agent.daemon.limits import Limits
 from tests.daemon.conftest import Daemon, http_server, read_all, read_response
 
 HOSTILE_TARGETS = [b"//[", b"//", b"//x/v1/health", b"/[", b"/v1/keys/%zz/public", b"/v1/health#x", b"*",

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from agent.config import parse
 from agent.daemon.http import HttpError, Request, Response
-from agent.daemon.server import Limits
+from agent.daemon.limits import Limits
 from agent.daemon.settings import DaemonSettings
 from agent.errors import ConfigError
 from tests.daemon.conftest import http_server, read_response

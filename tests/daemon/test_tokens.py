@@ -104,7 +104,8 @@ def test_token_over_the_socket_works_at_the_bank_over_mtls(setup: Setup) -> None
     records = [json.loads(line) for line in setup.daemon.audit_file.read_text().splitlines()]
     token_uses = [r for r in records if r["operation"] == "token"]
     assert [r["algorithm"] for r in token_uses] == ["PS256", "tls-client-auth"]
-    assert token_uses[1]["result"] == "http 200" and token_uses[1]["key"].startswith("pkcs11:")
+    assert token_uses[1]["result"] == f"http 200 from {setup.bank.issuer}"
+    assert token_uses[1]["key"].startswith("pkcs11:")
     for text in (setup.daemon.audit_file.read_text(), setup.daemon.stderr()):
         assert token["access_token"] not in text
     assert '"operation": "token"' in setup.daemon.stderr() or '"operation":"token"' in setup.daemon.stderr()
@@ -127,8 +128,11 @@ def test_replayed_assertion_from_the_socket_is_refused_by_the_bank(setup: Setup)
 def test_jws_from_the_socket_verifies_against_the_jwks_from_the_socket(setup: Setup) -> None:
     client = setup.client()
     keyset = jwt.PyJWKSet.from_dict(client.jwks())
-    assert {k.key_id for k in keyset.keys} == {client.public_jwk("signing")["kid"],
-                                               client.public_jwk("transport")["kid"]}
+    # The transport key is for TLS only: it is in no JWK Set, and has no JWK.
+    assert {k.key_id for k in keyset.keys} == {client.public_jwk("signing")["kid"]}
+    with pytest.raises(AgentRequestError) as no_jwk:
+        client.public_jwk("transport")
+    assert no_jwk.value.status == 403 and no_jwk.value.code == "key_purpose"
     signed = client.jws("signing", b'{"amount":"10.00"}', "PS256", {"typ": "JOSE"})
     header = jwt.get_unverified_header(signed)
     assert header == {"alg": "PS256", "kid": client.public_jwk("signing")["kid"], "typ": "JOSE"}

@@ -13,7 +13,7 @@ import pytest
 
 from agent.config import parse
 from agent.daemon.http import Request, Response
-from agent.daemon.server import Limits
+from agent.daemon.limits import Limits
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.sizing import Sizing
 from agent.errors import ConfigError

@@ -80,6 +80,7 @@ def daemon_on(tpp: IsolatedTpp, bank: ModelBank, public_dir: Path, extra: str = 
         [keys.signing]
         uri = "pkcs11:token={TOKEN};object=signing;type=private"
         algorithms = ["ES256"]
+        raw_sign = true
 
         [banks.{BANK}]
         discovery_url = "{bank.discovery_url}"

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent import config as config_module
 from agent.jose import jwks
+from agent.openfinance import tokens as tokens_module
 from agent.openfinance.tokens import TokenClient, TokenError
 from agent.runtime import Runtime
 from agent.transport.client import BankTransport, open_transport
@@ -245,3 +246,18 @@ def test_pushed_authorization_request(world: World) -> None:
     challenge = base64.urlsafe_b64encode(hashlib.sha256(pushed.code_verifier.encode()).digest()).rstrip(b"=")
     assert seen["code_challenge"] == challenge.decode() and seen["state"] == pushed.state
     assert seen["authorization_details"] == details and seen["aud"] == world.bank.issuer
+
+
+def test_the_token_cache_and_its_locks_stay_bounded_whatever_scopes_callers_choose(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokens_module, "MAX_CACHED_SCOPES", 3)
+    client = world.client()
+    for n in range(6):
+        client.token(f"scope-{n}")
+    assert list(client._cache) == ["scope-3", "scope-4", "scope-5"]  # the least recently used went first
+    assert len(client._locks) == 0  # a scope's lock lives only while a request for it is under way
+    client.token("scope-3")  # still cached: no request to the bank
+    assert client.requests == 6
+    with pytest.raises(TokenError, match="more than the 1024 allowed"):
+        client.token("a" * 1025)
+    assert client.requests == 6

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from agent import audit, sections
 from agent import config as config_module
+from agent.audit import AuditTrail
 from agent.config import Config
 from agent.openfinance.service import OpenFinance
+from agent.operations.core import Core
 from agent.runtime import Runtime
 from agent.x509.certificates import import_certificate
 from agent.x509.csr import build_csr
@@ -43,6 +47,12 @@ class Tpp:
                                     "ca_bundle": str(bank.ca_bundle), "client_key": self.key_uri, **settings}
         raw = {"state": {"dir": str(self.state_dir)}, "banks": {BANK: table}}
         return config_module.parse(raw, self.state_dir / "config.toml")
+
+    def service(self, bank: ModelBank, **settings: object) -> OpenFinance:
+        """The banks of :meth:`config` as the agent runs them: every signature and bank call audited."""
+        config = self.config(bank, **settings)
+        trail = AuditTrail(self.state_dir / "audit.jsonl")
+        return Core(sections.parse(config.raw, config.path), self.runtime, lambda: trail).banks
 
     def write_config(self, bank: ModelBank, database: str | None = None, **settings: object) -> Path:
         """The same as a TOML file, for the console script (token and PIN of the session's token);
@@ -95,8 +105,15 @@ def tpp(shared_runtime: Runtime, bank: ModelBank, tmp_path: Path, softhsm_state:
     return Tpp(shared_runtime, uri, subject, state, softhsm_state)
 
 
+@pytest.fixture(autouse=True)
+def _audited_caller() -> Iterator[None]:
+    """Key uses in these tests are the test's, as the CLI's are the operator's (the audit trail needs a caller)."""
+    with audit.on_behalf_of(os.getuid(), os.getpid(), "test", str(uuid.uuid4())):
+        yield
+
+
 @pytest.fixture
 def service(tpp: Tpp, bank: ModelBank) -> Iterator[OpenFinance]:
-    of = OpenFinance(tpp.runtime, tpp.config(bank))
+    of = tpp.service(bank)
     yield of
     of.close()

@@ -138,7 +138,7 @@ def test_cli_direct_register_audits_the_transport_key(tpp: Tpp, bank: ModelBank)
     assert len(registered) == 1
     [call] = registered
     assert (call["operation"], call["algorithm"], call["key"]) == ("register", "tls-client-auth", tpp.key_uri)
-    assert call["uid"] == os.getuid() and call["result"] == "http 204"
+    assert call["uid"] == os.getuid() and call["result"] == f"http 204 from {bank.issuer}"
     assert {c["operation"] for c in uses} == {"register"} and len(calls) == len(uses) + 2
     verified = cli(config, "audit", "verify")
     assert verified.returncode == 0 and f"{len(calls)} record(s), chain intact" in verified.stdout

@@ -9,7 +9,7 @@ import pytest
 
 from agent import config as config_module
 from agent.errors import ConfigError
-from agent.openfinance.banks import UnknownBankError, get_bank
+from agent.openfinance.banks import UnknownBankError, find_bank, parse_banks
 from agent.openfinance.discovery import DiscoveryDocument, DiscoveryError, IssuerMismatchError
 from agent.openfinance.service import OpenFinance
 from modelbank import Behaviour, ModelBank
@@ -43,7 +43,7 @@ def test_stale_document_is_fetched_again(service: OpenFinance, bank: ModelBank) 
 
 
 def test_configured_ttl_and_changed_url_refetch(tpp: Tpp, bank: ModelBank) -> None:
-    service = OpenFinance(tpp.runtime, tpp.config(bank, discovery_ttl=3600))
+    service = tpp.service(bank, discovery_ttl=3600)
     try:
         first = service.discovery(BANK).get()
         stored = json.loads(service.discovery(BANK).cache_file.read_text())
@@ -68,7 +68,7 @@ def test_issuer_mismatch_is_refused_and_not_cached(service: OpenFinance, bank: M
 
 
 def test_mtls_aliases_picked_when_configured_and_present(tpp: Tpp, bank: ModelBank) -> None:
-    service = OpenFinance(tpp.runtime, tpp.config(bank, use_mtls_aliases=True))
+    service = tpp.service(bank, use_mtls_aliases=True)
     try:
         doc = service.discovery(BANK).get()
         assert doc.endpoint("registration_endpoint", True) == bank.url + "/mtls/tpp-registration"
@@ -93,14 +93,14 @@ def test_mtls_aliases_picked_when_configured_and_present(tpp: Tpp, bank: ModelBa
 def test_bank_config_errors_are_clear(table: dict[str, object], message: str) -> None:
     config = config_module.parse({"banks": {"b1": table}})
     with pytest.raises(ConfigError, match=message):
-        get_bank(config, "b1")
+        find_bank(parse_banks(config), "b1")
 
 
 def test_unknown_bank_names_the_configured_ones() -> None:
     config = config_module.parse({"banks": {"alpha": {"discovery_url": "https://a/d", "issuer": "https://a",
                                                       "ca_bundle": "ca.pem"}}})
     with pytest.raises(UnknownBankError, match=r"no bank 'beta'.*configured: alpha"):
-        get_bank(config, "beta")
+        find_bank(parse_banks(config), "beta")
 
 
 def test_a_5xx_storm_is_ridden_out_with_back_off_and_a_longer_one_fails_clearly(service: OpenFinance,

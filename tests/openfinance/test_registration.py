@@ -127,7 +127,7 @@ def test_expired_client_certificate_is_never_presented(tpp: Tpp, bank: ModelBank
     uri, _, pem = issue_identity(tpp.runtime, bank, expired=True)
     cert_file = tpp.state_dir / "expired.pem"
     cert_file.write_bytes(pem)
-    service = OpenFinance(tpp.runtime, tpp.config(bank, client_key=uri, client_certificate=str(cert_file)))
+    service = tpp.service(bank, client_key=uri, client_certificate=str(cert_file))
     try:
         with pytest.raises(errors.ClientCertificateValidityError, match=f"bank '{BANK}'.* expired on"):
             service.registrar(BANK).register()
@@ -137,7 +137,7 @@ def test_expired_client_certificate_is_never_presented(tpp: Tpp, bank: ModelBank
 
 
 def test_bank_that_never_answers_times_out_once(tpp: Tpp, bank: ModelBank) -> None:
-    service = OpenFinance(tpp.runtime, tpp.config(bank, read_timeout=0.5))
+    service = tpp.service(bank, read_timeout=0.5)
     try:
         _discovered_then(service, bank, Behaviour.failing("hang"))
         registrar = service.registrar(BANK)
@@ -175,8 +175,8 @@ def test_readiness_names_the_banks_whose_certificate_cannot_be_presented(tpp: Tp
 def test_another_registration_endpoint_is_registered_again(tpp: Tpp, bank: ModelBank) -> None:
     """A bank moved from one registration endpoint to another (sandbox to production, here: to its mTLS alias)
     is registered again with the same certificate; back at the first, the first registration stands."""
-    plain = OpenFinance(tpp.runtime, tpp.config(bank))
-    aliased = OpenFinance(tpp.runtime, tpp.config(bank, use_mtls_aliases=True))
+    plain = tpp.service(bank)
+    aliased = tpp.service(bank, use_mtls_aliases=True)
     try:
         first = plain.registrar(BANK).register()
         moved = aliased.registrar(BANK).register()

@@ -3,6 +3,7 @@ hosts sharing the state store in tests/state and tests/openfinance/test_fleet.py
 
 from __future__ import annotations
 
+import contextvars
 import threading
 
 import pytest
@@ -46,7 +47,8 @@ def test_concurrent_callers_send_one_registration(service: OpenFinance, bank: Mo
 
     if slow_bank:
         bank.on_registration = answer_late
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(CALLERS)]
+    # Each thread in the caller's context (who the bank calls are audited for), as the daemon's workers are.
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(call, i)) for i in range(CALLERS)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -78,7 +80,7 @@ def test_forced_registration_is_sent_while_another_is_pending(service: OpenFinan
             release.wait(timeout=60)
 
     bank.on_registration = hold_first
-    first = threading.Thread(target=service.registrar(BANK).register)
+    first = threading.Thread(target=contextvars.copy_context().run, args=(service.registrar(BANK).register,))
     first.start()
     try:
         assert holding.wait(timeout=60)

@@ -1,0 +1,113 @@
+"""Health, readiness and the configured keys: listing, public halves, the JWK Set, raw signatures."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+from typing import Any
+
+from asn1crypto import pem
+
+from agent import jose
+from agent.config import KeyPurpose
+from agent.jose import AlgorithmNotAllowedError
+from agent.operations.core import Context
+from agent.operations.errors import KeyPurposeError, NotReadyError
+from agent.operations.inputs import InvalidInput, Nothing, base64_bytes, text
+from agent.operations.spec import Access, Operation, Resource, Spec
+from pkcs11_backends.keys import SignatureScheme
+
+MAX_SIGN_BYTES = 1 << 20
+
+
+
+def health(context: Context, _: Nothing) -> dict[str, Any]:
+    return {"status": "alive", "pid": os.getpid()}
+
+
+def ready(context: Context, _: Nothing) -> dict[str, Any]:
+    """Ready or not; a caller that no rule names learns nothing more (no key aliases, no token label)."""
+    state = context.core.readiness()
+    told = context.grants.named()
+    if not state.ready:
+        raise NotReadyError(f"not ready: {state.detail}" if told else "not ready")
+    if not told:
+        return {"ready": True}
+    return {"ready": True, "detail": state.detail, "keys": sorted(context.core.config.keys)}
+
+
+def list_keys(context: Context, _: Nothing) -> dict[str, Any]:
+    result = []
+    for alias in context.visible:
+        key = context.core.config.keys[alias]
+        info = context.core.keys.info(alias)
+        result.append({"alias": alias, "uri": key.uri, "type": str(info.spec), "algorithms": list(key.algorithms),
+                       "purpose": str(key.purpose), "kid": key.kid,
+                       "certificate": info.certificate.as_dict() if info.certificate else None,
+                       "label": info.label, "id": info.id.hex(), "token_uri": str(info.uri)})
+    return {"keys": result}
+
+
+@dataclasses.dataclass(frozen=True)
+class PublicInput:
+    format: str = text(8, "pem")
+
+    def check(self) -> None:
+        if self.format not in ("pem", "jwk"):
+            raise InvalidInput("bad_query", f"format must be pem or jwk, not {self.format[:20]!r}")
+
+
+def public(context: Context, given: PublicInput) -> dict[str, Any]:
+    """PEM SubjectPublicKeyInfo (any purpose: it is in the certificate anyway), or the JWK of a jws key."""
+    alias = context.key_config.alias
+    if given.format == "jwk":
+        if context.key_config.purpose is not KeyPurpose.JWS:
+            raise KeyPurposeError(f"key {alias!r} is a {context.key_config.purpose} key: it has no JWK "
+                                  "(a JWK says what signs JWS, and only jws keys do)")
+        jwk: dict[str, Any] = jose.to_jwk(jose.resolve(context.core.keys, context.core.config, alias))
+        return jwk
+    spki = context.core.keys.public_key_info(alias)
+    return {"pem": pem.armor("PUBLIC KEY", spki.dump()).decode("ascii")}
+
+
+def jwks(context: Context, _: Nothing) -> dict[str, Any]:
+    """The JWK Set of the jws keys the caller may see: never a tls, encryption or audit key."""
+    if not context.visible:
+        return {"keys": []}
+    keyset: dict[str, Any] = jose.jwks(context.core.keys, context.core.config, context.visible)
+    return keyset
+
+
+@dataclasses.dataclass(frozen=True)
+class SignInput:
+    alg: str = text(16)
+    data_b64: bytes = base64_bytes(MAX_SIGN_BYTES)
+
+
+def sign(context: Context, given: SignInput) -> dict[str, Any]:
+    """A raw signature over the caller's bytes: only for a jws key that declares raw_sign = true."""
+    key = context.key_config
+    context.log["alg"] = given.alg
+    if given.alg not in key.algorithms:
+        raise AlgorithmNotAllowedError(
+            f"key {key.alias!r} may sign with {', '.join(key.algorithms) or 'no algorithm'}, not {given.alg!r}",
+            hint=f"add {given.alg!r} to [keys.{key.alias}] algorithms if this key should make {given.alg} signatures")
+    signature = context.core.signer.sign(key.alias, given.data_b64, SignatureScheme.from_jose(given.alg))
+    return {"key": key.alias, "kid": key.kid, "alg": given.alg,
+            "signature_b64": base64.b64encode(signature).decode("ascii")}
+
+
+SPECS: tuple[Spec[Any], ...] = (
+    Spec("health", Operation.HEALTH, "the agent is alive", Resource.NONE, Nothing, health, access=Access.OPEN),
+    Spec("ready", Operation.READY, "the token is logged in and the keys checked", Resource.NONE, Nothing, ready,
+         access=Access.OPEN),
+    Spec("keys", Operation.KEYS, "the configured keys the caller may see", Resource.KEYS, Nothing, list_keys,
+         purposes=frozenset(KeyPurpose)),
+    Spec("public", Operation.PUBLIC, "a key's public half (PEM, or the JWK of a jws key)", Resource.KEY,
+         PublicInput, public, purposes=frozenset(KeyPurpose)),
+    Spec("jwks", Operation.PUBLIC, "the JWK Set of the jws keys the caller may see", Resource.KEYS, Nothing, jwks,
+         purposes=frozenset({KeyPurpose.JWS})),
+    Spec("sign", Operation.SIGN, "a raw signature of the caller's bytes", Resource.KEY, SignInput, sign,
+         purposes=frozenset({KeyPurpose.JWS}), raw_sign=True),
+)
