@@ -126,6 +126,7 @@ AGENT_CODES: dict[str, ExitStatus] = {
     "key_not_found": ExitStatus.NOINPUT,
     "unknown_key": ExitStatus.NOINPUT,
     "token_unavailable": ExitStatus.UNAVAILABLE,
+    "token_error": ExitStatus.UNAVAILABLE,
     "not_ready": ExitStatus.UNAVAILABLE,
     "token_login_refused": ExitStatus.CONFIG,
     "unknown_bank": ExitStatus.CONFIG,

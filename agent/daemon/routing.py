@@ -34,9 +34,12 @@ from agent.transport.errors import BankBusyError, BankTimeoutError, ResponseTooL
 from pkcs11_backends.errors import (
     AmbiguousKeyError,
     KeyNotFoundError,
+    KeyTemplateError,
     MechanismError,
+    ModuleLimitError,
     PinError,
     Pkcs11Error,
+    TokenOperationError,
     TokenUnavailableError,
 )
 
@@ -164,6 +167,8 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(503, "token_login_refused", str(exc), hint)
     if isinstance(exc, TokenUnavailableError):
         return HttpError(503, "token_unavailable", str(exc), hint, (("Retry-After", "1"),))
+    if isinstance(exc, TokenOperationError | KeyTemplateError | ModuleLimitError):  # the module said no, with a CKR_
+        return HttpError(502, "token_error", str(exc), hint)
     if isinstance(exc, AuditError):
         return HttpError(500, "audit_unavailable", str(exc), hint)
     if isinstance(exc, UnknownBankError):
