@@ -21,6 +21,7 @@ import pytest
 
 from agent.client import AgentClient, UntrustedAgentError
 from agent.daemon.routes import ROUTES
+from agent.errors import ExitStatus
 from agent.operations.spec import Access
 from agent.runtime import Runtime
 from pkcs11_backends.keys import KeySpec
@@ -256,7 +257,8 @@ def test_client_and_cli_talk_only_to_a_socket_the_agents_user_serves(token: Toke
         assert AgentClient(path, timeout=5, server_uid=NOBODY).health() == {}  # told whom to expect
         token.write_config(f'[daemon]\nsocket = "{path}"\n')
         refused = token.cli("keys", "list")
-        assert refused.returncode == 1 and f"served by uid {NOBODY}" in refused.stderr, refused.stderr
+        assert refused.returncode == ExitStatus.UNAVAILABLE, refused.stderr
+        assert f"served by uid {NOBODY}" in refused.stderr, refused.stderr
     finally:
         server.kill()
         server.wait()
@@ -300,4 +302,4 @@ def test_the_cli_publishes_no_transport_key(ops: Daemon, keyed_token: Token) -> 
         kids = {k["kid"] for k in json.loads(published.stdout)["keys"]}
         assert len(kids) == 3 and "sig-1" in kids, published.stdout  # signing, ecsign, bare: the jws keys
         refused = keyed_token.cli(*direct, "--config", str(ops.config_path), "jwks", "--key", "transport")
-        assert refused.returncode == 1 and "is a tls key: it has no JWK" in refused.stderr
+        assert refused.returncode == ExitStatus.NOPERM and "is a tls key: it has no JWK" in refused.stderr
