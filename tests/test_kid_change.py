@@ -18,11 +18,12 @@ from tests.x509_helpers import TestCA, pem_of
 @pytest.fixture
 def key_token(token: Token) -> Token:
     token.cli("keys", "generate", "--label", "transport", "--type", "rsa:2048", check=True)
+    token.write_config(f'[keys.transport]\nuri = "{KEY}"\npurpose = "jws"\n')  # a JWKS publishes jws keys only
     return token
 
 
 def kid(tok: Token) -> str:
-    [key] = json.loads(tok.cli("jwks", "--key", KEY, check=True).stdout)["keys"]
+    [key] = json.loads(tok.cli("jwks", "--key", "transport", check=True).stdout)["keys"]
     return str(key["kid"])
 
 
@@ -52,7 +53,7 @@ def test_the_first_certificate_changes_the_kid_and_says_so(key_token: Token, tmp
 
 
 def test_a_configured_kid_does_not_change(key_token: Token, tmp_path: Path) -> None:
-    key_token.write_config(f'[keys.transport]\nuri = "{KEY}"\nkid = "thumbprint"\n')
+    key_token.write_config(f'[keys.transport]\nuri = "{KEY}"\npurpose = "jws"\nkid = "thumbprint"\n')
     before = kid(key_token)
     bundle = write(tmp_path / "leaf.pem", pem_of(TestCA("Kid CA").issue(public_key_der(key_token))))
     imported = key_token.cli("cert", "import", "--key", KEY, bundle, check=True)
