@@ -35,12 +35,12 @@ class Banks:
 
 
 def start(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_path: Path, daemon: str = "",  # noqa: F811
-          evil: str = "") -> Iterator[Banks]:
+          evil: str = "", nobody_may: tuple[str, ...] = ("forward",)) -> Iterator[Banks]:
     credentials = bank.ca.server_credentials(tmp_path / "evil")
     hostile = HostileBank(credentials.cert_file, credentials.key_file, bank.ca_bundle).start()
     signing_key, _, _ = issue_identity(tpp.runtime, bank)  # for client assertions
     config = tpp.write_config(bank)
-    rules = nobody_rule(public_dir, tpp.state_dir / "audit.jsonl", "nobody-forwards", ["forward"], banks=[MB])
+    rules = nobody_rule(public_dir, tpp.state_dir / "audit.jsonl", "nobody-forwards", list(nobody_may), banks=[MB])
     config.write_text(config.read_text() + textwrap.dedent(f"""
         [keys.transport]
         uri = "{tpp.key_uri}"
