@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,15 +12,9 @@ from agent.transport import errors
 from agent.transport.client import open_transport
 from agent.transport.tls import FAPI_TLS12_CIPHERS
 from tests.transport.conftest import TestCa, client_identity, settings_for
+from tests.transport.nginx import free_port, needs_nginx, running_nginx
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/bootstrap installs it)")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+pytestmark = needs_nginx
 
 
 class Nginx:
@@ -36,24 +26,15 @@ class Nginx:
 
 @pytest.fixture(scope="module")
 def nginx(bank_ca: TestCa, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
-    assert NGINX is not None
     root = tmp_path_factory.mktemp("nginx")
     cert, key = bank_ca.server_identity(root)
-    ports = Nginx(_free_port(), _free_port(), _free_port())
+    ports = Nginx(free_port(), free_port(), free_port())
     tls = (f"ssl_certificate {cert}; ssl_certificate_key {key}; ssl_client_certificate {bank_ca.pem_path}; "
            "ssl_verify_client on;")
     reply = ('location / { default_type application/json; '
              'return 200 \'{"client":"$ssl_client_s_dn","protocol":"$ssl_protocol","cipher":"$ssl_cipher",'
              '"interaction_id":"$http_x_fapi_interaction_id","connection_requests":"$connection_requests"}\'; }')
-    (root / "nginx.conf").write_text(f"""
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-worker_processes 1;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {root}/body; proxy_temp_path {root}/proxy; fastcgi_temp_path {root}/fcgi;
-    uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+    servers = f"""
     server {{
         listen 127.0.0.1:{ports.tls12_port} ssl;
         server_name localhost;
@@ -76,26 +57,9 @@ http {{
         {tls}
         {reply}
     }}
-}}
-""")
-    process = subprocess.Popen([NGINX, "-p", str(root), "-e", str(root / "error.log"), "-c", str(root / "nginx.conf"),
-                                "-g", "daemon off;"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", ports.tls13_port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    output = process.stdout.read().decode() if process.stdout else ""
-                    log = (root / "error.log").read_text() if (root / "error.log").exists() else ""
-                    pytest.fail(f"nginx did not start: {output}\n{log}")
-                time.sleep(0.05)
+"""
+    with running_nginx(root, servers, ports.tls13_port):
         yield ports
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.mark.parametrize("spec", ["rsa:2048", "ec:p256"])

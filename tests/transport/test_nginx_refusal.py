@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +17,9 @@ from agent.errors import ExitStatus
 from agent.runtime import Runtime
 from agent.transport.errors import CLIENT_CERTIFICATE_REFUSED, answer_summary, refusal_hint
 from tests.transport.conftest import TestCa, client_identity
-from tests.transport.test_nginx import NGINX, _free_port
+from tests.transport.nginx import free_port, needs_nginx, running_nginx
 
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/bootstrap installs it)")
+pytestmark = needs_nginx
 TPP_AGENT = str(Path(sys.executable).parent / "tpp-agent")
 
 
@@ -30,21 +28,13 @@ def front_end(bank_ca: TestCa, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """nginx that asks for a client certificate and lets the application decide (optional_no_ca, as in front of
     a bank): /strict/ refuses an untrusted one with its 400 page; /open/ serves discovery to anyone but refuses
     registration."""
-    assert NGINX is not None
     root = tmp_path_factory.mktemp("nginx-refusal")
     cert, key = bank_ca.server_identity(root)
-    port = _free_port()
+    port = free_port()
     base = f"https://localhost:{port}"
     document = json.dumps({"issuer": base, "registration_endpoint": f"{base}/open/tpp-registration"})
     refuse = "if ($ssl_client_verify != SUCCESS) { return 495; }"
-    (root / "nginx.conf").write_text(f"""
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 16; }}
-http {{
-    access_log off;
-    client_body_temp_path {root}/body; proxy_temp_path {root}/proxy; fastcgi_temp_path {root}/fcgi;
-    uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+    servers = f"""
     server {{
         listen 127.0.0.1:{port} ssl;
         ssl_certificate {cert}; ssl_certificate_key {key};
@@ -53,24 +43,9 @@ http {{
         location = /open/.well-known/openid-configuration {{ default_type application/json; return 200 '{document}'; }}
         location /open/ {{ {refuse} return 204; }}
     }}
-}}
-""")
-    process = subprocess.Popen([NGINX, "-p", str(root), "-e", str(root / "error.log"), "-c", str(root / "nginx.conf"),
-                                "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"nginx did not start: {(root / 'error.log').read_text()}")
-                time.sleep(0.05)
+"""
+    with running_nginx(root, servers, port, worker_connections=16):
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def cli_config(tmp_path: Path, softhsm_state: Path, base: str, ca: TestCa, key: str) -> dict[str, str]:
