@@ -184,11 +184,13 @@ class EngineBackend:
     same engine fails in libp11 0.4.12). Never finished or freed: libp11 would
     ``C_Finalize`` the module that python-pkcs11 shares with it.
 
-    Limitation (libp11 0.4.12): the engine lists the module's slots once, when it
-    loads its first key, so a token initialised later in the same process is not
-    visible to it; its ``RE_ENUMERATE`` control frees slot objects that live keys
-    still point to (it crashed here), so it is not used. Keys added later to a
-    listed token are found.
+    libp11 0.4.12 lists the module's slots once per context, when it loads its
+    first key, so a token initialised later is not visible to that context; its
+    ``RE_ENUMERATE`` control frees slot objects that live keys still point to (it
+    crashed here), so it is not used. Instead, when a key is not found and the
+    module now lists other tokens than when the context was made, the context is
+    renewed (as below) and the key looked up once more. Keys added later to a
+    listed token are found without that.
 
     After the module was finalized and initialised again (``Module.generation``
     changed), every session and object handle libp11 holds is stale, and libp11
@@ -209,6 +211,7 @@ class EngineBackend:
         self._engine: int | None = None
         self._ctx_index: int | None = None  # libp11's ex_data slot on the engine
         self._generation = 0  # the module generation the engine's libp11 context was made in
+        self._tokens: frozenset[tuple[str, str]] | None = None  # the tokens present when it was made
         lib = _crypto()
         lib.ENGINE_by_id.restype = ctypes.c_void_p
         lib.ENGINE_by_id.argtypes = [ctypes.c_char_p]
@@ -241,9 +244,7 @@ class EngineBackend:
         self._ctrl(engine, b"MODULE_PATH", self.module_path.encode())
         added = self._ex_data_slots(engine) - before
         self._ctx_index = added.pop() if len(added) == 1 else None
-        pin = _own_instance_pin(self.module_path)
-        if pin is not None:
-            self._ctrl(engine, b"PIN", pin)
+        self._give_pin(engine)
         # The module is usually initialised already (python-pkcs11 with locking):
         # libp11 gets CKR_CRYPTOKI_ALREADY_INITIALIZED and carries on.
         if not lib.ENGINE_init(engine):
@@ -266,21 +267,49 @@ class EngineBackend:
                 hint="restart the agent to give TLS a working token key again")
         self._lib.ENGINE_set_ex_data(engine, self._ctx_index, None)
         self._ctrl(engine, b"MODULE_PATH", self.module_path.encode())
+        self._give_pin(engine)  # the new context has its own instance of such a module, not logged in
+
+    def _give_pin(self, engine: int) -> None:
+        pin = _own_instance_pin(self.module_path)
+        if pin is not None:
+            self._ctrl(engine, b"PIN", pin)
+
+    def _present_tokens(self) -> frozenset[tuple[str, str]] | None:
+        """(label, serial) of the tokens the module lists now; None when python-pkcs11 has not loaded it."""
+        module = Module.loaded(self.module_path)
+        if module is None:
+            return None
+        try:
+            return frozenset((token.label, repr(token.serial)) for token in module.tokens())
+        except Pkcs11Error:
+            return None
 
     def load_private_key(self, uri: str, module_generation: int = 0) -> TokenPrivateKey:
         with self._lock:
             if self._engine is None:
                 self._engine = self._start()
                 self._generation = module_generation
+                self._tokens = self._present_tokens()
             engine = self._engine
             if module_generation != self._generation:
                 self._renew(engine)
                 self._generation = module_generation
-            self._lib.ERR_clear_error()
-            pkey = self._lib.ENGINE_load_private_key(engine, uri.encode("utf-8"), None, None)
+                self._tokens = self._present_tokens()
+            pkey = self._load(engine, uri)
+            if not pkey:
+                tokens = self._present_tokens()
+                if tokens is not None and tokens != self._tokens and self._ctx_index is not None:
+                    self._renew(engine)  # a token appeared (or went) since the context listed the slots
+                    self._tokens = tokens
+                    pkey = self._load(engine, uri)
             if not pkey:
                 raise OpenSSLKeyError(f"libp11's engine cannot load {uri}: {_openssl_errors(self._lib)}")
         return TokenPrivateKey(int(pkey), uri, self.name)
+
+    def _load(self, engine: int, uri: str) -> int | None:
+        self._lib.ERR_clear_error()
+        pkey: int | None = self._lib.ENGINE_load_private_key(engine, uri.encode("utf-8"), None, None)
+        return pkey
 
 
 class _OsslParam(ctypes.Structure):

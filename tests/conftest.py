@@ -282,10 +282,10 @@ def runtime(token: Token) -> Iterator[Runtime]:
 
 @pytest.fixture(scope="session")
 def shared_runtime(test_module: ModuleUnderTest, softhsm_state: Path) -> Iterator[Runtime]:
-    """A runtime on the session's first token (``tpp-agent``), which exists before any OpenSSL engine starts.
+    """A runtime on the session's first token (``tpp-agent``), shared by tests with their own key labels.
 
-    Tests that load keys through libp11's engine use it, with their own key labels:
-    the engine only sees tokens that existed when it loaded its first key.
+    Tests that load keys through libp11's engine mostly use it: a token made later costs the engine a new
+    context (see ``EngineBackend``), which the tests need not pay again and again.
     """
     tok = Token(softhsm_state, test_module.label, softhsm_state / "shared-config.toml")
     tok.write_config()
