@@ -18,7 +18,9 @@ builds its own) and adds what urllib3's pyOpenSSL wrapper lacks:
 :class:`BankConnectionPool` is urllib3's pool with idle limits: a connection that
 has sat unused longer than the bank allows (its ``Keep-Alive: timeout=N``, less a
 margin, or the bank's ``idle_timeout``) is closed instead of reused, since the bank
-may close it just as the next request is written to it.
+may close it just as the next request is written to it. Its connections refuse an
+answer whose head the bank cut short (http.client would take the header lines up
+to the end of the connection for a whole head).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import http.client
 import ipaddress
 import math
 import socket
@@ -245,9 +248,43 @@ def idle_limit(keep_alive: str | None, default: float) -> float:
     return default
 
 
+class TruncatedHeadError(http.client.HTTPException):
+    """The connection ended before the blank line that ends an answer's head."""
+
+
+class _HeadReader:
+    """The answer's stream while http.client reads its head: notes whether it ended before the blank line."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.cut = False
+
+    def readline(self, limit: int = -1) -> bytes:
+        line: bytes = self.raw.readline(limit)
+        self.cut = not line
+        return line
+
+    def __getattr__(self, name: str) -> Any:  # read, close, flush…: the stream's own
+        return getattr(self.raw, name)
+
+
+class _WholeHeadResponse(http.client.HTTPResponse):
+    def begin(self) -> None:
+        head = self.fp = _HeadReader(self.fp)  # type: ignore[assignment]
+        try:
+            super().begin()
+        finally:
+            if isinstance(self.fp, _HeadReader):  # not closed by http.client meanwhile
+                self.fp = head.raw
+        if head.cut:
+            self.close()
+            raise TruncatedHeadError("the bank closed the connection in the middle of its answer's head")
+
+
 class BankConnection(HTTPSConnection):
     """urllib3's connection, with how long it may stay idle in the pool and since when it is."""
 
+    response_class = _WholeHeadResponse
     idle_limit: float = 0.0
     idle_since: float | None = None  # time.monotonic() when it went back to the pool
 

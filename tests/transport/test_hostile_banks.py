@@ -3,6 +3,7 @@ is bounded in size, in total time and in number at once, and is sent again only 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from agent.runtime import Runtime
 from agent.transport import errors
 from agent.transport.client import BankTransport, open_transport
 from tests.transport.conftest import TestCa, client_identity, settings_for
-from tests.transport.hostile import HostileBank, closes_reused, drip, echo, held, huge, idle_closer, rss_kb
+from tests.transport.hostile import HostileBank, Peer, Seen, closes_reused, drip, echo, held, huge, idle_closer, rss_kb
 
 MB = 1 << 20
 
@@ -176,3 +177,24 @@ def test_a_post_cut_before_it_was_sent_whole_is_sent_again(make: Any, hostile: H
     assert answer.json() == {"connection": 2}
     assert [(s.path, s.connection, len(s.body)) for s in hostile.requests] == \
         [("/small", 1, 2), ("/big", 1, 0), ("/big", 2, len(body))]
+
+
+def cut_in_the_head(peer: Peer, seen: Seen) -> bool:
+    """Header lines, then the end of the connection: no blank line, no body."""
+    peer.read_body(seen)
+    with contextlib.suppress(OSError):
+        peer.sock.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nX-Part: 1\r\n")
+    return False
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_an_answer_whose_head_is_cut_short_is_an_error_not_an_empty_answer(make: Any, hostile: HostileBank,
+                                                                            method: str) -> None:
+    # http.client reads header lines until a blank line *or the end of the stream*: a bank (or a proxy) dying
+    # there looked like "201 Created" with an empty body, which a registration would have taken as done.
+    transport = make()
+    hostile.answer = cut_in_the_head
+    with pytest.raises(errors.ConnectionLostError, match="middle of its answer's head"):
+        transport.request(method, hostile.url("/tpp-registration"), body=b"{}" if method == "POST" else None)
+    hostile.answer = echo
+    assert transport.get(hostile.url("/after")).status == 200  # and the transport goes on
