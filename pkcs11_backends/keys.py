@@ -199,7 +199,9 @@ class KeyStore:
         return uri
 
     def uri_for(self, label: str, key_id: bytes) -> Pkcs11Uri:
-        return Pkcs11Uri(token=self.pool.token.label, object=label, id=key_id, type=ObjectType.PRIVATE)
+        # A key without a label (NSS's certutil makes them so until a certificate names them) is named by its id:
+        # "object=" would ask for an empty label.
+        return Pkcs11Uri(token=self.pool.token.label, object=label or None, id=key_id, type=ObjectType.PRIVATE)
 
     # -- lookup --------------------------------------------------------------
     def _find(self, session: pkcs11.Session, uri: Pkcs11Uri, object_class: ObjectClass) -> pkcs11.Object:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from pkcs11_backends.returns import ReturnValue
 from pkcs11_backends.sessions import session_handle
 from pkcs11_backends.signing import Capabilities
 from tests.modules.common import ModuleUnavailable
+from tests.modules.nss import nss_module
 from tests.modules.p11kit import p11kit_server
 from tests.modules.tpm2 import tpm2_module
 
@@ -48,7 +50,7 @@ pytest_plugins = ["tests.pg"]  # postgres_server: a real PostgreSQL server for t
 settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("suite")
 _labels = itertools.count()
-MODULES = ("softhsm2", "tpm2", "p11kit")
+MODULES = ("softhsm2", "tpm2", "p11kit", "nss")
 # The operator flow that `make test` runs on every module of the matrix (-m core): keys
 # generated (RSA and EC) and signing, CSRs verified by openssl, certificate import, mTLS
 # with the token key (Python server and nginx), the daemon's JWS; and recovery after the
@@ -97,6 +99,7 @@ class ModuleUnderTest:
     so_pin_file: Path
     makes_tokens: bool  # C_InitToken on a free slot gives a new token at once (SoftHSM2)
     restart: Callable[[], None] | None = None  # the module-neutral fault: the remote end or broker restarts
+    init_args: str | None = None  # [pkcs11] init_args: what its C_Initialize needs (NSS)
     softhsm_home: Path | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -147,9 +150,14 @@ class Token:
         return result
 
 
+def load_module(module: ModuleUnderTest) -> Module:
+    """The session's module in this process, initialised as the agent initialises it (with its init_args)."""
+    return Module.load(module.path, module.init_args.encode("utf-8") if module.init_args is not None else None)
+
+
 @functools.cache
 def _capabilities(path: str, label: str) -> Capabilities:
-    return Capabilities.probe(Module.load(path).find_token(TokenSelector(label=label)), path)
+    return Capabilities.probe(load_module(session_module()).find_token(TokenSelector(label=label)), path)
 
 
 @pytest.fixture(autouse=True)
@@ -169,8 +177,9 @@ def pkcs11_table(label: str) -> str:
     """``[pkcs11]`` and ``[pkcs11.environment]`` for token ``label`` of the session's module."""
     module = session_module()
     environment = "".join(f'{name} = "{value}"\n' for name, value in module.environment.items())
+    init_args = f"init_args = {json.dumps(module.init_args)}\n" if module.init_args else ""
     return (f'[pkcs11]\nmodule = "{module.path}"\ntoken = "{label}"\npin_file = "{module.user_pin_file}"\n'
-            f'[pkcs11.environment]\n{environment}')
+            f'{init_args}[pkcs11.environment]\n{environment}')
 
 
 @pytest.fixture(scope="session")
@@ -202,6 +211,10 @@ def _provision(name: str, home: Path, stack: contextlib.ExitStack) -> ModuleUnde
         tpm = stack.enter_context(tpm2_module(home, label))
         return ModuleUnderTest(name, tpm.module, tpm.environment, label, home / "user.pin", home / "so.pin", False,
                           tpm.restart_broker, extra={"tpm2": tpm})
+    if name == "nss":
+        nss = stack.enter_context(nss_module(home, label))
+        return ModuleUnderTest(name, nss.module, {}, label, nss.user_pin_file, nss.so_pin_file, False,
+                               init_args=nss.init_args, extra={"nss": nss})
     _make_token(home, label)
     pins = home / "softhsm"
     softhsm = {"SOFTHSM2_CONF": str(pins / "softhsm2.conf")}
@@ -224,7 +237,7 @@ def new_token(module: ModuleUnderTest, prefix: str = "t") -> str:
     SoftHSM2 only sees tokens that other processes create when it is initialised again.
     """
     label = f"{prefix}{next(_labels)}-{os.getpid()}"
-    init_token(Module.load(module.path), label, module.so_pin_file.read_bytes().strip(),
+    init_token(load_module(module), label, module.so_pin_file.read_bytes().strip(),
                module.user_pin_file.read_bytes().strip())
     return label
 
@@ -238,7 +251,7 @@ def restored(module: ModuleUnderTest, label: str) -> Iterator[None]:
 
 
 def _objects(module: ModuleUnderTest, label: str, destroy_except: set[int] | None) -> set[int]:
-    loaded = Module.load(module.path)
+    loaded = load_module(module)
     token = loaded.find_token(TokenSelector(label=label))
     with token.open(rw=True) as session:
         # Login is per application: ALREADY_LOGGED_IN means a pool of this process holds it.

@@ -12,9 +12,10 @@ from agent import config as config_module
 from agent.runtime import Runtime
 from pkcs11_backends.errors import ModuleLimitError
 from pkcs11_backends.keys import KeyKind, KeySpec, SignatureScheme
-from pkcs11_backends.module import Module, TokenSelector
+from pkcs11_backends.module import TokenSelector
 from pkcs11_backends.native import UNAVAILABLE_INFORMATION
-from tests.conftest import ModuleUnderTest, Token
+from tests.conftest import ModuleUnderTest, Token, load_module
+from tests.modules.nss import Nss
 from tests.modules.tpm2 import Tpm2
 from tests.x509_helpers import openssl_verify_csr
 
@@ -29,6 +30,20 @@ def test_generation_takes_a_template_the_module_accepts_without_a_recovery(runti
         assert runtime.keys.sign(str(info.uri), b"data", scheme)
     health = runtime.pool.health
     assert health.ready and health.recoveries == 0, health
+
+
+def test_a_key_made_with_nss_certutil_has_no_label_and_is_named_by_its_id(test_module: ModuleUnderTest,
+                                                                          token: Token) -> None:
+    nss = test_module.extra.get("nss")
+    if not isinstance(nss, Nss):
+        pytest.skip(f"{test_module.name} is not NSS's softoken (certutil makes its keys)")
+    key_id = nss.add_vendor_key()
+    uri = f"pkcs11:token={token.label};id={''.join(f'%{b:02X}' for b in key_id)};type=private"
+    listed = token.cli("keys", "list", check=True).stdout
+    assert uri in listed and "object=;" not in listed  # named by its id: an empty object= would ask for label ""
+    pem = token.cli("csr", "--key", uri, "--subject", "CN=certutil-made", "--alg", "rsa-pss", check=True).stdout
+    assert openssl_verify_csr(pem).returncode == 0
+    assert x509.load_pem_x509_csr(pem.encode()).is_signature_valid
 
 
 def test_a_key_made_with_the_vendor_tool_is_found_by_label_and_signs(test_module: ModuleUnderTest,
@@ -47,7 +62,7 @@ def test_a_key_made_with_the_vendor_tool_is_found_by_label_and_signs(test_module
 
 
 def test_more_sessions_than_the_token_allows_are_refused_at_start(test_module: ModuleUnderTest, token: Token) -> None:
-    module = Module.load(test_module.path)
+    module = load_module(test_module)
     limit = module.token_info(module.find_token(TokenSelector(label=token.label))).ulMaxRwSessionCount
     if limit in (0, UNAVAILABLE_INFORMATION) or limit > 64 * 257:
         pytest.skip(f"{test_module.name} sets no read-write session limit a configuration can pass")
