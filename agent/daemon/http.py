@@ -8,6 +8,7 @@ import os
 import uuid
 from typing import Any
 
+from agent import strict_json
 from agent.daemon.errors import HttpError
 from agent.daemon.framing import Head
 from agent.daemon.policy import Peer
@@ -53,10 +54,6 @@ def new_interaction_id() -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _depth(value: Any) -> int:
     """How deeply ``value``'s containers nest, stopping as soon as the limit is passed."""
     deepest, stack = 0, [(value, 1)]
@@ -99,7 +96,7 @@ class Request:
             raise HttpError(415, "unsupported_media_type", f"expected application/json, got {content_type!r}")
         hint = "send a JSON object, e.g. {\"alg\": \"PS256\", \"data_b64\": \"...\"}"
         try:
-            value = json.loads(self.body, parse_constant=_refuse_constant)
+            value = strict_json.loads(self.body)
         except RecursionError:
             raise HttpError(400, "malformed_json", "request body nests too deeply", hint) from None
         except (UnicodeDecodeError, ValueError) as exc:

@@ -14,7 +14,6 @@ time check.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 from jwcrypto import jwk as jwcrypto_jwk
 from jwcrypto import jws as jwcrypto_jws
 
+from agent import strict_json
 from agent.jose.encoding import b64url_decode
 from agent.jose.errors import (
     AlgorithmRefusedError,
@@ -125,13 +125,9 @@ def check_claims(claims: Mapping[str, Any], *, issuer: str | None, audience: str
 
 def _json_object(part: str, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(b64url_decode(part), parse_constant=_refuse_constant)
+        value = strict_json.loads(b64url_decode(part))
     except (ValueError, TypeError):
         raise MalformedError(f"{what} is not base64url-encoded JSON") from None
     if not isinstance(value, dict):
         raise MalformedError(f"{what} is not a JSON object")
     return value
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")

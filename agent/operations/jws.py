@@ -11,12 +11,11 @@ The caller may set only the protected header members of :data:`ALLOWED_HEADERS` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from agent import jose
+from agent import jose, strict_json
 from agent.config import KeyPurpose
 from agent.errors import AgentError
 from agent.jose import ClaimsError, JoseError
@@ -66,19 +65,19 @@ def sign_jws(context: Context, given: JwsInput) -> dict[str, Any]:
 
 
 def _claims(payload: bytes) -> dict[str, Any] | None:
-    """The payload as a JSON object, if it is one (a JWT's claims); NaN and Infinity are no JSON."""
-    if not payload.lstrip().startswith(b"{"):
+    """The payload as a JSON object when it is one (a JWT's claims, checked before they are signed), else None.
+
+    Bytes that start like an object (after whitespace or a UTF-8 BOM) but are not strict JSON are refused, not
+    signed as they are: a lenient parser at a bank (comments, single quotes, a trailing comma, the first of two
+    members with one name) could read claims out of them that were never checked here.
+    """
+    if not payload.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"{"):
         return None
-
-    def refuse(constant: str) -> Any:
-        raise InvalidInput("bad_json", f"the payload holds {constant}, which JSON does not have")
-
     try:
-        value = json.loads(payload, parse_constant=refuse)
+        value = strict_json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
-        if isinstance(exc, InvalidInput):
-            raise
-        return None  # bytes that merely start with "{": signed as they are
+        raise InvalidInput("bad_json", f"the payload starts like a JSON object but is not strict JSON: {exc}",
+                           "send the claims as one JSON object (RFC 8259), each member name once") from None
     return value if isinstance(value, dict) else None
 
 

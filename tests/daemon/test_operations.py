@@ -172,6 +172,32 @@ def test_jws_refuses_what_only_the_agent_says_to_a_bank(ops: Daemon) -> None:
     assert call(ops, NOBODY, "POST", "/v1/keys/signing/jws", {"payload": other})[0] == 200
 
 
+def test_jws_refuses_payloads_another_parser_could_read_otherwise(ops: Daemon) -> None:
+    # Python keeps the last of two members with one name, some bank parsers the first; lenient ones read comments
+    # and trailing commas; a UTF-8 BOM hid the claims from the check. Each was signed unchecked before.
+    now = int(time.time())
+    head = f'"iss": "{CLIENT_ID}", "sub": "{CLIENT_ID}", "jti": "j2", "iat": {now}, "exp": {now + 60}'
+    for raw in (f'{{{head}, "aud": "{ISSUER}", "aud": "https://elsewhere"}}',
+                f'{{{head}, "aud": "{ISSUER}", /* lenient */ "x": 1}}',
+                f'{{{head}, "aud": "{ISSUER}",}}',
+                f'{{{head}, "nested": {{"a": 1, "a": 2}}}}'):
+        body = {"payload_b64": base64.b64encode(raw.encode()).decode()}
+        status, answer = call(ops, NOBODY, "POST", "/v1/keys/signing/jws", body)
+        assert status == 400 and answer["code"] == "bad_json", (raw, answer)
+    bom = b"\xef\xbb\xbf" + json.dumps({"iss": CLIENT_ID, "sub": CLIENT_ID, "aud": ISSUER, "jti": "j3",
+                                          "iat": now, "exp": now + 60}).encode()
+    status, answer = call(ops, NOBODY, "POST", "/v1/keys/signing/jws", {"payload_b64": base64.b64encode(bom).decode()})
+    assert status == 403 and "shaped like a client assertion" in str(answer["message"]), answer
+    assert call(ops, NOBODY, "POST", "/v1/keys/signing/jws",
+                {"payload_b64": base64.b64encode(b"{not json, and not claims").decode()})[0] == 400
+    assert call(ops, NOBODY, "POST", "/v1/keys/signing/jws",
+                {"payload_b64": base64.b64encode(b"plain bytes").decode()})[0] == 200  # no claims: signed as is
+    # The request body itself: one name twice is no request the agent can read one way only.
+    raw_request = as_user(ops, NOBODY, NOBODY, "POST", "/v1/keys/signing/jws",
+                          '{"payload": {"a": 1}, "header": {"typ": "JWT"}, "header": {"cty": "x"}}')
+    assert raw_request["status"] == 400 and "appears twice" in str(raw_request["body"]), raw_request
+
+
 @pytest.mark.parametrize("header", [{"kid": "mine"}, {"x5t": "x"}, {"x5t#S256": "x"}, {"jku": "https://a"},
                                     {"x5u": "https://a"}, {"crit": ["b64"], "b64": False}, {"b64": False},
                                     {"zip": "DEF"}, {"ALG": "none"}, {"Alg": "HS256"}, {"jwk": {}}])
