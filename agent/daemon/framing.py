@@ -24,11 +24,12 @@ import dataclasses
 import enum
 import functools
 import re
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qsl, unquote
 
 from agent.daemon.errors import HttpError
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_MAX_QUERY_FIELDS = 64
 # RFC 3986 pchar (unreserved, pct-encoded, sub-delims, ":" and "@") plus "/" in the path and "?" in the query.
 _TARGET = re.compile(r"/(?!/)(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*"
                      r"(?:\?(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?")
@@ -52,7 +53,17 @@ class Head:
 
     @functools.cached_property
     def query(self) -> dict[str, str]:
-        return {k: v[-1] for k, v in parse_qs(self.query_string, max_num_fields=64).items()}
+        """The query's parameters, each named once (``?format=jwk&format=pem`` could be read either way)."""
+        try:
+            pairs = parse_qsl(self.query_string, keep_blank_values=True, max_num_fields=_MAX_QUERY_FIELDS)
+        except ValueError:
+            raise HttpError(400, "bad_query", f"more than {_MAX_QUERY_FIELDS} query parameters") from None
+        query: dict[str, str] = {}
+        for name, value in pairs:
+            if name in query:
+                raise HttpError(400, "bad_query", f"query parameter {name!r} appears twice", "give each once")
+            query[name] = value
+        return query
 
     @functools.cached_property
     def keep_alive(self) -> bool:

@@ -88,13 +88,22 @@ def test_request_targets_that_are_not_origin_form_are_refused(target: str) -> No
 
 @pytest.mark.parametrize("target,path,query", [
     ("/", "/", {}), ("/v1/keys/a%2Fb/public", "/v1/keys/a/b/public", {}), ("/v1/x?", "/v1/x", {}),
-    ("/v1/x?a=1&a=2&b", "/v1/x", {"a": "2"}), ("/v1/%C3%A9", "/v1/\u00e9", {}),
+    ("/v1/x?a=1&b", "/v1/x", {"a": "1", "b": ""}), ("/v1/%C3%A9", "/v1/\u00e9", {}),
     ("/a:b@c!$&'()*+,;=", "/a:b@c!$&'()*+,;=", {}),
     ("/x?y=//a?b", "/x", {"y": "//a?b"}),
 ])
 def test_origin_form_targets_split_without_a_url_parser(target: str, path: str, query: dict[str, str]) -> None:
     head = parse_head(f"GET {target} HTTP/1.1\r\nHost: x".encode())
     assert (head.path, head.query) == (path, query)
+
+
+@pytest.mark.parametrize("query", ["a=1&a=2", "format=jwk&format=pem", "a&a", "&".join(f"p{i}=1" for i in range(65))])
+def test_a_query_naming_a_parameter_twice_or_too_many_is_refused(query: str) -> None:
+    # One reading only: the route must not take the last "format" where a proxy or a log took the first.
+    head = parse_head(f"GET /v1/keys/k/public?{query} HTTP/1.1\r\nHost: x".encode())
+    with pytest.raises(HttpError) as refused_query:
+        head.query  # noqa: B018 -- parsed on first use
+    assert refused_query.value.status == 400 and refused_query.value.code == "bad_query"
 
 
 @pytest.mark.parametrize("line", [
