@@ -2,7 +2,8 @@
 
 Each check gives ``ok``, ``warn`` or ``FAIL`` with what was seen and what to do;
 a check whose prerequisite failed is reported as ``skip``. The PIN is tried at
-most once (the session pool never retries a refused PIN).
+most once (the session pool never retries a refused PIN). A FAIL carries the exit status of
+its kind of failure (agent/errors.py), so ``doctor`` exits as the failing command would.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from agent.cli.context import CliContext
 from agent.config import Config
-from agent.errors import AgentError
+from agent.errors import AgentError, ExitStatus, exit_status
 from agent.x509.certificates import days_left
 from agent.x509.signatures import same_public_key
 from pkcs11_backends import openssl
@@ -36,16 +37,30 @@ class Check:
     status: Status
     detail: str
     hint: str = ""
+    exit_status: ExitStatus | None = None  # a FAIL's kind of failure: what doctor exits with
 
-    def as_dict(self) -> dict[str, str]:
-        return {"check": self.name, "status": self.status.value, "detail": self.detail, "hint": self.hint}
+    def __post_init__(self) -> None:
+        assert (self.status is Status.FAIL) == (self.exit_status is not None), "a FAIL says what kind it is"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"check": self.name, "status": self.status.value, "detail": self.detail, "hint": self.hint,
+                "exit_status": self.exit_status}
+
+
+def failed(name: str, detail: str, hint: str, kind: ExitStatus) -> Check:
+    return Check(name, Status.FAIL, detail, hint, kind)
+
+
+def verdict(checks: list[Check]) -> ExitStatus:
+    """The first FAIL's exit status (the checks run in dependency order: the first is the cause), else OK."""
+    return next((c.exit_status for c in checks if c.exit_status is not None), ExitStatus.OK)
 
 
 def _attempt(name: str, probe: Callable[[], str]) -> Check:
     try:
         return Check(name, Status.OK, probe())
     except (AgentError, Pkcs11Error) as exc:
-        return Check(name, Status.FAIL, str(exc), exc.hint)
+        return failed(name, str(exc), exc.hint, exit_status(exc))
 
 
 def run(ctx: CliContext, now: datetime.datetime | None = None) -> list[Check]:
@@ -91,7 +106,8 @@ def _operations(store: KeyStore, key: KeyInfo, wanted: tuple[str, ...] = ()) -> 
     status = Status.FAIL if configured else Status.WARN
     return Check(f"key {key.label} operations", status,
                  f"the module cannot make {', '.join(missing)} with this {key.spec} key",
-                 "use an algorithm the module offers (see the mechanisms check) or a key type it supports")
+                 "use an algorithm the module offers (see the mechanisms check) or a key type it supports",
+                 ExitStatus.CONFIG if configured else None)  # the configuration asks for what cannot be made
 
 
 def _linkage() -> str:
@@ -111,9 +127,9 @@ def _openssl_backend(preference: str) -> Check:
     if wanted is None:
         missing = {"engine": "the PKCS#11 engine (libp11) is", "provider": "pkcs11-provider is"}.get(
             preference, "neither the PKCS#11 engine (libp11) nor pkcs11-provider is")
-        return Check("openssl-pkcs11", Status.FAIL, f"{missing} installed (found: {found or 'nothing'})",
-                     "apt-get install libengine-pkcs11-openssl (or pkcs11-provider on Debian 13), "
-                     "or set [pkcs11] openssl_backend to what is installed")
+        return failed("openssl-pkcs11", f"{missing} installed (found: {found or 'nothing'})",
+                      "apt-get install libengine-pkcs11-openssl (or pkcs11-provider on Debian 13), "
+                      "or set [pkcs11] openssl_backend to what is installed", ExitStatus.UNAVAILABLE)
     return Check("openssl-pkcs11", Status.OK, found)
 
 
@@ -127,7 +143,7 @@ def _key_checks(store: KeyStore, config: Config, warn_days: int, now: datetime.d
     try:
         keys = store.list()
     except (AgentError, Pkcs11Error) as exc:
-        yield Check("keys", Status.FAIL, str(exc), exc.hint)
+        yield failed("keys", str(exc), exc.hint, exit_status(exc))
         return
     if not keys:
         yield Check("keys", Status.WARN, "the token holds no key pair",
@@ -139,7 +155,7 @@ def _key_checks(store: KeyStore, config: Config, warn_days: int, now: datetime.d
             info = store.info(alias)
             yield Check(f"alias {alias}", Status.OK, f"names key {info.label!r}")
         except (AgentError, Pkcs11Error) as exc:
-            yield Check(f"alias {alias}", Status.FAIL, str(exc), f"fix [keys.{alias}] uri in the config")
+            yield failed(f"alias {alias}", str(exc), f"fix [keys.{alias}] uri in the config", ExitStatus.CONFIG)
             continue
         unable = _operations(store, info, config.keys[alias].algorithms)
         if unable is not None and unable.status is Status.FAIL:  # a configured algorithm the module cannot make
@@ -158,13 +174,13 @@ def _key_check(store: KeyStore, key: KeyInfo, now: datetime.datetime, warn_days:
                      f"make a CSR (`tpp-agent csr --key pkcs11:object={key.label} ...`), have the directory "
                      f"sign it, then `tpp-agent cert import --key pkcs11:object={key.label} FILE`")
     if not same_public_key(cert.parsed.public_key, store.public_key_info(str(key.uri))):
-        return Check(name, Status.FAIL, f"certificate {cert.subject} stored with this key is for another key",
-                     "import the right certificate with `tpp-agent cert import --replace`")
+        return failed(name, f"certificate {cert.subject} stored with this key is for another key",
+                      "import the right certificate with `tpp-agent cert import --replace`", ExitStatus.DATAERR)
     left = days_left(cert, now)
     until = f"{cert.not_after:%Y-%m-%d}"
     renew = "make a new CSR, have the directory issue a certificate, and import it"
     if left < 0:
-        return Check(name, Status.FAIL, f"certificate expired on {until}", renew)
+        return failed(name, f"certificate expired on {until}", renew, ExitStatus.DATAERR)  # as a bank call would
     if now < cert.not_before:
         return Check(name, Status.WARN, f"certificate is not valid before {cert.not_before:%Y-%m-%d %H:%M} UTC",
                      "check the system clock")

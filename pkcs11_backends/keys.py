@@ -148,7 +148,7 @@ _TEMPLATE_REFUSED = frozenset({ReturnValue.TEMPLATE_INCONSISTENT, ReturnValue.TE
 
 
 class KeyStore:
-    """The keys of one token, named by ``pkcs11:`` URIs or configured aliases."""
+    """The keys of one token, named by ``pkcs11:`` URIs, configured aliases, or the label of exactly one key."""
 
     def __init__(self, pool: SessionPool, aliases: Mapping[str, str] | None = None) -> None:
         self.pool = pool
@@ -173,21 +173,36 @@ class KeyStore:
 
     # -- naming --------------------------------------------------------------
     def resolve(self, name: str) -> Pkcs11Uri:
-        """A user's key name (URI or alias) as a URI for a private key on our token."""
+        """A user's key name (URI, alias or label) as a URI for a private key on our token."""
         try:
             return self._resolved[name]
         except KeyError:
             pass
-        uri = self._resolve(name)
+        text = self.aliases.get(name, name)
+        if not text.lower().startswith("pkcs11:"):
+            return self._labelled(name)  # not kept: what the token holds changes, a URI's meaning does not
+        uri = self._resolve(text)
         if len(self._resolved) < 1024:  # names come from callers: bound what they can make us keep
             self._resolved[name] = uri
         return uri
 
-    def _resolve(self, name: str) -> Pkcs11Uri:
-        text = self.aliases.get(name, name)
-        if not text.lower().startswith("pkcs11:"):
-            known = ", ".join(sorted(self.aliases)) or "none configured"
-            raise UriError(f"{name!r} is neither a pkcs11: URI nor a key alias (aliases: {known})")
+    def _labelled(self, name: str) -> Pkcs11Uri:
+        """``keys generate --label transport`` then ``csr --key transport``: the one private key of that label."""
+        def find(pooled: PooledSession) -> list[bytes]:
+            found = pooled.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: name})
+            return [bytes(key[Attribute.ID]) for key in found]
+
+        ids = self.pool.call(find) if name else []
+        if len(ids) == 1:
+            return self.uri_for(name, ids[0])
+        if ids:
+            raise AmbiguousKeyError(f"{len(ids)} keys on the token are labelled {name!r}",
+                                    hint="name one by its pkcs11: URI with its id (`tpp-agent keys list` shows them)")
+        known = ", ".join(sorted(self.aliases)) or "none configured"
+        raise KeyNotFoundError(f"{name!r} is not a pkcs11: URI, a key alias (aliases: {known}) or the label of a "
+                               "key on the token", hint="`tpp-agent keys list` shows the token's keys")
+
+    def _resolve(self, text: str) -> Pkcs11Uri:
         uri = Pkcs11Uri.parse(text)
         if uri.object is None and uri.id is None:
             raise UriError(f"{text!r} names no key: add object=LABEL or id=%XX")

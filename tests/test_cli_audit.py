@@ -95,7 +95,7 @@ def test_verify_checks_every_serving_process_trail_and_names_the_damaged_one(aud
     lines = damaged.read_text().splitlines()
     damaged.write_text("\n".join(lines[:1] + lines[2:]) + "\n")
     refused = audited_token.cli("audit", "verify")
-    assert refused.returncode == 1
+    assert refused.returncode == ExitStatus.DATAERR
     assert f"{damaged}:2: removed: record 2 missing" in refused.stdout
     assert f"audit trail {trails[0].path}: 4 record(s), chain intact, checkpoints verified" in refused.stdout
     assert f"audit trail {damaged}: 1 problem(s) in 4 line(s)" in refused.stderr

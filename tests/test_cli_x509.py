@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -126,7 +127,7 @@ def test_cert_import_reads_der_from_stdin(cli_token: Token) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def doctor(tok: Token, config: Path | None = None) -> tuple[int, dict[str, dict[str, str]]]:
+def doctor(tok: Token, config: Path | None = None) -> tuple[int, dict[str, dict[str, Any]]]:
     args = ("--config", str(config)) if config else ()
     result = tok.cli(*args, "doctor", "--json")
     report = json.loads(result.stdout)
@@ -170,7 +171,8 @@ def test_doctor_fails_on_expired_or_foreign_certificates_and_broken_aliases(cli_
     cli_token.write_config('[keys.transport]\nuri = "pkcs11:object=transport"\n'
                            '[keys.gone]\nuri = "pkcs11:object=gone"\n')
     code, checks = doctor(cli_token)
-    assert code == 1
+    assert code == ExitStatus.DATAERR  # the first FAIL: a certificate on the token that cannot be used
+    assert checks["alias gone"]["exit_status"] == ExitStatus.CONFIG
     assert checks["key transport"]["status"] == "FAIL" and "expired on" in checks["key transport"]["detail"]
     assert checks["key signing"]["status"] == "FAIL" and "for another key" in checks["key signing"]["detail"]
     assert checks["alias transport"]["status"] == "ok"
@@ -183,6 +185,6 @@ def test_doctor_stops_at_a_missing_module(cli_token: Token, tmp_path: Path) -> N
     config = tmp_path / "nomodule.toml"
     config.write_text('[pkcs11]\nmodule = "/nonexistent/libnope.so"\n')
     code, checks = doctor(cli_token, config)
-    assert code == 1
+    assert code == ExitStatus.CONFIG  # a wrong [pkcs11] module path
     assert checks["module"]["status"] == "FAIL" and checks["module"]["hint"]
     assert checks["token"]["status"] == checks["pin"]["status"] == checks["keys"]["status"] == "skip"

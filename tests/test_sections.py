@@ -12,6 +12,7 @@ import pytest
 
 from agent import sections
 from agent.config import KeyPurpose
+from agent.errors import ExitStatus
 from agent.sections import ConfigProblems
 from tests.daemon.conftest import TPP_AGENT
 
@@ -112,7 +113,7 @@ def test_config_check_prints_every_problem_at_once_and_fails(tmp_path: Path) -> 
     path = write(tmp_path, "[bankz]\n" + BANK + "typo = 1\n[pkcs11]\nmax_sessions = 0\n[daemon]\nworkerz = 2\n")
     checked = subprocess.run([TPP_AGENT, "config", "check", "--config", str(path)], capture_output=True, text=True,
                              timeout=60, check=False)
-    assert checked.returncode == 1, checked.stderr
+    assert checked.returncode == ExitStatus.CONFIG, checked.stderr
     lines = checked.stdout.splitlines()
     assert f"{path}: unknown section [bankz] in {path}" in lines
     assert any("max_sessions" in line for line in lines) and any("workerz" in line for line in lines)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from agent import __version__, audit, hardening, log
-from agent.cli import banks, cert, config, csr, daemon, doctor, jose, keys, lifecycle, tokens
+from agent.cli import banks, cert, config, csr, daemon, doctor, jose, keys, lifecycle, options, tokens
 from agent.cli.context import CliContext
 from agent.errors import AgentError, ExitStatus, exit_status
 from pkcs11_backends.errors import Pkcs11Error
@@ -33,18 +33,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tpp-agent", description="HSM-backed keys, CSRs and mTLS for UAE Open Finance")
-    parser.add_argument("--config", help="TOML config file (default: $TPP_AGENT_CONFIG or /etc/tpp-agent/config.toml)")
-    parser.add_argument("--direct", action="store_true",
-                        help="use the token in this process even when an agent is running (needs the PIN)")
     parser.add_argument("--version", action="version", version=f"tpp-agent {__version__}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_const", dest="log_level", const="warning",
-                           help="log only warnings and errors on stderr")
-    verbosity.add_argument("-v", "--verbose", action="store_const", dest="log_level", const="debug",
-                           help="log debug lines too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in COMMAND_GROUPS:
         group.register(sub)
+    options.install(parser)  # --config, --direct, -q/-v, --json: before the command or after it
     return parser
 
 
@@ -76,6 +69,8 @@ def _run(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(argv)
     finally:
         sys.stdout.flush()  # --help and --version print and exit here: a closed pipe shows now, not at exit
+    if args.json and not args.prints_result:
+        parser.error(f"{args.command} prints no result: --json is for the commands that print one")
     # log lines (requests, interaction ids) on stderr; results on stdout
     log.configure("console", args.log_level or "info")
     context = CliContext(args.config, direct=args.direct)

@@ -16,11 +16,13 @@ from urllib.parse import urlencode
 
 from asn1crypto import pem
 
-from agent.client import AgentClient
+from agent.client import AgentClient, AgentRequestError
 from agent.daemon.http import new_interaction_id
 from agent.daemon.routes import BY_OPERATION
+from agent.errors import AgentError
 from agent.operations.core import Caller, Core, Operator, execute
 from agent.operations.registry import BY_NAME
+from pkcs11_backends.errors import Pkcs11Error
 
 
 class Backend(Protocol):
@@ -56,9 +58,19 @@ class Direct:
         return execute(self.core, BY_NAME[operation], caller, Operator(), body or {}, key=self._alias(key), bank=bank)
 
     def _alias(self, key: str | None) -> str | None:
-        """A key named by its configured URI is that alias (the operations name keys by alias)."""
-        configured = self.core.config.key_named(key) if key is not None else None
-        return configured.alias if configured is not None else key
+        """A key named by its configured URI, or by the label of the token key an alias names, is that alias
+        (the operations name keys by alias)."""
+        if key is None:
+            return None
+        configured = self.core.config.key_named(key)
+        if configured is not None:
+            return configured.alias
+        store = self.runtime.keys
+        try:
+            named = store.info(key).uri
+        except (AgentError, Pkcs11Error):
+            return key  # the operation says what is wrong with the name, as for any unknown alias
+        return next((alias for alias in self.core.config.keys if store.info(alias).uri == named), key)
 
     def list_keys(self) -> list[dict[str, Any]]:
         """The token's inventory (configured or not): provisioning needs to see new keys."""
@@ -80,6 +92,7 @@ class ThroughAgent:
     """Over the running agent's socket: no PIN here, the agent's policy decides, its audit trail records."""
 
     client: AgentClient
+    aliases: frozenset[str] = frozenset()  # the CLI's configured aliases (the agent's, or it warned: context.py)
 
     @property
     def via(self) -> str:
@@ -88,7 +101,7 @@ class ThroughAgent:
     def run(self, operation: str, body: Mapping[str, Any] | None = None, *, key: str | None = None,
             bank: str | None = None) -> Any:
         route = BY_OPERATION[operation]
-        target = route.target(key, bank)
+        target = route.target(self._alias(key) if key is not None else None, bank)
         if route.from_query:
             query = {name: str(value).lower() if isinstance(value, bool) else value
                      for name, value in (body or {}).items()}
@@ -98,6 +111,17 @@ class ThroughAgent:
         if payload.startswith(b"-----BEGIN "):
             return {"pem": payload.decode("ascii")}
         return json.loads(payload)
+
+    def _alias(self, key: str) -> str:
+        """The agent names keys by alias: a configured URI, a token URI or a label is the alias of that key."""
+        if key in self.aliases:
+            return key
+        try:
+            listed = self.run("keys")["keys"]
+        except AgentRequestError:  # a caller that may not list keys names them by alias
+            return key
+        found = [k["alias"] for k in listed if key in (k["uri"], k["token_uri"], k["label"])]
+        return found[0] if len(found) == 1 else key  # else the agent's answer says what is wrong with it
 
     def list_keys(self) -> list[dict[str, Any]]:
         # The agent lists the configured keys this user may see, in the token listing's shape and order.

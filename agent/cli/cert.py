@@ -64,6 +64,12 @@ def import_cert(args: argparse.Namespace, ctx: CliContext) -> int:
     if warning:
         print(warning, file=sys.stderr)
     cert = result.certificate
+    if args.json:
+        print(json.dumps({"key": args.key, "already_present": result.already_present,
+                          "certificate": {**cert.as_dict(), "days_left": round(days_left(cert), 1)},
+                          "chain_added": list(result.chain_added), "replaced": result.replaced,
+                          "kid_warning": warning or None}, indent=2))
+        return 0
     verb = "already on the token" if result.already_present else "imported"
     print(f"{verb}: {cert.subject} for key {cert.label!r}, valid until {cert.not_after:%Y-%m-%d %H:%M} UTC")
     print(f"sha256 {cert.sha256_fingerprint}")
@@ -75,6 +81,8 @@ def import_cert(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def show_cert(args: argparse.Namespace, ctx: CliContext) -> int:
+    if args.json and args.pem:
+        raise InputError("--json and --pem: give one (the JSON has each certificate's PEM)")
     found = key_certificates(ctx.runtime.keys, args.key)
     if args.json:
         print(json.dumps(_as_json(found), indent=2))

@@ -78,7 +78,7 @@ class CliContext:
         if agent is None:
             return Direct(self.core)
         get_logger("cli").info("through_agent", socket=agent.socket_path, hint="--direct uses the token instead")
-        return ThroughAgent(agent)
+        return ThroughAgent(agent, frozenset(self.config.keys))
 
     def _running_agent(self) -> AgentClient | None:
         path = self.sections.daemon.socket

@@ -7,6 +7,7 @@ subject in DER order, goes to stderr so that the operator sees the order the CA 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -55,10 +56,14 @@ def make_csr(args: argparse.Namespace, ctx: CliContext) -> int:
         _check_writable(args.out, args.force)
 
     signed = build_csr(ctx.core.signer, args.key, subject, algorithm)
+    if args.out is not None:
+        _write(args.out, signed.pem, args.force)
+    if args.json:
+        print(json.dumps({"key": args.key, "subject": rfc4514(subject), "alg": signed.scheme.jose_name,
+                          "out": str(args.out) if args.out else None, "pem": signed.pem}, indent=2))
+        return 0
     if args.out is None:
         sys.stdout.write(signed.pem)
-    else:
-        _write(args.out, signed.pem, args.force)
     where = f" to {args.out}" if args.out else ""
     print(f"CSR for {rfc4514(subject)} signed on the token with {signed.scheme.jose_name}{where}", file=sys.stderr)
     return 0

@@ -1,14 +1,20 @@
-"""``tpp-agent serve`` (the daemon) and ``tpp-agent audit verify`` (its audit trail)."""
+"""``tpp-agent serve`` (the daemon) and ``tpp-agent audit verify`` (its audit trail).
+
+``audit verify`` exits 0 when every trail is intact and anchored, 65 (EX_DATAERR) when a trail is damaged (each
+problem printed), 66 (EX_NOINPUT) when the checkpoint key is not on the token (intact, but not provably so).
+"""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from agent.cli.context import CliContext
+from agent.errors import ExitStatus
 
 
 def register(sub: Any) -> None:
@@ -45,14 +51,21 @@ def verify_command(args: argparse.Namespace, ctx: CliContext) -> int:
         reports = [audit.TrailReport(path, *audit.verify(path), []) for path in paths]
     else:
         reports = audit.verify_anchored(paths, spki)
-    damaged = 0
+    status = (ExitStatus.DATAERR if any(r.findings for r in reports)  # the trail is not what was written
+              else ExitStatus.NOINPUT if spki is None else ExitStatus.OK)  # the key it names is not on the token
+    if args.json:
+        print(json.dumps({"ok": status is ExitStatus.OK, "exit_status": status, "anchored": spki is not None,
+                          "checkpoint_key_sha256": hashlib.sha256(spki).hexdigest() if spki else None,
+                          "trails": [{"path": str(r.path), "records": r.records, "intact": not r.findings,
+                                      "findings": [{"line": f.line, "problem": f.problem} for f in r.findings],
+                                      "notes": r.notes} for r in reports]}, indent=2))
+        return status
     for report in reports:
         for finding in report.findings:
             print(f"{report.path}:{finding}")
         for note in report.notes:
             print(f"{report.path}: note: {note}")
         if report.findings:
-            damaged += 1
             print(f"audit trail {report.path}: {len(report.findings)} problem(s) in {report.records} line(s)",
                   file=sys.stderr)
         elif spki is None:
@@ -65,10 +78,10 @@ def verify_command(args: argparse.Namespace, ctx: CliContext) -> int:
               "rewritten trail would not show", file=sys.stderr)
         print(f"hint: create it (tpp-agent keys generate --label {settings.audit_checkpoint_key} --type ec:p256) "
               "and restart the agent, or pass --public-key PEM", file=sys.stderr)
-        return 1
+        return status
     if not args.public_key:
         print(f"checkpoint key SHA-256 {hashlib.sha256(spki).hexdigest()} (read from the token)")
-    return 1 if damaged else 0
+    return status
 
 
 def _checkpoint_key(pem_file: str | None, ctx: CliContext, name: str) -> bytes | None:

@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
 
 
 def jwks(args: argparse.Namespace, ctx: CliContext) -> int:
-    """Every jws key's JWK (never a transport key's), or those of the keys named."""
+    """Every jws key's JWK (never a transport key's), or those of the keys named: JSON with or without --json."""
     if args.key:
         keyset = {"keys": [ctx.backend.run("public", {"format": "jwk"}, key=key) for key in args.key]}
     else:
@@ -42,7 +42,8 @@ def sign_jws(args: argparse.Namespace, ctx: CliContext) -> int:
         body["header"] = parse_json_object(args.header, "--header")
     if args.alg:
         body["alg"] = args.alg
-    print(ctx.backend.run("jws", body, key=args.key)["jws"])
+    answer = ctx.backend.run("jws", body, key=args.key)
+    print(json.dumps(answer, indent=2) if args.json else answer["jws"])
     return 0
 
 

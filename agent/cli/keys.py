@@ -81,7 +81,11 @@ def _cert_column(key: dict[str, Any]) -> str:
 
 
 def public(args: argparse.Namespace, ctx: CliContext) -> int:
-    sys.stdout.write(ctx.backend.public_pem(args.key))
+    armored = ctx.backend.public_pem(args.key)
+    if args.json:
+        print(json.dumps({"key": args.key, "pem": armored}, indent=2))
+    else:
+        sys.stdout.write(armored)
     return 0
 
 

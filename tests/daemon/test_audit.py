@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.audit import AuditTrail, KeyUse, TrailBusyError, own_trail, record_hash, trail_files, verify
+from agent.errors import ExitStatus
 from tests.daemon.conftest import TPP_AGENT, Daemon
 
 
@@ -95,7 +96,7 @@ def test_thousand_signatures_then_delete_one_line_and_edit_another(daemon: Daemo
     daemon.audit_file.write_text("\n".join(lines) + "\n")
     bad = subprocess.run([TPP_AGENT, "--config", str(daemon.config_path), "audit", "verify", "--file",
                           str(daemon.audit_file)], capture_output=True, text=True, timeout=60, check=False)
-    assert bad.returncode == 1
+    assert bad.returncode == ExitStatus.DATAERR
     assert f"{daemon.audit_file}:500: removed: record 500 missing" in bad.stdout
     assert f"{daemon.audit_file}:699: edited: record 700 does not match its hash" in bad.stdout
     assert len([line for line in bad.stdout.splitlines() if ": note: " not in line and "key SHA-256" not in line]) == 2

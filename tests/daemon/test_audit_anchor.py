@@ -18,6 +18,7 @@ import pytest
 
 from agent.audit import record_hash
 from agent.client import AgentRequestError as ClientError
+from agent.errors import ExitStatus
 from tests.conftest import Token
 from tests.daemon.conftest import TPP_AGENT, Daemon, daemon_config, launch, start_daemon
 
@@ -72,7 +73,7 @@ def test_an_emptied_trail_is_not_intact(keyed_token: Token, public_dir: Path) ->
     daemon = _signed_and_stopped(keyed_token, public_dir)
     daemon.audit_file.write_bytes(b"")
     refused = _verify(keyed_token)
-    assert refused.returncode == 1
+    assert refused.returncode == ExitStatus.DATAERR
     assert f"{daemon.audit_file}:0: no signed checkpoint: nothing anchors this trail" in refused.stdout
 
 
@@ -81,7 +82,7 @@ def test_removing_the_last_records_of_a_stopped_agents_trail_shows(keyed_token: 
     lines = daemon.audit_file.read_text().splitlines()
     daemon.audit_file.write_text("\n".join(lines[:-3]) + "\n")  # the closing checkpoint and two signatures
     refused = _verify(keyed_token)
-    assert refused.returncode == 1
+    assert refused.returncode == ExitStatus.DATAERR
     assert "without a closing checkpoint, and no agent writing it runs: records after it may have been removed" \
         in refused.stdout
 
@@ -97,7 +98,7 @@ def test_a_chain_rewritten_consistently_to_another_uid_fails_the_checkpoint_sign
         record["hash"] = prev = record_hash(record)
     _write(daemon.audit_file, records)
     refused = _verify(keyed_token)
-    assert refused.returncode == 1
+    assert refused.returncode == ExitStatus.DATAERR
     stop = len(records)
     assert f"{daemon.audit_file}:{stop}: checkpoint {stop}: its signature does not verify" in refused.stdout
     assert "removed" not in refused.stdout and "edited" not in refused.stdout  # the chain itself is consistent
@@ -120,7 +121,7 @@ def test_verify_offline_with_the_saved_public_key_and_refuse_another_key(keyed_t
     refused = subprocess.run([TPP_AGENT, "audit", "verify", "--file", str(daemon.audit_file), "--public-key",
                               str(other)], capture_output=True, text=True, timeout=60, check=False,
                              env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
-    assert refused.returncode == 1 and "was signed by another key" in refused.stdout
+    assert refused.returncode == ExitStatus.DATAERR and "was signed by another key" in refused.stdout
 
 
 def test_deleting_a_serving_process_trail_shows_in_the_others_checkpoints(keyed_token: Token,
@@ -130,7 +131,7 @@ def test_deleting_a_serving_process_trail_shows_in_the_others_checkpoints(keyed_
     assert _verify(keyed_token).returncode == 0
     own[1].unlink()
     refused = _verify(keyed_token)
-    assert refused.returncode == 1
+    assert refused.returncode == ExitStatus.DATAERR
     assert f"{own[1]} is gone: checkpoint" in refused.stdout
 
 
@@ -221,6 +222,6 @@ def test_a_trail_without_checkpoint_key_is_reported_not_anchored(token: Token, t
     token.write_config(f'[daemon]\naudit_file = "{tmp_path / "audit.jsonl"}"\n')
     (tmp_path / "audit.jsonl").write_bytes(b"")
     refused = _verify(token)
-    assert refused.returncode == 1
+    assert refused.returncode == ExitStatus.NOINPUT
     assert "NOT anchored" in refused.stderr and "no checkpoint key 'audit' on the token" in refused.stderr
     assert hashlib.sha256(b"").hexdigest() not in refused.stdout

@@ -52,7 +52,7 @@ def test_without_key_every_certified_key_counts(token: Token, runtime: Runtime, 
 def test_errors_exit_2_never_1(token: Token, runtime: Runtime) -> None:
     bare = str(runtime.keys.generate("bare", KeySpec.parse("ec:p256")).uri)
     for args, message in ((["--key", bare], "error: key 'bare' has no certificate: nothing to renew"),
-                          (["--key", "nosuchalias"], "error: 'nosuchalias' is neither a pkcs11: URI nor a key alias"),
+                          (["--key", "nosuchalias"], "error: 'nosuchalias' is not a pkcs11: URI, a key alias"),
                           (["--days", "-1"], "error: --days must be from 0 to 3650, got -1")):
         result = token.cli("certs", "needs-renewal", *args)
         assert result.returncode == 2 and result.stderr.startswith(message), (args, result.stderr)
