@@ -26,6 +26,7 @@ import dataclasses
 import errno
 import functools
 import grp
+import json
 import pwd
 import socket
 import struct
@@ -68,6 +69,14 @@ class Peer:
     def user(self) -> str:
         try:
             return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return str(self.uid)
+
+    @property
+    def toml_user(self) -> str:
+        """The peer as a ``users`` entry that names it: its name, or its bare uid if it has no passwd entry."""
+        try:
+            return json.dumps(pwd.getpwuid(self.uid).pw_name)
         except KeyError:
             return str(self.uid)
 
@@ -186,10 +195,10 @@ class Policy:
         if operation in _operations(Access.ADMIN):
             raise PolicyDenied(f"{peer.describe()} may not {operation}: it is an admin operation and no "
                                "[policy] admin_users/admin_groups entry names this user or its groups",
-                               hint=f'add "{peer.user}" to [policy] admin_users')
+                               hint=f"add {peer.toml_user} to [policy] admin_users")
         mine = [rule.name for rule in self.rules if rule.matches(peer)]
         near = f" (rules for this user: {', '.join(mine)})" if mine else " (no rule names this user or its groups)"
-        snippet = f'users = ["{peer.user}"], operations = ["{operation}"]'
+        snippet = f'users = [{peer.toml_user}], operations = ["{operation}"]'
         snippet += f', keys = ["{key}"]' if key else ""
         snippet += f', banks = ["{bank}"]' if bank else ""
         raise PolicyDenied(f"{peer.describe()} may not {operation}{target}: missing rule "
@@ -256,12 +265,18 @@ def _gids(value: object, where: str) -> frozenset[int]:
 
 
 def _numeric(value: object, where: str, kind: str, id_name: str, lookup: Callable[[str], int]) -> frozenset[int]:
-    """Names or numeric ids → ids; a name unknown on this host is a config error, not a silent gap."""
+    """Names or numeric ids → ids; a name unknown on this host is a config error, not a silent gap.
+
+    A quoted number that names no one (``"4242"``) is that id, as chown(1) reads it: a uid without a passwd
+    entry (a container's, a DynamicUser's) has no name to write."""
     result = set()
     for item in _ids(value, where):
         try:
             result.add(item if isinstance(item, int) else lookup(item))
         except KeyError:
+            if isinstance(item, str) and item.isascii() and item.isdigit():
+                result.add(int(item))
+                continue
             raise ConfigError(f"{where}: no {kind} {item!r} on this host",
                               hint=f"create it or use a numeric {id_name}") from None
     return frozenset(result)

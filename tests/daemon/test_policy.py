@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,27 @@ def test_refuses_a_socket_directory_owned_by_someone_else(keyed_token: Token, pu
     daemon = start_daemon(keyed_token, public_dir, wait_ready=False)
     assert daemon.proc.wait(60) == ExitStatus.CONFIG  # a socket path to fix: systemd does not restart on it
     assert "owned by uid 65534" in daemon.stderr()
+
+
+def test_the_hint_for_a_uid_without_a_passwd_entry_is_a_rule_the_loader_takes() -> None:
+    """A container's or DynamicUser's uid has no name: the 403 hint names it as a bare uid, and that loads."""
+    with pytest.raises(KeyError):
+        pwd.getpwuid(4242)
+    peer = Peer(uid=4242, gid=4242, pid=1, groups=frozenset({4242}))
+    rules = {"other": {"users": ["nobody"], "operations": ["sign"], "keys": ["*"]}}
+    with pytest.raises(PolicyDenied) as denied:
+        Policy.parse({"rules": rules}).check(peer, "sign", key="signing")
+    hint = str(denied.value.hint)
+    assert "users = [4242]" in hint, hint
+    snippet = hint.split("[policy.rules.NAME] ", 1)[1]
+    rule = tomllib.loads("[policy.rules.fixed]\n" + snippet.replace("], ", "]\n"))["policy"]["rules"]["fixed"]
+    Policy.parse({"rules": {**rules, "fixed": rule}}).check(peer, "sign", key="signing")
+
+    with pytest.raises(PolicyDenied) as admin_only:
+        Policy.parse({}).check(peer, "csr")
+    assert admin_only.value.hint == "add 4242 to [policy] admin_users"
+    Policy.parse({"admin_users": [4242]}).check(peer, "csr")
+    # Written as a string (as the hint once said), a number that names no user is that uid too.
+    Policy.parse({"admin_users": ["4242"]}).check(peer, "csr")
+    with pytest.raises(ConfigError, match="no user 'no-such-user'"):
+        Policy.parse({"admin_users": ["no-such-user"]})
