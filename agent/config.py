@@ -11,6 +11,8 @@ import dataclasses
 import enum
 import getpass
 import glob
+import hashlib
+import json
 import math
 import os
 import stat
@@ -100,6 +102,13 @@ class Config:
         if not isinstance(value, Mapping):
             raise ConfigError(f"[{name}] must be a table in {self.where}")
         return value
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the settings as read (included banks files merged): equal in two processes that run one
+        configuration, whatever file names they were given; the CLI compares its own with a running agent's."""
+        text = json.dumps(self.raw, sort_keys=True, default=str, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def key_named(self, name: str) -> KeyConfig | None:
         """The ``[keys.ALIAS]`` entry for an alias, or for a URI written exactly as a configured one."""

@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from agent import __version__, audit, hardening, log
-from agent.cli import banks, cert, config, csr, daemon, doctor, jose, keys, lifecycle, options, tokens
+from agent import config as config_module
+from agent.cli import banks, cert, config, csr, daemon, doctor, jose, keys, lifecycle, options, status, tokens
 from agent.cli.context import CliContext
-from agent.errors import AgentError, ExitStatus, exit_status
+from agent.errors import AgentError, ConfigError, ExitStatus, exit_status
 from pkcs11_backends.errors import Pkcs11Error
 
-COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, daemon, lifecycle)
+COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, daemon, lifecycle, status)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,8 +86,15 @@ def _run(argv: Sequence[str] | None) -> int:
         return code
     except (AgentError, Pkcs11Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        hint = exc.hint
+        if config_module.locate(args.config) is None and isinstance(exc, Pkcs11Error | ConfigError):
+            # The built-in defaults name a system token and state dir a new user does not have yet: the
+            # module's own complaint (CKR_GENERAL_ERROR...) would send them looking in the wrong place.
+            hint = (f"no configuration file was found (--config, $TPP_AGENT_CONFIG, {config_module.SYSTEM_CONFIG}), "
+                    "so the built-in defaults were used: write one (see config.example.toml, or `make demo` makes "
+                    "one) and pass --config FILE or set TPP_AGENT_CONFIG")
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
         # The daemon's unit does not restart on 78: a bad configuration stays bad until someone edits it.
         return exit_status(exc)
     except KeyboardInterrupt:

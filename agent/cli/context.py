@@ -5,6 +5,11 @@ serves go through it (no PIN here; its policy and audit trail apply); else, or w
 this process on the token. Provisioning (keys generate, csr, cert import) always uses the token directly: it is
 an operator's job, done before the agent serves, and ``cert import``/``generate`` change what the agent checked.
 
+A running agent serves the configuration it loaded, not the CLI's: when the two differ (the agent reports its
+configuration's digest to callers a rule names, in ``GET /v1/ready``), a ``--config`` given on the command line
+is refused (exit 78: that file is not what would be used), and the default file, edited since the agent loaded
+it, gets a warning (reload the agent).
+
 Every key use in this process (a signature, a request sent to a bank with the transport key) goes into the
 agent's audit trail (``[daemon] audit_file``), attributed to the operator running the command: a direct path
 that cannot write it refuses to sign rather than sign unaudited.
@@ -17,14 +22,21 @@ import functools
 from agent import sections as sections_module
 from agent.audit import AuditError, AuditTrail, find_anchor
 from agent.cli.backend import Backend, Direct, ThroughAgent
-from agent.client import AgentClient, AgentUnavailableError, UntrustedAgentError
+from agent.client import AgentClient, AgentRequestError, AgentUnavailableError, UntrustedAgentError
 from agent.config import Config
+from agent.errors import ConfigError
 from agent.log import get_logger
 from agent.operations.core import Core
 from agent.runtime import Runtime
 from agent.sections import Sections
 
 _HEALTH_TIMEOUT = 2.0
+
+
+class ConfigMismatchError(ConfigError):
+    """The --config given is not the configuration the running agent serves."""
+
+
 _CALL_TIMEOUT = 60.0  # calls may wait for a bank (the agent's own read_timeout bounds that)
 
 
@@ -78,7 +90,40 @@ class CliContext:
         if agent is None:
             return Direct(self.core)
         get_logger("cli").info("through_agent", socket=agent.socket_path, hint="--direct uses the token instead")
+        try:
+            self._same_configuration(agent)
+        except BaseException:
+            agent.close()
+            raise
         return ThroughAgent(agent, frozenset(self.config.keys))
+
+    def _same_configuration(self, agent: AgentClient) -> None:
+        """Refuse (an explicit --config) or warn (the default file) when the agent serves another configuration."""
+        try:
+            served = agent.ready()
+        except (AgentRequestError, AgentUnavailableError):
+            return  # not ready, or the caller may not learn more: the command's own answer says what is wrong
+        digest = served.get("config_digest")
+        if not isinstance(digest, str) or digest == self.config.digest:
+            return
+        mine = self.config.where
+        theirs = served.get("config_file") or "its built-in defaults"
+        differences = [
+            f"{kind} only in {where}: {', '.join(sorted(names))}"
+            for kind, mine_names, theirs_names in (("banks", set(self.sections.banks), set(served.get("banks", []))),
+                                                   ("keys", set(self.config.keys), set(served.get("keys", []))))
+            for where, names in ((mine, mine_names - theirs_names), ("the agent's", theirs_names - mine_names))
+            if names]
+        what = f" ({'; '.join(differences)})" if differences else " (settings differ)"
+        served_as = (f"{mine} as it was when it loaded it: the file has changed since{what}" if theirs == mine
+                     else f"{theirs}, which differs from {mine}{what}")
+        message = (f"the agent running at {agent.socket_path} serves {served_as}; "
+                   "what it serves would be used, not this file")
+        hint = (f"to use {mine}: reload the agent with it (systemctl reload tpp-agent), or pass --direct to run "
+                "this command on the token in this process")
+        if self.config_path is not None:
+            raise ConfigMismatchError(message, hint=hint)
+        get_logger("cli").warning("agent_config_differs", detail=message, hint=hint)
 
     def _running_agent(self) -> AgentClient | None:
         path = self.sections.daemon.socket

@@ -27,14 +27,22 @@ def health(context: Context, _: Nothing) -> dict[str, Any]:
 
 
 def ready(context: Context, _: Nothing) -> dict[str, Any]:
-    """Ready or not; a caller that no rule names learns nothing more (no key aliases, no token label)."""
+    """Ready or not; a caller that no rule names learns nothing more (no key aliases, no token label).
+
+    A named caller also learns what the agent serves: the CLI compares ``config_digest`` with its own
+    configuration's (agent/cli/context.py), and ``tpp-agent status`` shows the session pool's health."""
     state = context.core.readiness()
     told = context.grants.named()
     if not state.ready:
         raise NotReadyError(f"not ready: {state.detail}" if told else "not ready")
     if not told:
         return {"ready": True}
-    return {"ready": True, "detail": state.detail, "keys": sorted(context.core.config.keys)}
+    core = context.core
+    pool = core.runtime.pool.health
+    return {"ready": True, "detail": state.detail, "keys": sorted(core.config.keys),
+            "banks": sorted(core.sections.banks),
+            "config_file": str(core.config.path) if core.config.path else None, "config_digest": core.config.digest,
+            "pool": {"state": pool.state.value, "detail": pool.detail, "recoveries": pool.recoveries}}
 
 
 def list_keys(context: Context, _: Nothing) -> dict[str, Any]:
