@@ -3,6 +3,7 @@ and log lines carry their syslog priority when stderr is the journal's stream.""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -85,3 +86,29 @@ def test_quiet_and_verbose_set_what_stderr_gets(token: Token, tmp_path: Path) ->
     assert result.returncode == 0 and result.stderr == "", result.stderr
     both = token.cli("-q", "-v", "keys", "list")
     assert both.returncode == ExitStatus.USAGE and "not allowed with argument" in both.stderr
+
+
+def test_with_no_configuration_file_the_cli_says_so_and_what_to_do(tmp_path: Path) -> None:
+    if Path("/etc/tpp-agent/config.toml").exists():
+        pytest.skip("this host has a system configuration")
+    env = {name: value for name, value in os.environ.items() if name not in ("TPP_AGENT_CONFIG", "SOFTHSM2_CONF")}
+    result = subprocess.run([TPP_AGENT, "keys", "list"], capture_output=True, text=True, timeout=120, env=env,
+                            cwd=tmp_path, check=False)
+    assert result.returncode == ExitStatus.CONFIG, result.stderr
+    [hint] = [line for line in result.stderr.splitlines() if line.startswith("hint: ")]
+    assert "no configuration file was found (--config, $TPP_AGENT_CONFIG, /etc/tpp-agent/config.toml)" in hint
+    assert "config.example.toml" in hint and "init_args" not in hint  # not the module's own guess
+
+
+def test_doctor_exits_with_the_kind_of_its_first_failure(token: Token) -> None:
+    config = token.config_path.read_text()
+    token.config_path.write_text(config.replace(f'token = "{token.label}"', 'token = "no-such-token"'))
+    away = token.cli("doctor", "--json")
+    assert away.returncode == ExitStatus.UNAVAILABLE, away.stdout  # the HSM's token is not there: 69
+    report = json.loads(away.stdout)
+    assert report["exit_status"] == ExitStatus.UNAVAILABLE and not report["ok"]
+    assert [c["check"] for c in report["checks"] if c["status"] == "FAIL"] == ["token"]
+    token.config_path.write_text(config.replace("[pkcs11]\n", "[pkcs11]\nmax_sessions = 0\n"))
+    assert token.cli("doctor").returncode == ExitStatus.CONFIG
+    token.config_path.write_text(config)
+    assert token.cli("doctor").returncode == ExitStatus.OK
