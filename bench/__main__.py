@@ -3,7 +3,8 @@
     make bench                                  # = python -m bench
     python -m bench --seconds 2 --only signing  # one benchmark, shorter windows
     python -m bench --repeat 1                  # one run per cell instead of 3
-    python -m bench --docs                      # also put the tables into docs/performance.md
+    python -m bench --docs                      # also put the tables and figures into docs/performance.md
+    python -m bench --figures-only              # redraw the figures from docs/performance.json, run nothing
 
 Benchmarks: ``signing`` (targets 1 and 4 of issue 7, p11-kit remoting next to it), ``network-hsm`` (issue 22:
 a module whose signatures take milliseconds), ``forward`` (target 2), ``handshakes`` (target 3). Each creates its
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from bench import forward, handshakes, network_hsm, signing
 from bench.common import REPO, Check, Outcome, Table, machine
-from bench.report import render, update_docs
+from bench.report import render, update_docs, update_figures
 
 BENCHMARKS = ("signing", "network-hsm", "forward", "handshakes")
 
@@ -42,10 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
     parser.add_argument("--profile", action="store_true", help="profile fresh handshakes with py-spy (on PATH)")
     parser.add_argument("--out", type=Path, default=REPO / ".bench", help="where results.md/json go")
-    parser.add_argument("--docs", action="store_true", help="also write the tables into docs/performance.md")
+    parser.add_argument("--docs", action="store_true",
+                        help="also write the tables and the figures (docs/figures/*.png) into docs/performance.md")
+    parser.add_argument("--figures-only", action="store_true",
+                        help="only redraw the figures of docs/performance.md from docs/performance.json")
     parser.add_argument("--child", choices=BENCHMARKS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.figures_only:
+        for drawn in update_figures():
+            print(f"drew docs/figures/{drawn.file}: {drawn.caption}")
+        return 0
     _check(parser, args)
     if args.child:
         outcome = _run(args.child, args, args.out)
