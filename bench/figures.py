@@ -52,101 +52,102 @@ def _clients_axis(axes: Axes, clients: Sequence[int]) -> None:
     axes.grid(True, which="major", alpha=0.3)
 
 
-def signing_rate(results: Mapping[str, Any]) -> Figure | None:
+Panel = Callable[[Axes, str, list[dict[str, Any]], list[int]], None]  # axes, alg, rows, clients
+
+
+def _per_alg(results: Mapping[str, Any], panel: Panel) -> Figure | None:
+    """One panel per signature algorithm of the signing benchmark, its x axis the concurrent clients."""
     groups = _by_alg(_data(results, "signing", "signing"))
     if not groups:
         return None
     figure, panels = _figure(len(groups))
     for axes, (alg, rows) in zip(panels, groups.items(), strict=True):
         clients = [int(r["clients"]) for r in rows]
-        axes.plot(clients, [r["raw_rate"] for r in rows], "o--", color=_BASELINE, label="python-pkcs11 in-process")
-        for profile, label, color in _PROFILES:
-            axes.plot(clients, [r[profile]["rate"] for r in rows], "o-", color=color, label=label)
+        panel(axes, alg, rows, clients)
         _clients_axis(axes, clients)
-        axes.set_ylim(bottom=0)
-        axes.set_title(f"{alg}: signatures per second")
-        axes.set_ylabel("signatures/s")
     panels[0].legend(loc="best", fontsize="small")
     return figure
+
+
+def _rate_panel(axes: Axes, alg: str, rows: list[dict[str, Any]], clients: list[int]) -> None:
+    axes.plot(clients, [r["raw_rate"] for r in rows], "o--", color=_BASELINE, label="python-pkcs11 in-process")
+    for profile, label, color in _PROFILES:
+        axes.plot(clients, [r[profile]["rate"] for r in rows], "o-", color=color, label=label)
+    axes.set_ylim(bottom=0)
+    axes.set_title(f"{alg}: signatures per second")
+    axes.set_ylabel("signatures/s")
+
+
+def _latency_panel(axes: Axes, alg: str, rows: list[dict[str, Any]], clients: list[int]) -> None:
+    for profile, label, color in _PROFILES:
+        if all("p50_ms" in r[profile] for r in rows):
+            axes.plot(clients, [r[profile]["p50_ms"] for r in rows], "o:", color=color, label=f"{label}, p50")
+        axes.plot(clients, [r[profile]["p99_ms"] for r in rows], "o-", color=color, label=f"{label}, p99")
+    axes.set_yscale("log")
+    axes.set_title(f"{alg}: latency over the socket")
+    axes.set_ylabel("ms (log scale)")
+
+
+def signing_rate(results: Mapping[str, Any]) -> Figure | None:
+    return _per_alg(results, _rate_panel)
 
 
 def signing_latency(results: Mapping[str, Any]) -> Figure | None:
-    groups = _by_alg(_data(results, "signing", "signing"))
-    if not groups:
-        return None
-    figure, panels = _figure(len(groups))
-    for axes, (alg, rows) in zip(panels, groups.items(), strict=True):
-        clients = [int(r["clients"]) for r in rows]
-        for profile, label, color in _PROFILES:
-            if all("p50_ms" in r[profile] for r in rows):
-                axes.plot(clients, [r[profile]["p50_ms"] for r in rows], "o:", color=color, label=f"{label}, p50")
-            axes.plot(clients, [r[profile]["p99_ms"] for r in rows], "o-", color=color, label=f"{label}, p99")
-        _clients_axis(axes, clients)
-        axes.set_yscale("log")
-        axes.set_title(f"{alg}: latency over the socket")
-        axes.set_ylabel("ms (log scale)")
-    panels[0].legend(loc="best", fontsize="small")
+    return _per_alg(results, _latency_panel)
+
+
+Series = tuple[str, str, Sequence[float]]  # label, colour, one value per group
+
+
+def _bar_figure(width: float, groups: Sequence[str], series: Sequence[Series], title: str, unit: str) -> Figure:
+    """Grouped bars: one group per label in ``groups``, one bar per series; the legend right of the bars (inside,
+    it would hide the tallest)."""
+    figure, [axes] = _figure(1, width)
+    bar = 0.8 / len(series)
+    for number, (label, color, values) in enumerate(series):
+        offset = (number - (len(series) - 1) / 2) * bar
+        axes.bar([g + offset for g in range(len(groups))], values, bar, label=label, color=color)
+    axes.set_xticks(range(len(groups)), list(groups))
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.set_title(title)
+    axes.set_ylabel(unit)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     return figure
 
 
-def _bars(axes: Axes, groups: Sequence[str], series: Sequence[tuple[str, str, Sequence[float]]]) -> None:
-    """Grouped bars: one group per label in ``groups``, one bar per (label, colour, values) of ``series``."""
-    width = 0.8 / len(series)
-    for number, (label, color, values) in enumerate(series):
-        offset = (number - (len(series) - 1) / 2) * width
-        axes.bar([g + offset for g in range(len(groups))], values, width, label=label, color=color)
-    axes.set_xticks(range(len(groups)), list(groups))
-    axes.grid(True, axis="y", alpha=0.3)
-
-
-def _legend_outside(axes: Axes) -> None:
-    """Right of the bars: inside, it would hide the tallest."""
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+def _agents(rows: Sequence[dict[str, Any]]) -> list[Series]:
+    return [(label, color, [r[profile]["rate"] for r in rows]) for profile, label, color in _PROFILES]
 
 
 def network_hsm(results: Mapping[str, Any]) -> Figure | None:
     rows = _data(results, "network-hsm", "network_hsm")
     if not rows:
         return None
-    figure, [axes] = _figure(1, 9.0)
-    groups = [f"{r['alg']}\n{r['clients']} clients" for r in rows]
-    _bars(axes, groups, [("sessions ÷ latency (the HSM's limit)", "lightgray", [r["ideal"] for r in rows]),
-                         ("python-pkcs11 in-process", _BASELINE, [r["raw_rate"] for r in rows]),
-                         *[(label, color, [r[profile]["rate"] for r in rows]) for profile, label, color in _PROFILES]])
     latency = rows[0].get("latency_ms")
-    axes.set_title("A network HSM" + (f" ({latency:.1f} ms per signature)" if latency else "")
-                   + ": signatures per second")
-    axes.set_ylabel("signatures/s")
-    _legend_outside(axes)
-    return figure
+    return _bar_figure(9.0, [f"{r['alg']}\n{r['clients']} clients" for r in rows],
+                       [("sessions ÷ latency (the HSM's limit)", "lightgray", [r["ideal"] for r in rows]),
+                        ("python-pkcs11 in-process", _BASELINE, [r["raw_rate"] for r in rows]), *_agents(rows)],
+                       "A network HSM" + (f" ({latency:.1f} ms per signature)" if latency else "")
+                       + ": signatures per second", "signatures/s")
 
 
 def forward(results: Mapping[str, Any]) -> Figure | None:
     rows = _data(results, "forward", "forward")
     if not rows:
         return None
-    figure, [axes] = _figure(1, 7.5)
-    groups = [f"{r['clients']} client{'s' if int(r['clients']) != 1 else ''}" for r in rows]
-    _bars(axes, groups, [("urllib3, key in memory", _BASELINE, [r["urllib3_rate"] for r in rows]),
-                         *[(label, color, [r[profile]["rate"] for r in rows]) for profile, label, color in _PROFILES]])
-    axes.set_title("mTLS calls to the model bank per second")
-    axes.set_ylabel("calls/s")
-    _legend_outside(axes)
-    return figure
+    return _bar_figure(7.5, [f"{r['clients']} client{'s' if int(r['clients']) != 1 else ''}" for r in rows],
+                       [("urllib3, key in memory", _BASELINE, [r["urllib3_rate"] for r in rows]), *_agents(rows)],
+                       "mTLS calls to the model bank per second", "calls/s")
 
 
 def handshakes(results: Mapping[str, Any]) -> Figure | None:
     rows = _data(results, "handshakes", "handshakes")
     if not rows:
         return None
-    figure, [axes] = _figure(1, 7.5)
-    _bars(axes, [f"OpenSSL {r['backend']}" for r in rows],
-          [("client key in memory", _BASELINE, [r["memory"] for r in rows]),
-           ("client key on the token", "tab:green", [r["token"] for r in rows])])
-    axes.set_title("Full mTLS handshakes per second (TLS 1.3, RSA-2048)")
-    axes.set_ylabel("handshakes/s")
-    _legend_outside(axes)
-    return figure
+    return _bar_figure(7.5, [f"OpenSSL {r['backend']}" for r in rows],
+                       [("client key in memory", _BASELINE, [r["memory"] for r in rows]),
+                        ("client key on the token", "tab:green", [r["token"] for r in rows])],
+                       "Full mTLS handshakes per second (TLS 1.3, RSA-2048)", "handshakes/s")
 
 
 FIGURES: tuple[tuple[str, str, Callable[[Mapping[str, Any]], Figure | None]], ...] = (

@@ -9,28 +9,20 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import textwrap
 import urllib.parse
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
 import pytest
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from agent import jose
 from agent.client import AgentClient, AgentRequestError
-from agent.x509.certificates import import_certificate
-from agent.x509.csr import build_csr
-from agent.x509.subject import directory_subject
 from modelbank import ModelBank
-from pkcs11_backends.keys import KeySpec
 from tests.daemon.conftest import NOBODY, Daemon, launch, nobody_rule
 from tests.daemon.test_policy import as_user
-from tests.openfinance.conftest import Tpp, bank, tpp  # noqa: F401 -- fixtures
+from tests.openfinance.conftest import Tpp, bank, signing_identity, tpp  # noqa: F401 -- fixtures
 from tests.openfinance.test_cli_and_demo import cli
 
 MB = "mb"
@@ -51,30 +43,16 @@ class Setup:
 
 @pytest.fixture
 def setup(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[Setup]:  # noqa: F811
-    store = tpp.runtime.keys
-    transport = store.info(tpp.key_uri).certificate
+    transport = tpp.runtime.keys.info(tpp.key_uri).certificate
     assert transport is not None
-    client_id = str(x509.load_der_x509_certificate(transport.der).subject
-                    .get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
-    signing = store.generate(f"signing-{uuid.uuid4().hex[:10]}", KeySpec.parse("rsa:2048"))
-    subject = directory_subject("Test TPP L.L.C.", "org-0001", client_id)
-    pem = bank.ca.issue_from_csr(build_csr(store, str(signing.uri), subject).pem.encode())
-    import_certificate(store, str(signing.uri), pem, "signing.pem")
-
+    identity = signing_identity(tpp, bank)
     config = tpp.write_config(bank)
-    config.write_text(config.read_text() + textwrap.dedent(f"""
-        [keys.transport]
-        uri = "{tpp.key_uri}"
-        [keys.signing]
-        uri = "{signing.uri}"
-        algorithms = ["PS256"]
-
-        """) + nobody_rule(public_dir, tpp.state_dir / "audit.jsonl", "nobody-signs", ["jws", "public", "forward"],
-                           keys=["signing"], banks=[MB]))
-    bank.tokens.register_client(client_id, jose.jwks(store, tpp.config(bank), [str(signing.uri)]))
+    config.write_text(config.read_text() + identity.keys_toml(tpp) + nobody_rule(
+        public_dir, tpp.state_dir / "audit.jsonl", "nobody-signs", ["jws", "public", "forward"],
+        keys=["signing"], banks=[MB]))
     daemon = launch(config, public_dir)
     daemon.client().register(MB)  # the bank gives tokens to registered certificates only
-    yield Setup(daemon, bank, config, client_id, transport.der)
+    yield Setup(daemon, bank, config, identity.client_id, transport.der)
     daemon.stop()
     daemon.notify.close()
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
-from agent import audit, sections
+from agent import audit, jose, sections
 from agent import config as config_module
 from agent.audit import AuditTrail
 from agent.config import Config
@@ -28,7 +29,7 @@ from agent.x509.certificates import import_certificate
 from agent.x509.csr import build_csr
 from agent.x509.subject import directory_subject
 from modelbank import ModelBank
-from pkcs11_backends.keys import KeySpec
+from pkcs11_backends.keys import KeyInfo, KeySpec
 
 BANK = "mb"
 
@@ -95,6 +96,33 @@ def issue_identity(runtime: Runtime, bank: ModelBank, *, expired: bool = False) 
         pem = bank.ca.issue_from_csr(csr.pem.encode())
         import_certificate(runtime.keys, str(info.uri), pem, "test")
     return str(info.uri), x509.load_pem_x509_certificate(pem).subject.rfc4514_string(), pem
+
+
+@dataclasses.dataclass(frozen=True)
+class SigningIdentity:
+    client_id: str  # the transport certificate's CN
+    key: KeyInfo
+
+    def keys_toml(self, tpp: Tpp) -> str:
+        """``[keys.transport]`` and ``[keys.signing]`` for a configuration."""
+        return (f'[keys.transport]\nuri = "{tpp.key_uri}"\n'
+                f'[keys.signing]\nuri = "{self.key.uri}"\nalgorithms = ["PS256"]\n\n')
+
+
+def signing_identity(tpp: Tpp, bank: ModelBank) -> SigningIdentity:
+    """A signing key for ``tpp``'s client assertions, its certificate in the directory's profile for the client id
+    of the transport certificate, and the bank told its JWKS."""
+    store = tpp.runtime.keys
+    transport = store.info(tpp.key_uri).certificate
+    assert transport is not None
+    client_id = str(x509.load_der_x509_certificate(transport.der).subject
+                    .get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+    signing = store.generate(f"signing-{uuid.uuid4().hex[:10]}", KeySpec.parse("rsa:2048"))
+    subject = directory_subject("Test TPP L.L.C.", "org-0001", client_id)
+    pem = bank.ca.issue_from_csr(build_csr(store, str(signing.uri), subject).pem.encode())
+    import_certificate(store, str(signing.uri), pem, "signing.pem")
+    bank.tokens.register_client(client_id, jose.jwks(store, tpp.config(bank), [str(signing.uri)]))
+    return SigningIdentity(client_id, signing)
 
 
 @pytest.fixture

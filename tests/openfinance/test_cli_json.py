@@ -17,21 +17,15 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
 from pkcs11 import Attribute, KeyType
 
-from agent import jose
 from agent.cli import build_parser
 from agent.cli.options import NO_RESULT, commands
 from agent.errors import ExitStatus
 from agent.runtime import Runtime
-from agent.x509.certificates import import_certificate
-from agent.x509.csr import build_csr
-from agent.x509.subject import directory_subject
 from modelbank import ModelBank
-from pkcs11_backends.keys import KeySpec
 from tests.lifecycle.participants_data import organisation, server
-from tests.openfinance.conftest import BANK, Tpp
+from tests.openfinance.conftest import BANK, Tpp, signing_identity
 from tests.openfinance.test_cli_and_demo import cli
 
 
@@ -85,27 +79,15 @@ def test_every_command_that_prints_a_result_takes_json_and_has_a_run_here() -> N
 def world(tpp: Tpp, bank: ModelBank, tmp_path: Path) -> Iterator[World]:
     """The transport key of ``tpp`` (registered nowhere yet) and a signing key, both with certificates from the
     bank's CA, configured by alias; the bank knows the signing key's JWKS."""
-    store = tpp.runtime.keys
-    transport = store.info(tpp.key_uri).certificate
+    transport = tpp.runtime.keys.info(tpp.key_uri).certificate
     assert transport is not None
-    client_id = str(x509.load_der_x509_certificate(transport.der).subject
-                    .get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
-    signing = store.generate(f"signing-{uuid.uuid4().hex[:10]}", KeySpec.parse("rsa:2048"))
-    subject = directory_subject("Test TPP L.L.C.", "org-0001", client_id)
-    import_certificate(store, str(signing.uri), bank.ca.issue_from_csr(build_csr(store, str(signing.uri),
-                                                                                  subject).pem.encode()), "test")
+    identity = signing_identity(tpp, bank)
     config = tpp.write_config(bank)
-    config.write_text(config.read_text() + textwrap.dedent(f"""
-        [keys.transport]
-        uri = "{tpp.key_uri}"
-        [keys.signing]
-        uri = "{signing.uri}"
-        algorithms = ["PS256"]
+    config.write_text(config.read_text() + identity.keys_toml(tpp) + textwrap.dedent(f"""
         [daemon]
         audit_file = "{tpp.state_dir / 'audit.jsonl'}"
         socket = "{tmp_path / 'no-agent' / 'agent.sock'}"
         """))
-    bank.tokens.register_client(client_id, jose.jwks(store, tpp.config(bank), [str(signing.uri)]))
     files = tmp_path / "files"
     files.mkdir()
     (files / "payload.json").write_text('{"hello": "bank"}')
@@ -113,7 +95,7 @@ def world(tpp: Tpp, bank: ModelBank, tmp_path: Path) -> Iterator[World]:
         {**server("Model Bank", bank.issuer, "as-mb"), "OpenIDDiscoveryDocument": bank.discovery_url}])]))
     transport_pem = files / "transport.pem"
     transport_pem.write_bytes(x509.load_der_x509_certificate(transport.der).public_bytes(Encoding.PEM))
-    yield World(config, files, transport_pem, signing.label, tpp.runtime)
+    yield World(config, files, transport_pem, identity.key.label, tpp.runtime)
 
 
 def test_each_command_prints_one_json_document_with_json_before_or_after_it(world: World) -> None:
