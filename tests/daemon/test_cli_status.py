@@ -25,6 +25,10 @@ def test_status_shows_the_running_agent_its_pool_and_keys(daemon: Daemon, keyed_
     assert keys["signing"]["uri"].startswith("pkcs11:token=")
     text = keyed_token.cli("status", check=True).stdout
     assert f"running at {daemon.socket_path}, ready" in text and "(read through the agent)" in text
+    # The agent names keys by alias; the CLI finds the alias of a key named by its token URI (or label).
+    by_uri = keyed_token.cli("keys", "public", keys["ecsign"]["token_uri"], check=True)
+    assert by_uri.stdout == keyed_token.cli("keys", "public", "ecsign", check=True).stdout
+    assert "through_agent" in by_uri.stderr
 
     daemon.stop()
     stopped = json.loads(keyed_token.cli("status", "--json", check=True).stdout)
