@@ -159,7 +159,7 @@ def test_replayed_callback_is_refused_by_the_agent(world: World) -> None:
 
 def test_replayed_code_is_refused_by_the_bank_and_revokes_its_tokens(world: World) -> None:
     consents = world.consents()
-    grant = consents.pending.take_callback(world.authorize(start(consents)))
+    grant = consents.pending.take_callback(world.authorize(start(consents)), "mb")
     first, _ = consents.tokens.exchange(code_exchange_form(grant), "authorization code exchange")
     assert world.bearer_works(first["access_token"])
     with pytest.raises(InvalidGrantError, match="already used"):
@@ -173,7 +173,7 @@ def test_replayed_code_is_refused_by_the_bank_and_revokes_its_tokens(world: Worl
 ])
 def test_code_exchange_must_match_the_request(world: World, change: dict[str, str], message: str) -> None:
     consents = world.consents()
-    grant = consents.pending.take_callback(world.authorize(start(consents)))
+    grant = consents.pending.take_callback(world.authorize(start(consents)), "mb")
     with pytest.raises(InvalidGrantError, match=message):
         consents.tokens.exchange({**code_exchange_form(grant), **change}, "authorization code exchange")
 
