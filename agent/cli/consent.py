@@ -101,7 +101,8 @@ def _read_token(path: Path) -> str:
         token = path.read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"--refresh-token-file: cannot read {path}: {getattr(exc, 'strerror', None) or exc}",
-                         hint="the file `tpp-agent consent callback --refresh-token-file` wrote") from None
+                         hint="give the file that `tpp-agent consent callback BANK --url URL "
+                              "--refresh-token-file FILE` wrote") from None
     if not token:
         raise InputError(f"--refresh-token-file: {path} is empty")
     return token
