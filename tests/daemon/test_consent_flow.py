@@ -12,33 +12,26 @@ import json
 import shutil
 import sqlite3
 import tempfile
-import textwrap
 import urllib.parse
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from jwcrypto import jwk as jwcrypto_jwk
 from jwcrypto import jws as jwcrypto_jws
 
-from agent import jose
 from agent.client import AgentClient
 from agent.errors import ExitStatus
 from agent.runtime import Runtime
 from agent.state import SQLITE_NAME
-from agent.x509.certificates import import_certificate
-from agent.x509.csr import build_csr
-from agent.x509.subject import directory_subject
 from modelbank import ModelBank
-from pkcs11_backends.keys import KeySpec
-from tests.daemon.conftest import NOBODY, Daemon, launch, nobody_rule
+from tests.daemon.conftest import NOBODY, Daemon, launch
 from tests.daemon.test_least_privilege import STRANGER
 from tests.daemon.test_policy import as_user
+from tests.daemon.test_tokens import configure_tpp
+from tests.openfinance.bank_world import reset_knobs
 from tests.openfinance.conftest import Tpp, issue_identity
 from tests.openfinance.test_cli_and_demo import cli
 
@@ -107,26 +100,8 @@ def flow(shared_runtime: Runtime, softhsm_state: Path, tmp_path_factory: pytest.
     with ModelBank(tmp_path_factory.mktemp("consent-bank")) as bank:
         uri, subject, _ = issue_identity(shared_runtime, bank)
         tpp = Tpp(shared_runtime, uri, subject, tmp_path_factory.mktemp("consent-tpp"), softhsm_state)
-        store = shared_runtime.keys
-        transport = store.info(uri).certificate
-        assert transport is not None
-        client_id = str(x509.load_der_x509_certificate(transport.der).subject
-                        .get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
-        signing = store.generate(f"signing-{uuid.uuid4().hex[:10]}", KeySpec.parse("rsa:2048"))
-        pem = bank.ca.issue_from_csr(build_csr(store, str(signing.uri), directory_subject(
-            "Test TPP L.L.C.", "org-0001", client_id)).pem.encode())
-        import_certificate(store, str(signing.uri), pem, "signing.pem")
-        config = tpp.write_config(bank)
-        config.write_text(config.read_text() + textwrap.dedent(f"""
-            [keys.transport]
-            uri = "{uri}"
-            [keys.signing]
-            uri = "{signing.uri}"
-            algorithms = ["PS256"]
-
-            """) + nobody_rule(public, tpp.state_dir / "audit.jsonl", "completes-consents",
-                               ["consent_callback", "consent_refresh"], banks=[MB]))
-        bank.tokens.register_client(client_id, jose.jwks(store, tpp.config(bank), [str(signing.uri)]))
+        config, client_id, _ = configure_tpp(tpp, bank, public, "completes-consents",
+                                             ["consent_callback", "consent_refresh"])
         daemon = launch(config, public)
         try:
             daemon.client().register(MB)
@@ -141,10 +116,7 @@ def flow(shared_runtime: Runtime, softhsm_state: Path, tmp_path_factory: pytest.
 def strict_bank(flow: Flow) -> Iterator[None]:
     """Each test starts from the bank's normal behaviour and leaves it so."""
     yield
-    auth = flow.bank.authorization
-    auth.decision, auth.id_token_lifetime, auth.id_token_nonce = "approve", 300, None
-    auth.id_token_corrupt, auth.id_token_key = False, None
-    flow.bank.tokens.require_resource = False
+    reset_knobs(flow.bank)
 
 
 def test_a_consent_started_by_one_service_is_completed_and_refreshed_by_another(flow: Flow) -> None:

@@ -49,32 +49,40 @@ class Setup:
         return self.daemon.client()
 
 
-@pytest.fixture
-def setup(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[Setup]:  # noqa: F811
-    store = tpp.runtime.keys
-    transport = store.info(tpp.key_uri).certificate
+def configure_tpp(party: Tpp, lfi: ModelBank, public_dir: Path, rule: str, operations: list[str],
+                  keys: list[str] | None = None) -> tuple[Path, str, bytes]:
+    """A separate signing key (certified by the bank's CA, known to the bank) next to the transport key, a
+    configuration naming both and one rule for ``nobody`` at ``mb``; (config, client_id, transport cert DER)."""
+    store = party.runtime.keys
+    transport = store.info(party.key_uri).certificate
     assert transport is not None
     client_id = str(x509.load_der_x509_certificate(transport.der).subject
                     .get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
     signing = store.generate(f"signing-{uuid.uuid4().hex[:10]}", KeySpec.parse("rsa:2048"))
     subject = directory_subject("Test TPP L.L.C.", "org-0001", client_id)
-    pem = bank.ca.issue_from_csr(build_csr(store, str(signing.uri), subject).pem.encode())
+    pem = lfi.ca.issue_from_csr(build_csr(store, str(signing.uri), subject).pem.encode())
     import_certificate(store, str(signing.uri), pem, "signing.pem")
 
-    config = tpp.write_config(bank)
+    config = party.write_config(lfi)
     config.write_text(config.read_text() + textwrap.dedent(f"""
         [keys.transport]
-        uri = "{tpp.key_uri}"
+        uri = "{party.key_uri}"
         [keys.signing]
         uri = "{signing.uri}"
         algorithms = ["PS256"]
 
-        """) + nobody_rule(public_dir, tpp.state_dir / "audit.jsonl", "nobody-signs", ["jws", "public", "forward"],
-                           keys=["signing"], banks=[MB]))
-    bank.tokens.register_client(client_id, jose.jwks(store, tpp.config(bank), [str(signing.uri)]))
+        """) + nobody_rule(public_dir, party.state_dir / "audit.jsonl", rule, operations, keys=keys, banks=[MB]))
+    lfi.tokens.register_client(client_id, jose.jwks(store, party.config(lfi), [str(signing.uri)]))
+    return config, client_id, transport.der
+
+
+@pytest.fixture
+def setup(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[Setup]:  # noqa: F811
+    config, client_id, transport = configure_tpp(tpp, bank, public_dir, "nobody-signs", ["jws", "public", "forward"],
+                                                 keys=["signing"])
     daemon = launch(config, public_dir)
     daemon.client().register(MB)  # the bank gives tokens to registered certificates only
-    yield Setup(daemon, bank, config, client_id, transport.der)
+    yield Setup(daemon, bank, config, client_id, transport)
     daemon.stop()
     daemon.notify.close()
 

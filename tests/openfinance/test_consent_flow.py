@@ -33,7 +33,7 @@ from agent.openfinance.tokens import InvalidGrantError, TokenError
 from agent.runtime import Runtime
 from agent.state.sqlite import SqliteStore
 from modelbank.token_endpoint import x5t_s256
-from tests.openfinance.bank_world import REDIRECT_URI, World, open_world
+from tests.openfinance.bank_world import REDIRECT_URI, World, open_world, reset_knobs
 
 DETAILS = [{"type": "urn:openfinanceuae:account-access-consent:v2.1",
             "consent": {"Permissions": ["ReadAccountsBasic"], "ExpirationDateTime": "2027-01-01T00:00:00Z"}}]
@@ -50,10 +50,7 @@ def world(shared_runtime: Runtime, tmp_path_factory: pytest.TempPathFactory) -> 
 def strict_bank(world: World) -> Iterator[None]:
     """Each test starts from the bank's normal behaviour and leaves it so."""
     yield
-    auth = world.bank.authorization
-    auth.decision, auth.id_token_lifetime, auth.id_token_nonce = "approve", 300, None
-    auth.id_token_corrupt, auth.id_token_key = False, None
-    world.bank.tokens.require_resource = False
+    reset_knobs(world.bank)
 
 
 def start(consents: ConsentClient, **parameters: Any) -> StartedConsent:
