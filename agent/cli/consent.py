@@ -83,7 +83,7 @@ def _show(args: argparse.Namespace, answer: dict[str, Any]) -> int:
     details = answer["authorization_details"]
     consent = details[0].get("consent", {}) if details else {}
     print(f"{answer['token_type']} token for {answer['bank']}: consent {consent.get('ConsentId', '?')} "
-          f"{consent.get('Status', '?')}, scope {answer['scope']!r}, expires in {answer['expires_in']} s")
+          f"{consent.get('Status', '?')}, scope {answer['scope'] or '-'!r}, expires in {answer['expires_in']} s")
     claims = answer.get("id_token_claims")
     if claims:
         print(f"  id_token: verified, sub {claims.get('sub')!r}, acr {claims.get('acr', '-')!r}")

@@ -272,6 +272,9 @@ def test_cli_starts_completes_and_refreshes_keeping_the_refresh_token_in_a_file(
     [row] = [r for r in flow.pending_rows() if r["state"] == answer["state"]]
     assert json.loads(row["data"])["code_verifier"] not in started.stdout + started.stderr
     url = flow.authorize(answer)
+    human = cli(flow.config, "par", MB, "--scope", "openid accounts", "--redirect-uri", REDIRECT_URI)
+    assert human.returncode == 0 and "send the customer to: https://" in human.stdout, human.stderr
+    assert "code_verifier" not in human.stdout and "consent callback mb --url" in human.stdout
 
     kept = tmp_path / "consent.refresh"
     lost = cli(flow.config, "consent", "callback", MB, "--url", url)
