@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
@@ -301,6 +302,26 @@ def test_cli_starts_completes_and_refreshes_keeping_the_refresh_token_in_a_file(
     assert again.returncode == ExitStatus.DATAERR and "matches no pending authorization" in again.stderr
     missing = cli(flow.config, "consent", "refresh", MB, "--refresh-token-file", str(tmp_path / "none"))
     assert missing.returncode == ExitStatus.DATAERR and "cannot read" in missing.stderr
+
+
+def test_the_documented_curl_steps(flow: Flow) -> None:
+    """docs/consent-flow.md section 8, as written: PAR, the callback's parameters as an object, refresh."""
+    def curl(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        raw = subprocess.run(["curl", "-sS", "--unix-socket", str(flow.daemon.socket_path), "-X", "POST",
+                              "-H", "Content-Type: application/json", "-d", json.dumps(body),
+                              f"http://agent/v1/banks/{MB}/{path}"], capture_output=True, text=True, check=True,
+                             timeout=30)
+        answer: dict[str, Any] = json.loads(raw.stdout)
+        return answer
+
+    started = curl("par", {"scope": "openid accounts", "redirect_uri": REDIRECT_URI, "authorization_details": DETAILS,
+                           "resource": [RESOURCE], "prompt": "consent", "max_age": 600})
+    flow.request_objects.append(flow.bank.tokens.pushed[started["request_uri"]].request)
+    parts = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(flow.authorize(started)).query))
+    tokens = curl("consent/callback", {"params": parts})
+    assert tokens["authorization_details"][0]["consent"]["Status"] == "Authorized", tokens
+    refreshed = curl("consent/refresh", {"refresh_token": tokens["refresh_token"]})
+    assert refreshed["rotated"] and refreshed["refresh_token"] != tokens["refresh_token"]
 
 
 def test_every_jws_the_agent_made_reads_back_with_jwcrypto(flow: Flow) -> None:
