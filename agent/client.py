@@ -145,16 +145,35 @@ class AgentClient:
         return self._json("POST", f"/v1/banks/{bank}/client-assertion", {})
 
     def token(self, bank: str, scope: str, refresh: bool = False) -> dict[str, Any]:
-        """``{"access_token", "token_type", "expires_in", "scope", ...}`` (cached by the agent per bank and scope)."""
+        """A client_credentials token ``{"access_token", "token_type", "expires_in", "scope", ...}``, cached by
+        the agent per bank and scope; ``refresh`` only skips that cache (no refresh_token grant: that is
+        :meth:`consent_refresh`)."""
         return self._json("POST", f"/v1/banks/{bank}/token", {"scope": scope, "refresh": refresh})
 
     def par(self, bank: str, scope: str, redirect_uri: str, *,
             authorization_details: list[dict[str, Any]] | None = None,
-            state: str | None = None, nonce: str | None = None) -> dict[str, Any]:
-        """Push an authorization request: ``{"request_uri", "expires_in", "code_verifier", "state", "nonce", ...}``."""
+            state: str | None = None, nonce: str | None = None, **parameters: Any) -> dict[str, Any]:
+        """Start a consent: ``{"authorization_url", "request_uri", "expires_in", "state", ...}``.
+
+        Send the customer to ``authorization_url``; the agent keeps the PKCE verifier and nonce (10 minutes).
+        ``parameters``: ``resource`` (a list of URIs), ``prompt``, ``max_age``, ``acr_values``, ``claims``.
+        """
         body = {"scope": scope, "redirect_uri": redirect_uri, "authorization_details": authorization_details,
-                "state": state, "nonce": nonce}
+                "state": state, "nonce": nonce, **parameters}
         return self._json("POST", f"/v1/banks/{bank}/par", {k: v for k, v in body.items() if v is not None})
+
+    def consent_callback(self, bank: str, redirect: str | Mapping[str, str]) -> dict[str, Any]:
+        """Complete a consent from the bank's redirect (its URL or query string as received, or its parameters):
+        ``{"access_token", "refresh_token", "expires_in", "id_token_claims", "authorization_details", ...}``.
+
+        Keep ``refresh_token``: it is the consent's (see :meth:`consent_refresh`)."""
+        body = {"url": redirect} if isinstance(redirect, str) else {"params": dict(redirect)}
+        return self._json("POST", f"/v1/banks/{bank}/consent/callback", body)
+
+    def consent_refresh(self, bank: str, refresh_token: str) -> dict[str, Any]:
+        """New tokens for a consent. Store the answer's ``refresh_token`` in place of the one given *before*
+        using the new access token: a replayed old one revokes the consent at a strict bank."""
+        return self._json("POST", f"/v1/banks/{bank}/consent/refresh", {"refresh_token": refresh_token})
 
     def forward(self, bank: str, method: str, path: str, headers: dict[str, str] | None = None,
                 body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:

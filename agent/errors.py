@@ -140,6 +140,16 @@ AGENT_CODES: dict[str, ExitStatus] = {
     "discovery_failed": ExitStatus.PROTOCOL,
     "registration_failed": ExitStatus.PROTOCOL,
     "bank_refused": ExitStatus.PROTOCOL,
+    "invalid_grant": ExitStatus.PROTOCOL,
+    "id_token_refused": ExitStatus.PROTOCOL,
+    "token_answer_invalid": ExitStatus.PROTOCOL,
+    "authorization_denied": ExitStatus.PROTOCOL,
+    "unknown_state": ExitStatus.DATAERR,
+    "callback_expired": ExitStatus.DATAERR,
+    "issuer_mismatch": ExitStatus.DATAERR,
+    "bad_callback": ExitStatus.DATAERR,
+    "state_in_use": ExitStatus.DATAERR,
+    "consent_flow_refused": ExitStatus.DATAERR,
     "internal_error": ExitStatus.SOFTWARE,
 }
 

@@ -22,6 +22,7 @@ Tokens are opaque, certificate-bound (RFC 8705): the bank records ``cnf.x5t#S256
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -83,6 +84,7 @@ class PushedRequest:
     client_id: str
     claims: dict[str, Any]
     expires_at: float
+    request: str  # the signed request object as received, for tests that read it back with another library
 
 
 def x5t_s256(der: bytes) -> str:
@@ -102,6 +104,8 @@ class TokenEndpoint:
         self.issued: dict[str, IssuedToken] = {}
         self.pushed: dict[str, PushedRequest] = {}
         self.refusals: list[tuple[str, str]] = []  # (path, error_description), for the tests' asserts
+        # The client assertions accepted, as received (the latest ones), for tests that read them back.
+        self.assertions: collections.deque[str] = collections.deque(maxlen=1000)
         self.directory: Path | None = None
         self.on_token: Callable[[IssuedToken], None] | None = None
         self.require_resource = False  # True: a PAR without resource is refused (as a strict RAR bank does)
@@ -191,7 +195,7 @@ class TokenEndpoint:
                 raise OAuthError(400, "invalid_request_object", f"request object: {why}")
         uri = "urn:ietf:params:oauth:request_uri:" + secrets.token_urlsafe(24)
         with self._lock:
-            self.pushed[uri] = PushedRequest(client_id, claims, now + self.par_lifetime)
+            self.pushed[uri] = PushedRequest(client_id, claims, now + self.par_lifetime, request)
         return 201, {"request_uri": uri, "expires_in": self.par_lifetime}
 
     def _resource(self, authorization: str, cert: bytes | None) -> Answer:
@@ -238,6 +242,7 @@ class TokenEndpoint:
             if jti in self._jti_seen:
                 raise _invalid_client("client assertion replayed (jti already used)")
             self._jti_seen[jti] = claims["exp"]
+            self.assertions.append(assertion)
         return client_id
 
     def _look_up(self, client_id: str) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agent.operations import inputs
-from agent.operations.banks import ForwardInput, ParInput, TokenInput
+from agent.operations.banks import ForwardInput, TokenInput
+from agent.operations.consents import CallbackInput, ParInput, RefreshInput
 from agent.operations.inputs import InvalidInput
 from agent.operations.jws import JwsInput
 from agent.operations.keys import PublicInput, SignInput
@@ -26,6 +27,18 @@ from agent.operations.registry import SPECS
     (ParInput, {"scope": "openid", "redirect_uri": "https://[x/"}, "bad_field", "must be an https URL"),
     (ParInput, {"scope": "openid", "redirect_uri": "https://a/cb", "authorization_details": [1]}, "bad_field",
      "list of objects"),
+    (ParInput, {"scope": "openid", "redirect_uri": "https://a/cb", "resource": "https://api"}, "bad_field",
+     "'resource' must be a list"),
+    (ParInput, {"scope": "openid", "redirect_uri": "https://a/cb", "resource": []}, "bad_field", "at least one"),
+    (ParInput, {"scope": "openid", "redirect_uri": "https://a/cb", "max_age": "600"}, "bad_field", "whole number"),
+    (ParInput, {"scope": "openid", "redirect_uri": "https://a/cb", "code_verifier": "x"}, "unknown_field",
+     "'code_verifier'"),
+    (CallbackInput, {}, "missing_field", "exactly one of 'url'"),
+    (CallbackInput, {"url": "?code=a", "params": {"code": "a"}}, "missing_field", "exactly one"),
+    (CallbackInput, {"params": {"state": 1}}, "bad_field", "object of strings"),
+    (CallbackInput, {"url": "x" * 8193}, "field_too_long", "8193 characters"),
+    (RefreshInput, {}, "missing_field", "'refresh_token' is required"),
+    (RefreshInput, {"refresh_token": " "}, "missing_field", "is empty"),
     (ForwardInput, {"method": "GET", "path": "/", "headers": {"a": 1}}, "bad_field", "object of strings"),
     (ForwardInput, {"method": "TRACE", "path": "/"}, "bad_field", "'method' must be one of"),
     (PublicInput, {"format": "der"}, "bad_query", "pem or jwk"),

@@ -66,6 +66,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/banks/{bank}/token", BY_NAME["token"]),
     Route("POST", "/v1/banks/{bank}/par", BY_NAME["par"]),
     Route("POST", "/v1/banks/{bank}/forward", BY_NAME["forward"]),
+    Route("POST", "/v1/banks/{bank}/consent/callback", BY_NAME["consent_callback"]),
+    Route("POST", "/v1/banks/{bank}/consent/refresh", BY_NAME["consent_refresh"]),
 )
 
 BY_OPERATION: dict[str, Route] = {route.spec.name: route for route in ROUTES}

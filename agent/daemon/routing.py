@@ -23,9 +23,20 @@ from agent.errors import AgentError, ConfigError, InputError
 from agent.jose import AlgorithmNotAllowedError, ClaimsError, JoseError
 from agent.log import get_logger
 from agent.openfinance.banks import UnknownBankError
+from agent.openfinance.consent import (
+    AuthorizationDeniedError,
+    CallbackExpiredError,
+    CallbackIssuerError,
+    ConsentFlowError,
+    MalformedCallbackError,
+    StateInUseError,
+    TokenAnswerError,
+    UnknownStateError,
+)
 from agent.openfinance.discovery import DiscoveryError
 from agent.openfinance.registration import RegistrationError, RegistrationOutcomeUnknownError
-from agent.openfinance.tokens import TokenError
+from agent.openfinance.tokens import InvalidGrantError, TokenError
+from agent.operations.consents import IdTokenRefusedError
 from agent.operations.core import Caller, check_purpose, execute
 from agent.operations.errors import KeyPurposeError, NotReadyError, PolicyDenied, UnknownKeyError
 from agent.operations.inputs import InvalidInput
@@ -189,8 +200,28 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(409, "registration_outcome_unknown", str(exc), hint)
     if isinstance(exc, RegistrationError):
         return HttpError(502, "registration_failed", str(exc), hint)
+    if isinstance(exc, InvalidGrantError):  # the code or refresh token is gone: the customer consents again
+        return HttpError(400, "invalid_grant", str(exc), hint)
     if isinstance(exc, TokenError):
         return HttpError(502, "bank_refused", str(exc), hint)
+    if isinstance(exc, IdTokenRefusedError):
+        return HttpError(502, "id_token_refused", str(exc), hint)
+    if isinstance(exc, TokenAnswerError):
+        return HttpError(502, "token_answer_invalid", str(exc), hint)
+    if isinstance(exc, AuthorizationDeniedError):
+        return HttpError(403, "authorization_denied", str(exc), hint)
+    if isinstance(exc, UnknownStateError):
+        return HttpError(400, "unknown_state", str(exc), hint)
+    if isinstance(exc, CallbackExpiredError):
+        return HttpError(400, "callback_expired", str(exc), hint)
+    if isinstance(exc, CallbackIssuerError):
+        return HttpError(400, "issuer_mismatch", str(exc), hint)
+    if isinstance(exc, MalformedCallbackError):
+        return HttpError(400, "bad_callback", str(exc), hint)
+    if isinstance(exc, StateInUseError):
+        return HttpError(409, "state_in_use", str(exc), hint)
+    if isinstance(exc, ConsentFlowError):
+        return HttpError(400, "consent_flow_refused", str(exc), hint)
     if isinstance(exc, AlgorithmNotAllowedError):
         return HttpError(403, "algorithm_not_allowed", str(exc), hint)
     if isinstance(exc, ClaimsError):

@@ -75,23 +75,27 @@ class ConsentClient:
         self.tokens, self.jwks, self.pending = tokens, jwks, pending
 
     def par(self, *, scope: str, redirect_uri: str, authorization_details: Sequence[Mapping[str, Any]] | None = None,
-            parameters: Mapping[str, Any] | None = None) -> StartedConsent:
-        """Push the authorization request and keep its secrets; the authorization URL for the customer."""
+            parameters: Mapping[str, Any] | None = None, state: str | None = None, nonce: str | None = None,
+            owner: str = "") -> StartedConsent:
+        """Push the authorization request and keep its secrets; the authorization URL for the customer.
+
+        ``owner`` (the caller) bounds how many authorizations one caller may have pending."""
         metadata = self.tokens.metadata()
         endpoint = metadata.endpoint("authorization_endpoint", False)  # front channel: the browser, no mTLS
         pushed = self.tokens.push_authorization(scope=scope, redirect_uri=redirect_uri,
-                                                authorization_details=authorization_details, parameters=parameters)
+                                                authorization_details=authorization_details, parameters=parameters,
+                                                state=state, nonce=nonce)
         max_age = (parameters or {}).get("max_age")
         self.pending.new(bank=self.tokens.bank, issuer=metadata.issuer, client_id=self.tokens.client_id,
                          state=pushed.state, nonce=pushed.nonce, code_verifier=pushed.code_verifier,
                          redirect_uri=redirect_uri, request_uri=pushed.request_uri, scope=normalise_scope(scope),
-                         max_age=max_age)
+                         max_age=max_age, owner=owner)
         return StartedConsent(self.tokens.bank, authorization_url(endpoint, self.tokens.client_id, pushed.request_uri),
                               pushed.request_uri, pushed.expires_in, pushed.state, pushed.interaction_id)
 
     def callback(self, query: str | Mapping[str, str]) -> ConsentTokens:
         """Check the redirect (state, ``iss``, single use, age), exchange its code, verify the id_token."""
-        grant = self.pending.take_callback(query)
+        grant = self.pending.take_callback(query, self.tokens.bank)
         answer, interaction_id = self.tokens.exchange(code_exchange_form(grant), "authorization code exchange")
         where = f"(x-fapi-interaction-id {interaction_id})"
         tokens = TokenAnswer.parse(answer, where=where)

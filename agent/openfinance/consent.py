@@ -1,9 +1,9 @@
 """The authorization code flow as a sans-I/O state machine: what is kept, what is checked, what is sent.
 
-    flows = PendingAuthorizations()                         # one per agent process; bounded, expiring
+    flows = PendingAuthorizations()                         # bounded per caller, expiring; shared by processes
     flows.add(PendingAuthorization(...))                    # after PAR: verifier, state, nonce stay here
     url = authorization_url(endpoint, client_id, request_uri)
-    grant = flows.take_callback(query, issuer)              # the redirect: state, iss (RFC 9207), single use, age
+    grant = flows.take_callback(query, bank)                # the redirect: state, iss (RFC 9207), single use, age
     form = code_exchange_form(grant)                        # + a fresh client assertion, POSTed by the caller
     tokens = TokenAnswer.parse(answer)                      # access/refresh token, authorization_details
     claims = check_id_token_claims(verified.claims, ...)    # after the signature (agent.jose.verify)
@@ -28,7 +28,7 @@ from agent.jose.errors import ClaimRejectedError, NonceMismatchError, WrongAudie
 from agent.jose.verify import LEEWAY
 
 DEFAULT_PENDING_LIFETIME = 600.0  # a customer has ten minutes to consent
-DEFAULT_MAX_PENDING = 1024
+DEFAULT_MAX_PENDING = 1024  # per caller (``owner``): one service's flood of PARs never evicts another's
 MAX_CALLBACK_LENGTH = 8192
 
 
@@ -44,6 +44,12 @@ class UnknownStateError(ConsentFlowError):
 
 class CallbackExpiredError(ConsentFlowError):
     pass
+
+
+class StateInUseError(ConsentFlowError):
+    """A PAR with a state that is already pending: states are single-use keys, never shared."""
+
+    hint = "let the agent choose the state, or use a fresh random one"
 
 
 class CallbackIssuerError(ConsentFlowError):
@@ -85,6 +91,7 @@ class PendingAuthorization:
     max_age: int | None
     created_at: float  # time.time()
     expires_at: float
+    owner: str = ""  # who started it (the caller's uid): the bound on pending authorizations is per owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +107,12 @@ class PendingStore(Protocol):
     processes and hosts share (:class:`agent.openfinance.flow_state.StatePendingStore`)."""
 
     def put(self, pending: PendingAuthorization, *, max_pending: int, now: float) -> bool:
-        """Keep ``pending`` (dropping expired ones, then the oldest beyond ``max_pending``); False if its state
-        is already pending."""
+        """Keep ``pending`` (dropping expired ones, then its owner's oldest beyond ``max_pending``); False if
+        its state is already pending."""
 
-    def pop(self, state: str) -> PendingAuthorization | None:
-        """The pending authorization for ``state``, removed in the same step (two callers: one gets it)."""
+    def pop(self, state: str, bank: str) -> PendingAuthorization | None:
+        """The pending authorization for ``state`` at ``bank``, removed in the same step (two callers: one gets
+        it). One of another bank stays: a callback at the wrong bank neither completes nor spoils it."""
 
     def __len__(self) -> int: ...
 
@@ -125,22 +133,26 @@ class MemoryPendingStore:
                 return False
             for state in [s for s, p in self._pending.items() if p.expires_at < now]:
                 del self._pending[state]
-            while len(self._pending) >= max_pending:
-                self._pending.popitem(last=False)
+            owned = [s for s, p in self._pending.items() if p.owner == pending.owner]  # oldest first
+            for state in owned[:max(0, len(owned) - max_pending + 1)]:
+                del self._pending[state]
             self._pending[pending.state] = pending
             return True
 
-    def pop(self, state: str) -> PendingAuthorization | None:
+    def pop(self, state: str, bank: str) -> PendingAuthorization | None:
         with self._lock:
-            return self._pending.pop(state, None)
+            found = self._pending.get(state)
+            return self._pending.pop(state) if found is not None and found.bank == bank else None
 
 
 class PendingAuthorizations:
-    """Pending authorizations by state: at most ``max_pending``, each for ``lifetime`` seconds, each taken once.
+    """Pending authorizations by state: at most ``max_pending`` per owner, each for ``lifetime`` seconds, each
+    taken once.
 
-    When full, expired entries go first, then the oldest: a flood of PARs makes old consents fail (and say so),
-    never the store grow. With several serving processes, give them one shared ``store``: a callback may reach
-    another process than the PAR did.
+    When an owner has ``max_pending``, expired entries go first, then its oldest: a flood of PARs makes the
+    flooder's old consents fail (and say so), never another caller's, never the store grow without bound. With
+    several serving processes, give them one shared ``store``: a callback may reach another process than the
+    PAR did.
     """
 
     def __init__(self, *, store: PendingStore | None = None, lifetime: float = DEFAULT_PENDING_LIFETIME,
@@ -160,12 +172,11 @@ class PendingAuthorizations:
 
     def add(self, pending: PendingAuthorization) -> None:
         if not self.store.put(pending, max_pending=self.max_pending, now=self.clock()):
-            raise ConsentFlowError("an authorization with this state is already pending",
-                                   hint="let the agent choose the state, or use a fresh random one")
+            raise StateInUseError("an authorization with this state is already pending")
 
-    def take(self, state: str) -> PendingAuthorization:
-        """The pending authorization for ``state``, removed (single use), if not expired."""
-        pending = self.store.pop(state)
+    def take(self, state: str, bank: str) -> PendingAuthorization:
+        """The pending authorization for ``state`` at ``bank``, removed (single use), if not expired."""
+        pending = self.store.pop(state, bank)
         if pending is None:
             raise UnknownStateError("the redirect's state matches no pending authorization "
                                     "(unknown, already used, or forgotten after it expired)")
@@ -174,8 +185,8 @@ class PendingAuthorizations:
                                        f"{int(self.clock() - pending.expires_at)} s ago")
         return pending
 
-    def take_callback(self, query: str | Mapping[str, str]) -> AuthorizationGrant:
-        """Check a redirect's query and consume its pending authorization.
+    def take_callback(self, query: str | Mapping[str, str], bank: str) -> AuthorizationGrant:
+        """Check a redirect's query and consume its pending authorization at ``bank``.
 
         The state is consumed whatever follows (an error, a wrong ``iss``): a code is only good once, and a
         redirect that failed a check must not be tried again. ``iss`` must be present and equal the issuer the
@@ -185,7 +196,7 @@ class PendingAuthorizations:
         state = params.get("state")
         if not state:
             raise MalformedCallbackError("the redirect has no state")
-        pending = self.take(state)
+        pending = self.take(state, bank)
         expected = pending.issuer
         # iss before anything else, error answers included (RFC 9207 §2.4): they too can be injected.
         issuer = params.get("iss")

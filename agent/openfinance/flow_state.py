@@ -5,8 +5,8 @@ redirect URL and one webhook, so the callback of a consent may reach another pro
 and the same event may be delivered to two of them. Both stores here live in the state store ``[state]`` names
 (``agent.state``: SQLite in STATE_DIR, or the fleet's PostgreSQL) and decide in one transaction:
 
-* :class:`StatePendingStore` — pending authorizations by state; ``pop`` is one ``DELETE … RETURNING``, so of two
-  callbacks with one state only one gets it.
+* :class:`StatePendingStore` — pending authorizations by state (and bank); ``pop`` is one ``DELETE … RETURNING``,
+  so of two callbacks with one state only one gets it. The bound is per owner (the caller that pushed the PAR).
 * :class:`StateReplayStore` — seen event ``jti`` values per bank, each until its ``exp``; the row is locked while
   the decision is taken, and a concurrent insert of the same ``jti`` loses (``ON CONFLICT DO NOTHING``).
 
@@ -40,19 +40,22 @@ class StatePendingStore:
             tx.execute("DELETE FROM pending_authorizations WHERE expires_at < ?", (now,))
             if tx.one(tx.for_update("SELECT state FROM pending_authorizations WHERE state = ?"), (pending.state,)):
                 return False
-            row = tx.one("SELECT COUNT(*) AS n FROM pending_authorizations")
+            row = tx.one("SELECT COUNT(*) AS n FROM pending_authorizations WHERE owner = ?", (pending.owner,))
             count = int(row["n"]) if row else 0
             if count >= max_pending:
                 tx.execute("DELETE FROM pending_authorizations WHERE state IN (SELECT state FROM "
-                           "pending_authorizations ORDER BY created_at LIMIT ?)", (count - max_pending + 1,))
-            tx.execute("INSERT INTO pending_authorizations (state, created_at, expires_at, data) VALUES (?, ?, ?, ?)",
-                       (pending.state, pending.created_at, pending.expires_at,
+                           "pending_authorizations WHERE owner = ? ORDER BY created_at LIMIT ?)",
+                           (pending.owner, count - max_pending + 1))
+            tx.execute("INSERT INTO pending_authorizations (state, bank, owner, created_at, expires_at, data) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (pending.state, pending.bank, pending.owner, pending.created_at, pending.expires_at,
                         json.dumps(dataclasses.asdict(pending))))
         return True
 
-    def pop(self, state: str) -> PendingAuthorization | None:
+    def pop(self, state: str, bank: str) -> PendingAuthorization | None:
         with self.store.transaction() as tx:
-            row = tx.one("DELETE FROM pending_authorizations WHERE state = ? RETURNING data", (state,))
+            row = tx.one("DELETE FROM pending_authorizations WHERE state = ? AND bank = ? RETURNING data",
+                         (state, bank))
         return PendingAuthorization(**json.loads(row["data"])) if row else None
 
 

@@ -20,13 +20,17 @@ from cryptography.x509.oid import NameOID
 
 from agent import log
 from agent.errors import ConfigError
+from agent.openfinance.authorization import ConsentClient
 from agent.openfinance.banks import BankConfig, find_bank
+from agent.openfinance.consent import PendingAuthorizations
 from agent.openfinance.discovery import Discovery
+from agent.openfinance.flow_state import StatePendingStore
+from agent.openfinance.jwks import BankJwks
 from agent.openfinance.records import RegistrationLog
 from agent.openfinance.registration import Identity, Registrar
 from agent.openfinance.tokens import TokenClient
 from agent.runtime import Runtime
-from agent.state import open_state
+from agent.state import StateStore, open_state
 from agent.transport.client import AnswerLimit, BankTransport, Response, open_transport
 
 if TYPE_CHECKING:
@@ -54,11 +58,22 @@ class OpenFinance:
         self._transports: dict[str, BankTransport] = {}
         self._tokens: dict[str, TokenClient] = {}
         self._discoveries: dict[str, Discovery] = {}
+        self._jwks: dict[str, BankJwks] = {}
         self._lock = threading.RLock()  # daemon workers share one OpenFinance; tokens() calls transport()
 
     @functools.cached_property
+    def state(self) -> StateStore:
+        return open_state(self.config)
+
+    @functools.cached_property
     def records(self) -> RegistrationLog:
-        return RegistrationLog(open_state(self.config))
+        return RegistrationLog(self.state)
+
+    @functools.cached_property
+    def pending(self) -> PendingAuthorizations:
+        """Authorizations between PAR and callback, in the state store: the serving processes (and a fleet's
+        hosts) share them, since a callback may reach another one than its PAR did."""
+        return PendingAuthorizations(store=StatePendingStore(self.state))
 
     def bank(self, name: str) -> BankConfig:
         return find_bank(self.sections.banks, name)
@@ -114,11 +129,25 @@ class OpenFinance:
                     use_mtls_aliases=self.bank(name).use_mtls_aliases, settings=settings)
             return self._tokens[name]
 
+    def jwks(self, name: str) -> BankJwks:
+        """The bank's JWKS from its discovery's ``jwks_uri``; one per bank, so its cache is shared."""
+        with self._lock:
+            found = self._jwks.get(name)
+            if found is None:
+                found = self._jwks[name] = BankJwks(
+                    name, self.http(name), lambda: self.discovery(name).get().endpoint("jwks_uri", False))
+            return found
+
+    def consents(self, name: str) -> ConsentClient:
+        """The consent flow at the bank: its token client, its JWKS, the shared pending authorizations."""
+        return ConsentClient(self.tokens(name), self.jwks(name), self.pending)
+
     def close(self) -> None:
         for transport in self._transports.values():
             transport.close()
         self._transports.clear()
         self._tokens.clear()
+        self._jwks.clear()
 
 
 def _common_name(transport: BankTransport) -> str:

@@ -1,4 +1,5 @@
-"""Bank operations: discovery, registration, client assertions, tokens, PAR and the forward call.
+"""Bank operations: discovery, registration, client assertions, tokens and the forward call (the consent flow,
+PAR included, is agent/operations/consents.py).
 
 Each acts on one configured bank and may call it (so the server runs it on the bank workers). The forward
 call is no open proxy: its URL must be on an origin the configuration or the verified discovery document
@@ -75,36 +76,13 @@ def token(context: Context, given: TokenInput) -> dict[str, Any]:
 
     The token goes back to the caller (that is the point) and nowhere else: not the log, not the audit trail.
     """
-    scope = _granted_scope(context, given.scope)
+    scope = granted_scope(context, given.scope)
     context.log["scope"] = scope
     issued = context.core.banks.tokens(context.bank_name).token(scope, refresh=given.refresh)
     return issued.as_dict()
 
 
-@dataclasses.dataclass(frozen=True)
-class ParInput:
-    scope: str = text(MAX_SCOPE_LENGTH)
-    redirect_uri: str = text(2048)
-    state: str | None = text(512, None)
-    nonce: str | None = text(512, None)
-    authorization_details: list[dict[str, Any]] | None = dataclasses.field(default=None, metadata={"max": 64})
-
-    def check(self) -> None:
-        if https_origin(self.redirect_uri) is None:
-            raise InvalidInput("bad_field",
-                               f"field 'redirect_uri' must be an https URL, got {self.redirect_uri[:80]!r}")
-
-
-def par(context: Context, given: ParInput) -> dict[str, Any]:
-    """Sign a request object and push it; the ``request_uri`` and the PKCE verifier, state, nonce come back."""
-    scope = _granted_scope(context, given.scope)
-    pushed = context.core.banks.tokens(context.bank_name).push_authorization(
-        scope=scope, redirect_uri=given.redirect_uri, authorization_details=given.authorization_details,
-        state=given.state, nonce=given.nonce)
-    return pushed.as_dict()
-
-
-def _granted_scope(context: Context, scope: str) -> str:
+def granted_scope(context: Context, scope: str) -> str:
     """The scope in one spelling, if the caller's rules allow every scope in it (``scopes = [...]``)."""
     if not scope.strip():
         raise InvalidInput("missing_field", "field 'scope' (space-separated scopes, e.g. \"accounts\") is required")
@@ -198,8 +176,6 @@ SPECS: tuple[Spec[Any], ...] = (
          client_assertion, calls_bank=True),
     Spec("token", Operation.TOKEN, "a client_credentials access token", Resource.BANK, TokenInput, token,
          calls_bank=True),
-    Spec("par", Operation.PAR, "push an authorization request (signed request object, PKCE)", Resource.BANK,
-         ParInput, par, calls_bank=True),
     Spec("forward", Operation.FORWARD, "a request to the bank over mTLS", Resource.BANK, ForwardInput, forward,
          calls_bank=True),
 )

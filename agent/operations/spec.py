@@ -33,6 +33,8 @@ class Operation(enum.StrEnum):
     TOKEN = "token"
     PAR = "par"
     FORWARD = "forward"
+    CONSENT_CALLBACK = "consent_callback"
+    CONSENT_REFRESH = "consent_refresh"
 
 
 class Resource(enum.Enum):

@@ -4,8 +4,9 @@ Version 1 is the registrations table as tpp-agent has always written it (a file 
 ``schema_version`` table). Version 2 keys registrations by the transport certificate *and* the bank's
 registration endpoint (a claim row per pair, the row a registration claim locks), and adds the rotation
 state. Version 3 adds the consent flow's pending authorizations and the events' seen ``jti`` values
-(``agent/openfinance/flow_state.py``). Steps run in one transaction with the version read, so two hosts starting
-at once migrate once.
+(``agent/openfinance/flow_state.py``). Version 4 gives pending authorizations their bank and owner as columns:
+a callback takes only its bank's, and the bound is per caller. Steps run in one transaction with the version
+read, so two hosts starting at once migrate once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 from agent.state.store import SchemaTooNewError, Transaction
 
-VERSION = 3
+VERSION = 4
 
 
 def _v1(tx: Transaction) -> None:
@@ -90,7 +91,15 @@ def _v3(tx: Transaction) -> None:
         PRIMARY KEY (bank, jti))""")
 
 
-_STEPS: dict[int, Callable[[Transaction], None]] = {1: _v1, 2: _v2, 3: _v3}
+def _v4(tx: Transaction) -> None:
+    # Rows of version 3 live ten minutes and name neither: dropping them fails at most those consents' callbacks.
+    tx.execute("DELETE FROM pending_authorizations")
+    tx.execute("ALTER TABLE pending_authorizations ADD COLUMN bank TEXT NOT NULL DEFAULT ''")
+    tx.execute("ALTER TABLE pending_authorizations ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+    tx.execute("CREATE INDEX pending_authorizations_owner ON pending_authorizations (owner, created_at)")
+
+
+_STEPS: dict[int, Callable[[Transaction], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
 
 
 def found_version(tx: Transaction) -> int:

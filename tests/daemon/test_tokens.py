@@ -41,18 +41,26 @@ class Setup:
         return self.daemon.client()
 
 
+def configure_tpp(party: Tpp, lfi: ModelBank, public_dir: Path, rule: str, operations: list[str],
+                  keys: list[str] | None = None) -> tuple[Path, str, bytes]:
+    """A separate signing key (certified by the bank's CA, known to the bank) next to the transport key, a
+    configuration naming both and one rule for ``nobody`` at ``mb``; (config, client_id, transport cert DER)."""
+    transport = party.runtime.keys.info(party.key_uri).certificate
+    assert transport is not None
+    identity = signing_identity(party, lfi)
+    config = party.write_config(lfi)
+    config.write_text(config.read_text() + identity.keys_toml(party) + nobody_rule(
+        public_dir, party.state_dir / "audit.jsonl", rule, operations, keys=keys, banks=[MB]))
+    return config, identity.client_id, transport.der
+
+
 @pytest.fixture
 def setup(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[Setup]:  # noqa: F811
-    transport = tpp.runtime.keys.info(tpp.key_uri).certificate
-    assert transport is not None
-    identity = signing_identity(tpp, bank)
-    config = tpp.write_config(bank)
-    config.write_text(config.read_text() + identity.keys_toml(tpp) + nobody_rule(
-        public_dir, tpp.state_dir / "audit.jsonl", "nobody-signs", ["jws", "public", "forward"],
-        keys=["signing"], banks=[MB]))
+    config, client_id, transport = configure_tpp(tpp, bank, public_dir, "nobody-signs", ["jws", "public", "forward"],
+                                                 keys=["signing"])
     daemon = launch(config, public_dir)
     daemon.client().register(MB)  # the bank gives tokens to registered certificates only
-    yield Setup(daemon, bank, config, identity.client_id, transport.der)
+    yield Setup(daemon, bank, config, client_id, transport)
     daemon.stop()
     daemon.notify.close()
 
@@ -126,8 +134,8 @@ def test_par_over_the_socket(setup: Setup) -> None:
     pushed = setup.client().par(MB, "openid accounts", "https://tpp.example/cb",
                                 authorization_details=[{"type": "urn:openfinanceuae:account-access-consent:v1.2"}])
     seen = setup.bank.tokens.pushed[pushed["request_uri"]].claims
-    assert seen["state"] == pushed["state"] and seen["nonce"] == pushed["nonce"]
-    assert pushed["code_verifier"] and pushed["expires_in"] == 60
+    assert seen["state"] == pushed["state"] and pushed["expires_in"] == 60
+    assert "code_verifier" not in pushed and "nonce" not in pushed  # the agent keeps them
 
 
 def test_policy_without_the_token_operation_is_403_naming_the_rule(setup: Setup) -> None:

@@ -78,6 +78,14 @@ class World:
         return {**jwk, "kid": jwk_thumbprint(jwk), "use": "enc", "alg": "RSA-OAEP-256"}
 
 
+def reset_knobs(bank: ModelBank) -> None:
+    """The bank's normal, strict behaviour again, after a test turned a knob."""
+    auth = bank.authorization
+    auth.decision, auth.id_token_lifetime, auth.id_token_nonce = "approve", 300, None
+    auth.id_token_corrupt, auth.id_token_key = False, None
+    bank.tokens.require_resource = False
+
+
 def make_identity(runtime: Runtime, bank: ModelBank, kind: str, client_id: str) -> str:
     label = f"{kind}-{uuid.uuid4().hex[:10]}"
     info = runtime.keys.generate(label, KeySpec.parse("rsa:2048"))

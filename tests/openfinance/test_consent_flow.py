@@ -33,7 +33,7 @@ from agent.openfinance.tokens import InvalidGrantError, TokenError
 from agent.runtime import Runtime
 from agent.state.sqlite import SqliteStore
 from modelbank.token_endpoint import x5t_s256
-from tests.openfinance.bank_world import REDIRECT_URI, World, open_world
+from tests.openfinance.bank_world import REDIRECT_URI, World, open_world, reset_knobs
 
 DETAILS = [{"type": "urn:openfinanceuae:account-access-consent:v2.1",
             "consent": {"Permissions": ["ReadAccountsBasic"], "ExpirationDateTime": "2027-01-01T00:00:00Z"}}]
@@ -50,10 +50,7 @@ def world(shared_runtime: Runtime, tmp_path_factory: pytest.TempPathFactory) -> 
 def strict_bank(world: World) -> Iterator[None]:
     """Each test starts from the bank's normal behaviour and leaves it so."""
     yield
-    auth = world.bank.authorization
-    auth.decision, auth.id_token_lifetime, auth.id_token_nonce = "approve", 300, None
-    auth.id_token_corrupt, auth.id_token_key = False, None
-    world.bank.tokens.require_resource = False
+    reset_knobs(world.bank)
 
 
 def start(consents: ConsentClient, **parameters: Any) -> StartedConsent:
@@ -159,7 +156,7 @@ def test_replayed_callback_is_refused_by_the_agent(world: World) -> None:
 
 def test_replayed_code_is_refused_by_the_bank_and_revokes_its_tokens(world: World) -> None:
     consents = world.consents()
-    grant = consents.pending.take_callback(world.authorize(start(consents)))
+    grant = consents.pending.take_callback(world.authorize(start(consents)), "mb")
     first, _ = consents.tokens.exchange(code_exchange_form(grant), "authorization code exchange")
     assert world.bearer_works(first["access_token"])
     with pytest.raises(InvalidGrantError, match="already used"):
@@ -173,7 +170,7 @@ def test_replayed_code_is_refused_by_the_bank_and_revokes_its_tokens(world: Worl
 ])
 def test_code_exchange_must_match_the_request(world: World, change: dict[str, str], message: str) -> None:
     consents = world.consents()
-    grant = consents.pending.take_callback(world.authorize(start(consents)))
+    grant = consents.pending.take_callback(world.authorize(start(consents)), "mb")
     with pytest.raises(InvalidGrantError, match=message):
         consents.tokens.exchange({**code_exchange_form(grant), **change}, "authorization code exchange")
 

@@ -46,19 +46,19 @@ def pending(flows: PendingAuthorizations, state: str = "s1") -> PendingAuthoriza
 def test_callback_passes_once_and_gives_the_exchange_form() -> None:
     flows = PendingAuthorizations()
     pending(flows)
-    grant = flows.take_callback(f"?code=abc&state=s1&iss={urllib.parse.quote(ISSUER)}")
+    grant = flows.take_callback(f"?code=abc&state=s1&iss={urllib.parse.quote(ISSUER)}", "mb")
     assert code_exchange_form(grant) == {"grant_type": "authorization_code", "code": "abc",
                                          "redirect_uri": "https://tpp.example/cb", "code_verifier": "v" * 43}
     assert "v" * 43 not in repr(grant)  # the verifier and code never show in logs of the object
     with pytest.raises(UnknownStateError):
-        flows.take_callback({"code": "abc", "state": "s1", "iss": ISSUER})
+        flows.take_callback({"code": "abc", "state": "s1", "iss": ISSUER}, "mb")
 
 
 def test_full_redirect_url_is_accepted() -> None:
     flows = PendingAuthorizations()
     pending(flows)
     url = "https://tpp.example/cb?" + urllib.parse.urlencode({"code": "c", "state": "s1", "iss": ISSUER})
-    assert flows.take_callback(url).code == "c"
+    assert flows.take_callback(url, "mb").code == "c"
 
 
 def test_pending_authorizations_expire() -> None:
@@ -67,7 +67,7 @@ def test_pending_authorizations_expire() -> None:
     pending(flows)
     clock.now += 601
     with pytest.raises(CallbackExpiredError):
-        flows.take_callback({"code": "c", "state": "s1", "iss": ISSUER})
+        flows.take_callback({"code": "c", "state": "s1", "iss": ISSUER}, "mb")
 
 
 def test_pending_authorizations_are_bounded_oldest_first() -> None:
@@ -76,8 +76,8 @@ def test_pending_authorizations_are_bounded_oldest_first() -> None:
         pending(flows, f"s{i}")
     assert len(flows) == 3
     with pytest.raises(UnknownStateError):
-        flows.take("s0")
-    assert flows.take("s4").state == "s4"
+        flows.take("s0", "mb")
+    assert flows.take("s4", "mb").state == "s4"
 
 
 def test_a_state_cannot_be_pending_twice() -> None:
@@ -99,21 +99,21 @@ def test_bad_callbacks(query: Any, error: type[Exception], message: str) -> None
     flows = PendingAuthorizations()
     pending(flows)
     with pytest.raises(error, match=message):
-        flows.take_callback(query)
+        flows.take_callback(query, "mb")
 
 
 def test_an_error_redirect_from_another_issuer_is_refused_as_such() -> None:
     flows = PendingAuthorizations()
     pending(flows)
     with pytest.raises(CallbackIssuerError):
-        flows.take_callback({"error": "access_denied", "state": "s1", "iss": "https://evil.example"})
+        flows.take_callback({"error": "access_denied", "state": "s1", "iss": "https://evil.example"}, "mb")
 
 
 def test_error_callback_is_reported_and_consumes_the_state() -> None:
     flows = PendingAuthorizations()
     pending(flows)
     with pytest.raises(AuthorizationDeniedError) as denied:
-        flows.take_callback({"error": "access_denied", "error_description": "no", "state": "s1", "iss": ISSUER})
+        flows.take_callback({"error": "access_denied", "error_description": "no", "state": "s1", "iss": ISSUER}, "mb")
     assert (denied.value.error, denied.value.description) == ("access_denied", "no")
     assert len(flows) == 0
 

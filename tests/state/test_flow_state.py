@@ -35,9 +35,9 @@ class Clock:
         return self.now
 
 
-def pending_fields(state: str) -> dict[str, object]:
-    return {"bank": "mb", "issuer": "https://bank.example", "client_id": "c", "state": state, "nonce": "n",
-            "code_verifier": "v" * 43, "redirect_uri": "https://tpp.example/cb", "request_uri": "urn:r",
+def pending_fields(state: str, owner: str = "1000", bank: str = "mb") -> dict[str, object]:
+    return {"owner": owner, "bank": bank, "issuer": "https://bank.example", "client_id": "c", "state": state,
+            "nonce": "n", "code_verifier": "v" * 43, "redirect_uri": "https://tpp.example/cb", "request_uri": "urn:r",
             "scope": "openid", "max_age": None}
 
 
@@ -67,18 +67,34 @@ def test_pending_round_trip_single_use_and_bound(pending_store: PendingStore) ->
     clock = Clock()
     flows = PendingAuthorizations(store=pending_store, max_pending=3, clock=clock)
     kept = flows.new(**pending_fields("s0"))
-    assert flows.take("s0") == kept
+    assert flows.take("s0", "mb") == kept
     with pytest.raises(UnknownStateError):
-        flows.take("s0")
+        flows.take("s0", "mb")
     for i in range(5):
         clock.now += 1
         flows.new(**pending_fields(f"s{i}"))
     assert len(flows) == 3
     with pytest.raises(UnknownStateError):
-        flows.take("s1")  # the oldest went first
+        flows.take("s1", "mb")  # the oldest went first
     clock.now += 601
     flows.new(**pending_fields("late"))
     assert len(flows) == 1  # the expired ones were dropped to make room
+
+
+def test_the_bound_is_per_caller_and_a_callback_takes_only_its_banks(pending_store: PendingStore) -> None:
+    clock = Clock()
+    flows = PendingAuthorizations(store=pending_store, max_pending=2, clock=clock)
+    flows.new(**pending_fields("quiet", owner="2000"))
+    for i in range(10):  # another caller floods: its own oldest go, never the quiet caller's
+        clock.now += 1
+        flows.new(**pending_fields(f"flood{i}", owner="3000"))
+    assert len(flows) == 3
+    with pytest.raises(UnknownStateError):
+        flows.take("quiet", "other-bank")  # not this bank's: refused, and left for its own bank
+    assert flows.take("quiet", "mb").owner == "2000"
+    assert flows.take("flood9", "mb").state == "flood9"
+    with pytest.raises(UnknownStateError):
+        flows.take("flood7", "mb")
 
 
 def test_replay_guard_rules(replay_store: ReplayStore) -> None:
@@ -119,7 +135,7 @@ def race(action: Callable[[], object], threads: int = 8) -> list[object]:
 def test_one_winner_per_state_and_per_jti(store: StateStore) -> None:
     flows = PendingAuthorizations(store=StatePendingStore(store))
     flows.new(**pending_fields("contested"))
-    popped = race(lambda: StatePendingStore(store).pop("contested"))
+    popped = race(lambda: StatePendingStore(store).pop("contested", "mb"))
     assert sum(isinstance(p, PendingAuthorization) for p in popped) == 1
     seen = race(lambda: StateReplayStore(store, "mb").add("jti-1", 2e9, now=1.8e9, max_entries=10))
     assert seen.count(Seen.NEW) == 1 and seen.count(Seen.SEEN) == 7
@@ -134,10 +150,10 @@ def test_another_process_takes_what_this_one_kept(tmp_path: Path) -> None:
     flows.new(**pending_fields("from-the-par-process"))
     script = ("import sys; from pathlib import Path; from agent.state.sqlite import SqliteStore;"
               "from agent.openfinance.flow_state import StatePendingStore;"
-              "p = StatePendingStore(SqliteStore(Path(sys.argv[1]))).pop('from-the-par-process');"
+              "p = StatePendingStore(SqliteStore(Path(sys.argv[1]))).pop('from-the-par-process', 'mb');"
               "print(p.code_verifier if p else 'none')")
     taken = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
                            check=True, timeout=60, cwd=REPO)
     assert taken.stdout.strip() == "v" * 43
     with pytest.raises(UnknownStateError):
-        flows.take("from-the-par-process")
+        flows.take("from-the-par-process", "mb")
