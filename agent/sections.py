@@ -206,4 +206,11 @@ def _purposes(config: Config, banks: Mapping[str, BankConfig], tokens: TokenSett
                 f"[tokens] signing_key {tokens.signing_key!r} is a {resolved[signing.alias].purpose} key in {where}: "
                 "client assertions and request objects need a jws key",
                 hint="name a key with purpose = \"jws\" (the default) as [tokens] signing_key"))
+        encryption = config.key_named(tokens.encryption_key)
+        if encryption is not None and resolved[encryption.alias].purpose is not KeyPurpose.ENCRYPTION:
+            problems.append(ConfigError(
+                f"[tokens] encryption_key {tokens.encryption_key!r} is a {resolved[encryption.alias].purpose} key "
+                f"in {where}: the bank's events are decrypted with a key of purpose \"encryption\" only",
+                hint=f"set purpose = \"encryption\" in [keys.{encryption.alias}] (a key made with keys generate "
+                     "--purpose encryption), or name another key"))
     return resolved

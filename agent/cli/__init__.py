@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from agent import __version__, audit, hardening, log
-from agent.cli import banks, cert, config, csr, daemon, doctor, jose, keys, lifecycle, tokens
+from agent.cli import banks, cert, config, csr, daemon, doctor, jose, keys, lifecycle, messages, tokens
 from agent.cli.context import CliContext
 from agent.errors import AgentError, ExitStatus, exit_status
 from pkcs11_backends.errors import Pkcs11Error
 
-COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, daemon, lifecycle)
+COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, daemon, lifecycle, messages)
 
 
 class _Parser(argparse.ArgumentParser):

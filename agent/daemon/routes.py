@@ -66,6 +66,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/banks/{bank}/token", BY_NAME["token"]),
     Route("POST", "/v1/banks/{bank}/par", BY_NAME["par"]),
     Route("POST", "/v1/banks/{bank}/forward", BY_NAME["forward"]),
+    Route("POST", "/v1/banks/{bank}/verify", BY_NAME["verify"]),
+    Route("POST", "/v1/banks/{bank}/signed-body", BY_NAME["signed_body"]),
+    Route("POST", "/v1/banks/{bank}/personal-data", BY_NAME["encrypt_personal_data"]),
+    Route("POST", "/v1/banks/{bank}/events", BY_NAME["receive_event"]),
 )
 
 BY_OPERATION: dict[str, Route] = {route.spec.name: route for route in ROUTES}

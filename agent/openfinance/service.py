@@ -20,13 +20,17 @@ from cryptography.x509.oid import NameOID
 
 from agent import log
 from agent.errors import ConfigError
-from agent.openfinance.banks import BankConfig, find_bank
+from agent.jose.errors import JwksError
+from agent.openfinance.banks import BankConfig, find_bank, https_origin
 from agent.openfinance.discovery import Discovery
+from agent.openfinance.events import ReplayGuard
+from agent.openfinance.flow_state import StateReplayStore
+from agent.openfinance.jwks import BankJwks
 from agent.openfinance.records import RegistrationLog
 from agent.openfinance.registration import Identity, Registrar
 from agent.openfinance.tokens import TokenClient
 from agent.runtime import Runtime
-from agent.state import open_state
+from agent.state import StateStore, open_state
 from agent.transport.client import AnswerLimit, BankTransport, Response, open_transport
 
 if TYPE_CHECKING:
@@ -54,11 +58,17 @@ class OpenFinance:
         self._transports: dict[str, BankTransport] = {}
         self._tokens: dict[str, TokenClient] = {}
         self._discoveries: dict[str, Discovery] = {}
+        self._jwks: dict[str, BankJwks] = {}
         self._lock = threading.RLock()  # daemon workers share one OpenFinance; tokens() calls transport()
 
     @functools.cached_property
+    def state(self) -> StateStore:
+        """The state store ``[state]`` names, shared with the other serving processes and hosts."""
+        return open_state(self.config)
+
+    @functools.cached_property
     def records(self) -> RegistrationLog:
-        return RegistrationLog(open_state(self.config))
+        return RegistrationLog(self.state)
 
     def bank(self, name: str) -> BankConfig:
         return find_bank(self.sections.banks, name)
@@ -113,6 +123,25 @@ class OpenFinance:
                     client_id=settings.client_id or _common_name(transport),
                     use_mtls_aliases=self.bank(name).use_mtls_aliases, settings=settings)
             return self._tokens[name]
+
+    def jwks(self, name: str) -> BankJwks:
+        """The bank's JWK Set from its discovery document's ``jwks_uri``; one per bank, so its cache is shared."""
+        with self._lock:
+            found = self._jwks.get(name)
+            if found is None:
+                found = self._jwks[name] = BankJwks(name, self.http(name), lambda: self._jwks_uri(name),
+                                                    ttl=self.bank(name).jwks_ttl)
+            return found
+
+    def _jwks_uri(self, name: str) -> str:
+        uri = self.discovery(name).get().document.get("jwks_uri")
+        if not isinstance(uri, str) or https_origin(uri) is None:
+            raise JwksError(f"bank {name!r}: its discovery document has no https jwks_uri (got {str(uri)[:80]!r})")
+        return uri
+
+    def replay(self, name: str) -> ReplayGuard:
+        """The bank's seen event ``jti`` values, in the shared state store (a fleet sees one delivery once)."""
+        return ReplayGuard(store=StateReplayStore(self.state, name))
 
     def close(self) -> None:
         for transport in self._transports.values():

@@ -33,6 +33,10 @@ class Operation(enum.StrEnum):
     TOKEN = "token"
     PAR = "par"
     FORWARD = "forward"
+    VERIFY = "verify"
+    SIGNED_BODY = "signed_body"
+    ENCRYPT_PERSONAL_DATA = "encrypt_personal_data"
+    RECEIVE_EVENT = "receive_event"
 
 
 class Resource(enum.Enum):
