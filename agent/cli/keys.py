@@ -56,7 +56,8 @@ def generate(args: argparse.Namespace, ctx: CliContext) -> int:
     # PIN and duplicates first: the progress line only starts for work that will be done.
     store.check_free(args.label, key_id)
     make = generate_encryption_key if args.purpose == "encryption" else KeyStore.generate
-    info = _with_progress(f"generating {spec} {'encryption ' if args.purpose == 'encryption' else ''}key {args.label!r} on the token",
+    kind = "encryption key" if args.purpose == "encryption" else "key"
+    info = _with_progress(f"generating {spec} {kind} {args.label!r} on the token",
                           lambda: make(store, args.label, spec, key_id))
     if args.json:
         print(json.dumps(info.as_dict(), indent=2))
