@@ -214,6 +214,6 @@ def _purposes(config: Config, banks: Mapping[str, BankConfig], tokens: TokenSett
             problems.append(ConfigError(
                 f"[tokens] encryption_key {tokens.encryption_key!r} is a {resolved[encryption.alias].purpose} key "
                 f"in {where}: the bank's events are decrypted with a key of purpose \"encryption\" only",
-                hint=f"set purpose = \"encryption\" in [keys.{encryption.alias}] (a key made with keys generate "
-                     "--purpose encryption), or name another key"))
+                hint=f"set purpose = \"encryption\" in [keys.{encryption.alias}] (a key made with `tpp-agent "
+                     "keys generate --purpose encryption`), or name another key"))
     return resolved

@@ -23,7 +23,7 @@ def to_jwk(key: JoseKey, purpose: KeyPurpose = KeyPurpose.JWS) -> dict[str, Any]
     if purpose is KeyPurpose.ENCRYPTION:
         if key.public_jwk["kty"] != "RSA":
             raise JoseError(f"encryption key {key.name!r} is not RSA: JWE RSA-OAEP-256 needs an RSA key",
-                            hint="make the encryption key with keys generate --purpose encryption --type rsa:2048")
+                            hint="make it with `tpp-agent keys generate --purpose encryption --type rsa:2048`")
         use, alg = "enc", ENCRYPTION_ALGORITHM
     else:
         use, alg = "sig", key.algorithms[0]

@@ -131,8 +131,8 @@ def _encryption_key(context: Context) -> str:
     found = context.core.config.key_named(name)
     if found is None:
         raise UnknownKeyError(f"no encryption key {name!r} is configured: the bank's events cannot be decrypted",
-                              hint=f"add [keys.{name}] with purpose = \"encryption\" (a key made with keys generate "
-                                   "--purpose encryption), or set [tokens] encryption_key")
+                              hint=f"add [keys.{name}] with purpose = \"encryption\" (made with `tpp-agent keys "
+                                   "generate --purpose encryption`), or set [tokens] encryption_key")
     if found.purpose is not KeyPurpose.ENCRYPTION:
         raise KeyPurposeError(f"key {found.alias!r} is a {found.purpose} key, not an encryption key")
     return found.alias
