@@ -65,20 +65,20 @@ def verify_jws(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def sign_body(args: argparse.Namespace, ctx: CliContext) -> int:
-    body: dict[str, Any] = {"message": _object(args.message, "--message"), "audience": args.audience}
-    if args.lifetime is not None:
-        body["lifetime"] = args.lifetime
-    answer = ctx.backend.run("signed_body", body, bank=args.bank)
-    print(json.dumps(answer, indent=2) if args.json else answer["jwt"])
-    return 0
+    body = {"message": _object(args.message, "--message"), "audience": args.audience}
+    return _made(args, ctx, "signed_body", body, "jwt")
 
 
 def encrypt_data(args: argparse.Namespace, ctx: CliContext) -> int:
-    body: dict[str, Any] = {"data": _object(args.data, "--data")}
+    return _made(args, ctx, "encrypt_personal_data", {"data": _object(args.data, "--data")}, "jwe")
+
+
+def _made(args: argparse.Namespace, ctx: CliContext, operation: str, body: dict[str, Any], field: str) -> int:
+    """Run a signing operation and print what it made (``--json``: the whole answer)."""
     if args.lifetime is not None:
         body["lifetime"] = args.lifetime
-    answer = ctx.backend.run("encrypt_personal_data", body, bank=args.bank)
-    print(json.dumps(answer, indent=2) if args.json else answer["jwe"])
+    answer = ctx.backend.run(operation, body, bank=args.bank)
+    print(json.dumps(answer, indent=2) if args.json else answer[field])
     return 0
 
 
