@@ -206,6 +206,10 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(502, "registration_failed", str(exc), hint)
     if isinstance(exc, TokenError):
         return HttpError(502, "bank_refused", str(exc), hint)
+    if isinstance(exc, AlgorithmNotAllowedError):
+        return HttpError(403, "algorithm_not_allowed", str(exc), hint)
+    if isinstance(exc, ClaimsError):
+        return HttpError(400, "claims_refused", str(exc), hint)
     # What the bank signed or encrypted, refused: one code per reason (a forged answer is not an expired one).
     if isinstance(exc, ReplayError):
         return HttpError(409, "replayed", str(exc), hint)
@@ -233,10 +237,6 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(400, "malformed", str(exc), hint)
     if isinstance(exc, JwksError):
         return HttpError(502, "bank_jwks_unusable", str(exc), hint)
-    if isinstance(exc, AlgorithmNotAllowedError):
-        return HttpError(403, "algorithm_not_allowed", str(exc), hint)
-    if isinstance(exc, ClaimsError):
-        return HttpError(400, "claims_refused", str(exc), hint)
     if isinstance(exc, JoseError):
         return HttpError(400, "jose_refused", str(exc), hint)
     if isinstance(exc, InputError):

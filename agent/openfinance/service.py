@@ -63,7 +63,6 @@ class OpenFinance:
 
     @functools.cached_property
     def state(self) -> StateStore:
-        """The state store ``[state]`` names, shared with the other serving processes and hosts."""
         return open_state(self.config)
 
     @functools.cached_property
@@ -125,7 +124,7 @@ class OpenFinance:
             return self._tokens[name]
 
     def jwks(self, name: str) -> BankJwks:
-        """The bank's JWK Set from its discovery document's ``jwks_uri``; one per bank, so its cache is shared."""
+        """The bank's JWKS from its discovery's ``jwks_uri``; one per bank, so its cache is shared."""
         with self._lock:
             found = self._jwks.get(name)
             if found is None:
@@ -134,9 +133,9 @@ class OpenFinance:
             return found
 
     def _jwks_uri(self, name: str) -> str:
-        uri = self.discovery(name).get().document.get("jwks_uri")
-        if not isinstance(uri, str) or https_origin(uri) is None:
-            raise JwksError(f"bank {name!r}: its discovery document has no https jwks_uri (got {str(uri)[:80]!r})")
+        uri = self.discovery(name).get().endpoint("jwks_uri", False)
+        if https_origin(uri) is None:
+            raise JwksError(f"bank {name!r}: the jwks_uri of its discovery document is no https URL: {uri[:80]!r}")
         return uri
 
     def replay(self, name: str) -> ReplayGuard:
@@ -148,6 +147,7 @@ class OpenFinance:
             transport.close()
         self._transports.clear()
         self._tokens.clear()
+        self._jwks.clear()
 
 
 def _common_name(transport: BankTransport) -> str:
