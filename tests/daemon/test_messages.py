@@ -234,6 +234,14 @@ def test_the_banks_claims_are_checked(setup: Setup, change: dict[str, Any], code
     assert refused.status == 400 and refused.code == code
 
 
+def test_an_answer_without_aud_passes_only_when_the_caller_says_its_api_has_none(setup: Setup) -> None:
+    now = int(time.time())
+    token = setup.bank.jose.sign({"iss": setup.bank.issuer, "iat": now, "exp": now + 60, "message": {}})
+    refused = refusal(lambda: setup.client.verify(MB, token))
+    assert refused.code == "claim_rejected" and "'aud' is required" in str(refused)
+    assert setup.client.verify(MB, token, audience=False)["claims"]["iss"] == setup.bank.issuer
+
+
 def test_a_forged_answer_and_a_downgrade_are_refused(setup: Setup, tmp_path: Path) -> None:
     setup.bank.apis.answer_corrupt = True
     body = setup.client.signed_body(MB, {"Data": {"Name": "x"}}, audience="string")
@@ -315,8 +323,10 @@ def event(setup: Setup, **overrides: Any) -> str:
 
 
 def test_an_event_is_decrypted_on_the_token_verified_and_taken_once(setup: Setup, tmp_path: Path) -> None:
-    # The bank found the encryption key in the JWKS the agent publishes, as use: enc.
-    assert setup.bank.tokens.encryption_keys[setup.client_id]["alg"] == "RSA-OAEP-256"
+    # The bank found the encryption key in the JWKS the agent publishes, as use: enc (and only there).
+    published = setup.bank.tokens.encryption_keys[setup.client_id]
+    assert published["alg"] == "RSA-OAEP-256" and published == setup.client.public_jwk("events")
+    assert published["use"] == "enc" and {k["use"] for k in setup.agent_jwks["keys"]} == {"sig", "enc"}
     token = event(setup)
     got = setup.client.receive_event(MB, token, "application/jwe")
     assert got["consent_id"] == "consent-42" and got["event_type"] == "Consent.StatusUpdated"
