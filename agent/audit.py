@@ -61,6 +61,7 @@ from agent import files, waiting
 from agent.clock import utc_iso
 from agent.errors import AgentError, ConfigError
 from agent.log import get_logger
+from pkcs11_backends.decryption import TokenDecryptor
 from pkcs11_backends.errors import KeyNotFoundError, Pkcs11Error, UriError
 from pkcs11_backends.keys import KeyKind, KeyStore, SignatureScheme
 from pkcs11_backends.uri import Pkcs11Uri
@@ -661,15 +662,31 @@ def current_caller(what: str) -> Caller:
 
 
 class AuditedKeyStore(KeyStore):
-    """The same token keys (same session pool and aliases), every ``sign`` audited.
+    """The same token keys (same session pool and aliases), every ``sign`` and every decryption audited.
 
-    A signature is returned only once its record is written (and synced, as ``[daemon] audit_sync`` says); a
-    failed signature is recorded too.
+    A signature (a plaintext) is returned only once its record is written (and synced, as ``[daemon] audit_sync``
+    says); a failed one is recorded too. Decryption is RSA-OAEP-256 only (:mod:`pkcs11_backends.decryption`: how
+    the token does it, raw RSA included, stays inside that module).
     """
 
     def __init__(self, store: KeyStore, audit: AuditTrail) -> None:
         super().__init__(store.pool, store.aliases)
         self.audit = audit
+        self._decryptor = TokenDecryptor(self)  # keeps each key's probed OAEP route for this store's life
+
+    def decrypt_oaep_sha256(self, name: str | Pkcs11Uri, ciphertext: bytes) -> bytes:
+        """The plaintext of an RSA-OAEP-256 ciphertext, decrypted on the token with an encryption key."""
+        caller = current_caller("AuditedKeyStore.decrypt_oaep_sha256")
+        key = self.aliases.get(name, name) if isinstance(name, str) else str(name)
+        use = KeyUse(caller.uid, caller.pid, key, caller.operation, "RSA-OAEP-256", ciphertext, "ok",
+                     caller.interaction_id)
+        try:
+            plaintext = self._decryptor.decrypt_oaep_sha256(name, ciphertext)
+        except Exception as exc:
+            self.audit.record(use._replace(result=f"error: {type(exc).__name__}"))
+            raise
+        self.audit.record(use)
+        return plaintext
 
     def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme,
              timeout: float | None = None) -> bytes:

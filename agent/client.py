@@ -185,6 +185,34 @@ class AgentClient:
         answer = self._json("POST", f"/v1/banks/{bank}/forward", request)
         return int(answer["status"]), dict(answer["headers"]), base64.b64decode(answer["body_b64"])
 
+    def verify(self, bank: str, jws: str, *, audience: bool = True) -> dict[str, Any]:
+        """The bank's JWS verified: ``{"bank", "kid", "header", "claims"}``; AgentRequestError (code
+        ``bad_signature``, ``unknown_kid``, ``expired``, ``wrong_audience``…) when it does not pass."""
+        return self._json("POST", f"/v1/banks/{bank}/verify", {"jws": jws, "audience": audience})
+
+    def signed_body(self, bank: str, message: Mapping[str, Any], *, audience: str = "array",
+                    lifetime: int | None = None) -> str:
+        """A JWT request body (``application/jwt``) signed on the token; ``audience``: "array" or "string"."""
+        body: dict[str, Any] = {"message": dict(message), "audience": audience}
+        if lifetime is not None:
+            body["lifetime"] = lifetime
+        return str(self._json("POST", f"/v1/banks/{bank}/signed-body", body)["jwt"])
+
+    def encrypt_personal_data(self, bank: str, data: Mapping[str, Any], *, lifetime: int | None = None) -> str:
+        """``data`` signed on the token (JWS), encrypted to the bank's ``use: enc`` key (compact JWE)."""
+        body: dict[str, Any] = {"data": dict(data)}
+        if lifetime is not None:
+            body["lifetime"] = lifetime
+        return str(self._json("POST", f"/v1/banks/{bank}/personal-data", body)["jwe"])
+
+    def receive_event(self, bank: str, jwe: str | bytes, content_type: str | None = None) -> dict[str, Any]:
+        """An event the bank POSTed to the webhook, decrypted on the token, verified and checked against replay:
+        ``{"event_type", "consent_id", "resource", "event_time", "message", "claims", "jti", "bank"}``."""
+        body: dict[str, Any] = {"jwe": jwe.decode("ascii", "replace") if isinstance(jwe, bytes) else jwe}
+        if content_type is not None:
+            body["content_type"] = content_type
+        return self._json("POST", f"/v1/banks/{bank}/events", body)
+
     def close(self) -> None:
         conn: _UnixConnection | None = getattr(self._local, "conn", None)
         if conn is not None:

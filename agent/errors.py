@@ -68,6 +68,7 @@ EXIT_STATUS: dict[str, ExitStatus] = {
     "agent.daemon.app.StartupCheckError": ExitStatus.CONFIG,
     "agent.jose.errors.JoseError": ExitStatus.DATAERR,
     "agent.jose.errors.KidError": ExitStatus.CONFIG,
+    "agent.jose.errors.JwksError": ExitStatus.PROTOCOL,  # the bank's JWKS is unfetchable, oversized or not JSON
     "agent.x509.csr.CsrSignatureError": ExitStatus.SOFTWARE,
     "agent.transport.errors.TlsSetupError": ExitStatus.CONFIG,
     "agent.transport.errors.TransportError": ExitStatus.TEMPFAIL,
@@ -151,6 +152,20 @@ AGENT_CODES: dict[str, ExitStatus] = {
     "state_in_use": ExitStatus.DATAERR,
     "consent_flow_refused": ExitStatus.DATAERR,
     "internal_error": ExitStatus.SOFTWARE,
+    "bad_idempotency_key": ExitStatus.DATAERR,
+    "replayed": ExitStatus.DATAERR,
+    "bad_signature": ExitStatus.DATAERR,
+    "unknown_kid": ExitStatus.DATAERR,
+    "expired": ExitStatus.DATAERR,
+    "not_yet_valid": ExitStatus.DATAERR,
+    "wrong_issuer": ExitStatus.DATAERR,
+    "wrong_audience": ExitStatus.DATAERR,
+    "claim_rejected": ExitStatus.DATAERR,
+    "algorithm_refused": ExitStatus.DATAERR,
+    "wrong_recipient": ExitStatus.DATAERR,
+    "undecryptable": ExitStatus.DATAERR,
+    "malformed": ExitStatus.DATAERR,
+    "bank_jwks_unusable": ExitStatus.PROTOCOL,
 }
 
 

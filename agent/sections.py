@@ -206,4 +206,14 @@ def _purposes(config: Config, banks: Mapping[str, BankConfig], tokens: TokenSett
                 f"[tokens] signing_key {tokens.signing_key!r} is a {resolved[signing.alias].purpose} key in {where}: "
                 "client assertions and request objects need a jws key",
                 hint="name a key with purpose = \"jws\" (the default) as [tokens] signing_key"))
+        # Named: it must fit. The default alias may be some other key of an older configuration: receive_event
+        # refuses it then, nothing else does.
+        encryption = config.key_named(tokens.encryption_key) if "encryption_key" in config.section("tokens") \
+            else None
+        if encryption is not None and resolved[encryption.alias].purpose is not KeyPurpose.ENCRYPTION:
+            problems.append(ConfigError(
+                f"[tokens] encryption_key {tokens.encryption_key!r} is a {resolved[encryption.alias].purpose} key "
+                f"in {where}: the bank's events are decrypted with a key of purpose \"encryption\" only",
+                hint=f"set purpose = \"encryption\" in [keys.{encryption.alias}] (a key made with `tpp-agent "
+                     "keys generate --purpose encryption`), or name another key"))
     return resolved

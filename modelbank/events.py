@@ -21,8 +21,9 @@ from modelbank.jose_bank import BankJose, BankKey
 
 
 class EventSender:
-    def __init__(self, jose: BankJose, issuer: Any) -> None:
+    def __init__(self, jose: BankJose, issuer: Any, recipients: dict[str, dict[str, Any]] | None = None) -> None:
         self.jose, self._issuer = jose, issuer
+        self.recipients = recipients if recipients is not None else {}  # client id → its use: enc JWK
         self.sent: list[str] = []
 
     def claims(self, client_id: str, consent_id: str, event_type: str = "Consent.StatusUpdated",
@@ -44,6 +45,14 @@ class EventSender:
         """The JWE for the TPP whose public encryption JWK is ``recipient``."""
         signed = self.jose.sign(claims, key=key, corrupt=corrupt, header={"typ": "JWT"})
         return self.jose.encrypt_to(recipient, signed.encode("ascii"))
+
+    def make_for(self, client_id: str, claims: dict[str, Any], *, key: BankKey | None = None,
+                 corrupt: bool = False) -> str:
+        """The JWE for a registered client, to the ``use: enc`` key of the JWKS it registered."""
+        recipient = self.recipients.get(client_id)
+        if recipient is None:
+            raise ValueError(f"client {client_id!r} registered no use: enc key")
+        return self.make(recipient, claims, key=key, corrupt=corrupt)
 
     def deliver(self, url: str, token: str, context: ssl.SSLContext | None = None) -> int:
         """POST ``token`` to the webhook ``url`` (http or https on loopback); the answer's status."""

@@ -66,6 +66,7 @@ class BankJose:
         self.published: list[BankKey] = [self.signing, BankKey.new("enc")]
         self.unpublished = BankKey.new("sig")
         self.jwks_fetches = 0
+        self.jwks_padding = 0  # bytes of junk in the published JWKS (an oversized set, for the negative tests)
         self._lock = threading.Lock()
 
     @property
@@ -73,7 +74,10 @@ class BankJose:
         return next(k for k in self.published if k.use == "enc")
 
     def jwks(self) -> dict[str, Any]:
-        return {"keys": [k.public_jwk() for k in self.published]}
+        keys = [k.public_jwk() for k in self.published]
+        if self.jwks_padding:
+            keys.append({"kty": "oct", "kid": "padding", "use": "sig", "k": "A" * self.jwks_padding})
+        return {"keys": keys}
 
     def rotate(self) -> BankKey:
         """A new signing key, published and used from now on."""

@@ -103,7 +103,7 @@ class ModelBank:
         self.jose = BankJose()
         self.authorization = AuthorizationServer(self.tokens, self.jose, lambda: self.issuer)
         self.apis = SignedApis(self.tokens, self.authorization, self.jose, lambda: self.issuer)
-        self.events = EventSender(self.jose, lambda: self.issuer)
+        self.events = EventSender(self.jose, lambda: self.issuer, self.tokens.encryption_keys)
         self.routes = (self.tokens, self.jose, self.authorization, self.apis)
         self.requests: list[tuple[str, str, str]] = []  # (method, path, x-fapi-interaction-id)
         self.handshakes = 0

@@ -1,10 +1,12 @@
-"""Two of the model bank's APIs whose requests and answers are signed JWS: payments and Confirmation of Payee.
+"""The model bank's APIs whose requests and answers are signed JWS: payments, refunds and Confirmation of Payee.
 
 Test infrastructure. ``POST /payments`` and ``POST /confirmation`` take ``Content-Type: application/jwt``: a JWT
 the TPP signed (PS256, a ``kid`` of its directory JWKS) with ``iss`` = client_id, ``aud`` the bank's issuer (an
 array for payments, a string for CoP), ``exp``, ``nbf``, and the payload under ``message``; CoP adds a ``jti``.
 Payments also need a certificate-bound access token of an ``Authorized`` consent and an ``x-idempotency-key``
 (≤ 40 characters, no whitespace; a retry with the same key and body gets the same payment).
+``POST /payments/{PaymentId}/refunds`` (same token and body rules; ``message.Data.Amount``) refunds a payment of
+that consent, at most its amount in all.
 
 Every answer, errors included, is a JWS signed by the bank (``iss`` = issuer, ``aud`` = client_id when known,
 ``iat``, ``exp``, ``message``), as the UAE standards describe. ``answer_corrupt`` and ``answer_key`` make forged or
@@ -26,6 +28,7 @@ from modelbank.token_endpoint import OAuthError, TokenEndpoint, x5t_s256
 
 PAYMENTS_PATH = "/payments"
 CONFIRMATION_PATH = "/confirmation"
+REFUNDS = re.compile(r"^/payments/([0-9a-f-]{36})/refunds$")
 _IDEMPOTENCY = re.compile(r"\S{1,40}")
 
 
@@ -37,17 +40,24 @@ class SignedApis:
         self.answer_key: BankKey | None = None
         self.received: list[dict[str, Any]] = []
         self._payments: dict[tuple[str, str], dict[str, Any]] = {}  # (consent, idempotency key) → Data
+        self.refunds: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes,
                cert: bytes | None) -> Reply | None:
         route = path.split("?", 1)[0].removeprefix("/mtls")
-        if method != "POST" or route not in (PAYMENTS_PATH, CONFIRMATION_PATH):
+        refund = REFUNDS.match(route)
+        if method != "POST" or (route not in (PAYMENTS_PATH, CONFIRMATION_PATH) and refund is None):
             return None
         client_id: str | None = None
         try:
             if headers.get("content-type", "").split(";")[0].strip() != "application/jwt":
                 raise OAuthError(415, "invalid_request", "Content-Type must be application/jwt")
+            if refund is not None:
+                consent_id, client_id = self._authorized(headers.get("authorization", ""), cert)
+                claims = self._claims(body, client_id, "refund")
+                return self._signed(201, client_id, {"Data": self._refund(consent_id, refund[1],
+                                                                          claims["message"]["Data"])})
             if route == PAYMENTS_PATH:
                 consent_id, client_id = self._authorized(headers.get("authorization", ""), cert)
                 claims = self._claims(body, client_id, "payment")
@@ -109,6 +119,26 @@ class SignedApis:
                     "Initiation": message["Data"]}
             self._payments[(consent_id, idempotency_key)] = data
             return data
+
+    def _refund(self, consent_id: str, payment_id: str, data: dict[str, Any]) -> dict[str, Any]:
+        amount = data.get("Amount")
+        with self._lock:
+            payment = next((p for (consent, _), p in self._payments.items()
+                            if consent == consent_id and p["PaymentId"] == payment_id), None)
+            if payment is None:
+                raise OAuthError(404, "not_found", f"no payment {payment_id} under this consent")
+            paid = float(payment["Initiation"]["InstructedAmount"]["Amount"])
+            refunded = sum(float(r["Amount"]) for r in self.refunds if r["PaymentId"] == payment_id)
+            try:
+                wanted = float(amount) if isinstance(amount, str) else -1.0
+            except ValueError:
+                wanted = -1.0
+            if not 0 < wanted <= paid - refunded:
+                raise OAuthError(422, "invalid_amount", f"refund Amount {amount!r}: more than left to refund, "
+                                                        "or not a positive decimal string")
+            made = {"RefundId": str(uuid.uuid4()), "PaymentId": payment_id, "Amount": amount, "Status": "Pending"}
+            self.refunds.append(made)
+            return made
 
     def _signed(self, status: int, client_id: str | None, message: dict[str, Any]) -> Reply:
         now = int(time.time())

@@ -101,6 +101,7 @@ class TokenEndpoint:
         self.token_lifetime = 300
         self.par_lifetime = 60
         self.clients: dict[str, dict[str, jwt.PyJWK]] = {}
+        self.encryption_keys: dict[str, dict[str, Any]] = {}  # client id → its use: enc JWK
         self.issued: dict[str, IssuedToken] = {}
         self.pushed: dict[str, PushedRequest] = {}
         self.refusals: list[tuple[str, str]] = []  # (path, error_description), for the tests' asserts
@@ -115,10 +116,14 @@ class TokenEndpoint:
         self._lock = threading.Lock()
 
     def register_client(self, client_id: str, jwks: Mapping[str, Any]) -> None:
-        """What the directory would tell the bank: the client's signing keys (public JWKS)."""
+        """What the directory would tell the bank: the client's public JWKS (``use: sig`` keys verify its JWTs,
+        its ``use: enc`` key is what events are encrypted to)."""
         keys = {k["kid"]: jwt.PyJWK.from_dict(dict(k)) for k in jwks["keys"] if k.get("use", "sig") == "sig"}
+        encryption = [dict(k) for k in jwks["keys"] if k.get("use") == "enc"]
         with self._lock:
             self.clients[client_id] = keys
+            if encryption:  # the key the bank's events are encrypted to
+                self.encryption_keys[client_id] = encryption[0]
 
     # -- HTTP ------------------------------------------------------------------------
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes,

@@ -162,7 +162,8 @@ class TokenDecryptor:
             key = cast(DecryptMixin, self.store.private_key(pooled, uri))
             if not key[Attribute.DECRYPT]:
                 raise MechanismError(f"{uri} may not decrypt (CKA_DECRYPT is false): it is not an encryption key",
-                                     hint="name the key made for encryption (keys generate --purpose encryption)")
+                                     hint="name the key made for encryption "
+                                          "(`tpp-agent keys generate --purpose encryption`)")
             try:
                 plain = key.decrypt(ciphertext, mechanism=route.mechanism, mechanism_param=route.parameter)
                 return cast(bytes, plain)  # one buffer in, one out: python-pkcs11 yields chunks only for iterables

@@ -69,3 +69,14 @@ def test_python_pkcs11_sessions_stay_in_pkcs11_backends() -> None:
             if any(name == "pkcs11" or name.startswith("pkcs11.") for name in names):
                 importers.add(str(path.relative_to(REPO)))
     assert importers == set()
+
+
+def test_every_decryption_goes_through_the_audited_store() -> None:
+    """The token decrypts for the agent (events' RSA-OAEP-256, raw RSA inside on modules without OAEP-SHA-256)
+    through the audited store only: its decryptor is made there, and every call names the core's store."""
+    made = {str(path) for path, call in _calls() if _name(call.func) == "TokenDecryptor"}
+    assert made == {"agent/audit.py"}
+    receivers = {ast.unparse(call.func.value) for path, call in _calls()
+                 if isinstance(call.func, ast.Attribute) and call.func.attr == "decrypt_oaep_sha256"
+                 and path != Path("agent/audit.py")}
+    assert receivers and receivers <= SIGN_RECEIVERS - {"store"} | {"core.signer"}, receivers

@@ -16,12 +16,27 @@ from typing import NoReturn
 
 from agent import __version__, audit, hardening, log
 from agent import config as config_module
-from agent.cli import banks, cert, config, consent, csr, daemon, doctor, jose, keys, lifecycle, options, status, tokens
+from agent.cli import (
+    banks,
+    cert,
+    config,
+    consent,
+    csr,
+    daemon,
+    doctor,
+    jose,
+    keys,
+    lifecycle,
+    messages,
+    options,
+    status,
+    tokens,
+)
 from agent.cli.context import CliContext
 from agent.errors import AgentError, ConfigError, ExitStatus, exit_status
 from pkcs11_backends.errors import Pkcs11Error
 
-COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, consent, daemon, lifecycle, status)
+COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, consent, messages, daemon, lifecycle, status)
 
 
 class _Parser(argparse.ArgumentParser):

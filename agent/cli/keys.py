@@ -15,7 +15,8 @@ from typing import Any
 
 from agent.cli.context import CliContext
 from agent.errors import InputError
-from pkcs11_backends.keys import KeySpec
+from pkcs11_backends.decryption import generate_encryption_key
+from pkcs11_backends.keys import KeySpec, KeyStore
 
 
 def register(sub: Any) -> None:
@@ -26,6 +27,9 @@ def register(sub: Any) -> None:
     gen.add_argument("--label", required=True, help="CKA_LABEL of both halves")
     gen.add_argument("--type", default="rsa:2048", help="rsa:2048 (default), rsa:3072, rsa:4096, ec:p256, ec:p384")
     gen.add_argument("--id", help="CKA_ID as hex (default: 8 random bytes)")
+    gen.add_argument("--purpose", choices=("sign", "encryption"), default="sign",
+                     help="sign (default: signs, for jws and tls keys) or encryption (decrypt-only RSA: the key "
+                          "the bank's events are encrypted to; configure it with purpose = \"encryption\")")
     gen.add_argument("--json", action="store_true", help="print the new key as JSON")
     gen.set_defaults(handler=generate)
 
@@ -51,8 +55,10 @@ def generate(args: argparse.Namespace, ctx: CliContext) -> int:
     store = ctx.runtime.keys
     # PIN and duplicates first: the progress line only starts for work that will be done.
     store.check_free(args.label, key_id)
-    info = _with_progress(f"generating {spec} key {args.label!r} on the token",
-                          lambda: store.generate(args.label, spec, key_id))
+    make = generate_encryption_key if args.purpose == "encryption" else KeyStore.generate
+    kind = "encryption key" if args.purpose == "encryption" else "key"
+    info = _with_progress(f"generating {spec} {kind} {args.label!r} on the token",
+                          lambda: make(store, args.label, spec, key_id))
     if args.json:
         print(json.dumps(info.as_dict(), indent=2))
     else:

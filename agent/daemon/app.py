@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from agent import audit as audit_module
 from agent import sections as sections_module
 from agent.audit import AuditTrail
-from agent.config import Config, KeyConfig, pin_reader
+from agent.config import Config, KeyConfig, KeyPurpose, pin_reader
 from agent.daemon.http import new_interaction_id
 from agent.daemon.policy import Policy
 from agent.daemon.settings import DaemonSettings
@@ -81,15 +81,28 @@ class Agent:
                 if cert_spki != spki:
                     raise StartupCheckError(f"certificate {info.certificate.label!r} stored for key {alias!r} "
                                             "does not match the key's public key")
-            scheme = self.scheme_for(key, info.spec.kind)
-            canary = b"tpp-agent canary " + os.urandom(16)
             with audit_module.on_behalf_of(os.getuid(), os.getpid(), "canary", new_interaction_id()):
+                if key.purpose is KeyPurpose.ENCRYPTION:  # it cannot sign: it decrypts a canary instead
+                    self._decryption_canary(alias, spki)
+                    continue
+                scheme = self.scheme_for(key, info.spec.kind)
+                canary = b"tpp-agent canary " + os.urandom(16)
                 signature = self.core.signer.sign(alias, canary, scheme)
             if not verify_in_software(spki, signature, canary, scheme):
                 raise StartupCheckError(f"canary signature of key {alias!r} ({scheme.jose_name}) does not verify")
         status = f"token {self.config.pkcs11.token!r} logged in, {len(self.config.keys)} key(s) checked"
         self.readiness = Readiness(True, status)
         return status
+
+    def _decryption_canary(self, alias: str, spki: bytes) -> None:
+        """An encryption key decrypts what was encrypted to its public half (and its module's route is probed)."""
+        public = serialization.load_der_public_key(spki)
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise StartupCheckError(f"encryption key {alias!r} is not RSA: JWE RSA-OAEP-256 needs an RSA key")
+        canary = os.urandom(32)
+        sealed = public.encrypt(canary, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None))
+        if self.core.signer.decrypt_oaep_sha256(alias, sealed) != canary:
+            raise StartupCheckError(f"canary decryption of key {alias!r} (RSA-OAEP-256) gave other bytes back")
 
     @staticmethod
     def scheme_for(key: KeyConfig, kind: KeyKind) -> SignatureScheme:

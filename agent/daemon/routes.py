@@ -68,6 +68,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/banks/{bank}/forward", BY_NAME["forward"]),
     Route("POST", "/v1/banks/{bank}/consent/callback", BY_NAME["consent_callback"]),
     Route("POST", "/v1/banks/{bank}/consent/refresh", BY_NAME["consent_refresh"]),
+    Route("POST", "/v1/banks/{bank}/verify", BY_NAME["verify"]),
+    Route("POST", "/v1/banks/{bank}/signed-body", BY_NAME["signed_body"]),
+    Route("POST", "/v1/banks/{bank}/personal-data", BY_NAME["encrypt_personal_data"]),
+    Route("POST", "/v1/banks/{bank}/events", BY_NAME["receive_event"]),
 )
 
 BY_OPERATION: dict[str, Route] = {route.spec.name: route for route in ROUTES}

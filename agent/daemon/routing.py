@@ -21,6 +21,21 @@ from agent.daemon.policy import Peer, Policy
 from agent.daemon.routes import ROUTES, Route, RouteTable
 from agent.errors import AgentError, ConfigError, InputError
 from agent.jose import AlgorithmNotAllowedError, ClaimsError, JoseError
+from agent.jose.errors import (
+    AlgorithmRefusedError,
+    ClaimRejectedError,
+    DecryptionFailedError,
+    ExpiredError,
+    JwksError,
+    MalformedError,
+    NotYetValidError,
+    ReplayError,
+    SignatureInvalidError,
+    UnknownKidError,
+    WrongAudienceError,
+    WrongIssuerError,
+    WrongRecipientError,
+)
 from agent.log import get_logger
 from agent.openfinance.banks import UnknownBankError
 from agent.openfinance.consent import (
@@ -226,6 +241,33 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(403, "algorithm_not_allowed", str(exc), hint)
     if isinstance(exc, ClaimsError):
         return HttpError(400, "claims_refused", str(exc), hint)
+    # What the bank signed or encrypted, refused: one code per reason (a forged answer is not an expired one).
+    if isinstance(exc, ReplayError):
+        return HttpError(409, "replayed", str(exc), hint)
+    if isinstance(exc, SignatureInvalidError):
+        return HttpError(400, "bad_signature", str(exc), hint)
+    if isinstance(exc, UnknownKidError):
+        return HttpError(400, "unknown_kid", str(exc), hint)
+    if isinstance(exc, ExpiredError):
+        return HttpError(400, "expired", str(exc), hint)
+    if isinstance(exc, NotYetValidError):
+        return HttpError(400, "not_yet_valid", str(exc), hint)
+    if isinstance(exc, WrongIssuerError):
+        return HttpError(400, "wrong_issuer", str(exc), hint)
+    if isinstance(exc, WrongAudienceError):
+        return HttpError(400, "wrong_audience", str(exc), hint)
+    if isinstance(exc, ClaimRejectedError):
+        return HttpError(400, "claim_rejected", str(exc), hint)
+    if isinstance(exc, AlgorithmRefusedError):
+        return HttpError(400, "algorithm_refused", str(exc), hint)
+    if isinstance(exc, WrongRecipientError):
+        return HttpError(400, "wrong_recipient", str(exc), hint)
+    if isinstance(exc, DecryptionFailedError):
+        return HttpError(400, "undecryptable", str(exc), hint)
+    if isinstance(exc, MalformedError):
+        return HttpError(400, "malformed", str(exc), hint)
+    if isinstance(exc, JwksError):
+        return HttpError(502, "bank_jwks_unusable", str(exc), hint)
     if isinstance(exc, JoseError):
         return HttpError(400, "jose_refused", str(exc), hint)
     if isinstance(exc, InputError):

@@ -5,6 +5,7 @@
     issuer = "https://127.0.0.1:8443"              # as the directory lists it
     use_mtls_aliases = true                        # prefer mtls_endpoint_aliases (default false)
     discovery_ttl = 900                            # seconds a fetched document is used (default 15 min)
+    jwks_ttl = 300                                 # seconds the bank's JWKS is used (default 5 min)
     api_origins = ["https://api.modelbank.ae"]     # more hosts `forward` may call (default: the endpoints'
                                                    # of discovery: registration, token, PAR, mTLS aliases)
     ca_bundle = "/etc/tpp-agent/ca/al-tareq.pem"   # transport settings, read by agent.transport's
@@ -26,7 +27,8 @@ from agent.errors import ConfigError
 from agent.transport.tls import TlsSettings
 
 DEFAULT_DISCOVERY_TTL = 15 * 60.0  # the directory's own caching period
-_OWN = {"discovery_url", "issuer", "use_mtls_aliases", "discovery_ttl", "api_origins"}
+DEFAULT_JWKS_TTL = 5 * 60.0  # the ecosystem's caching period for a bank's JWKS
+_OWN = {"discovery_url", "issuer", "use_mtls_aliases", "discovery_ttl", "api_origins", "jwks_ttl"}
 _KNOWN = _OWN | {f.name for f in dataclasses.fields(TlsSettings)} - {"bank"}
 
 
@@ -43,6 +45,7 @@ class BankConfig:
     use_mtls_aliases: bool = False
     discovery_ttl: float = DEFAULT_DISCOVERY_TTL
     api_origins: tuple[str, ...] = ()  # https://host[:port] the forward call may reach besides discovery's
+    jwks_ttl: float = DEFAULT_JWKS_TTL
 
 
 def parse_banks(config: Config) -> dict[str, BankConfig]:
@@ -82,6 +85,9 @@ def _parse_bank(name: str, table: Mapping[str, Any], base: Path, where: str) -> 
     ttl = table.get("discovery_ttl", DEFAULT_DISCOVERY_TTL)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < 10 ** 9:
         raise ConfigError(f"{section} discovery_ttl must be a positive number of seconds in {where}")
+    jwks_ttl = table.get("jwks_ttl", DEFAULT_JWKS_TTL)
+    if isinstance(jwks_ttl, bool) or not isinstance(jwks_ttl, int | float) or not 1 <= jwks_ttl <= 86400:
+        raise ConfigError(f"{section} jwks_ttl must be a number of seconds from 1 to 86400 in {where}")
     origins = table.get("api_origins", [])
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
         raise ConfigError(f"{section} api_origins must be a list of https://host[:port] origins in {where}")
@@ -92,6 +98,7 @@ def _parse_bank(name: str, table: Mapping[str, Any], base: Path, where: str) -> 
         tls=TlsSettings.from_table(name, table, base),
         use_mtls_aliases=use_aliases,
         discovery_ttl=float(ttl),
+        jwks_ttl=float(jwks_ttl),
         api_origins=tuple(_origin_of(o, f"{section} api_origins", where) for o in origins),
     )
 

@@ -5,8 +5,8 @@ TPP's encryption key, around a PS256 JWS signed by the bank with ``iss`` (the ba
 ``nbf``, ``jti`` and ``message {Data, Meta{EventDateTime, EventResource, EventType, ConsentId}}``.
 
     receiver = EventReceiver(bank="mb", issuer=..., client_id=..., jwks=bank_jwks,
-                             unwrap=lambda cek: decryptor.decrypt_oaep_sha256("encryption", cek),
-                             encryption_kid=kid, replay=ReplayGuard())
+                             unwrap=lambda cek: signer.decrypt_oaep_sha256("encryption", cek),  # audited
+                             encryption_kid=kid, replay=ReplayGuard(store=StateReplayStore(state, "mb")))
     event = receiver.receive(body, content_type)
 
 Order matters: the JWE is opened, then the inner signature and claims are verified, and only then is the ``jti``

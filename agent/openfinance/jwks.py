@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +23,7 @@ from typing import Any
 
 from jwcrypto import jwk as jwcrypto_jwk
 
+from agent import strict_json
 from agent.jose.errors import JwksError, UnknownKidError
 from agent.openfinance.client import BankHttp
 
@@ -47,9 +47,9 @@ class KeySet:
         if len(body) > MAX_BYTES:
             raise JwksError(f"{where}: the JWKS is {len(body)} bytes; at most {MAX_BYTES} are accepted")
         try:
-            document = json.loads(body)
-        except ValueError:
-            raise JwksError(f"{where}: the JWKS is not JSON") from None
+            document = strict_json.loads(body)
+        except ValueError as exc:  # StrictJsonError too: a member named twice is read two ways
+            raise JwksError(f"{where}: the JWKS is not strict JSON ({exc})") from None
         entries = document.get("keys") if isinstance(document, dict) else None
         if not isinstance(entries, list):
             raise JwksError(f"{where}: the JWKS has no \"keys\" array")

@@ -20,11 +20,13 @@ from cryptography.x509.oid import NameOID
 
 from agent import log
 from agent.errors import ConfigError
+from agent.jose.errors import JwksError
 from agent.openfinance.authorization import ConsentClient
-from agent.openfinance.banks import BankConfig, find_bank
+from agent.openfinance.banks import BankConfig, find_bank, https_origin
 from agent.openfinance.consent import PendingAuthorizations
 from agent.openfinance.discovery import Discovery
-from agent.openfinance.flow_state import StatePendingStore
+from agent.openfinance.events import ReplayGuard
+from agent.openfinance.flow_state import StatePendingStore, StateReplayStore
 from agent.openfinance.jwks import BankJwks
 from agent.openfinance.records import RegistrationLog
 from agent.openfinance.registration import Identity, Registrar
@@ -134,9 +136,19 @@ class OpenFinance:
         with self._lock:
             found = self._jwks.get(name)
             if found is None:
-                found = self._jwks[name] = BankJwks(
-                    name, self.http(name), lambda: self.discovery(name).get().endpoint("jwks_uri", False))
+                found = self._jwks[name] = BankJwks(name, self.http(name), lambda: self._jwks_uri(name),
+                                                    ttl=self.bank(name).jwks_ttl)
             return found
+
+    def _jwks_uri(self, name: str) -> str:
+        uri = self.discovery(name).get().endpoint("jwks_uri", False)
+        if https_origin(uri) is None:
+            raise JwksError(f"bank {name!r}: the jwks_uri of its discovery document is no https URL: {uri[:80]!r}")
+        return uri
+
+    def replay(self, name: str) -> ReplayGuard:
+        """The bank's seen event ``jti`` values, in the shared state store (a fleet sees one delivery once)."""
+        return ReplayGuard(store=StateReplayStore(self.state, name))
 
     def consents(self, name: str) -> ConsentClient:
         """The consent flow at the bank: its token client, its JWKS, the shared pending authorizations."""

@@ -15,6 +15,7 @@
     [tokens]
     client_id = "…"            # the application's client ID in the directory (the transport certificate's CN)
     signing_key = "signing"    # alias or pkcs11: URI of the JWS signing key
+    encryption_key = "encryption"  # alias of the key (purpose = "encryption") the bank's events are encrypted to
     refresh_margin = 30        # seconds before expiry a cached token is replaced
 """
 
@@ -39,6 +40,7 @@ from agent.transport.client import BUSY_PATIENCE
 from pkcs11_backends.keys import KeyStore
 
 DEFAULT_SIGNING_KEY = "signing"
+DEFAULT_ENCRYPTION_KEY = "encryption"
 DEFAULT_REFRESH_MARGIN = 30.0
 MAX_SCOPE_LENGTH = 1024  # characters: far more than any real set of scopes, far less than a request can carry
 MAX_CACHED_SCOPES = 256  # distinct scopes whose tokens a bank's cache keeps (least recently used go first)
@@ -82,6 +84,7 @@ class TokenSettings:
     client_id: str | None = None
     signing_key: str = DEFAULT_SIGNING_KEY
     refresh_margin: float = DEFAULT_REFRESH_MARGIN
+    encryption_key: str = DEFAULT_ENCRYPTION_KEY
 
     @classmethod
     def from_config(cls, config: Config) -> TokenSettings:
@@ -89,14 +92,15 @@ class TokenSettings:
         unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in [tokens]",
-                              hint="known settings: client_id, signing_key, refresh_margin")
-        for name in ("client_id", "signing_key"):
+                              hint="known settings: client_id, signing_key, encryption_key, refresh_margin")
+        for name in ("client_id", "signing_key", "encryption_key"):
             if name in raw and (not isinstance(raw[name], str) or not raw[name].strip()):
                 raise ConfigError(f"[tokens] {name} must be a non-empty string")
         margin = raw.get("refresh_margin", DEFAULT_REFRESH_MARGIN)
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin <= 3600:
             raise ConfigError("[tokens] refresh_margin must be a number of seconds from 0 to 3600")
-        return cls(raw.get("client_id"), raw.get("signing_key", DEFAULT_SIGNING_KEY), float(margin))
+        return cls(raw.get("client_id"), raw.get("signing_key", DEFAULT_SIGNING_KEY), float(margin),
+                   raw.get("encryption_key", DEFAULT_ENCRYPTION_KEY))
 
 
 @dataclasses.dataclass(frozen=True)

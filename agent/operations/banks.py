@@ -15,9 +15,11 @@ import dataclasses
 import re
 from typing import Any
 
+from agent.errors import InputError
 from agent.jose import CLIENT_ASSERTION_TYPE
 from agent.openfinance.banks import https_origin
 from agent.openfinance.discovery import ENDPOINTS
+from agent.openfinance.payloads import check_idempotency_key
 from agent.openfinance.tokens import MAX_SCOPE_LENGTH, normalise_scope
 from agent.operations.core import Context
 from agent.operations.errors import PolicyDenied
@@ -118,6 +120,11 @@ class ForwardInput:
                 bad = next(c for c in value if not _HEADER_VALUE.match(c))
                 raise InvalidInput("bad_field", f"header {name!r} holds the control character {bad!r}",
                                    hint="header values are text without line breaks, NUL or other controls")
+            if name.lower() == "x-idempotency-key":
+                try:  # sent as given, so a retry with the same key is the same payment to the bank
+                    check_idempotency_key(value)
+                except InputError as exc:
+                    raise InvalidInput("bad_idempotency_key", str(exc), exc.hint) from None
 
 
 def forward(context: Context, given: ForwardInput) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from agent.operations.spec import Access, Operation, Resource, Spec
 from pkcs11_backends.keys import SignatureScheme
 
 MAX_SIGN_BYTES = 1 << 20
+_PUBLISHED = frozenset({KeyPurpose.JWS, KeyPurpose.ENCRYPTION})  # what a JWKS holds
 
 
 
@@ -70,17 +71,20 @@ def public(context: Context, given: PublicInput) -> dict[str, Any]:
     """PEM SubjectPublicKeyInfo (any purpose: it is in the certificate anyway), or the JWK of a jws key."""
     alias = context.key_config.alias
     if given.format == "jwk":
-        if context.key_config.purpose is not KeyPurpose.JWS:
-            raise KeyPurposeError(f"key {alias!r} is a {context.key_config.purpose} key: it has no JWK "
-                                  "(a JWK says what signs JWS, and only jws keys do)")
-        jwk: dict[str, Any] = jose.to_jwk(jose.resolve(context.core.keys, context.core.config, alias))
+        purpose = context.key_config.purpose
+        if purpose not in _PUBLISHED:
+            raise KeyPurposeError(f"key {alias!r} is a {purpose} key: it has no JWK (a JWK says what signs JWS, "
+                                  "or what to encrypt to: only jws and encryption keys are published)")
+        jwk: dict[str, Any] = jose.to_jwk(jose.resolve(context.core.keys, context.core.config, alias),
+                                          purpose or KeyPurpose.JWS)
         return jwk
     spki = context.core.keys.public_key_info(alias)
     return {"pem": pem.armor("PUBLIC KEY", spki.dump()).decode("ascii")}
 
 
 def jwks(context: Context, _: Nothing) -> dict[str, Any]:
-    """The JWK Set of the jws keys the caller may see: never a tls, encryption or audit key."""
+    """The JWK Set of the jws (``use: sig``) and encryption (``use: enc``) keys the caller may see: never a tls
+    or audit key."""
     if not context.visible:
         return {"keys": []}
     keyset: dict[str, Any] = jose.jwks(context.core.keys, context.core.config, context.visible)
@@ -114,8 +118,8 @@ SPECS: tuple[Spec[Any], ...] = (
          purposes=frozenset(KeyPurpose)),
     Spec("public", Operation.PUBLIC, "a key's public half (PEM, or the JWK of a jws key)", Resource.KEY,
          PublicInput, public, purposes=frozenset(KeyPurpose)),
-    Spec("jwks", Operation.PUBLIC, "the JWK Set of the jws keys the caller may see", Resource.KEYS, Nothing, jwks,
-         purposes=frozenset({KeyPurpose.JWS})),
+    Spec("jwks", Operation.PUBLIC, "the JWK Set of the jws and encryption keys the caller may see", Resource.KEYS,
+         Nothing, jwks, purposes=_PUBLISHED),
     Spec("sign", Operation.SIGN, "a raw signature of the caller's bytes", Resource.KEY, SignInput, sign,
          purposes=frozenset({KeyPurpose.JWS}), raw_sign=True),
 )

@@ -35,6 +35,10 @@ class Operation(enum.StrEnum):
     FORWARD = "forward"
     CONSENT_CALLBACK = "consent_callback"
     CONSENT_REFRESH = "consent_refresh"
+    VERIFY = "verify"
+    SIGNED_BODY = "signed_body"
+    ENCRYPT_PERSONAL_DATA = "encrypt_personal_data"
+    RECEIVE_EVENT = "receive_event"
 
 
 class Resource(enum.Enum):

@@ -123,7 +123,8 @@ def test_keys_are_used_only_for_their_use() -> None:
 
 @pytest.mark.parametrize("body,message", [
     (b"[]", "no \"keys\" array"),
-    (b"{", "not JSON"),
+    (b"{", "not strict JSON"),
+    (b'{"keys": [], "keys": []}', "appears twice"),  # read one way here, another by someone else
     (json.dumps({"keys": [public_jwk(BANK, f"k{i}") for i in range(MAX_KEYS + 1)]}).encode(), "at most"),
     (b" " * (256 * 1024 + 1), "bytes"),
 ])
