@@ -24,7 +24,7 @@ The poll releases the interpreter lock at each turn and sees a request queued fo
 a worker as the sleeping wait does.
 
 The workers for requests that stay on this host number ``workers`` (the CPUs) while
-requests compute, and grow up to ``max_workers`` (the token's sessions) while they
+requests compute, and grow up to ``max_workers`` (the token's sessions and the CPUs) while they
 block, as on a network HSM: :mod:`agent.daemon.sizing` measures a sample of the
 requests and the lane starts or retires workers to match.
 

@@ -106,12 +106,14 @@ def _processes(section: Mapping[str, Any]) -> int:
 def _workers(section: Mapping[str, Any], processes: int, sessions: int) -> tuple[int, int | None]:
     """``workers`` and ``max_workers`` of :class:`Limits`. By default ("auto") the CPUs, shared among the
     serving processes, while requests compute (a local token's work is CPU work), and up to the token's sessions
-    while they block (a network HSM's round trips, audit syncs): see :mod:`agent.daemon.sizing`. A number:
-    that many workers, always."""
+    while they block (a network HSM's round trips, audit syncs): see :mod:`agent.daemon.sizing`. The ceiling
+    is the sessions plus the CPUs' share: a worker holds a session only inside its token call, so with as many
+    workers as sessions a session idles while its worker parses, audits and answers; ``base`` more keep every
+    session busy meanwhile (the others wait for one). A number: that many workers, always."""
     base = max(1, _cpus() // processes)
     value = section.get("workers", "auto")
     if value == "auto":
-        return base, max(base, sessions)
+        return base, sessions + base
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
         raise ConfigError(f"[daemon] workers must be \"auto\" or a whole number from 1 to 256, got {value!r}",
                           hint='"auto" (the default): the CPUs while requests compute, up to [pkcs11] '

@@ -10,13 +10,13 @@ allow 3,450). An audit record ``fdatasync``'ed before the answer blocks the same
 By Little's law, ``base`` CPUs stay busy with ``base * (cpu + blocked) / cpu`` workers, where ``cpu`` and
 ``blocked`` are what a request spends on a CPU and blocked (waiting on the token, a sync, a lock). The server
 measures a sample of its requests (one in :data:`SAMPLE_EVERY` per worker) and resizes the lane after every
-:data:`WINDOW` samples, from ``base`` up to ``ceiling`` (the pool's sessions: more workers would wait for a
-session), with the median CPU time and the lower quartile of blocked time: what nearly every request blocks
-for, a network HSM's round trip or a sync, and not the waits for the interpreter lock that some requests
-have when several workers compute (counted, they would keep a lane wide because it is wide). A request's
-time waiting for a CPU (runnable but not running, when the host is busy) is not blocking: more threads would
-not get more CPU; the kernel counts it per thread in ``/proc/thread-self/schedstat`` (the second field),
-which the clock subtracts.
+:data:`WINDOW` samples, from ``base`` up to ``ceiling`` (the pool's sessions plus ``base``: a worker holds a
+session only inside its token call, and more would wait for one), with the median CPU time and the lower quartile
+of blocked time: what nearly every request blocks for, a network HSM's round trip or a sync, and not the waits for
+the interpreter lock that some requests have when several workers compute (counted, they would keep a lane wide
+because it is wide). A request's time waiting for a CPU (runnable but not running, when the host is busy) is not
+blocking: more threads would not get more CPU; the kernel counts it per thread in ``/proc/thread-self/schedstat``
+(the second field), which the clock subtracts.
 """
 
 from __future__ import annotations

@@ -121,14 +121,17 @@ def _limits(tmp_path: Path, daemon: dict[str, object], pkcs11: dict[str, object]
     return DaemonSettings.parse(parse(raw)).limits
 
 
-def test_workers_default_to_the_cpus_growing_to_the_sessions(tmp_path: Path) -> None:
+def test_workers_default_to_the_cpus_growing_past_the_sessions(tmp_path: Path) -> None:
+    # A worker holds a session only inside its token call: the lane grows to the sessions plus the CPUs' share,
+    # so that workers parse, audit and answer while every session is busy on the token.
     cpus = len(os.sched_getaffinity(0))
     limits = _limits(tmp_path, {})
-    assert (limits.workers, limits.max_workers) == (cpus, max(cpus, 8))
+    assert (limits.workers, limits.max_workers) == (cpus, 8 + cpus)
     limits = _limits(tmp_path, {"workers": "auto"}, {"max_sessions": 32})
-    assert (limits.workers, limits.max_workers) == (cpus, 32)
+    assert (limits.workers, limits.max_workers) == (cpus, 32 + cpus)
     limits = _limits(tmp_path, {"processes": 2}, {"max_sessions": 4})
-    assert (limits.workers, limits.max_workers) == (max(1, cpus // 2), 4)
+    base = max(1, cpus // 2)
+    assert (limits.workers, limits.max_workers) == (base, 4 + base)
     limits = _limits(tmp_path, {"workers": 3})
     assert (limits.workers, limits.max_workers) == (3, None)
 
