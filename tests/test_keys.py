@@ -15,6 +15,7 @@ from pkcs11 import Attribute, ObjectClass
 from agent.runtime import Runtime
 from pkcs11_backends.errors import DuplicateKeyError, KeyNotFoundError, KeySpecError
 from pkcs11_backends.keys import KeySpec, SignatureScheme
+from pkcs11_backends.sessions import PooledSession
 from pkcs11_backends.signing import Capabilities
 
 
@@ -126,7 +127,9 @@ def test_a_method_the_module_refuses_is_dropped_from_the_methods_worked_out_befo
     pub = public_key(runtime, str(info.uri))
     uri = info.uri
     for data in (b"first", b"second"):  # the first refusal teaches; the second signature asks the right way at once
-        signature = runtime.pool.call(lambda pooled, data=data: capabilities.sign(
-            runtime.keys.private_key(pooled, uri), data, scheme))
-        verify(pub, signature, data, scheme)
+
+        def sign(pooled: PooledSession, data: bytes = data) -> bytes:
+            return capabilities.sign(runtime.keys.private_key(pooled, uri), data, scheme)
+
+        verify(pub, runtime.pool.call(sign), data, scheme)
         assert [str(m) for m in capabilities.methods(scheme)] == ["CKM_ECDSA over a local digest"]
