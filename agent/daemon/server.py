@@ -69,7 +69,7 @@ Remote = Callable[[Request], bool]
 # Whether any policy rule names a peer: a caller with none gets the small quota of ``Limits.stranger_*``.
 Known = Callable[[Peer], bool]
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
-IDLE_WORKER_SECONDS = 2.0  # a worker beyond a lane's start that waits this long for a request ends
+IDLE_WORKER_SECONDS = 2.0  # a lane beyond its start that serves nothing this long gives a worker back
 
 
 def refuse_connection(sock: socket.socket, error: HttpError) -> None:
@@ -165,6 +165,7 @@ class _Lane:
         self.parked = 0  # requests waiting for their caller's share of this lane (guarded by the server's lock)
         self.sizing = sizing  # None: the lane keeps ``size`` workers
         self.workers = 0  # taking requests: started, less those retired or stuck in a hung call (under resizing)
+        self.served = 0.0  # when one of its workers last started on a request (resized lanes only)
         self.resizing = threading.Lock()
 
     @property
@@ -536,8 +537,10 @@ class Server:
 
     def _next_item(self, lane: _Lane) -> tuple[_Connection, Request] | None:
         """The next request for this worker; None when it is to end: the server stops, the lane shrinks, or the
-        lane has grown past its start and this worker has had nothing to do for ``IDLE_WORKER_SECONDS`` (a lane
-        grown for a burst gives its threads back when the burst is over, as no request is left to measure)."""
+        lane has grown past its start and none of its workers has had anything to do for ``IDLE_WORKER_SECONDS``
+        (a lane grown for a burst gives its threads back when the burst is over, as no request is left to
+        measure). The lane's, not this worker's: under a steady load from fewer clients than workers, some wait
+        all along, and retiring them would start them again at the next window."""
         if lane.sizing is None:
             return lane.queue.get()
         while True:
@@ -545,7 +548,7 @@ class Server:
                 return lane.queue.get(timeout=IDLE_WORKER_SECONDS)
             except queue.Empty:
                 with lane.resizing:
-                    if lane.workers > lane.size:
+                    if lane.workers > lane.size and time.monotonic() - lane.served >= IDLE_WORKER_SECONDS:
                         lane.workers -= 1
                         return None
 
@@ -569,6 +572,7 @@ class Server:
         wanted = None
         try:
             if meter is not None:
+                lane.served = time.monotonic()
                 meter.begin()
             response = self._respond(request)
             if meter is not None:

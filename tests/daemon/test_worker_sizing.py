@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse
+from agent.daemon import server as server_module
 from agent.daemon.http import Request, Response
 from agent.daemon.limits import Limits
 from agent.daemon.settings import DaemonSettings
@@ -140,3 +142,28 @@ def test_workers_default_to_the_cpus_growing_past_the_sessions(tmp_path: Path) -
 def test_bad_workers_say_what_is_allowed(tmp_path: Path, value: object) -> None:
     with pytest.raises(ConfigError, match=r'workers must be "auto" or a whole number from 1 to 256, got'):
         _limits(tmp_path, {"workers": value})
+
+
+def test_a_steady_load_keeps_its_workers_while_some_of_them_wait(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two clients, a ceiling of four: two workers wait for requests all along. Retired for waiting, they would be
+    # started again at the next window (a thread and a log line every few seconds on a steady network HSM).
+    monkeypatch.setattr(server_module, "IDLE_WORKER_SECONDS", 0.05)
+    monkeypatch.setattr(server_module, "Sizing", functools.partial(Sizing, every=1, window=8))
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.005):
+            seen.update(thread.name for thread in threading.enumerate() if thread.name.startswith("worker_"))
+
+    watcher = threading.Thread(target=watch)
+    limits = Limits(workers=1, max_workers=4, drain_timeout=1.0, log_successes=False)
+    with http_server(tmp_path / "s.sock", BlockingHandler(), limits) as path:
+        watcher.start()
+        try:
+            _load(path, clients=2, requests=100)
+        finally:
+            done.set()
+            watcher.join()
+    assert seen == {"worker_1", "worker_2", "worker_3", "worker_4"}
