@@ -34,6 +34,10 @@ _DECODER = json.JSONDecoder(parse_constant=_constant, object_pairs_hook=_unique)
 
 def loads(data: bytes | str) -> Any:
     """The value of ``data``; :class:`StrictJsonError` (or another ValueError, for syntax) when refused."""
-    if not isinstance(data, str):  # what json.loads does with bytes: UTF-8, -16 or -32, told by the first bytes
+    # What json.loads does before it decodes: bytes are UTF-8, -16 or -32 (told by the first bytes); a str may
+    # not start with a byte order mark.
+    if not isinstance(data, str):
         data = data.decode(json.detect_encoding(data), "surrogatepass")
+    elif data.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
     return _DECODER.decode(data)
