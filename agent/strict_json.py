@@ -28,7 +28,7 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
-# One for every JSON read: json.loads with an option makes a decoder each call (request bodies: 7.0 -> 4.8 µs).
+# One for every JSON read: json.loads with options makes a decoder each call (~1 µs of a signing request's 2.3).
 _DECODER = json.JSONDecoder(parse_constant=_constant, object_pairs_hook=_unique)
 
 
