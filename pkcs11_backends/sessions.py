@@ -443,23 +443,32 @@ class SessionPool:
         self._watch = _Watch(supervisor, self._note_hung)
 
     def _supervised(self, watch: _Watch, thread: int, operation: Callable[[PooledSession], T], limit: float) -> T:
-        watch.enter(thread, limit)
-        try:
-            result = self._call(operation)
-        finally:
-            late = watch.leave(thread)
-            if late:
-                self._hung_call_returned()
+        """The call is timed from when it has its session: a wait for one (every session busy on a slow HSM, with
+        more workers than sessions) is not the token hanging. That wait is bounded by ``limit`` too."""
+        late = False
+
+        def timed(pooled: PooledSession) -> T:
+            nonlocal late
+            watch.enter(thread, limit)
+            try:
+                return operation(pooled)
+            finally:
+                if watch.leave(thread):
+                    late = True
+                    self._hung_call_returned()
+
+        result = self._call(timed, limit)
         if late:  # its caller was already told it failed: the result must not leave
             raise TokenTimeoutError(f"token {self.selector} did not answer within {limit:g}s")
         return result
 
-    def _call(self, operation: Callable[[PooledSession], T]) -> T:
+    def _call(self, operation: Callable[[PooledSession], T], wait: float = 30.0) -> T:
+        """``operation`` on a session (waiting at most ``wait`` for one), once more on a fresh one if stale."""
         try:
-            with self.session() as pooled:
+            with self.session(wait) as pooled:
                 return operation(pooled)
         except TokenUnavailableError:
-            with self.session() as pooled:
+            with self.session(wait) as pooled:
                 return operation(pooled)
 
     @functools.cached_property

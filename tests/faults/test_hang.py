@@ -107,3 +107,47 @@ def test_supervised_call_runs_inline_and_the_supervisor_answers_when_it_hangs(to
     assert pool.health.ready and pool.health.recoveries == 1
     assert len(keys.sign(uri, b"after", SignatureScheme.ECDSA_SHA256)) == 64
     pool.close()
+
+
+class _Workers(_Supervisor):
+    """Covers every thread that registers, as the daemon covers all its workers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def covers(self, thread: int) -> bool:
+        return thread in self.threads
+
+
+def test_a_call_that_waits_for_a_session_is_timed_from_when_it_has_one(token: Token, shim: Shim) -> None:
+    # A slow HSM that answers every call within the limit, and more workers than sessions (as [daemon] workers =
+    # "auto" grows to): a worker that first waits for a session is not a hung call.
+    os.environ.update(shim.environment())
+    pool = SessionPool(Module.load(str(shim.path)), TokenSelector(label=token.label),
+                       lambda: read_pin_file(token.user_pin_file), max_sessions=1, call_timeout=0.5)
+    keys = KeyStore(pool)
+    uri = keys.generate("slow", KeySpec.parse("ec:p256")).uri
+    supervisor = _Workers()
+    pool.supervise(supervisor)
+    shim.set(delay_us=300_000)  # each signature 0.3 s: two in a row on one session take longer than the limit
+    outcome: list[object] = []
+
+    def sign(data: bytes) -> None:
+        supervisor.threads.add(threading.get_ident())
+        try:
+            outcome.append(keys.sign(uri, data, SignatureScheme.ECDSA_SHA256))
+        except TokenTimeoutError as exc:
+            outcome.append(exc)
+
+    try:
+        workers = [threading.Thread(target=sign, args=(data,)) for data in (b"first", b"second")]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(10)
+        assert supervisor.told == [] and pool.health.ready
+        assert [len(signature) for signature in outcome if isinstance(signature, bytes)] == [64, 64]
+    finally:
+        shim.set()
+        pool.close()
