@@ -350,6 +350,10 @@ def classify(exc: BaseException, *, bank: str, url: str, interaction_id: str) ->
             return cls(f"the server refused our client certificate (TLS {alert})", **where)
     if any(isinstance(e, CertificateError | ssl.CertificateError) for e in chain):
         return errors.HostnameMismatchError(f"server certificate does not match the host name: {exc}", **where)
+    if handshake is None and "unexpected eof while reading" in text:
+        # The bank closed the connection under a request, after the handshake: OpenSSL 3.5 (Debian 13) says so as
+        # an SSL error where 3.0 (Debian 12) gave ECONNRESET or EPIPE. No handshake failed.
+        return errors.ConnectionLostError("the bank closed the connection (TLS: unexpected EOF)", **where)
     if handshake is not None or any(isinstance(e, u3.SSLError) for e in chain):
         reason = "; ".join(handshake.reasons) if handshake else str(exc)
         return errors.HandshakeFailedError(f"TLS handshake failed: {reason}", **where)
