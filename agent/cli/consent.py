@@ -71,7 +71,9 @@ def _show(args: argparse.Namespace, answer: dict[str, Any]) -> int:
             _write_token(args.refresh_token_file, answer["refresh_token"])
         except InputError:
             # The bank has retired the old one: printing the new one is the only way left to keep the consent.
-            print(f"refresh_token: {answer['refresh_token']}")
+            kept = answer["refresh_token"]
+            print(json.dumps({"bank": answer["bank"], "refresh_token": kept}) if args.json
+                  else f"refresh_token: {kept}")
             raise
         answer["refresh_token_file"] = str(args.refresh_token_file)
     if not args.show_tokens:
@@ -114,6 +116,9 @@ def _check_writable(path: Path) -> None:
         os.close(files.open_dir(path.parent, create=False))
     except OSError as exc:
         raise InputError(f"--refresh-token-file: cannot use the directory of {path}: {exc.strerror}") from None
+    if path.is_dir():
+        raise InputError(f"--refresh-token-file: {path} is a directory", hint="name a file in it, e.g. "
+                         f"{path / 'consent.refresh'}")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise InputError(f"--refresh-token-file: {path} cannot be written by this user",
                          hint="choose a file in a directory this user may write to")

@@ -9,24 +9,36 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from jwcrypto import jwk as jwcrypto_jwk
+from jwcrypto import jws as jwcrypto_jws
 from pkcs11 import Attribute, KeyType
 
 from agent.cli import build_parser
 from agent.cli.options import NO_RESULT, commands
 from agent.errors import ExitStatus
 from agent.runtime import Runtime
+from agent.transport.client import BankTransport, open_transport
+from agent.transport.tls import TlsSettings
 from modelbank import ModelBank
+from pkcs11_backends.decryption import generate_encryption_key
+from pkcs11_backends.keys import KeySpec
 from tests.lifecycle.participants_data import organisation, server
+from tests.openfinance.bank_world import REDIRECT_URI
 from tests.openfinance.conftest import BANK, Tpp, signing_identity
 from tests.openfinance.test_cli_and_demo import cli
+
+CONSENT = [{"type": "urn:openfinanceuae:account-access-consent:v2.1",
+            "consent": {"Permissions": ["ReadAccountsBasic"], "ExpirationDateTime": "2027-01-01T00:00:00Z"}}]
 
 
 @dataclass
@@ -36,6 +48,33 @@ class World:
     transport_pem: Path
     signing_label: str
     runtime: Runtime
+    bank: ModelBank
+    client_id: str
+    browser: BankTransport  # the customer's, at the bank's authorization endpoint (mTLS: the model bank asks all)
+
+    def redirect(self) -> str:
+        """A consent started with ``par`` and approved at the bank: the redirect URL the browser brings back."""
+        started = cli(self.config, "par", BANK, "--scope", "openid accounts", "--redirect-uri", REDIRECT_URI,
+                      "--authorization-details", json.dumps(CONSENT), "--json")
+        assert started.returncode == 0, started.stderr
+        answer = self.browser.request("GET", json.loads(started.stdout)["authorization_url"])
+        assert answer.status == 302, answer.body
+        return answer.headers["location"]
+
+    def consented(self) -> Path:
+        """A file holding the refresh token of a consent completed with ``consent callback``."""
+        kept = self.files / f"consent-{uuid.uuid4().hex[:8]}.refresh"
+        done = cli(self.config, "consent", "callback", BANK, "--url", self.redirect(), "--refresh-token-file",
+                   str(kept))
+        assert done.returncode == 0, done.stderr
+        return kept
+
+    def event(self) -> Path:
+        """A new event JWE from the bank (its jti not seen yet), encrypted to the TPP's published enc key."""
+        claims = self.bank.events.claims(self.client_id, "consent-42")
+        path = self.files / f"event-{claims['jti']}.jwe"
+        path.write_text(self.bank.events.make_for(self.client_id, claims))
+        return path
 
 
 # Each command's arguments (besides --json), and the exit statuses that are results, not failures: these
@@ -63,6 +102,14 @@ RUNS: dict[tuple[str, ...], tuple[Callable[[World], list[str]], frozenset[int]]]
     ("certs", "needs-renewal"): (lambda w: ["--key", "transport"], frozenset({0, 1})),
     ("banks", "sync"): (lambda w: ["--participants", str(w.files / "participants.json")], frozenset({0, 1})),
     ("status",): (lambda w: [], frozenset({0})),
+    ("consent", "callback"): (lambda w: [BANK, "--url", w.redirect(), "--refresh-token-file",
+                                         str(w.files / "consent.refresh")], frozenset({0})),
+    ("consent", "refresh"): (lambda w: [BANK, "--refresh-token-file", str(w.consented())], frozenset({0})),
+    ("verify",): (lambda w: [BANK, "--jws", str(w.files / "answer.jwt")], frozenset({0})),
+    ("signed-body",): (lambda w: [BANK, "--message", str(w.files / "payment.json")], frozenset({0})),
+    ("encrypt-personal-data",): (lambda w: [BANK, "--data", '{"Initiation": {"CreditorAccount": {"Name": "F"}}}'],
+                                 frozenset({0})),
+    ("receive-event",): (lambda w: [BANK, "--jwe", str(w.event())], frozenset({0})),
 }
 
 
@@ -78,12 +125,21 @@ def test_every_command_that_prints_a_result_takes_json_and_has_a_run_here() -> N
 @pytest.fixture
 def world(tpp: Tpp, bank: ModelBank, tmp_path: Path) -> Iterator[World]:
     """The transport key of ``tpp`` (registered nowhere yet) and a signing key, both with certificates from the
-    bank's CA, configured by alias; the bank knows the signing key's JWKS."""
+    bank's CA, and an encryption key for the bank's events, configured by alias; the bank knows the JWKS that
+    ``tpp-agent jwks`` publishes (the signing key's and the encryption key's), and has signed an answer."""
     transport = tpp.runtime.keys.info(tpp.key_uri).certificate
     assert transport is not None
     identity = signing_identity(tpp, bank)
+    events = generate_encryption_key(tpp.runtime.keys, f"events-{uuid.uuid4().hex[:10]}", KeySpec.parse("rsa:2048"))
     config = tpp.write_config(bank)
     config.write_text(config.read_text() + identity.keys_toml(tpp) + textwrap.dedent(f"""
+        [keys.events]
+        uri = "{events.uri}"
+        purpose = "encryption"
+
+        [tokens]
+        encryption_key = "events"
+
         [daemon]
         audit_file = "{tpp.state_dir / 'audit.jsonl'}"
         socket = "{tmp_path / 'no-agent' / 'agent.sock'}"
@@ -91,11 +147,23 @@ def world(tpp: Tpp, bank: ModelBank, tmp_path: Path) -> Iterator[World]:
     files = tmp_path / "files"
     files.mkdir()
     (files / "payload.json").write_text('{"hello": "bank"}')
+    (files / "payment.json").write_text('{"Data": {"InstructedAmount": {"Amount": "100.00", "Currency": "AED"}}}')
+    now = int(time.time())
+    (files / "answer.jwt").write_text(bank.jose.sign({
+        "iss": bank.issuer, "aud": identity.client_id, "iat": now, "nbf": now, "exp": now + 600,
+        "message": {"Data": {"Match": True}}}))
+    published = cli(config, "jwks", "--json")
+    assert published.returncode == 0, published.stderr
+    bank.tokens.register_client(identity.client_id, json.loads(published.stdout))
     (files / "participants.json").write_text(json.dumps([organisation("org-mb", "Model Bank PJSC", [
         {**server("Model Bank", bank.issuer, "as-mb"), "OpenIDDiscoveryDocument": bank.discovery_url}])]))
     transport_pem = files / "transport.pem"
     transport_pem.write_bytes(x509.load_der_x509_certificate(transport.der).public_bytes(Encoding.PEM))
-    yield World(config, files, transport_pem, identity.key.label, tpp.runtime)
+    browser = open_transport(tpp.runtime, TlsSettings(bank=BANK, ca_bundle=bank.ca_bundle, client_key=tpp.key_uri))
+    try:
+        yield World(config, files, transport_pem, identity.key.label, tpp.runtime, bank, identity.client_id, browser)
+    finally:
+        browser.close()
 
 
 def test_each_command_prints_one_json_document_with_json_before_or_after_it(world: World) -> None:
@@ -129,6 +197,80 @@ def test_the_results_say_what_a_user_checks(world: World, bank: ModelBank) -> No
     assert again["already_present"] is True and again["certificate"]["days_left"] > 390
     checked = json.loads(cli(world.config, "config", "check", "--json").stdout)
     assert checked == {"file": str(world.config), "ok": True, "exit_status": 0, "problems": []}
+
+
+def read_back(token: str, keys: jwcrypto_jwk.JWKSet) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and claims of a compact JWS the agent made, verified by jwcrypto with the JWKS the agent publishes."""
+    checked = jwcrypto_jws.JWS()
+    checked.allowed_algs = ["PS256"]
+    checked.deserialize(token)
+    checked.verify(keys.get_key(checked.jose_header["kid"]), alg="PS256")
+    return dict(checked.jose_header), json.loads(checked.payload)
+
+
+def test_the_consent_and_message_results_say_what_a_user_checks(world: World, bank: ModelBank) -> None:
+    assert cli(world.config, "register", BANK).returncode == 0  # the bank's token and PAR endpoints want it
+    kept, redirect = world.files / "kept.refresh", world.redirect()
+    # A file that cannot be written is refused before the bank is asked: the redirect still completes after.
+    refused = cli(world.config, "consent", "callback", BANK, "--url", redirect, "--refresh-token-file",
+                  str(world.files), "--json")
+    assert refused.returncode == ExitStatus.DATAERR and refused.stdout == ""
+    assert f"error: --refresh-token-file: {world.files} is a directory" in refused.stderr
+    done = cli(world.config, "consent", "callback", BANK, "--url", redirect, "--refresh-token-file", str(kept),
+               "--json")
+    assert done.returncode == 0, done.stderr
+    tokens = json.loads(done.stdout)
+    first = kept.read_text().strip()
+    assert "access_token" not in tokens and "refresh_token" not in tokens and first not in done.stdout
+    assert tokens["bank"] == BANK and tokens["token_type"] == "Bearer" and tokens["expires_in"] == 300
+    assert tokens["refresh_token_file"] == str(kept) and kept.stat().st_mode & 0o777 == 0o600
+    consent = tokens["authorization_details"][0]["consent"]
+    assert consent["Status"] == "Authorized" and consent["Permissions"] == ["ReadAccountsBasic"]
+    claims = tokens["id_token_claims"]
+    assert claims["iss"] == bank.issuer and world.client_id in claims["aud"] and claims["nonce"]
+    refreshed = cli(world.config, "consent", "refresh", BANK, "--refresh-token-file", str(kept), "--json")
+    assert refreshed.returncode == 0, refreshed.stderr
+    again = json.loads(refreshed.stdout)
+    assert again["rotated"] is True and "refresh_token" not in again and "access_token" not in again
+    assert kept.read_text().strip() not in ("", first) and again["refresh_token_file"] == str(kept)
+    shown = json.loads(cli(world.config, "consent", "callback", BANK, "--url", world.redirect(), "--show-tokens",
+                           "--json").stdout)  # asked for: the tokens, and they are the bank's
+    issued = bank.tokens.issued[shown["access_token"]]
+    assert issued.consent_id == shown["authorization_details"][0]["consent"]["ConsentId"] and shown["refresh_token"]
+
+    verified = json.loads(cli(world.config, "verify", BANK, "--jws", str(world.files / "answer.jwt"), "--json").stdout)
+    assert verified["kid"] == bank.jose.signing.kid and verified["bank"] == BANK
+    assert verified["header"]["alg"] == "PS256" and verified["header"]["kid"] == bank.jose.signing.kid
+    assert verified["claims"]["iss"] == bank.issuer and verified["claims"]["message"] == {"Data": {"Match": True}}
+
+    published = jwcrypto_jwk.JWKSet.from_json(cli(world.config, "jwks", "--json").stdout)
+    body = json.loads(cli(world.config, "signed-body", BANK, "--message", str(world.files / "payment.json"),
+                          "--json").stdout)
+    assert body["content_type"] == "application/jwt" and body["bank"] == BANK
+    header, signed = read_back(body["jwt"], published)
+    assert header["kid"] == body["kid"] and signed["iss"] == world.client_id and signed["aud"] == [bank.issuer]
+    assert signed["message"] == json.loads((world.files / "payment.json").read_text())
+
+    data = {"Initiation": {"CreditorAccount": {"Name": "Fatima Al Mansoori"}}}
+    personal = json.loads(cli(world.config, "encrypt-personal-data", BANK, "--data", json.dumps(data),
+                              "--json").stdout)
+    assert personal["recipient_kid"] == bank.jose.encryption.kid
+    outer, inner = bank.jose.decrypt(personal["jwe"])  # the bank opens it with its private key
+    assert outer["cty"] == "JWT"
+    header, signed = read_back(inner.decode("ascii"), published)
+    assert header["kid"] == personal["kid"] and signed["Initiation"] == data["Initiation"]
+    assert signed["iss"] == signed["sub"] == world.client_id and signed["aud"] == bank.issuer
+
+    delivered = world.event()
+    received = cli(world.config, "receive-event", BANK, "--jwe", str(delivered), "--json")
+    assert received.returncode == 0, received.stderr
+    event = json.loads(received.stdout)
+    assert event["event_type"] == "Consent.StatusUpdated" and event["consent_id"] == "consent-42"
+    assert event["message"]["Data"]["Status"] == "Revoked" and event["claims"]["iss"] == bank.issuer
+    assert event["jti"] == event["claims"]["jti"] and event["bank"] == BANK
+    replayed = cli(world.config, "receive-event", BANK, "--jwe", str(delivered), "--json")
+    assert replayed.returncode == ExitStatus.DATAERR and replayed.stdout == "", replayed.stdout
+    assert "already received" in replayed.stderr and "Traceback" not in replayed.stderr
 
 
 def test_global_options_work_after_the_command(world: World, tmp_path: Path) -> None:
