@@ -52,6 +52,7 @@ import json
 import os
 import re
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -232,7 +233,8 @@ class AuditTrail:
         except BaseException:
             os.close(self._fd)
             raise
-        self._synced = self._seq
+        self._synced = self.first_seq = self._seq
+        self._pending_since = 0.0  # when the oldest record not yet durable was written (see sync_lag)
         self._failed = 0  # the highest seq covered by a failed sync
         self._refused = ""  # interval mode: why the last background sync failed ("" once one succeeds)
         self._cut = ""  # why the file can no longer be trusted to hold what was written ("": it can)
@@ -257,6 +259,11 @@ class AuditTrail:
     def synced_seq(self) -> int:
         """The last record this process saw reach the disk (an ``fdatasync`` returned after it was written)."""
         return self._synced
+
+    def sync_lag(self) -> float:
+        """Seconds the oldest record not yet durable has waited (0.0 when every record written is)."""
+        pending_since = self._pending_since  # read first: a sync may land meanwhile, and then lag is 0
+        return 0.0 if self._synced >= self._seq else max(0.0, time.monotonic() - pending_since)
 
     @property
     def cut(self) -> str:
@@ -342,6 +349,8 @@ class AuditTrail:
             self._size = self._size + written if written == len(line) else os.fstat(self._fd).st_size
         except OSError as exc:
             raise AuditError(f"cannot write the audit trail {self.path}: {exc.strerror}") from None
+        if self._synced == self._seq:  # the first record the disk does not have yet
+            self._pending_since = time.monotonic()
         self._seq, self._prev = seq, digest
 
     def _hold(self) -> None:
@@ -661,6 +670,10 @@ def current_caller(what: str) -> Caller:
     return caller
 
 
+# How long a token call took, and how it failed (agent.metrics.Metrics.hsm_call).
+TokenCallTimer = Callable[[str, float, BaseException | None], None]
+
+
 class AuditedKeyStore(KeyStore):
     """The same token keys (same session pool and aliases), every ``sign`` and every decryption audited.
 
@@ -669,9 +682,10 @@ class AuditedKeyStore(KeyStore):
     the token does it, raw RSA included, stays inside that module).
     """
 
-    def __init__(self, store: KeyStore, audit: AuditTrail) -> None:
+    def __init__(self, store: KeyStore, audit: AuditTrail, timed: TokenCallTimer | None = None) -> None:
         super().__init__(store.pool, store.aliases)
         self.audit = audit
+        self._timed = timed
         self._decryptor = TokenDecryptor(self)  # keeps each key's probed OAEP route for this store's life
 
     def decrypt_oaep_sha256(self, name: str | Pkcs11Uri, ciphertext: bytes) -> bytes:
@@ -694,11 +708,16 @@ class AuditedKeyStore(KeyStore):
         key = self.aliases.get(name, name) if isinstance(name, str) else str(name)
         use = KeyUse(caller.uid, caller.pid, key, caller.operation, scheme.jose_name, data, "ok",
                      caller.interaction_id)
+        started = time.perf_counter()
         try:
             signature = super().sign(name, data, scheme, timeout)
         except Exception as exc:
+            if self._timed is not None:
+                self._timed("sign", time.perf_counter() - started, exc)
             self.audit.record(use._replace(result=f"error: {type(exc).__name__}"))
             raise
+        if self._timed is not None:
+            self._timed("sign", time.perf_counter() - started, None)
         self.audit.record(use)
         return signature
 

@@ -21,6 +21,7 @@ from agent.directory.settings import DirectorySettings
 from agent.errors import AgentError, ConfigError
 from agent.jose import JoseSettings
 from agent.lifecycle.validity import expiry_warning_days
+from agent.metrics.settings import MetricsSettings
 from agent.openfinance.banks import BankConfig, parse_banks
 from agent.openfinance.tokens import TokenSettings
 from agent.state import database_url
@@ -68,6 +69,7 @@ PARSERS: Mapping[str, tuple[str, Callable[[Config], object]]] = {
     "jose": ("jose", JoseSettings.from_config),
     "certificates": ("certificates", CertificateSettings.parse),
     "directory": ("directory", _directory),
+    "metrics": ("metrics", MetricsSettings.parse),
     "policy": ("policy", lambda config: Policy.parse(config.section("policy"), config.keys,
                                                      frozenset(config.section("banks")))),
 }
@@ -99,6 +101,7 @@ class Sections:
     directory: DirectorySettings | None  # the directory's API (certificates, participants), if configured
     database: str | None  # [state] database: the shared PostgreSQL store, else the state dir's SQLite file
     policy: Policy
+    metrics: MetricsSettings  # [metrics]: the TCP listener, if any
 
     @property
     def path(self) -> Path | None:

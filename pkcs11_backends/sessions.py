@@ -217,6 +217,10 @@ class _Lending:
             if self._waiting or self._closed:  # a borrower waits for a session, or exclusive() for none lent
                 self._changed.notify_all()
 
+    def counts(self) -> tuple[int, int]:
+        """Sessions lent and idle, read without the lock (a sample for metrics, not a decision)."""
+        return self._lent, len(self._idle)
+
     def take_idle(self) -> list[PooledSession]:
         with self._lock:
             idle, self._idle = self._idle, []
@@ -325,6 +329,14 @@ class SessionPool:
     @property
     def health(self) -> PoolHealth:
         return self._health
+
+    @property
+    def max_sessions(self) -> int:
+        return self._max
+
+    def sessions(self) -> tuple[int, int]:
+        """Sessions lent (in a call now) and idle (open, waiting for one)."""
+        return self._lending.counts()
 
     @property
     def token(self) -> pkcs11.Token:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,6 +30,9 @@ from pkcs11_backends.errors import Pkcs11Error
 from pkcs11_backends.keys import KeyKind, SignatureScheme
 from pkcs11_backends.probe import count_private_keys
 
+if TYPE_CHECKING:
+    from agent.metrics.instruments import Metrics
+
 log = get_logger("tpp-agent.daemon")
 _DEFAULT_SCHEME = {KeyKind.RSA: SignatureScheme.RSA_PSS_SHA256, KeyKind.EC: SignatureScheme.ECDSA_SHA256}
 
@@ -40,10 +44,12 @@ class StartupCheckError(AgentError):
 
 
 class Agent:
-    def __init__(self, sections: Sections, settings: DaemonSettings, runtime: Runtime, audit: AuditTrail) -> None:
+    def __init__(self, sections: Sections, settings: DaemonSettings, runtime: Runtime, audit: AuditTrail,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.runtime = runtime
         self.audit = audit
+        self.metrics = metrics  # this process's, kept across reloads (each core counts into them)
         self.readiness = Readiness(False, "start-up checks not run yet")
         self._reload_lock = threading.Lock()
         self._use(sections)
@@ -53,7 +59,7 @@ class Agent:
         self.sections = sections
         self.runtime.keys.aliases = dict(sections.config.aliases)
         # Every signature in this process goes through the core's audited signer, the canary's included.
-        self.core = Core(sections, self.runtime, lambda: self.audit, lambda: self.readiness)
+        self.core = Core(sections, self.runtime, lambda: self.audit, lambda: self.readiness, self.metrics)
 
     @property
     def config(self) -> Config:

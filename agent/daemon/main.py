@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import resource
 import signal
 import socket
@@ -28,6 +29,9 @@ from agent.daemon.server import Accept, Server
 from agent.daemon.settings import DaemonSettings
 from agent.errors import EX_CONFIG, AgentError, ConfigError, exit_status
 from agent.log import configure, get_logger
+from agent.metrics import listener as metrics_listener
+from agent.metrics.instruments import Metrics, shared_directory
+from agent.metrics.sampler import STATE_SECONDS, Sampler, scrape
 from agent.runtime import Runtime
 from agent.sections import Sections
 from pkcs11_backends.errors import PinError, Pkcs11Error, TokenTimeoutError
@@ -43,6 +47,7 @@ def run(config_path: str | None, socket_override: str | None) -> int:
         settings = dataclasses.replace(settings, socket=Path(socket_override))
     configure("json", settings.log_level, final=True)
     _raise_fd_limit()
+    metrics_socket = metrics_listener.bind(sections.metrics)  # a port in use is refused before anything runs
     notifier = systemd.Notifier()
     activated = systemd.listen_sockets()
     if len(activated) > 1:
@@ -52,14 +57,19 @@ def run(config_path: str | None, socket_override: str | None) -> int:
     where = "socket activation" if activated else str(settings.socket)
     try:
         if settings.processes == 1:
-            return serve(sections, settings, listener, where, notifier)
-        # Nothing PKCS#11 has been loaded in this process yet: each serving process starts its own.
-        def serving(channel: socket.socket) -> int:
-            return serve(sections, settings, channel, where, systemd.Notifier(connected=channel),
-                         accept=processes.connections_from(channel))
+            return serve(sections, settings, listener, where, notifier, metrics_socket=metrics_socket)
+        # The serving processes' metrics meet in files there (agent/metrics/__init__.py says why).
+        with shared_directory(_runtime_directory()) as shared:
+            # Nothing PKCS#11 has been loaded in this process yet: each serving process starts its own.
+            def serving(channel: socket.socket) -> int:
+                return serve(sections, settings, channel, where, systemd.Notifier(connected=channel),
+                             accept=processes.connections_from(channel), shared=shared, metrics_socket=metrics_socket)
 
-        return processes.supervise(settings.processes, listener, serving, notifier, settings.limits.drain_timeout)
+            return processes.supervise(settings.processes, listener, serving, notifier,
+                                       settings.limits.drain_timeout)
     finally:
+        if metrics_socket is not None:
+            metrics_socket.close()
         listener.close()
         if not activated:
             with contextlib.suppress(FileNotFoundError):
@@ -68,14 +78,18 @@ def run(config_path: str | None, socket_override: str | None) -> int:
 
 
 def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket, where: str,
-          notifier: systemd.Notifier, *, accept: Accept | None = None) -> int:
-    """One serving process: log in, check, serve ``listener``'s connections until SIGTERM; the exit status."""
+          notifier: systemd.Notifier, *, accept: Accept | None = None, shared: Path | None = None,
+          metrics_socket: socket.socket | None = None) -> int:
+    """One serving process: log in, check, serve ``listener``'s connections until SIGTERM; the exit status.
+
+    ``shared``: the directory the serving processes' metrics meet in; ``metrics_socket``: ``[metrics] listen``."""
     runtime = Runtime(sections.config, processes=settings.processes)
+    metrics = Metrics(shared)
     # Serving processes side by side would take turns on one file's lock for every record: each has its own.
     audit = (own_trail(settings.audit_file, settings.audit_sync_interval) if settings.processes > 1
              else AuditTrail(settings.audit_file, settings.audit_sync_interval))
     try:
-        agent = Agent(sections, settings, runtime, audit)
+        agent = Agent(sections, settings, runtime, audit, metrics)
         notifier.status("logging in to the token and checking keys")
         started = time.monotonic()
         try:
@@ -94,7 +108,13 @@ def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket,
             return exit_status(exc)  # 69 (the HSM is away: systemd retries), 78 (a wrong module path: it does not)
         router = Router(agent)
         server = Server(listener, router, settings.limits, accept=accept, remote=router.remote,
-                        known=lambda peer: agent.policy.knows(peer))  # noqa: PLW0108 (the policy a reload put in place)
+                        known=lambda peer: agent.policy.knows(peer),  # noqa: PLW0108 (the policy a reload put in place)
+                        observe=metrics.request)
+        # Alone, the process is sampled by its own scrapes; beside others, each second for theirs.
+        sampler = Sampler(lambda: agent.core, state_seconds=STATE_SECONDS if shared is not None else None)
+        sampler.start()
+        if metrics_socket is not None:
+            metrics_listener.Listener(metrics_socket, lambda: scrape(agent.core, certificates=False)).start()
         runtime.pool.supervise(_AnswerHungCalls(server))
         stops = _install_signals(agent, server, notifier)
         stop_health = threading.Event()
@@ -183,6 +203,12 @@ def _health_loop(agent: Agent, server: Server, notifier: systemd.Notifier, setti
         hung = agent.runtime.pool.health.state is PoolState.HUNG
         if not hung and time.monotonic() - server.heartbeat < max(2 * interval, 2.0):
             notifier.watchdog()
+
+
+def _runtime_directory() -> Path | None:
+    """systemd's RuntimeDirectory= (memory, removed when the service stops), else the temporary directory."""
+    value = os.environ.get("RUNTIME_DIRECTORY")
+    return Path(value.split(":")[0]) if value else None
 
 
 def _raise_fd_limit() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from agent.daemon.http import Response
+from agent.metrics import CONTENT_TYPE
 from agent.operations.registry import BY_NAME
 from agent.operations.spec import Spec
 
@@ -27,6 +28,10 @@ def _pem_or_json(result: dict[str, Any]) -> Response:
     if set(result) == {"pem"}:
         return Response(200, result["pem"].encode("ascii"), content_type="application/x-pem-file")
     return Response.json(200, result)
+
+
+def _metrics_text(result: str) -> Response:
+    return Response(200, result.encode("utf-8"), content_type=CONTENT_TYPE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/banks/{bank}/signed-body", BY_NAME["signed_body"]),
     Route("POST", "/v1/banks/{bank}/personal-data", BY_NAME["encrypt_personal_data"]),
     Route("POST", "/v1/banks/{bank}/events", BY_NAME["receive_event"]),
+    Route("GET", "/v1/metrics", BY_NAME["metrics"], render=_metrics_text),
 )
 
 BY_OPERATION: dict[str, Route] = {route.spec.name: route for route in ROUTES}

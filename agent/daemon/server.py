@@ -68,6 +68,8 @@ Accept = Callable[[], socket.socket]
 Remote = Callable[[Request], bool]
 # Whether any policy rule names a peer: a caller with none gets the small quota of ``Limits.stranger_*``.
 Known = Callable[[Peer], bool]
+# Told of each answer: the operation (None: none was named), the status, the seconds since its first byte.
+Observe = Callable[[str | None, int, float], None]
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 IDLE_WORKER_SECONDS = 2.0  # a lane beyond its start that serves nothing this long gives a worker back
 
@@ -186,7 +188,7 @@ class _Lane:
 
 class Server:
     def __init__(self, listener: socket.socket, handler: Handler, limits: Limits, *, accept: Accept | None = None,
-                 remote: Remote | None = None, known: Known | None = None) -> None:
+                 remote: Remote | None = None, known: Known | None = None, observe: Observe | None = None) -> None:
         """``listener``: readable when a connection waits; ``accept`` takes it (default: ``listener.accept()``)."""
         self.listener = listener
         self._take = accept or (lambda: listener.accept()[0])
@@ -199,6 +201,7 @@ class Server:
                             Sizing(limits.workers, limits.max_workers) if grows and limits.max_workers else None)
         self._remote = remote
         self._known = known
+        self._observe = observe
         self._lanes = [self._local] + ([_Lane("bank", limits.bank_workers)] if remote else [])
         # Per caller: connections open, requests each lane holds for it, and those waiting for its share
         # (guarded by _lock). Entries go when they reach zero, so their size follows the callers present.
@@ -480,6 +483,8 @@ class Server:
             conn.sock.send(Response.error(error, interaction).render(interaction, keep_alive=False))
         log.info("request", peer_uid=conn.peer.uid, peer_pid=conn.peer.pid, status=error.status, code=error.code,
                  interaction_id=interaction)
+        if self._observe is not None:
+            self._observe(None, error.status, time.monotonic() - conn.started if conn.started else 0.0)
         self._close(conn)
 
     def _close(self, conn: _Connection) -> None:
@@ -624,10 +629,13 @@ class Server:
             late = conn.answered
             sent = _Sent.FAILED if late else self._send(conn, response.render(request.interaction_id, keep_alive),
                                                         keep_alive)
+        elapsed = time.monotonic() - conn.started
+        if self._observe is not None and not late:  # a late answer was counted when the client got its 503
+            self._observe(request.log.get("operation"), response.status, elapsed)
         if self.limits.log_successes or response.status >= 400 or late:
             log.info("request", peer_uid=request.peer.uid, peer_pid=request.peer.pid, method=request.method,
                      path=request.path, status=response.status,
-                     duration_ms=round((time.monotonic() - conn.started) * 1000, 2),
+                     duration_ms=round(elapsed * 1000, 2),
                      interaction_id=request.interaction_id, **request.log,
                      **({"dropped": "answered already: a token call passed [pkcs11] call_timeout"} if late else {}))
         if sent is _Sent.QUEUED:  # the I/O thread sends the rest, then goes on with the connection
@@ -698,6 +706,8 @@ class Server:
         log.warning("request", peer_uid=request.peer.uid, peer_pid=request.peer.pid, method=request.method,
                     path=request.path, status=error.status, code=error.code,
                     interaction_id=request.interaction_id)
+        if self._observe is not None:
+            self._observe(request.log.get("operation"), error.status, time.monotonic() - conn.started)
         lane = self._lane_of.get(thread)
         with self._lock:
             replacing = lane is not None and thread not in self._replaced

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from agent.sections import Sections
 
 _logger = log.get_logger("openfinance")
+# Told of each access token lookup: the bank, and whether its cache had the token (agent.metrics).
+TokenLookups = Callable[[str, bool], None]
 
 
 class OpenFinance:
@@ -51,12 +54,13 @@ class OpenFinance:
     """
 
     def __init__(self, runtime: Runtime, sections: Sections, *, signer: AuditedKeyStore,
-                 observer: BankCallObserver) -> None:
+                 observer: BankCallObserver, token_lookups: TokenLookups | None = None) -> None:
         self.runtime = runtime
         self.sections = sections
         self.config = sections.config
         self.signer = signer
         self.observer = observer
+        self.token_lookups = token_lookups
         self._transports: dict[str, BankTransport] = {}
         self._tokens: dict[str, TokenClient] = {}
         self._discoveries: dict[str, Discovery] = {}
@@ -128,7 +132,8 @@ class OpenFinance:
                     self.signer, self.config, name, self.http(name),
                     metadata=lambda: self.discovery(name).get(),
                     client_id=settings.client_id or _common_name(transport),
-                    use_mtls_aliases=self.bank(name).use_mtls_aliases, settings=settings)
+                    use_mtls_aliases=self.bank(name).use_mtls_aliases, settings=settings,
+                    on_lookup=(functools.partial(self.token_lookups, name) if self.token_lookups else None))
             return self._tokens[name]
 
     def jwks(self, name: str) -> BankJwks:
@@ -181,10 +186,24 @@ class BankCall:
     body: bytes | None
     interaction_id: str | None
     result: str
+    seconds: float = 0.0  # until the whole answer, or the failure
+    status: int | None = None  # the answer's HTTP status; None: no answer
+    error: str | None = None  # the failure's class name (TransportError subclasses: agent/transport/errors.py)
 
 
 class BankCallObserver(Protocol):
     def bank_call(self, call: BankCall) -> None: ...
+
+
+class BankCallObservers:
+    """Several observers, each told of every call in turn (the audit trail, the metrics)."""
+
+    def __init__(self, *observers: BankCallObserver) -> None:
+        self.observers = observers
+
+    def bank_call(self, call: BankCall) -> None:
+        for observer in self.observers:
+            observer.bank_call(call)
 
 
 class ObservedTransport:
@@ -201,14 +220,19 @@ class ObservedTransport:
         observer = self.owner.observer
         # The record says which host was called: the caller chose the URL (forward), within the bank's origins.
         host = _origin(url)
+        started = time.monotonic()
         try:
             response = self.owner.transport(self.bank).request(method, url, body=body, headers=headers,
                                                                interaction_id=interaction_id, limit=limit)
         except Exception as exc:
-            observer.bank_call(self._call(method, url, body, interaction_id, f"error: {type(exc).__name__} at {host}"))
+            error = type(exc).__name__
+            observer.bank_call(dataclasses.replace(
+                self._call(method, url, body, interaction_id, f"error: {error} at {host}"),
+                seconds=time.monotonic() - started, error=error))
             raise
-        observer.bank_call(self._call(method, url, body, response.interaction_id,
-                                      f"http {response.status} from {host}"))
+        observer.bank_call(dataclasses.replace(
+            self._call(method, url, body, response.interaction_id, f"http {response.status} from {host}"),
+            seconds=time.monotonic() - started, status=response.status))
         return response
 
     def slot(self, what: str = "-", interaction_id: str = "-") -> AbstractContextManager[None]:

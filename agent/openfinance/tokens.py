@@ -155,7 +155,8 @@ class TokenClient:
 
     def __init__(self, store: KeyStore, config: Config, bank: str, http: LimitedBankHttp, *,
                  metadata: Callable[[], BankMetadata], client_id: str, use_mtls_aliases: bool = False,
-                 settings: TokenSettings | None = None, clock: Callable[[], float] = time.time) -> None:
+                 settings: TokenSettings | None = None, clock: Callable[[], float] = time.time,
+                 on_lookup: Callable[[bool], None] | None = None) -> None:
         self.store, self.config, self.bank, self.http = store, config, bank, http
         self.metadata = metadata
         self.client_id = client_id
@@ -163,6 +164,7 @@ class TokenClient:
         self.settings = settings or TokenSettings.from_config(config)
         self.clock = clock
         self.requests = 0  # token requests actually sent to the bank
+        self._on_lookup = on_lookup  # told of each lookup: whether the cache had the token
         # Scopes are the caller's choice: the cache keeps the most recently used MAX_CACHED_SCOPES, and a scope's
         # lock lives only while a request for it is under way (weakly held), so neither grows with callers' junk.
         self._cache: collections.OrderedDict[str, _Cached] = collections.OrderedDict()
@@ -178,6 +180,7 @@ class TokenClient:
         """A valid access token for ``scope``: the cached one, or a new one when it is close to expiry."""
         scope = normalise_scope(scope)
         if not refresh and (cached := self._fresh(scope)) is not None:
+            self._looked_up(True)
             return cached  # no bank call, so no place among the bank's requests in flight
         with self._lock:
             held = self._locks.get(scope)
@@ -185,7 +188,9 @@ class TokenClient:
                 held = self._locks[scope] = _ScopeLock()
         with self._turn(held.lock):
             if not refresh and (cached := self._fresh(scope)) is not None:
+                self._looked_up(True)
                 return cached  # the request waited for brought it
+            self._looked_up(False)
             with self._lock:
                 self._cache.pop(scope, None)
             token, lifetime = self._request_token(scope)
@@ -196,6 +201,10 @@ class TokenClient:
                     while len(self._cache) > MAX_CACHED_SCOPES:
                         self._cache.popitem(last=False)
             return token
+
+    def _looked_up(self, hit: bool) -> None:
+        if self._on_lookup is not None:
+            self._on_lookup(hit)
 
     @contextlib.contextmanager
     def _turn(self, lock: threading.Lock) -> Iterator[None]:

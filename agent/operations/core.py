@@ -10,19 +10,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from agent import audit
 from agent.audit import AuditedBankCalls, AuditedKeyStore, AuditTrail
 from agent.config import Config, KeyConfig
 from agent.openfinance.banks import BankConfig, find_bank
-from agent.openfinance.service import OpenFinance
+from agent.openfinance.service import BankCallObservers, OpenFinance
 from agent.operations import inputs
 from agent.operations.errors import KeyPurposeError, UnknownKeyError
 from agent.operations.spec import Operation, Resource, Spec
 from agent.runtime import Runtime
 from agent.sections import Sections
 from pkcs11_backends.keys import KeyStore
+
+if TYPE_CHECKING:
+    from agent.metrics.instruments import Metrics
 
 In = TypeVar("In")
 
@@ -72,11 +75,20 @@ class Core:
     """
 
     def __init__(self, sections: Sections, runtime: Runtime, audit_trail: Callable[[], AuditTrail],
-                 readiness: Callable[[], Readiness] | None = None) -> None:
+                 readiness: Callable[[], Readiness] | None = None, metrics: Metrics | None = None) -> None:
         self.sections = sections
         self.runtime = runtime
         self._audit = audit_trail
         self._readiness = readiness
+        if metrics is not None:
+            self.metrics = metrics
+
+    @functools.cached_property
+    def metrics(self) -> Metrics:
+        """This process's metrics (the daemon passes its own; the CLI makes them when a command asks)."""
+        from agent.metrics.instruments import Metrics  # prometheus_client costs ~40 ms to import: not for every command
+
+        return Metrics()
 
     @property
     def config(self) -> Config:
@@ -89,12 +101,23 @@ class Core:
 
     @functools.cached_property
     def signer(self) -> AuditedKeyStore:
-        return AuditedKeyStore(self.runtime.keys, self._audit())
+        metrics = self._measured()
+        return AuditedKeyStore(self.runtime.keys, self._audit(), timed=metrics.hsm_call if metrics else None)
 
     @functools.cached_property
     def banks(self) -> OpenFinance:
         signer = self.signer
-        return OpenFinance(self.runtime, self.sections, signer=signer, observer=AuditedBankCalls(signer.audit))
+        audited = AuditedBankCalls(signer.audit)
+        metrics = self._measured()
+        if metrics is None:
+            return OpenFinance(self.runtime, self.sections, signer=signer, observer=audited)
+        return OpenFinance(self.runtime, self.sections, signer=signer, observer=BankCallObservers(audited, metrics),
+                           token_lookups=metrics.token_lookup)
+
+    def _measured(self) -> Metrics | None:
+        """The metrics that count this core's events: the daemon's (a CLI command counts nothing)."""
+        found: Metrics | None = self.__dict__.get("metrics")
+        return found
 
     def readiness(self) -> Readiness:
         if self._readiness is None:

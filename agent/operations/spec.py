@@ -39,6 +39,7 @@ class Operation(enum.StrEnum):
     SIGNED_BODY = "signed_body"
     ENCRYPT_PERSONAL_DATA = "encrypt_personal_data"
     RECEIVE_EVENT = "receive_event"
+    METRICS = "metrics"
 
 
 class Resource(enum.Enum):
