@@ -1,0 +1,24 @@
+"""``tpp-agent metrics``: the running agent's metrics, as Prometheus scrapes them (text format 0.0.4)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from agent.cli.context import CliContext
+
+
+def register(sub: Any) -> None:
+    metrics = sub.add_parser(
+        "metrics", help="print the agent's metrics (Prometheus text format)",
+        description="Prints what GET /v1/metrics answers: every serving process's requests, latencies, token "
+                    "pool, audit trail, bank calls and certificates (docs/metrics.md). Needs the 'metrics' "
+                    "operation in a [policy.rules.*] entry, or an admin. With --direct: this process's own view "
+                    "(the token's certificates and sessions; no requests).")
+    metrics.set_defaults(handler=metrics_command)
+
+
+def metrics_command(args: argparse.Namespace, ctx: CliContext) -> int:
+    sys.stdout.write(str(ctx.backend.run("metrics")))
+    return 0
