@@ -59,7 +59,7 @@ def metered(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[tuple[Setup
 
 def parse(text: str) -> Samples:
     found: Samples = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(text):  # type: ignore[no-untyped-call]
         for sample in family.samples:
             found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return found
