@@ -61,11 +61,14 @@ class Metrics:
     def __init__(self, shared: Path | None = None) -> None:
         self.shared = shared
         self.sampled = False  # a sampler thread reads the certificates (agent.metrics.sampler)
+        # prometheus_client picks its value class once, from the environment, when it is first imported; the
+        # agent knows which it needs only once it has read its configuration, so it says so here, before any metric
+        # of this process is made (one Metrics per process).
         if shared is not None:
-            # prometheus_client picks its value class once, from the environment, when it is first imported;
-            # the agent knows only after reading its configuration, in each serving process, so it says so here.
             os.environ[_DIRECTORY_VARIABLE] = str(shared)
             values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        else:
+            values.ValueClass = values.MutexValue
         # Single process: the metrics are collected from this registry. Shared: from the files, never from here.
         self._registry = CollectorRegistry(auto_describe=True)
         owned = self._registry if shared is None else None

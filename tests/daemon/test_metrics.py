@@ -143,6 +143,13 @@ def test_metrics_follow_signing_token_and_forward_traffic_in_every_serving_proce
                          timeout=60, check=False)
     assert cli.returncode == 0, cli.stderr
     assert value(parse(cli.stdout), "tpp_agent_serving_processes") == 2
+    # --direct: the CLI's own process on the token: the certificates, no requests of its own.
+    direct = subprocess.run([TPP_AGENT, "--config", str(setup.config), "--direct", "metrics"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert direct.returncode == 0, direct.stderr
+    own = parse(direct.stdout)
+    assert abs(value(own, "tpp_agent_certificate_expires_in_seconds", key="transport") - left) < 60
+    assert not [name for name, _ in own if name == "tpp_agent_requests_total"]
 
 
 def test_a_caller_without_the_grant_gets_403_and_no_metrics(metered: tuple[Setup, int]) -> None:
