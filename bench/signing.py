@@ -18,8 +18,10 @@ from typing import cast
 import pkcs11
 from pkcs11 import ObjectClass
 from pkcs11.types import SignMixin
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config as config_module
+from agent.client import AgentClient
 from agent.runtime import Runtime
 from bench.common import (
     RATIO_NOTE,
@@ -98,6 +100,7 @@ def run(work: Path, seconds: float, clients: tuple[int, ...], repeat: int) -> Ou
         with p11kit_server(config_module.default_module(), state.label, state.dir / "p11kit",
                            {"SOFTHSM2_CONF": str(state.softhsm_conf)}) as p11kit:
             _measure(outcome, daemons, runtime, seconds, clients, repeat, _P11Kit(p11kit, state))
+        outcome.checks += [_scraped(name, daemon) for name, daemon in daemons.items()]
         for row, (name, _) in zip(footprint.rows, PROFILES, strict=True):
             _, peak = daemons[name].memory_mb()
             row[3] = f"{peak:.1f} MB"
@@ -110,6 +113,28 @@ def run(work: Path, seconds: float, clients: tuple[int, ...], repeat: int) -> Ou
         runtime.close()
     outcome.tables.append(footprint)
     return outcome
+
+
+def _scraped(profile: str, daemon: Daemon) -> Check:
+    """The daemon's metrics after the loads, parsed by prometheus_client's own parser: the signatures counted
+    (answered, and on the token) in every serving process."""
+    client = AgentClient(daemon.socket_path, timeout=30)
+    try:
+        _, text = client.call("GET", "/v1/metrics")
+    finally:
+        client.close()
+    found: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text.decode()):  # type: ignore[no-untyped-call]
+        for sample in family.samples:
+            key = sample.labels.get("operation", sample.labels.get("call", ""))
+            if sample.labels.get("status", "200") == "200":
+                found[(sample.name, key)] = found.get((sample.name, key), 0.0) + sample.value
+    answered = found.get(("tpp_agent_requests_total", "sign"), 0.0)
+    signed = found.get(("tpp_agent_hsm_call_duration_seconds_count", "sign"), 0.0)
+    processes = int(found.get(("tpp_agent_serving_processes", ""), 0.0))
+    return Check(f"metrics scraped after the loads, {profile}",
+                 f"{answered:,.0f} signing requests answered, {signed:,.0f} signatures, {processes} process(es)",
+                 "every signature counted", answered > 0 and signed >= answered and processes >= 1)
 
 
 class _P11Kit:
