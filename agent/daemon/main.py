@@ -126,6 +126,7 @@ def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket,
         notifier.ready(status)
         server.serve_forever()
         stop_health.set()
+        sampler.stop()  # before the token closes: it may be reading the certificates
         signal_name, in_flight, stopping_since = stops[0]  # only a stop signal ends serve_forever
         log.info("stopped", signal=signal_name, in_flight_at_signal=in_flight,
                  drain_seconds=round(time.monotonic() - stopping_since, 3), audit_file=str(audit.path),

@@ -71,8 +71,11 @@ class Sampler:
         self._core().metrics.sampled = True  # scrapes leave the token to this thread
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop, and wait for a token read under way (at most ``timeout``: a hung one is the pool's to handle)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         tick = min(self._state_seconds or self._certificate_seconds, self._certificate_seconds)
