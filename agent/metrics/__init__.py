@@ -16,7 +16,7 @@ before it forks, removed when it stops), and a scrape, in whichever process it l
 over the supervisor gathering each process's numbers at scrape time because that needs a request/answer
 protocol to every serving process on the path of every scrape, and a process stuck in a hung HSM call would
 then stall or blank the scrape exactly when it matters; a file is read whatever its writer is doing. The cost
-is on the hot path: about 1 µs per counted event instead of 0.3 µs, measured in docs/metrics.md.
+is on the hot path: 3.1 µs of CPU per signing request instead of 1.5 µs in memory (docs/metrics.md).
 
 Modules: :mod:`~agent.metrics.instruments` (the metrics, their hooks, the scrape), :mod:`~agent.metrics.sampler`
 (the state), :mod:`~agent.metrics.settings` (``[metrics]``), :mod:`~agent.metrics.listener` (the TCP port).
