@@ -694,11 +694,16 @@ class AuditedKeyStore(KeyStore):
         key = self.aliases.get(name, name) if isinstance(name, str) else str(name)
         use = KeyUse(caller.uid, caller.pid, key, caller.operation, "RSA-OAEP-256", ciphertext, "ok",
                      caller.interaction_id)
+        started = time.perf_counter()
         try:
             plaintext = self._decryptor.decrypt_oaep_sha256(name, ciphertext)
         except Exception as exc:
+            if self._timed is not None:
+                self._timed("decrypt", time.perf_counter() - started, exc)
             self.audit.record(use._replace(result=f"error: {type(exc).__name__}"))
             raise
+        if self._timed is not None:
+            self._timed("decrypt", time.perf_counter() - started, None)
         self.audit.record(use)
         return plaintext
 
