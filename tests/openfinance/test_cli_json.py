@@ -110,6 +110,7 @@ RUNS: dict[tuple[str, ...], tuple[Callable[[World], list[str]], frozenset[int]]]
     ("encrypt-personal-data",): (lambda w: [BANK, "--data", '{"Initiation": {"CreditorAccount": {"Name": "F"}}}'],
                                  frozenset({0})),
     ("receive-event",): (lambda w: [BANK, "--jwe", str(w.event())], frozenset({0})),
+    ("metrics",): (lambda w: [], frozenset({0})),
 }
 
 
