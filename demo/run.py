@@ -10,7 +10,9 @@
  8. a separate signing key, its certificate and its JWKS published to the directory
  9. an access token: client_credentials with a client assertion signed on the token, bound to the
     transport certificate (cnf.x5t#S256)    tpp-agent token
-10. proof that no private key file exists
+10. a consent: PAR, the customer's approval at the bank, the callback (code exchange, id_token verified),
+    a refresh                               tpp-agent par, tpp-agent consent callback|refresh
+11. proof that no private key file exists
 
 The TPP's state lives in ``--state-dir`` (default ``./.state/demo``, kept between runs:
 running again reuses the token and the key). The model bank is a separate process with
@@ -51,6 +53,9 @@ TOKEN = "tpp-agent"
 LEGAL_NAME = "Demo Payments Services L.L.C."
 ORG_ID = "e7c5ad3a-3b3d-4d5c-9c42-1f2b6a0d9e11"
 CLIENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://tpp-agent.invalid/demo-client"))
+REDIRECT_URI = "https://tpp.example/consents/callback"
+CONSENT = [{"type": "urn:openfinanceuae:account-access-consent:v2.1",
+            "consent": {"Permissions": ["ReadAccountsBasic"], "ExpirationDateTime": "2027-01-01T00:00:00Z"}}]
 
 
 class DemoError(Exception):
@@ -149,7 +154,9 @@ class Demo:
         self.step("Proof: no private key file in the TPP's state dir or the repository")
         self.run("tpp-agent", "keys", "list")
         self.run(sys.executable, "-m", "demo.attributes", KEY, shown=f"python -m demo.attributes {KEY}")
-        result = scan([self.state, REPO], skip=[bank_dir])
+        # The bank's keys are the bank's: this run's, and those another demo state in the checkout keeps for
+        # `make demo-bank` (a `make demo` before `make test` left .state/demo/modelbank to be found here).
+        result = scan([self.state, REPO], skip=[bank_dir, *REPO.glob(".state/*/modelbank")])
         for path in result.key_files:
             self.say(f"PRIVATE KEY FILE: {path}")
         if result.key_files:
@@ -160,7 +167,7 @@ class Demo:
         self.say(f"not scanned: the model bank's own test CA and server keys in {self.rel(bank_dir)} (the bank's, "
                  "kept for `make demo-bank`)")
         print("\ndemo complete: keys on the token, certificates issued and imported, bank discovered, "
-              "application registered, certificate-bound access token issued.")
+              "application registered, certificate-bound access token issued, a consent completed and refreshed.")
         print("explore further: `make demo-bank` starts the model bank again for this configuration "
               "(README: After the demo)")
 
@@ -249,6 +256,37 @@ class Demo:
             raise DemoError(f"the bank bound the token to {bound!r}, not to the transport certificate")
         self.say("the token is bound to the transport certificate (RFC 8705): "
                  "it works only over mTLS with the key on this token")
+        self.consent(ca_bundle)
+
+    def consent(self, ca_bundle: Path) -> None:
+        """The authorization code flow of the UAE profile, the agent keeping PKCE, state and nonce."""
+        self.step("Start a consent: PAR with a request object signed on the token (PKCE, state and nonce stay "
+                  "in the agent)")
+        started = json.loads(self.run("tpp-agent", "par", BANK, "--scope", "openid accounts", "--redirect-uri",
+                                      REDIRECT_URI, "--authorization-details", json.dumps(CONSENT), "--json",
+                                      shown=f"tpp-agent par {BANK} --scope 'openid accounts' --redirect-uri "
+                                            f"{REDIRECT_URI} --authorization-details '...' --json").stdout)
+        self.say(f"the customer is sent to: {started['authorization_url']}")
+
+        self.step("The customer approves at the bank, which redirects the browser back with code, state and iss")
+        redirect = self.browse(started["authorization_url"], ca_bundle)
+        self.say(f"the browser comes back to: {redirect}")
+
+        self.step("Finish the consent: state and iss checked, the code exchanged over mTLS, the id_token verified")
+        kept = self.state / "consent.refresh"
+        self.run("tpp-agent", "consent", "callback", BANK, "--url", redirect, "--refresh-token-file", str(kept),
+                 shown=f"tpp-agent consent callback {BANK} --url '<the redirect>' --refresh-token-file "
+                       f"{self.rel(kept)}")
+
+        self.step("Refresh: a fresh client assertion; the bank rotates the refresh token, the file keeps the newest")
+        self.run("tpp-agent", "consent", "refresh", BANK, "--refresh-token-file", str(kept),
+                 shown=f"tpp-agent consent refresh {BANK} --refresh-token-file {self.rel(kept)}")
+
+    def browse(self, url: str, ca_bundle: Path) -> str:
+        """The redirect the customer's browser is sent back with (``demo.browser``, in its own process)."""
+        done = self.run(sys.executable, "-m", "demo.browser", url, str(ca_bundle),
+                        shown="python -m demo.browser '<the authorization URL>' <the bank's CA>")
+        return done.stdout.strip().splitlines()[-1]
 
     def ensure_key(self, label: str) -> None:
         listed = json.loads(self.run("tpp-agent", "keys", "list", "--json").stdout)

@@ -88,7 +88,7 @@ def test_make_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     state = tmp_path / "demo"
     assert demo_main(["--state-dir", str(state)]) == 0
     out = capsys.readouterr().out
-    for step in range(1, 11):
+    for step in range(1, 15):
         assert f"\n[{step}] " in out
     assert "registered with modelbank: HTTP 204" in out and "x-fapi-interaction-id: " in out
     assert "[model bank] registered: subject=CN=" in out
@@ -97,6 +97,12 @@ def test_make_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     assert bound and f"transport certificate x5t#S256: {bound.group(1)}" in out
     assert "no PEM or DER private key in any of them" in out
     assert "CKA_EXTRACTABLE = False" in out
+    # The consent: the bank redirected back with state and iss, the agent verified the id_token, the refresh token
+    # rotated into its file (0600), and no token reached the terminal.
+    assert re.search(r"the browser comes back to: https://tpp\.example/consents/callback\?state=\S+&iss=", out)
+    assert "id_token: verified" in out and "refresh token (new) kept in" in out
+    kept = state / "consent.refresh"
+    assert kept.stat().st_mode & 0o777 == 0o600 and kept.read_text().strip() not in out
     # Idempotent: a second run reuses the token and the key.
     assert demo_main(["--state-dir", str(state)]) == 0
     again = capsys.readouterr().out
