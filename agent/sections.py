@@ -23,6 +23,7 @@ from agent.jose import JoseSettings
 from agent.lifecycle.validity import expiry_warning_days
 from agent.openfinance.banks import BankConfig, parse_banks
 from agent.openfinance.tokens import TokenSettings
+from agent.rotation.settings import RotationSettings
 from agent.state import database_url
 
 T = TypeVar("T")
@@ -68,6 +69,7 @@ PARSERS: Mapping[str, tuple[str, Callable[[Config], object]]] = {
     "jose": ("jose", JoseSettings.from_config),
     "certificates": ("certificates", CertificateSettings.parse),
     "directory": ("directory", _directory),
+    "rotation": ("rotation", RotationSettings.parse),
     "policy": ("policy", lambda config: Policy.parse(config.section("policy"), config.keys,
                                                      frozenset(config.section("banks")))),
 }
@@ -99,6 +101,7 @@ class Sections:
     directory: DirectorySettings | None  # the directory's API (certificates, participants), if configured
     database: str | None  # [state] database: the shared PostgreSQL store, else the state dir's SQLite file
     policy: Policy
+    rotation: RotationSettings  # [rotation]: when a rotation's signing switch may happen
 
     @property
     def path(self) -> Path | None:

@@ -29,6 +29,7 @@ from agent.cli import (
     lifecycle,
     messages,
     options,
+    rotate,
     status,
     tokens,
 )
@@ -36,7 +37,8 @@ from agent.cli.context import CliContext
 from agent.errors import AgentError, ConfigError, ExitStatus, exit_status
 from pkcs11_backends.errors import Pkcs11Error
 
-COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, consent, messages, daemon, lifecycle, status)
+COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, consent, messages, daemon, lifecycle, status,
+                  rotate)
 
 
 class _Parser(argparse.ArgumentParser):

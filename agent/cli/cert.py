@@ -40,7 +40,7 @@ def register(sub: Any) -> None:
     show.set_defaults(handler=show_cert)
 
 
-def _read(name: str) -> bytes:
+def read_file(name: str) -> bytes:
     try:
         with (open(sys.stdin.fileno(), "rb", closefd=False) if name == "-" else Path(name).open("rb")) as handle:
             data = handle.read(_MAX_FILE + 1)
@@ -56,7 +56,7 @@ def _read(name: str) -> bytes:
 
 
 def import_cert(args: argparse.Namespace, ctx: CliContext) -> int:
-    data = _read(args.file)
+    data = read_file(args.file)
     source = "stdin" if args.file == "-" else args.file
     before = jose_keys.resolved(ctx.runtime.keys, ctx.config, args.key)
     result = import_certificate(ctx.runtime.keys, args.key, data, source, replace=args.replace)

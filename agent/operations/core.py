@@ -20,6 +20,7 @@ from agent.openfinance.service import OpenFinance
 from agent.operations import inputs
 from agent.operations.errors import KeyPurposeError, UnknownKeyError
 from agent.operations.spec import Operation, Resource, Spec
+from agent.rotation.view import RotationView
 from agent.runtime import Runtime
 from agent.sections import Sections
 from pkcs11_backends.keys import KeyStore
@@ -94,7 +95,13 @@ class Core:
     @functools.cached_property
     def banks(self) -> OpenFinance:
         signer = self.signer
-        return OpenFinance(self.runtime, self.sections, signer=signer, observer=AuditedBankCalls(signer.audit))
+        return OpenFinance(self.runtime, self.sections, signer=signer, observer=AuditedBankCalls(signer.audit),
+                           transport_key=self.rotation.transport_key)
+
+    @functools.cached_property
+    def rotation(self) -> RotationView:
+        """Which token key each alias names now (agent/rotation): read by whoever builds this core."""
+        return RotationView(self.config, self.runtime.keys)
 
     def readiness(self) -> Readiness:
         if self._readiness is None:

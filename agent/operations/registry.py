@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.operations import banks, consents, csr, jws, keys, messages
+from agent.operations import banks, consents, csr, jws, keys, messages, rotation
 from agent.operations.spec import Spec
 
-SPECS: tuple[Spec[Any], ...] = (*keys.SPECS, *jws.SPECS, *csr.SPECS, *banks.SPECS, *consents.SPECS, *messages.SPECS)
+SPECS: tuple[Spec[Any], ...] = (*keys.SPECS, *jws.SPECS, *csr.SPECS, *banks.SPECS, *consents.SPECS, *messages.SPECS,
+                                *rotation.SPECS)
 BY_NAME: dict[str, Spec[Any]] = {spec.name: spec for spec in SPECS}
 assert len(BY_NAME) == len(SPECS), "operation names are unique"

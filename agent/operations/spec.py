@@ -39,6 +39,8 @@ class Operation(enum.StrEnum):
     SIGNED_BODY = "signed_body"
     ENCRYPT_PERSONAL_DATA = "encrypt_personal_data"
     RECEIVE_EVENT = "receive_event"
+    ROTATE = "rotate"  # every rotation step: admins only
+    ROTATION_STATUS = "rotation_status"
 
 
 class Resource(enum.Enum):
