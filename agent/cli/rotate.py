@@ -87,8 +87,9 @@ def start_rotation(args: argparse.Namespace, ctx: CliContext) -> int:
     return _print(args, made) if args.json else 0
 
 
-def import_successor(args: argparse.Namespace, ctx: CliContext) -> int:
-    data = read_file(args.file)
+def import_successor(args: argparse.Namespace, ctx: CliContext, data: bytes | None = None) -> int:
+    """``data``: the file read already (``cert import`` hands over a successor's certificate)."""
+    data = read_file(args.file) if data is None else data
     source = "stdin" if args.file == "-" else args.file
     # The agent takes PEM text: a DER file is armored here (the same certificate).
     certs = read_certificates(data, source)

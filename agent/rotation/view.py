@@ -92,6 +92,8 @@ class RotationView:
                     merged[state.key_alias] = state
             if merged == self._states:
                 return
+            # The first read (a CLI command, an agent starting) is no news; a switch while serving is.
+            report = _logger.info if self._states else _logger.debug
             self._states = merged
             aliases = dict(self.config.aliases)
             for alias, state in merged.items():
@@ -99,7 +101,7 @@ class RotationView:
                 if label is not None:
                     aliases[alias] = label_uri(self.config, alias, label)
             if aliases != self.keys.aliases:
-                _logger.info("rotation_keys", keys={a: u for a, u in aliases.items() if a in merged})
+                report("rotation_keys", keys={a: u for a, u in aliases.items() if a in merged})
                 self.keys.aliases = aliases
 
     def _purpose(self, alias: str) -> KeyPurpose | None:
