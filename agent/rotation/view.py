@@ -117,6 +117,13 @@ class RotationView:
             return name
         return label_uri(self.config, key.alias, label)
 
+    def as_presented(self, bank: BankConfig) -> BankConfig:
+        """``bank`` with the client_key it is presented with now (what `tpp-agent registrations` shows)."""
+        key = self.transport_key(bank)
+        if key == bank.tls.client_key:
+            return bank
+        return dataclasses.replace(bank, tls=dataclasses.replace(bank.tls, client_key=key))
+
     def published(self, alias: str) -> list[str]:
         """The keys of a jws alias a JWKS carries: the one signing first, and in an overlap the other too."""
         state = self._states.get(alias)

@@ -207,6 +207,10 @@ def test_a_full_rotation_under_load(fleet: Fleet, agent: Daemon, tmp_path: Path)
         switched = {"mb": time.monotonic()}
         assert [r.sha256 for r in fleet.banks["mb"].registrations][-1] == new_sha  # registered before it is used
         assert [r.sha256 for r in fleet.banks["mb2"].registrations] == [*old_transport]  # not yet there
+        shown = fleet.cli("registrations", "--json")
+        assert shown.returncode == 0, shown.stderr
+        registered = {v["bank"]: (v["certificate_sha256"], v["state"]) for v in json.loads(shown.stdout)}
+        assert registered == {"mb": (new_sha, "registered"), "mb2": (*old_transport, "registered")}
         time.sleep(0.5)
         rest = _ok(fleet.cli("rotate", "switch-transport", "transport"))  # every bank left: mb2
         switched["mb2"] = time.monotonic()
