@@ -24,12 +24,10 @@ from cryptography.hazmat.primitives import hashes
 from agent import config as config_module
 from agent.client import AgentRequestError
 from agent.runtime import Runtime
-from agent.x509.certificates import import_certificate
-from agent.x509.csr import build_csr
-from agent.x509.subject import directory_subject
 from modelbank import ModelBank
-from pkcs11_backends.keys import KeySpec
+from pkcs11_backends.uri import Pkcs11Uri
 from tests.daemon.conftest import TPP_AGENT, Daemon, launch, public_dir  # noqa: F401 -- a fixture
+from tests.openfinance.bank_world import make_identity
 
 WINDOW = 3.0  # [rotation] jwks_cache_window of these tests, seconds
 SCOPE = "accounts"
@@ -56,11 +54,9 @@ class Fleet:
 
 
 def _identity(runtime: Runtime, bank: ModelBank, kind: str, client_id: str) -> str:
-    label = f"{kind}-{uuid.uuid4().hex[:8]}"
-    info = runtime.keys.generate(label, KeySpec.parse("rsa:2048"))
-    subject = directory_subject("Test TPP L.L.C.", "org-0001", client_id)
-    pem = bank.ca.issue_from_csr(build_csr(runtime.keys, str(info.uri), subject).pem.encode())
-    import_certificate(runtime.keys, str(info.uri), pem, kind)
+    """A key with its certificate, as bank_world makes them; its label (a rotation names keys by label)."""
+    label = Pkcs11Uri.parse(make_identity(runtime, bank, kind, client_id)).object
+    assert label is not None
     return label
 
 
