@@ -64,6 +64,7 @@ class RotationView:
         self.keys = keys
         self._states: Mapping[str, RotationState] = {}  # replaced whole: readers on other threads see one
         self._lock = threading.Lock()
+        self._uris: dict[tuple[str, str], str] = {}
 
     @property
     def states(self) -> Mapping[str, RotationState]:
@@ -115,7 +116,11 @@ class RotationView:
         label = bank_label(state, bank.name) if state is not None else None
         if key is None or label is None:
             return name
-        return label_uri(self.config, key.alias, label)
+        # Asked on every bank request: each (alias, label) is parsed into its URI once (a handful per rotation).
+        uri = self._uris.get((key.alias, label))
+        if uri is None:
+            uri = self._uris[(key.alias, label)] = label_uri(self.config, key.alias, label)
+        return uri
 
     def as_presented(self, bank: BankConfig) -> BankConfig:
         """``bank`` with the client_key it is presented with now (what `tpp-agent registrations` shows)."""

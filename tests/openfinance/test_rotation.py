@@ -190,6 +190,8 @@ def test_a_full_rotation_under_load(fleet: Fleet, agent: Daemon, tmp_path: Path)
         _ok(fleet.cli("rotate", "switch-signing", "signing"))
         signing_switched = time.monotonic()
         assert [k["kid"] for k in client.jwks()["keys"]] == [new_kid, old_kid]
+        assertion = client.client_assertion("mb")["client_assertion"]  # what the token requests carry now
+        assert json.loads(base64.urlsafe_b64decode(assertion.split(".")[0] + "=="))["kid"] == new_kid
 
         # -- the transport key, bank by bank --------------------------------------------------------------
         started = _ok(fleet.cli("rotate", "start", "transport"))
