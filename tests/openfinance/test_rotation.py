@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from jwcrypto import jwk, jws
 
 from agent import config as config_module
 from agent.client import AgentRequestError
@@ -113,6 +114,7 @@ class Load:
         self.failures: list[str] = []
         self.forwards: list[tuple[float, str, str]] = []  # (started, bank, interaction id at the bank)
         self.kids: list[tuple[float, str]] = []  # (signed at, kid of the JWS)
+        self.signed: list[str] = []  # every JWS, to verify against the JWK its kid names
         self.thread = threading.Thread(target=self._run, name="load")
 
     def __enter__(self) -> Load:
@@ -132,6 +134,7 @@ class Load:
                     compact = self.client.jws("signing", b'{"rotation":"test"}')
                     header = json.loads(base64.urlsafe_b64decode(compact.split(".")[0] + "=="))
                     self.kids.append((started, header["kid"]))
+                    self.signed.append(compact)
                     self.client.token(bank, SCOPE, refresh=True)
                     started = time.monotonic()
                     _, payload = self.client.call("POST", f"/v1/banks/{bank}/forward",
@@ -179,6 +182,7 @@ def test_a_full_rotation_under_load(fleet: Fleet, agent: Daemon, tmp_path: Path)
         signing_cert = tmp_path / "signing.pem"
         signing_cert.write_text(fleet.issue(started.stdout))
         _ok(fleet.cli("rotate", "import", "signing", str(signing_cert)))
+        published_keys = {k["kid"]: {m: k[m] for m in ("kty", "n", "e")} for k in client.jwks()["keys"]}
         published = [k["kid"] for k in client.jwks()["keys"]]
         assert len(published) == 2 and published[0] == old_kid  # both kids; the old one still signs
         new_kid = published[1]
@@ -219,6 +223,11 @@ def test_a_full_rotation_under_load(fleet: Fleet, agent: Daemon, tmp_path: Path)
     # The kid of every JWS: the old one until the switch, the new one from it on.
     assert {kid for at, kid in load.kids if at > signing_switched} == {new_kid}
     assert old_kid in {kid for _, kid in load.kids}
+    for compact in load.signed:  # each signed by the key its kid names, before the switch and after
+        header = json.loads(base64.urlsafe_b64decode(compact.split(".")[0] + "=="))
+        verifier = jws.JWS()
+        verifier.deserialize(compact)
+        verifier.verify(jwk.JWK(**published_keys[header["kid"]]))
     # What each bank's TLS server saw: the old certificate until its switch, never after it.
     for name, bank in fleet.banks.items():
         seen = [(at, bank.presented[interaction]) for at, b, interaction in load.forwards if b == name]
