@@ -84,7 +84,7 @@ def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     _complete(parser)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(rotate.shorthand(list(sys.argv[1:] if argv is None else argv)))
     finally:
         sys.stdout.flush()  # --help and --version print and exit here: a closed pipe shows now, not at exit
     if args.json and not args.prints_result:

@@ -20,10 +20,28 @@ from agent.cli.csr import check_writable, write_new
 from agent.errors import InputError
 from agent.x509.certificates import read_certificates
 
+ACTIONS = ("start", "import", "switch-signing", "switch-transport", "retire", "remove-retired", "status")
+_VALUED_OPTIONS = frozenset({"--config"})  # the global options that take a value (the next word)
+
+
+def shorthand(argv: list[str]) -> list[str]:
+    """``tpp-agent rotate KEY`` is ``tpp-agent rotate start KEY``: the one command that begins a rotation."""
+    words = iter(enumerate(argv))
+    for index, word in words:
+        if word in _VALUED_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            after = argv[index + 1] if index + 1 < len(argv) else None
+            if word == "rotate" and after is not None and not after.startswith("-") and after not in ACTIONS:
+                return [*argv[:index + 1], "start", *argv[index + 1:]]
+            return argv
+    return argv
+
 
 def register(sub: Any) -> None:
     rotate = sub.add_parser("rotate", help="rotate a key: successor, overlap, switch, retire",
-                            description="A rotation, step by step: start (successor key and CSR), import (its "
+                            description="A rotation, step by step: start (successor key and CSR; "
+                                        "`rotate KEY` for short), import (its "
                                         "certificate: the overlap starts, the JWKS carries both kids), "
                                         "switch-signing (jws keys, after [rotation] jwks_cache_window) or "
                                         "switch-transport (tls keys, bank by bank), retire, remove-retired. "
@@ -59,6 +77,7 @@ def register(sub: Any) -> None:
     remove.add_argument("--label", help="only this retired key")
     status = action("status", "where the rotation of each key stands", show_status, key=False)
     status.add_argument("key", metavar="KEY", nargs="?", help="only this key")
+    assert set(actions.choices) == set(ACTIONS), "shorthand() must know every action"
 
 
 def _print(args: argparse.Namespace, result: Any, *lines: str) -> int:

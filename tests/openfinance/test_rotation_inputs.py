@@ -58,7 +58,7 @@ def test_steps_out_of_turn_and_wrong_certificates(fleet: Fleet, tmp_path: Path, 
            "repeats the current certificate's subject")
     assert _phase(fleet, "signing") == "no rotation under way"
 
-    started = fleet.cli("rotate", "start", "signing", "--json")
+    started = fleet.cli("rotate", "signing", "--json")  # `rotate KEY`: rotate start KEY
     assert started.returncode == 0, started.stderr
     made = json.loads(started.stdout)
     assert made["successor"] == f"{fleet.signing_label}.2" and made["current"] == fleet.signing_label
