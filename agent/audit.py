@@ -675,7 +675,8 @@ TokenCallTimer = Callable[[str, float, BaseException | None], None]
 
 
 class AuditedKeyStore(KeyStore):
-    """The same token keys (same session pool and aliases), every ``sign`` and every decryption audited.
+    """The same token keys (same session pool, and the same aliases: a rotation's switch is in force for both at
+    once), every ``sign`` and every decryption audited.
 
     A signature (a plaintext) is returned only once its record is written (and synced, as ``[daemon] audit_sync``
     says); a failed one is recorded too. Decryption is RSA-OAEP-256 only (:mod:`pkcs11_backends.decryption`: how
@@ -683,7 +684,7 @@ class AuditedKeyStore(KeyStore):
     """
 
     def __init__(self, store: KeyStore, audit: AuditTrail, timed: TokenCallTimer | None = None) -> None:
-        super().__init__(store.pool, store.aliases)
+        super().__init__(store.pool, names_of=store)
         self.audit = audit
         self._timed = timed
         self._decryptor = TokenDecryptor(self)  # keeps each key's probed OAEP route for this store's life

@@ -90,6 +90,8 @@ EXIT_STATUS: dict[str, ExitStatus] = {
     "agent.state.store.StateError": ExitStatus.CANTCREAT,
     "agent.state.store.SchemaTooNewError": ExitStatus.CONFIG,
     "agent.state.rotation.RotationConflictError": ExitStatus.TEMPFAIL,
+    "agent.rotation.errors.RotationStepError": ExitStatus.FAILURE,  # not this step's turn: see rotate status
+    "agent.rotation.errors.RotationWindowError": ExitStatus.TEMPFAIL,  # its time comes: a timer may retry
     "pkcs11_backends.errors.Pkcs11Error": ExitStatus.FAILURE,
     "pkcs11_backends.errors.ModuleLoadError": ExitStatus.CONFIG,
     "pkcs11_backends.errors.TokenNotFoundError": ExitStatus.UNAVAILABLE,
@@ -166,6 +168,10 @@ AGENT_CODES: dict[str, ExitStatus] = {
     "undecryptable": ExitStatus.DATAERR,
     "malformed": ExitStatus.DATAERR,
     "bank_jwks_unusable": ExitStatus.PROTOCOL,
+    "rotation_step": ExitStatus.FAILURE,
+    "rotation_window": ExitStatus.TEMPFAIL,
+    "rotation_conflict": ExitStatus.TEMPFAIL,
+    "state_unavailable": ExitStatus.CANTCREAT,
 }
 
 

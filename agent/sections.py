@@ -24,6 +24,7 @@ from agent.lifecycle.validity import expiry_warning_days
 from agent.metrics.settings import MetricsSettings
 from agent.openfinance.banks import BankConfig, parse_banks
 from agent.openfinance.tokens import TokenSettings
+from agent.rotation.settings import RotationSettings
 from agent.state import database_url
 
 T = TypeVar("T")
@@ -70,6 +71,7 @@ PARSERS: Mapping[str, tuple[str, Callable[[Config], object]]] = {
     "certificates": ("certificates", CertificateSettings.parse),
     "directory": ("directory", _directory),
     "metrics": ("metrics", MetricsSettings.parse),
+    "rotation": ("rotation", RotationSettings.parse),
     "policy": ("policy", lambda config: Policy.parse(config.section("policy"), config.keys,
                                                      frozenset(config.section("banks")))),
 }
@@ -102,6 +104,7 @@ class Sections:
     database: str | None  # [state] database: the shared PostgreSQL store, else the state dir's SQLite file
     policy: Policy
     metrics: MetricsSettings  # [metrics]: the TCP listener, if any
+    rotation: RotationSettings  # [rotation]: when a rotation's signing switch may happen
 
     @property
     def path(self) -> Path | None:

@@ -106,6 +106,9 @@ class ModelBank:
         self.events = EventSender(self.jose, lambda: self.issuer, self.tokens.encryption_keys)
         self.routes = (self.tokens, self.jose, self.authorization, self.apis)
         self.requests: list[tuple[str, str, str]] = []  # (method, path, x-fapi-interaction-id)
+        # x-fapi-interaction-id → SHA-256 (hex) of the client certificate that request came with: what a test
+        # of a rotation checks the agent presented, seen from the server's side of the handshake.
+        self.presented: dict[str, str | None] = {}
         self.handshakes = 0
         self.discovery_failures = 0  # answer 503 to this many discovery requests (a 5xx storm)
         self._contexts: dict[tuple[ServerCert, bool, bool], ssl.SSLContext] = {}
@@ -274,8 +277,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, {"errorCode": code, "errorMessage": message})
 
     def _record(self) -> None:
+        der = self.connection.getpeercert(binary_form=True)
         with self.bank._lock:
             self.bank.requests.append((self.command, self.path, self._interaction_id()))
+            self.bank.presented[self._interaction_id()] = hashlib.sha256(der).hexdigest() if der else None
 
     def _answer_routes(self, body: bytes) -> bool:
         """The first of the bank's route owners (token endpoint, JWKS, authorization, APIs) that answers."""

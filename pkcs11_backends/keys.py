@@ -147,23 +147,35 @@ _TEMPLATE_REFUSED = frozenset({ReturnValue.TEMPLATE_INCONSISTENT, ReturnValue.TE
                                ReturnValue.FUNCTION_FAILED})
 
 
-class KeyStore:
-    """The keys of one token, named by ``pkcs11:`` URIs, configured aliases, or the label of exactly one key."""
+class _Names:
+    """An alias set and the URIs resolved from it, replaced together: a resolve racing a new set (a rotation's
+    switch) caches into its own set's dict, never an old name into the new one. Shared by the stores that wrap
+    one (the audited signer): a new set is in force for all of them at once."""
 
-    def __init__(self, pool: SessionPool, aliases: Mapping[str, str] | None = None) -> None:
+    __slots__ = ("current",)
+
+    def __init__(self, aliases: dict[str, str]) -> None:
+        self.current: tuple[dict[str, str], dict[str, Pkcs11Uri]] = (aliases, {})
+
+
+class KeyStore:
+    """The keys of one token, named by ``pkcs11:`` URIs, configured aliases, or the label of exactly one key;
+    ``names_of``: share that store's aliases (a wrapper of it)."""
+
+    def __init__(self, pool: SessionPool, aliases: Mapping[str, str] | None = None, *,
+                 names_of: KeyStore | None = None) -> None:
         self.pool = pool
-        self.aliases = dict(aliases or {})
+        self._names: _Names = names_of._names if names_of is not None else _Names(dict(aliases or {}))
         self._generate_lock = threading.Lock()
 
     @property
     def aliases(self) -> dict[str, str]:
-        return self._aliases
+        return self._names.current[0]
 
     @aliases.setter
     def aliases(self, value: dict[str, str]) -> None:
         # Parsing a name costs more than the rest of a request's bookkeeping: each is parsed once per alias set.
-        self._aliases = value
-        self._resolved: dict[str, Pkcs11Uri] = {}
+        self._names.current = (value, {})
 
     @functools.cached_property
     def capabilities(self) -> Capabilities:
@@ -174,16 +186,17 @@ class KeyStore:
     # -- naming --------------------------------------------------------------
     def resolve(self, name: str) -> Pkcs11Uri:
         """A user's key name (URI, alias or label) as a URI for a private key on our token."""
+        aliases, resolved = self._names.current
         try:
-            return self._resolved[name]
+            return resolved[name]
         except KeyError:
             pass
-        text = self.aliases.get(name, name)
+        text = aliases.get(name, name)
         if not text.lower().startswith("pkcs11:"):
             return self._labelled(name)  # not kept: what the token holds changes, a URI's meaning does not
         uri = self._resolve(text)
-        if len(self._resolved) < 1024:  # names come from callers: bound what they can make us keep
-            self._resolved[name] = uri
+        if len(resolved) < 1024:  # names come from callers: bound what they can make us keep
+            resolved[name] = uri
         return uri
 
     def _labelled(self, name: str) -> Pkcs11Uri:
@@ -303,6 +316,21 @@ class KeyStore:
         raise KeyTemplateError(f"the PKCS#11 module {self.pool.module.path} refused every {spec} key template "
                                f"(private key CKA_SIGN=true, CKA_DECRYPT=false, CKA_UNWRAP=false; "
                                f"{'; '.join(refusals)}); nothing was created")
+
+    def destroy(self, label: str, key_id: bytes) -> int:
+        """Remove the key pair ``label``/``key_id`` and its certificates (same CKA_ID) from the token; how many
+        objects went. Only a retired key is ever removed (``tpp-agent rotate remove-retired``)."""
+        def run(pooled: PooledSession) -> int:
+            session = pooled.session
+            found = [*session.get_objects({Attribute.LABEL: label, Attribute.ID: key_id}),
+                     *session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.ID: key_id})]
+            unique = {obj.handle: obj for obj in found}
+            for obj in unique.values():
+                obj.destroy()
+            return len(unique)
+
+        with self._generate_lock:
+            return self.pool.call(run)
 
     # -- signing -------------------------------------------------------------
     def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme,

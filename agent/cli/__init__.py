@@ -30,6 +30,7 @@ from agent.cli import (
     messages,
     metrics,
     options,
+    rotate,
     status,
     tokens,
 )
@@ -38,7 +39,7 @@ from agent.errors import AgentError, ConfigError, ExitStatus, exit_status
 from pkcs11_backends.errors import Pkcs11Error
 
 COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, consent, messages, daemon, lifecycle, status,
-                  metrics)
+                  metrics, rotate)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +85,7 @@ def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     _complete(parser)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(rotate.shorthand(list(sys.argv[1:] if argv is None else argv)))
     finally:
         sys.stdout.flush()  # --help and --version print and exit here: a closed pipe shows now, not at exit
     if args.json and not args.prints_result:

@@ -13,8 +13,17 @@ from asn1crypto import pem
 from agent.cli.context import CliContext
 from agent.errors import InputError
 from agent.jose import keys as jose_keys
-from agent.x509.certificates import KeyCertificates, days_left, import_certificate, key_certificates
+from agent.rotation.view import label_uri, successor_label
+from agent.x509.certificates import (
+    KeyCertificates,
+    days_left,
+    import_certificate,
+    key_certificates,
+    read_certificates,
+)
+from agent.x509.signatures import same_public_key
 from agent.x509.subject import rfc4514
+from pkcs11_backends.uri import Pkcs11Uri
 
 _MAX_FILE = 1 << 20
 
@@ -40,7 +49,7 @@ def register(sub: Any) -> None:
     show.set_defaults(handler=show_cert)
 
 
-def _read(name: str) -> bytes:
+def read_file(name: str) -> bytes:
     try:
         with (open(sys.stdin.fileno(), "rb", closefd=False) if name == "-" else Path(name).open("rb")) as handle:
             data = handle.read(_MAX_FILE + 1)
@@ -56,8 +65,15 @@ def _read(name: str) -> bytes:
 
 
 def import_cert(args: argparse.Namespace, ctx: CliContext) -> int:
-    data = _read(args.file)
+    data = read_file(args.file)
     source = "stdin" if args.file == "-" else args.file
+    rotated = _rotation_successor(args.key, ctx, data, source)
+    if rotated is not None:
+        from agent.cli import rotate  # it imports this module
+
+        print(f"this is the certificate of {rotated!r}'s rotation successor: it starts the overlap "
+              f"(as `tpp-agent rotate import {rotated} CERT`)", file=sys.stderr)
+        return rotate.import_successor(argparse.Namespace(key=rotated, file=args.file, json=False), ctx, data)
     before = jose_keys.resolved(ctx.runtime.keys, ctx.config, args.key)
     result = import_certificate(ctx.runtime.keys, args.key, data, source, replace=args.replace)
     warning = jose_keys.kid_change(args.key, before, jose_keys.resolved(ctx.runtime.keys, ctx.config, args.key))
@@ -78,6 +94,25 @@ def import_cert(args: argparse.Namespace, ctx: CliContext) -> int:
     if result.replaced:
         print(f"removed {result.replaced} older certificate(s) of this key")
     return 0
+
+
+def _rotation_successor(key: str, ctx: CliContext, data: bytes, source: str) -> str | None:
+    """The alias whose rotation successor this certificate is for, when ``key`` names that alias or successor."""
+    states = ctx.core.rotation.states
+    if not states:
+        return None
+    leaf = read_certificates(data, source)[0]
+    named = ctx.config.key_named(key)
+    for alias, state in states.items():
+        successor = successor_label(state)
+        if successor is None:
+            continue
+        uri = label_uri(ctx.config, alias, successor)
+        names_it = (named is not None and named.alias == alias) or key in (uri, successor) or \
+            (key.startswith("pkcs11:") and Pkcs11Uri.parse(key).object == successor)
+        if names_it and same_public_key(leaf.public_key, ctx.runtime.keys.public_key_info(uri)):
+            return alias
+    return None
 
 
 def show_cert(args: argparse.Namespace, ctx: CliContext) -> int:

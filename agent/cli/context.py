@@ -82,7 +82,9 @@ class CliContext:
     @functools.cached_property
     def core(self) -> Core:
         """The operations' core on the token in this process; every signature recorded in :attr:`audit`."""
-        return Core(self.sections, self.runtime, lambda: self.audit)
+        core = Core(self.sections, self.runtime, lambda: self.audit)
+        core.rotation.refresh()  # a rotated alias names the key the shared state says, here as in the agent
+        return core
 
     @functools.cached_property
     def backend(self) -> Backend:

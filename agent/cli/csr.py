@@ -53,11 +53,11 @@ def make_csr(args: argparse.Namespace, ctx: CliContext) -> int:
         subject = directory_subject(args.org_name, args.org_id, args.client_id)
     algorithm = CsrAlgorithm.parse(args.alg) if args.alg else None
     if args.out is not None:
-        _check_writable(args.out, args.force)
+        check_writable(args.out, args.force)
 
     signed = build_csr(ctx.core.signer, args.key, subject, algorithm)
     if args.out is not None:
-        _write(args.out, signed.pem, args.force)
+        write_new(args.out, signed.pem, args.force)
     if args.json:
         print(json.dumps({"key": args.key, "subject": rfc4514(subject), "alg": signed.scheme.jose_name,
                           "out": str(args.out) if args.out else None, "pem": signed.pem}, indent=2))
@@ -69,14 +69,14 @@ def make_csr(args: argparse.Namespace, ctx: CliContext) -> int:
     return 0
 
 
-def _check_writable(path: Path, force: bool) -> None:
+def check_writable(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise InputError(f"{path} already exists", hint="pass --force to overwrite it, or choose another --out")
     if not path.parent.is_dir():
         raise InputError(f"directory {path.parent} does not exist", hint="create it or choose another --out")
 
 
-def _write(path: Path, text: str, force: bool) -> None:
+def write_new(path: Path, text: str, force: bool) -> None:
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     try:
         fd = os.open(path, flags, 0o644)  # a CSR is public

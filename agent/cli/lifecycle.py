@@ -84,7 +84,7 @@ def list_registrations(args: argparse.Namespace, ctx: CliContext) -> int:
     banks = dict(ctx.sections.banks)
     if args.bank is not None:
         banks = {args.bank: _bank(banks, args.bank)}
-    views = [bank_registration(ctx.runtime, bank, records) for bank in banks.values()]
+    views = [bank_registration(ctx.runtime, ctx.core.rotation.as_presented(bank), records) for bank in banks.values()]
     if args.json:
         print(json.dumps([v.as_dict() for v in views], indent=2))
         return 0

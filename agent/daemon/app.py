@@ -60,6 +60,7 @@ class Agent:
         self.runtime.keys.aliases = dict(sections.config.aliases)
         # Every signature in this process goes through the core's audited signer, the canary's included.
         self.core = Core(sections, self.runtime, lambda: self.audit, lambda: self.readiness, self.metrics)
+        self.core.rotation.refresh()  # the keys a rotation switched to, as the shared state says
 
     @property
     def config(self) -> Config:
@@ -152,7 +153,9 @@ class Agent:
 
     # -- health --------------------------------------------------------------
     def health_check(self) -> Readiness:
-        """Ask the token something real; stale handles start the pool's recovery."""
+        """Ask the token something real; stale handles start the pool's recovery. Follow rotation steps that
+        other processes and hosts took (agent/rotation/view.py)."""
+        self.core.rotation.refresh()
         if self.audit.cut:  # no key use until an operator restarts the agent (agent/audit.py)
             self.readiness = Readiness(False, self.audit.cut)
             return self.readiness

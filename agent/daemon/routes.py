@@ -78,6 +78,13 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/banks/{bank}/personal-data", BY_NAME["encrypt_personal_data"]),
     Route("POST", "/v1/banks/{bank}/events", BY_NAME["receive_event"]),
     Route("GET", "/v1/metrics", BY_NAME["metrics"], render=_metrics_text),
+    Route("GET", "/v1/rotation", BY_NAME["rotate_status"]),
+    Route("POST", "/v1/keys/{alias}/rotation", BY_NAME["rotate_start"]),
+    Route("POST", "/v1/keys/{alias}/rotation/certificate", BY_NAME["rotate_import"]),
+    Route("POST", "/v1/keys/{alias}/rotation/switch-signing", BY_NAME["rotate_switch_signing"]),
+    Route("POST", "/v1/keys/{alias}/rotation/switch-transport", BY_NAME["rotate_switch_transport"]),
+    Route("POST", "/v1/keys/{alias}/rotation/retire", BY_NAME["rotate_retire"]),
+    Route("POST", "/v1/keys/{alias}/rotation/remove-retired", BY_NAME["rotate_remove_retired"]),
 )
 
 BY_OPERATION: dict[str, Route] = {route.spec.name: route for route in ROUTES}

@@ -56,6 +56,9 @@ from agent.operations.core import Caller, check_purpose, execute
 from agent.operations.errors import KeyPurposeError, NotReadyError, PolicyDenied, UnknownKeyError
 from agent.operations.inputs import InvalidInput
 from agent.operations.spec import Access, Operation, Resource, Spec
+from agent.rotation.errors import RotationStepError, RotationWindowError
+from agent.state import StateError
+from agent.state.rotation import RotationConflictError
 from agent.transport.errors import BankBusyError, BankTimeoutError, ResponseTooLargeError, TransportError
 from pkcs11_backends.errors import (
     AmbiguousKeyError,
@@ -270,6 +273,15 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(502, "bank_jwks_unusable", str(exc), hint)
     if isinstance(exc, JoseError):
         return HttpError(400, "jose_refused", str(exc), hint)
+    if isinstance(exc, RotationWindowError):
+        wait = str(max(1, round(exc.retry_after)))
+        return HttpError(409, "rotation_window", str(exc), hint, (("Retry-After", wait),))
+    if isinstance(exc, RotationStepError):
+        return HttpError(409, "rotation_step", str(exc), hint)
+    if isinstance(exc, RotationConflictError):
+        return HttpError(409, "rotation_conflict", str(exc), hint)
+    if isinstance(exc, StateError):
+        return HttpError(503, "state_unavailable", str(exc), hint)
     if isinstance(exc, InputError):
         return HttpError(400, "bad_input", str(exc), hint)
     return HttpError(500, "internal_error", str(exc), hint)

@@ -63,20 +63,21 @@ class JoseKey:
         return SignatureScheme.from_jose(chosen)
 
 
-def resolve(store: KeyStore, config: Config, name: str) -> JoseKey:
-    """Read a key's public half and certificate from the token and apply its configured policy."""
+def resolve(store: KeyStore, config: Config, name: str, policy_of: str | None = None) -> JoseKey:
+    """Read a key's public half and certificate from the token and apply its configured policy (that of the
+    alias ``policy_of``, for a key that is not configured itself: a rotation's other key)."""
     info = store.info(name)
-    settings = _key_config(config, name)
+    settings = _key_config(config, policy_of or name)
     jwk = public_jwk(store.public_key_info(name))
     algorithms = _algorithms(name, settings, info.spec)
     kid = _kid(name, settings, jwk, info.certificate)
     return JoseKey(name, info.uri, info.spec, jwk, info.certificate, algorithms, kid)
 
 
-def resolved(store: KeyStore, config: Config, name: str) -> JoseKey | None:
+def resolved(store: KeyStore, config: Config, name: str, policy_of: str | None = None) -> JoseKey | None:
     """:func:`resolve`, or None when the key cannot sign yet (not on the token, a ``kid`` it cannot have yet)."""
     try:
-        return resolve(store, config, name)
+        return resolve(store, config, name, policy_of)
     except (AgentError, Pkcs11Error):
         return None
 

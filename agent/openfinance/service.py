@@ -35,6 +35,7 @@ from agent.openfinance.tokens import TokenClient
 from agent.runtime import Runtime
 from agent.state import StateStore, open_state
 from agent.transport.client import AnswerLimit, BankTransport, Response, open_transport
+from agent.transport.tls import TlsSettings
 
 if TYPE_CHECKING:
     from agent.audit import AuditedKeyStore
@@ -54,8 +55,11 @@ class OpenFinance:
     """
 
     def __init__(self, runtime: Runtime, sections: Sections, *, signer: AuditedKeyStore,
-                 observer: BankCallObserver, token_lookups: TokenLookups | None = None) -> None:
+                 observer: BankCallObserver, token_lookups: TokenLookups | None = None,
+                 transport_key: Callable[[BankConfig], str] | None = None) -> None:
         self.runtime = runtime
+        # The key a bank's TLS is built with (a rotation switches banks one by one): its client_key by default.
+        self.transport_key = transport_key or (lambda bank: bank.tls.client_key)
         self.sections = sections
         self.config = sections.config
         self.signer = signer
@@ -66,6 +70,7 @@ class OpenFinance:
         self._discoveries: dict[str, Discovery] = {}
         self._jwks: dict[str, BankJwks] = {}
         self._lock = threading.RLock()  # daemon workers share one OpenFinance; tokens() calls transport()
+        self._side_transports: list[BankTransport] = []
 
     @functools.cached_property
     def state(self) -> StateStore:
@@ -92,7 +97,7 @@ class OpenFinance:
         """
         self.runtime.pool.ensure_ready()
         with self._lock:
-            transport = self._transports.get(name)
+            transport, settings = self._follow_rotation(name)
             if transport is not None and transport.tls.module_generation != self.runtime.module.generation:
                 # Its key's handles died with C_Finalize: a new handshake with it could only fail, or
                 # worse, reach whatever session or object now has the same handle number.
@@ -100,8 +105,34 @@ class OpenFinance:
                 transport.close()
                 transport = None
             if transport is None:
-                transport = self._transports[name] = open_transport(self.runtime, self.bank(name).tls)
+                transport = self._transports[name] = open_transport(self.runtime, settings)
             return transport
+
+    def _follow_rotation(self, name: str) -> tuple[BankTransport | None, TlsSettings]:
+        """The bank's transport unless its key was switched since it was built (then it is closed, and the
+        bank's cached access tokens, bound to the old certificate, go with it); the settings to build one with."""
+        bank = self.bank(name)
+        key = self.transport_key(bank)
+        settings = bank.tls if key == bank.tls.client_key else dataclasses.replace(bank.tls, client_key=key)
+        transport = self._transports.get(name)
+        if transport is not None and transport.settings.client_key != key:
+            _logger.info("transport_renewed", bank=name, reason="rotation: the bank gets the successor's certificate",
+                         key=key)
+            transport.close()
+            del self._transports[name]
+            self._tokens.pop(name, None)
+            transport = None
+        return transport, settings
+
+    def registrar_with(self, name: str, key: str) -> Registrar:
+        """A registrar for ``bank`` presenting ``key``'s certificate (a rotation's successor), on a transport of
+        its own: until the switch, every other request still goes with the bank's current key."""
+        transport = open_transport(self.runtime, dataclasses.replace(self.bank(name).tls, client_key=key))
+        identity = Identity(transport.tls.certificate_sha256, transport.tls.certificate.subject.rfc4514_string())
+        with self._lock:
+            self._side_transports.append(transport)  # closed with the others: its connection may be pooled
+        return Registrar(self.bank(name), self.discovery(name), ObservedTransport(self, name, transport),
+                         self.records, identity)
 
     def http(self, name: str) -> ObservedTransport:
         """Requests to the bank, on its transport as of each request, told to the observer."""
@@ -125,6 +156,7 @@ class OpenFinance:
     def tokens(self, name: str) -> TokenClient:
         """The bank's token client; one per bank for the life of this object, so its token cache is shared."""
         with self._lock:
+            self._follow_rotation(name)  # a switched bank's tokens are bound to the old certificate: not used again
             if name not in self._tokens:
                 settings = self.sections.tokens
                 transport = self.transport(name)
@@ -160,9 +192,10 @@ class OpenFinance:
         return ConsentClient(self.tokens(name), self.jwks(name), self.pending)
 
     def close(self) -> None:
-        for transport in self._transports.values():
+        for transport in [*self._transports.values(), *self._side_transports]:
             transport.close()
         self._transports.clear()
+        self._side_transports.clear()
         self._tokens.clear()
         self._jwks.clear()
 
@@ -210,9 +243,13 @@ class ObservedTransport:
     """A bank's transport as of each request: opened at the first one, renewed after a module re-initialisation
     (a token client or discovery object outlives transports), every request told to the observer."""
 
-    def __init__(self, owner: OpenFinance, bank: str) -> None:
+    def __init__(self, owner: OpenFinance, bank: str, fixed: BankTransport | None = None) -> None:
         self.owner = owner
         self.bank = bank
+        self.fixed = fixed  # a transport of its own (a successor key's registration), else the bank's current one
+
+    def _transport(self) -> BankTransport:
+        return self.fixed or self.owner.transport(self.bank)
 
     def request(self, method: str, url: str, *, body: bytes | None = None,
                 headers: Mapping[str, str] | None = None, interaction_id: str | None = None,
@@ -222,7 +259,7 @@ class ObservedTransport:
         host = _origin(url)
         started = time.monotonic()
         try:
-            response = self.owner.transport(self.bank).request(method, url, body=body, headers=headers,
+            response = self._transport().request(method, url, body=body, headers=headers,
                                                                interaction_id=interaction_id, limit=limit)
         except Exception as exc:
             error = type(exc).__name__
@@ -236,10 +273,11 @@ class ObservedTransport:
         return response
 
     def slot(self, what: str = "-", interaction_id: str = "-") -> AbstractContextManager[None]:
-        return self.owner.transport(self.bank).slot(what, interaction_id)
+        return self._transport().slot(what, interaction_id)
 
     def _call(self, method: str, url: str, body: bytes | None, interaction_id: str | None, result: str) -> BankCall:
-        client_key = self.owner.bank(self.bank).tls.client_key
+        fixed = self.fixed
+        client_key = fixed.settings.client_key if fixed else self.owner.transport_key(self.owner.bank(self.bank))
         key = self.owner.runtime.keys.aliases.get(client_key, client_key)
         return BankCall(self.bank, key, method, url, body, interaction_id, result)
 

@@ -20,6 +20,7 @@ from agent.openfinance.service import BankCallObservers, OpenFinance
 from agent.operations import inputs
 from agent.operations.errors import KeyPurposeError, UnknownKeyError
 from agent.operations.spec import Operation, Resource, Spec
+from agent.rotation.view import RotationView
 from agent.runtime import Runtime
 from agent.sections import Sections
 from pkcs11_backends.keys import KeyStore
@@ -110,14 +111,20 @@ class Core:
         audited = AuditedBankCalls(signer.audit)
         metrics = self._measured()
         if metrics is None:
-            return OpenFinance(self.runtime, self.sections, signer=signer, observer=audited)
+            return OpenFinance(self.runtime, self.sections, signer=signer, observer=audited,
+                               transport_key=self.rotation.transport_key)
         return OpenFinance(self.runtime, self.sections, signer=signer, observer=BankCallObservers(audited, metrics),
-                           token_lookups=metrics.token_lookup)
+                           token_lookups=metrics.token_lookup, transport_key=self.rotation.transport_key)
 
     def _measured(self) -> Metrics | None:
         """The metrics that count this core's events: the daemon's (a CLI command counts nothing)."""
         found: Metrics | None = self.__dict__.get("metrics")
         return found
+
+    @functools.cached_property
+    def rotation(self) -> RotationView:
+        """Which token key each alias names now (agent/rotation): read by whoever builds this core."""
+        return RotationView(self.config, self.runtime.keys)
 
     def readiness(self) -> Readiness:
         if self._readiness is None:

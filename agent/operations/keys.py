@@ -85,10 +85,11 @@ def public(context: Context, given: PublicInput) -> dict[str, Any]:
 def jwks(context: Context, _: Nothing) -> dict[str, Any]:
     """The JWK Set of the jws (``use: sig``) and encryption (``use: enc``) keys the caller may see: never a tls
     or audit key."""
-    if not context.visible:
-        return {"keys": []}
-    keyset: dict[str, Any] = jose.jwks(context.core.keys, context.core.config, context.visible)
-    return keyset
+    core = context.core
+    # In a rotation's overlap an alias has two keys: the banks must know the successor's kid before it signs.
+    return {"keys": [jose.to_jwk(jose.resolve(core.keys, core.config, name, policy_of=alias),
+                                 core.config.keys[alias].purpose or KeyPurpose.JWS)
+                     for alias in context.visible for name in core.rotation.published(alias)]}
 
 
 @dataclasses.dataclass(frozen=True)

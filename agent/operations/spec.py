@@ -40,6 +40,8 @@ class Operation(enum.StrEnum):
     ENCRYPT_PERSONAL_DATA = "encrypt_personal_data"
     RECEIVE_EVENT = "receive_event"
     METRICS = "metrics"
+    ROTATE = "rotate"  # every rotation step: admins only
+    ROTATION_STATUS = "rotation_status"
 
 
 class Resource(enum.Enum):

@@ -111,3 +111,11 @@ def _read(tx: Transaction, key_alias: str, *, lock: bool) -> RotationState | Non
         "SELECT bank, key_label, switched_at FROM rotation_banks WHERE key_alias = ? ORDER BY bank", (key_alias,))}
     return RotationState(key_alias, keys, row["overlap_started_at"], row["signing_switched_at"], banks,
                          int(row["version"]), row["updated_at"], row["updated_by"])
+
+
+def all_states(store: StateStore) -> list[RotationState]:
+    """Every alias's rotation state, in one read (what a running agent follows)."""
+    with store.transaction(write=False) as tx:
+        aliases = [row["key_alias"] for row in tx.execute("SELECT key_alias FROM rotations ORDER BY key_alias")]
+        found = [_read(tx, alias, lock=False) for alias in aliases]
+    return [state for state in found if state is not None]

@@ -29,6 +29,8 @@ from agent.errors import ExitStatus
 from agent.runtime import Runtime
 from agent.transport.client import BankTransport, open_transport
 from agent.transport.tls import TlsSettings
+from agent.x509.csr import build_csr
+from agent.x509.subject import parse_subject
 from modelbank import ModelBank
 from pkcs11_backends.decryption import generate_encryption_key
 from pkcs11_backends.keys import KeySpec
@@ -77,6 +79,23 @@ class World:
         return path
 
 
+def _successor_certificate(world: World) -> list[str]:
+    """The signing key's rotation successor (``rotate start`` made it) certified, as the directory would."""
+    csr = build_csr(world.runtime.keys, f"{world.signing_label}.2", parse_subject("CN=json,O=Test TPP,C=AE"))
+    path = world.files / "successor.pem"
+    path.write_bytes(world.bank.ca.issue_from_csr(csr.pem.encode()))
+    return ["signing", str(path)]
+
+
+def _transport_in_overlap(world: World) -> list[str]:
+    """A transport rotation up to its overlap, for ``rotate switch-transport``."""
+    started = json.loads(cli(world.config, "rotate", "start", "transport", "--json").stdout)
+    path = world.files / "transport-successor.pem"
+    path.write_bytes(world.bank.ca.issue_from_csr(started["csr"].encode()))
+    assert cli(world.config, "rotate", "import", "transport", str(path)).returncode == 0
+    return ["transport", "--bank", BANK]
+
+
 # Each command's arguments (besides --json), and the exit statuses that are results, not failures: these
 # commands exit non-zero by design for an answer (needs-renewal: 1 "not due"; banks sync: 1 "they differ").
 RUNS: dict[tuple[str, ...], tuple[Callable[[World], list[str]], frozenset[int]]] = {
@@ -111,6 +130,14 @@ RUNS: dict[tuple[str, ...], tuple[Callable[[World], list[str]], frozenset[int]]]
                                  frozenset({0})),
     ("receive-event",): (lambda w: [BANK, "--jwe", str(w.event())], frozenset({0})),
     ("metrics",): (lambda w: [], frozenset({0})),
+    # A rotation of the signing key, step by step ([rotation] jwks_cache_window = 0), then the transport's switch.
+    ("rotate", "status"): (lambda w: [], frozenset({0})),
+    ("rotate", "start"): (lambda w: ["signing"], frozenset({0})),
+    ("rotate", "import"): (_successor_certificate, frozenset({0})),
+    ("rotate", "switch-signing"): (lambda w: ["signing"], frozenset({0})),
+    ("rotate", "retire"): (lambda w: ["signing"], frozenset({0})),
+    ("rotate", "remove-retired"): (lambda w: ["signing"], frozenset({0})),
+    ("rotate", "switch-transport"): (_transport_in_overlap, frozenset({0})),
 }
 
 
@@ -144,6 +171,9 @@ def world(tpp: Tpp, bank: ModelBank, tmp_path: Path) -> Iterator[World]:
         [daemon]
         audit_file = "{tpp.state_dir / 'audit.jsonl'}"
         socket = "{tmp_path / 'no-agent' / 'agent.sock'}"
+
+        [rotation]
+        jwks_cache_window = 0
         """))
     files = tmp_path / "files"
     files.mkdir()
