@@ -78,6 +78,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/banks/{bank}/personal-data", BY_NAME["encrypt_personal_data"]),
     Route("POST", "/v1/banks/{bank}/events", BY_NAME["receive_event"]),
     Route("GET", "/v1/metrics", BY_NAME["metrics"], render=_metrics_text),
+    Route("POST", "/v1/registrations", BY_NAME["register_all"]),
+    Route("GET", "/v1/directory/certificates", BY_NAME["directory_certificates"]),
+    Route("POST", "/v1/directory/certificates", BY_NAME["directory_create"]),
+    Route("POST", "/v1/directory/certificates/import", BY_NAME["directory_import"]),
+    Route("POST", "/v1/directory/certificates/revoke", BY_NAME["directory_revoke"]),
 )
 
 BY_OPERATION: dict[str, Route] = {route.spec.name: route for route in ROUTES}

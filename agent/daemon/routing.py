@@ -19,6 +19,7 @@ from agent.daemon.app import Agent
 from agent.daemon.http import HttpError, Request, Response
 from agent.daemon.policy import Peer, Policy
 from agent.daemon.routes import ROUTES, Route, RouteTable
+from agent.directory.client import DirectoryError, DirectoryServerError
 from agent.errors import AgentError, ConfigError, InputError
 from agent.jose import AlgorithmNotAllowedError, ClaimsError, JoseError
 from agent.jose.errors import (
@@ -270,6 +271,10 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(502, "bank_jwks_unusable", str(exc), hint)
     if isinstance(exc, JoseError):
         return HttpError(400, "jose_refused", str(exc), hint)
+    if isinstance(exc, DirectoryServerError):
+        return HttpError(502, "directory_failed", str(exc), hint)
+    if isinstance(exc, DirectoryError):
+        return HttpError(502, "directory_refused", str(exc), hint)
     if isinstance(exc, InputError):
         return HttpError(400, "bad_input", str(exc), hint)
     return HttpError(500, "internal_error", str(exc), hint)
