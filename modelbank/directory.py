@@ -11,7 +11,8 @@ What it speaks, as the directory's published API names it:
 * ``POST /organisations/{OrgId}/softwarestatements/{SSId}/certificates/{type}``: a CSR (PEM body,
   ``Content-Type: application/x-pem-file``) becomes a certificate of that type — ``rtstransport`` (the
   transport certificate), ``rtssigning`` (the signing certificate) or ``enckey`` (the encryption certificate);
-  ``sigkey`` is a JWK upload, not a CSR, and is refused here. A body that is not ``application/x-pem-file`` is 415. Answer 201 with the ``CertificateOrKey``, whose ``SignedCertPath`` is the PEM.
+  ``sigkey`` is a JWK upload, not a CSR, and is refused here. A body that is not ``application/x-pem-file`` is 415.
+  Answer 201 with the ``CertificateOrKey``, whose ``SignedCertPath`` is the PEM.
 * ``GET  /organisations/{OrgId}/softwarestatements/{SSId}/certificates/{type}/{CertificateOrKeyId}``: one.
 * ``PUT  …/certificates/{type}/{CertificateOrKeyId}`` with ``{"RevokeReason": "superseded"}``: revoked (the
   reasons are the directory's: unspecified, keycompromise, superseded, cessationofoperation, privilegewithdrawn).
