@@ -100,8 +100,8 @@ def _bank_certificates(ctx: CliContext, now: datetime.datetime) -> Check:
     problems = transport_certificate_problems(ctx.runtime, ctx.sections.banks, now)
     if problems:
         return Check("bank certificates", Status.FAIL, "; ".join(problems),
-                     "import a valid certificate for the bank's client_key (tpp-agent cert import, or "
-                     "tpp-agent directory certs import); the agent is not ready until then")
+                     "import a valid certificate for the bank's client_key with `tpp-agent cert import` or "
+                     "`tpp-agent directory certs import`; the agent is not ready until then")
     return Check("bank certificates", Status.OK,
                  f"every bank's transport certificate can be presented ({len(ctx.sections.banks)} bank(s))")
 
