@@ -38,6 +38,6 @@ def register_all(context: Context, given: RegisterAllInput) -> dict[str, Any]:
 
 
 SPECS: tuple[Spec[Any], ...] = (
-    Spec("register_all", Operation.REGISTER, "register with every configured bank not registered yet (admins only)",
+    Spec("register_all", Operation.REGISTER_ALL, "register with every configured bank not registered yet (admins only)",
          Resource.NONE, RegisterAllInput, register_all, access=Access.ADMIN, calls_bank=True),
 )

@@ -40,6 +40,7 @@ class Operation(enum.StrEnum):
     ENCRYPT_PERSONAL_DATA = "encrypt_personal_data"
     RECEIVE_EVENT = "receive_event"
     METRICS = "metrics"
+    REGISTER_ALL = "register_all"
     DIRECTORY = "directory"
 
 
