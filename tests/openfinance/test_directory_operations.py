@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -173,7 +174,7 @@ def agent(tpp: Tpp, config: Path, public_dir: Path) -> Iterator[Daemon]:  # noqa
     daemon.notify.close()
 
 
-def _call(daemon: Daemon, uid: int, method: str, target: str, body: object = None) -> tuple[int, dict[str, object]]:
+def _call(daemon: Daemon, uid: int, method: str, target: str, body: object = None) -> tuple[int, dict[str, Any]]:
     answer = as_user(daemon, uid, NOBODY if uid else 0, method, target, "" if body is None else json.dumps(body))
     return int(str(answer["status"])), json.loads(str(answer["body"]))
 
@@ -196,7 +197,7 @@ def test_through_the_socket_for_admins_only(tpp: Tpp, agent: Daemon, directory: 
     assert status == 200 and imported["already_present"] is False, imported
     assert key_certificates(tpp.runtime.keys, key).current is not None
     status, listed = _call(agent, 0, "GET", "/v1/directory/certificates")
-    assert status == 200 and [c["id"] for c in listed["certificates"]] == [made["id"]]  # type: ignore[union-attr]
+    assert status == 200 and [c["id"] for c in listed["certificates"]] == [made["id"]]
     directory.fail_next(502)  # the agent has its token: the revoke gets it
     status, failed = _call(agent, 0, "POST", "/v1/directory/certificates/revoke",
                            {"id": made["id"], "type": "transport", "reason": "superseded"})
@@ -206,9 +207,9 @@ def test_through_the_socket_for_admins_only(tpp: Tpp, agent: Daemon, directory: 
     assert status == 200 and revoked["revoked"] is True
 
     status, registered = _call(agent, 0, "POST", "/v1/registrations", {})
-    assert status == 200 and [r["outcome"] for r in registered["banks"]] == ["registered"]  # type: ignore[index]
+    assert status == 200 and [r["outcome"] for r in registered["banks"]] == ["registered"]
     status, again = _call(agent, 0, "POST", "/v1/registrations", {})
-    assert [r["outcome"] for r in again["banks"]] == ["already registered"]  # type: ignore[index]
+    assert [r["outcome"] for r in again["banks"]] == ["already registered"]
     assert len(bank.registrations) == 1
     # Each request to the directory used the transport key: audited as the admin's directory operation.
     audit = [json.loads(line) for line in (tpp.state_dir / "audit.jsonl").read_text().splitlines()]
