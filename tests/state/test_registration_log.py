@@ -75,12 +75,24 @@ except UnresolvedAttemptError as exc:
 """
 
 
-def test_processes_sharing_a_store_claim_once(store: StateStore, database: str | None, tmp_path: Path) -> None:
-    """Each claimant is its own process with its own state dir: on PostgreSQL they stand for hosts of a fleet."""
+@pytest.mark.parametrize("earlier", ["none", "refused"])
+def test_processes_sharing_a_store_claim_once(store: StateStore, database: str | None, tmp_path: Path,
+                                              earlier: str) -> None:
+    """Each claimant is its own process with its own state dir: on PostgreSQL they stand for hosts of a fleet.
+
+    ``none``: the pair was never claimed (the claimants meet at its claim row's insertion); ``refused``: an
+    earlier attempt was refused, so every claimant may try again (they meet at the committed row's lock)."""
+    log = RegistrationLog(store)
+    before = []
+    if earlier == "refused":
+        first = log.claim("mb", SHA, "CN=tpp", SANDBOX, "refused", force=False)
+        log.finish(first.id, FAILED, status=400, body=b"", error="RegistrationRejectedError", duration_ms=1)
+        before = ["refused"]
     claimants = []
     # The test holds the pair's claim row until every claimant is on its way: they all wait, then race.
     with store.transaction() as blocker:
-        blocker.execute("INSERT INTO registration_claims (cert_sha256, endpoint) VALUES (?, ?)", (SHA, SANDBOX))
+        blocker.execute("INSERT INTO registration_claims (cert_sha256, endpoint) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                        (SHA, SANDBOX))
         blocker.execute(blocker.for_update("SELECT * FROM registration_claims WHERE cert_sha256 = ?"), (SHA,))
         for i in range(CALLERS):
             own_dir = tmp_path / f"host-{i}" if database else tmp_path / "state"
@@ -112,7 +124,8 @@ def test_processes_sharing_a_store_claim_once(store: StateStore, database: str |
     assert all(proc.returncode == 0 for proc in claimants), [err for _, err in outputs]
     [winner] = [a["claimed"] for a in answers if "claimed" in a]
     assert sorted(a.get("refused", "") for a in answers) == [""] + [winner] * (CALLERS - 1)
-    [row] = RegistrationLog(store).attempts()
+    *earlier_rows, row = log.attempts()
+    assert [r.interaction_id for r in earlier_rows] == before
     assert (row.interaction_id, row.outcome) == (winner, PENDING)
 
 
