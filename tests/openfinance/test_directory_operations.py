@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
 
 from agent.errors import ExitStatus
 from agent.x509.certificates import key_certificates
@@ -23,26 +21,16 @@ from modelbank import ModelBank
 from modelbank.directory import ModelDirectory
 from modelbank.server import REGISTRATION_PATH
 from pkcs11_backends.keys import KeySpec
-from tests.daemon.conftest import NOBODY, Daemon, launch, nobody_rule, public_dir  # noqa: F401 -- fixture
+from tests.daemon import conftest as daemon_fixtures
+from tests.daemon.conftest import NOBODY, Daemon, launch, nobody_rule
 from tests.daemon.test_policy import as_user
+from tests.openfinance import test_directory as directory_fixtures
 from tests.openfinance.conftest import BANK, Tpp, issue_identity
 from tests.openfinance.test_cli_and_demo import cli
 
-ORG, SS = "org-0001", "ss-0001"
-
-
-def _client_id(tpp: Tpp) -> str:
-    stored = key_certificates(tpp.runtime.keys, tpp.key_uri).current
-    assert stored is not None
-    cert = x509.load_der_x509_certificate(stored.der)
-    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
-
-
-@pytest.fixture
-def directory(tpp: Tpp, bank: ModelBank, tmp_path: Path) -> Iterator[ModelDirectory]:
-    with ModelDirectory(tmp_path / "directory", bank.ca, organisation_id=ORG, software_statement_id=SS,
-                        client_id=_client_id(tpp)) as running:
-        yield running
+ORG, SS = directory_fixtures.ORG, directory_fixtures.SS
+directory = directory_fixtures.directory  # the model directory, for the tests' TPP
+public_dir = daemon_fixtures.public_dir
 
 
 def _directory_section(tpp: Tpp, directory: ModelDirectory) -> str:
@@ -162,7 +150,7 @@ def test_register_all_registers_each_bank_once_and_names_each_failure(tpp: Tpp, 
 
 
 @pytest.fixture
-def agent(tpp: Tpp, config: Path, public_dir: Path) -> Iterator[Daemon]:  # noqa: F811
+def agent(tpp: Tpp, config: Path, public_dir: Path) -> Iterator[Daemon]:
     signing = tpp.runtime.keys.generate(f"signing-{uuid.uuid4().hex[:10]}", KeySpec.parse("rsa:2048"))
     config.write_text(config.read_text() + f'\n[keys.transport]\nuri = "{tpp.key_uri}"\n\n'
                       f'[keys.signing]\nuri = "{signing.uri}"\n\n' + nobody_rule(
@@ -217,7 +205,7 @@ def test_through_the_socket_for_admins_only(tpp: Tpp, agent: Daemon, directory: 
     assert directory_uses and all(r["uid"] == 0 for r in directory_uses)
 
 
-def test_an_expired_transport_certificate_keeps_the_agent_not_ready(tpp: Tpp, bank: ModelBank, public_dir: Path,  # noqa: F811
+def test_an_expired_transport_certificate_keeps_the_agent_not_ready(tpp: Tpp, bank: ModelBank, public_dir: Path,
                                                                     tmp_path: Path) -> None:
     key, _, expired_pem = issue_identity(tpp.runtime, bank, expired=True)
     expired = tmp_path / "expired.pem"
