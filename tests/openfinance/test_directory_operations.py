@@ -230,3 +230,16 @@ def test_an_expired_transport_certificate_keeps_the_agent_not_ready(tpp: Tpp, ba
     valid = tpp.write_config(bank)
     assert "FAIL" not in next(line for line in cli(valid, "--direct", "doctor").stdout.splitlines()
                               if "bank certificates" in line)
+
+
+def test_doctor_warns_by_the_configured_expiry_warning_days(tpp: Tpp, bank: ModelBank) -> None:
+    label = tpp.key_uri.split("object=")[1].split(";")[0]
+    config = tpp.write_config(bank)
+    base = config.read_text()
+    lines = {}
+    for days in (30, 400):  # the certificate has 395 days left
+        config.write_text(base + f"\n[certificates]\nexpiry_warning_days = {days}\n")
+        lines[days] = next(line for line in cli(config, "--direct", "doctor").stdout.splitlines()
+                           if f"key {label}" in line)
+    assert lines[30].lstrip().startswith("ok") and "certificate valid until" in lines[30], lines
+    assert lines[400].lstrip().startswith("warn") and "days left" in lines[400], lines
