@@ -199,6 +199,13 @@ def test_through_the_socket_for_admins_only(tpp: Tpp, agent: Daemon, directory: 
     status, again = _call(agent, 0, "POST", "/v1/registrations", {})
     assert [r["outcome"] for r in again["banks"]] == ["already registered"]
     assert len(bank.registrations) == 1
+    # The CLI finds the running agent and goes through it (the operator here is root, an admin).
+    through = cli(agent.config_path, "register", "--all")
+    assert through.returncode == 0 and "through_agent" in through.stderr, through.stderr
+    assert through.stdout.startswith(f"{BANK}: already registered at ") and "nothing sent" in through.stdout
+    listed_cli = cli(agent.config_path, "directory", "certs", "list", "--json")
+    assert listed_cli.returncode == 0 and "through_agent" in listed_cli.stderr, listed_cli.stderr
+    assert [c["status"] for c in json.loads(listed_cli.stdout)["certificates"]] == ["Revoked"]
     # Each request to the directory used the transport key: audited as the admin's directory operation.
     audit = [json.loads(line) for line in (tpp.state_dir / "audit.jsonl").read_text().splitlines()]
     directory_uses = [r for r in audit if r.get("algorithm") == "tls-client-auth" and r["operation"] == "directory"]
