@@ -99,9 +99,9 @@ def _bank_certificates(ctx: CliContext, now: datetime.datetime) -> Check:
     """What keeps a running agent from being ready: a bank whose transport certificate cannot be presented."""
     problems = transport_certificate_problems(ctx.runtime, ctx.sections.banks, now)
     if problems:
-        return Check("bank certificates", Status.FAIL, "; ".join(problems),
-                     "import a valid certificate for the bank's client_key with `tpp-agent cert import` or "
-                     "`tpp-agent directory certs import`; the agent is not ready until then")
+        return failed("bank certificates", "; ".join(problems),
+                      "import a valid certificate for the bank's client_key with `tpp-agent cert import` or "
+                      "`tpp-agent directory certs import`; the agent is not ready until then", ExitStatus.CONFIG)
     return Check("bank certificates", Status.OK,
                  f"every bank's transport certificate can be presented ({len(ctx.sections.banks)} bank(s))")
 

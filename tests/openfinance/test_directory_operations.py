@@ -230,9 +230,10 @@ def test_an_expired_transport_certificate_keeps_the_agent_not_ready(tpp: Tpp, ba
         daemon.stop()
         daemon.notify.close()
     doctor = cli(config, "--direct", "doctor")
-    [line] = [line for line in doctor.stdout.splitlines() if "bank certificates" in line]
-    assert "FAIL" in line and f"bank '{BANK}'" in line and "expired on" in line, doctor.stdout
-    assert doctor.returncode != 0
+    lines = [line for line in doctor.stdout.splitlines() if "bank certificates" in line]
+    assert len(lines) == 1, doctor.stdout + doctor.stderr
+    assert "FAIL" in lines[0] and f"bank '{BANK}'" in lines[0] and "expired on" in lines[0], doctor.stdout
+    assert doctor.returncode == ExitStatus.CONFIG, doctor.stdout  # the certificate is the configuration's to fix
     # Given a valid certificate, the same bank is fine.
     valid = tpp.write_config(bank)
     assert "FAIL" not in next(line for line in cli(valid, "--direct", "doctor").stdout.splitlines()
