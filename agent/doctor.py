@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from agent.cli.context import CliContext
 from agent.config import Config
 from agent.errors import AgentError, ExitStatus, exit_status
+from agent.lifecycle.readiness import transport_certificate_problems
 from agent.x509.certificates import days_left
 from agent.x509.signatures import same_public_key
 from pkcs11_backends import openssl
@@ -90,6 +91,19 @@ def _checks(ctx: CliContext, now: datetime.datetime) -> Iterator[Check]:
             return
     yield _attempt("mechanisms", lambda: _mechanisms(runtime.keys))
     yield from _key_checks(runtime.keys, ctx.config, ctx.sections.certificates.expiry_warning_days, now)
+    if ctx.sections.banks:
+        yield _bank_certificates(ctx, now)
+
+
+def _bank_certificates(ctx: CliContext, now: datetime.datetime) -> Check:
+    """What keeps a running agent from being ready: a bank whose transport certificate cannot be presented."""
+    problems = transport_certificate_problems(ctx.runtime, ctx.sections.banks, now)
+    if problems:
+        return failed("bank certificates", "; ".join(problems),
+                      "import a valid certificate for the bank's client_key with `tpp-agent cert import` or "
+                      "`tpp-agent directory certs import`; the agent is not ready until then", ExitStatus.CONFIG)
+    return Check("bank certificates", Status.OK,
+                 f"every bank's transport certificate can be presented ({len(ctx.sections.banks)} bank(s))")
 
 
 def _mechanisms(store: KeyStore) -> str:

@@ -153,6 +153,8 @@ AGENT_CODES: dict[str, ExitStatus] = {
     "bad_callback": ExitStatus.DATAERR,
     "state_in_use": ExitStatus.DATAERR,
     "consent_flow_refused": ExitStatus.DATAERR,
+    "directory_refused": ExitStatus.PROTOCOL,
+    "directory_failed": ExitStatus.TEMPFAIL,
     "internal_error": ExitStatus.SOFTWARE,
     "bad_idempotency_key": ExitStatus.DATAERR,
     "replayed": ExitStatus.DATAERR,

@@ -10,8 +10,9 @@ What it speaks, as the directory's published API names it:
   certificates (``CertificateOrKey`` objects).
 * ``POST /organisations/{OrgId}/softwarestatements/{SSId}/certificates/{type}``: a CSR (PEM body,
   ``Content-Type: application/x-pem-file``) becomes a certificate of that type — ``rtstransport`` (the
-  transport certificate) or ``rtssigning`` (the signing certificate); ``sigkey``/``enckey`` are JWK uploads, not
-  CSRs, and are refused here. Answer 201 with the ``CertificateOrKey``, whose ``SignedCertPath`` is the PEM.
+  transport certificate), ``rtssigning`` (the signing certificate) or ``enckey`` (the encryption certificate);
+  ``sigkey`` is a JWK upload, not a CSR, and is refused here. A body that is not ``application/x-pem-file`` is 415.
+  Answer 201 with the ``CertificateOrKey``, whose ``SignedCertPath`` is the PEM.
 * ``GET  /organisations/{OrgId}/softwarestatements/{SSId}/certificates/{type}/{CertificateOrKeyId}``: one.
 * ``PUT  …/certificates/{type}/{CertificateOrKeyId}`` with ``{"RevokeReason": "superseded"}``: revoked (the
   reasons are the directory's: unspecified, keycompromise, superseded, cessationofoperation, privilegewithdrawn).
@@ -54,7 +55,7 @@ from cryptography.x509.oid import NameOID
 from modelbank.ca import CsrError, TestCA
 
 SCOPE = "directory:software"
-CSR_TYPES = ("rtstransport", "rtssigning")
+CSR_TYPES = ("rtstransport", "rtssigning", "enckey")
 REVOKE_REASONS = ("unspecified", "keycompromise", "superseded", "cessationofoperation", "privilegewithdrawn")
 TOKEN_LIFETIME = 300
 _CERTS = re.compile(r"^/organisations/([^/]+)/softwarestatements/([^/]+)/certificates(?:/([^/]+)(?:/([^/]+))?)?$")
@@ -302,6 +303,8 @@ class _Handler(BaseHTTPRequestHandler):
         if kind is None and self.command == "GET":
             return 200, [directory.describe(c) for c in directory.certificates.values()]
         if kind is not None and cert_id is None and self.command == "POST":
+            if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/x-pem-file":
+                return _error(415, "UnsupportedMediaType", "a CSR is sent as application/x-pem-file")
             return directory.create(kind, body)
         issued = directory.certificates.get(cert_id or "")
         if issued is None or issued.type != kind:

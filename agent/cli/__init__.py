@@ -23,6 +23,7 @@ from agent.cli import (
     consent,
     csr,
     daemon,
+    directory,
     doctor,
     jose,
     keys,
@@ -39,7 +40,7 @@ from agent.errors import AgentError, ConfigError, ExitStatus, exit_status
 from pkcs11_backends.errors import Pkcs11Error
 
 COMMAND_GROUPS = (keys, csr, cert, doctor, config, banks, jose, tokens, consent, messages, daemon, lifecycle, status,
-                  metrics, rotate)
+                  metrics, rotate, directory)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,8 +21,13 @@ def register(sub: Any) -> None:
     disc.add_argument("--json", action="store_true", help="print the document and its fetch time as JSON")
     disc.set_defaults(handler=discover)
 
-    reg = sub.add_parser("register", help="register the application with a bank (POST registration_endpoint)")
-    reg.add_argument("bank", metavar="BANK", help="a [banks.NAME] of the configuration")
+    reg = sub.add_parser("register", help="register the application with a bank (POST registration_endpoint)",
+                         description="BANK, or --all: every configured bank whose transport certificate is not "
+                                     "registered at its registration endpoint yet (one line per bank; the exit "
+                                     "status is the first failure's, 0 when none failed).")
+    which = reg.add_mutually_exclusive_group(required=True)
+    which.add_argument("bank", metavar="BANK", nargs="?", help="a [banks.NAME] of the configuration")
+    which.add_argument("--all", action="store_true", help="every configured bank (admins, through an agent)")
     reg.add_argument("--force", action="store_true",
                      help="register again even if this certificate is already registered with the bank")
     reg.add_argument("--json", action="store_true")
@@ -49,6 +54,8 @@ def discover(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def register_bank(args: argparse.Namespace, ctx: CliContext) -> int:
+    if args.all:
+        return _register_all(args, ctx)
     result = ctx.backend.run("register", {"force": args.force}, bank=args.bank)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -62,3 +69,25 @@ def register_bank(args: argparse.Namespace, ctx: CliContext) -> int:
         print(f"  x-fapi-interaction-id: {result['interaction_id']}")
     return 0
 
+
+
+def _register_all(args: argparse.Namespace, ctx: CliContext) -> int:
+    answer = ctx.backend.run("register_all", {"force": args.force})
+    results = answer["banks"]
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif not results:
+        print("no banks configured")
+    for row in results if not args.json else ():
+        if row["outcome"] == "failed":
+            print(f"{row['bank']}: failed: {row['error']}")
+            if row["hint"]:
+                print(f"{'':<{len(row['bank'])}}  hint: {row['hint']}")
+        elif row["already_registered"] is not None:
+            print(f"{row['bank']}: already registered at {row['endpoint']} "
+                  f"(x-fapi-interaction-id {row['interaction_id']}); nothing sent")
+        else:
+            print(f"{row['bank']}: registered at {row['endpoint']}: HTTP {row['status']} "
+                  f"(x-fapi-interaction-id {row['interaction_id']})")
+    failures = [row["exit_status"] for row in results if row["outcome"] == "failed"]
+    return int(failures[0]) if failures else 0

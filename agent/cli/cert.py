@@ -49,23 +49,24 @@ def register(sub: Any) -> None:
     show.set_defaults(handler=show_cert)
 
 
-def read_file(name: str) -> bytes:
+def read_input(name: str, what: str = "certificate") -> bytes:
+    """A file the operator names ('-': stdin), at most 1 MiB; ``what`` it should be, for the messages."""
     try:
         with (open(sys.stdin.fileno(), "rb", closefd=False) if name == "-" else Path(name).open("rb")) as handle:
             data = handle.read(_MAX_FILE + 1)
     except FileNotFoundError:
-        raise InputError(f"certificate file not found: {name}") from None
+        raise InputError(f"{what} file not found: {name}") from None
     except IsADirectoryError:
-        raise InputError(f"{name} is a directory, not a certificate file") from None
+        raise InputError(f"{name} is a directory, not a {what} file") from None
     except PermissionError:
-        raise InputError(f"certificate file not readable: {name}") from None
+        raise InputError(f"{what} file not readable: {name}") from None
     if len(data) > _MAX_FILE:
-        raise InputError(f"{name} is larger than 1 MiB: not a certificate file")
+        raise InputError(f"{name} is larger than 1 MiB: not a {what} file")
     return data
 
 
 def import_cert(args: argparse.Namespace, ctx: CliContext) -> int:
-    data = read_file(args.file)
+    data = read_input(args.file)
     source = "stdin" if args.file == "-" else args.file
     rotated = _rotation_successor(args.key, ctx, data, source)
     if rotated is not None:

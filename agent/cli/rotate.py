@@ -14,7 +14,7 @@ from typing import Any
 
 from asn1crypto import pem
 
-from agent.cli.cert import read_file
+from agent.cli.cert import read_input
 from agent.cli.context import CliContext
 from agent.cli.csr import check_writable, write_new
 from agent.errors import InputError
@@ -108,7 +108,7 @@ def start_rotation(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def import_successor(args: argparse.Namespace, ctx: CliContext, data: bytes | None = None) -> int:
     """``data``: the file read already (``cert import`` hands over a successor's certificate)."""
-    data = read_file(args.file) if data is None else data
+    data = read_input(args.file) if data is None else data
     source = "stdin" if args.file == "-" else args.file
     # The agent takes PEM text: a DER file is armored here (the same certificate).
     certs = read_certificates(data, source)

@@ -22,6 +22,7 @@ from agent.daemon.http import new_interaction_id
 from agent.daemon.policy import Policy
 from agent.daemon.settings import DaemonSettings
 from agent.errors import AgentError
+from agent.lifecycle.readiness import transport_certificate_problems
 from agent.log import get_logger
 from agent.operations.core import Core, Readiness
 from agent.runtime import Runtime
@@ -98,7 +99,7 @@ class Agent:
             if not verify_in_software(spki, signature, canary, scheme):
                 raise StartupCheckError(f"canary signature of key {alias!r} ({scheme.jose_name}) does not verify")
         status = f"token {self.config.pkcs11.token!r} logged in, {len(self.config.keys)} key(s) checked"
-        self.readiness = Readiness(True, status)
+        self.readiness = self._certificate_readiness(status)
         return status
 
     def _decryption_canary(self, alias: str, spki: bytes) -> None:
@@ -163,10 +164,22 @@ class Agent:
             count = count_private_keys(self.runtime.pool, expect_some=bool(self.config.keys))
         except (Pkcs11Error, AgentError) as exc:
             self.readiness = Readiness(False, f"token check failed: {exc}")
-        else:
-            if not self.readiness.ready and self.runtime.pool.health.ready:
-                self.readiness = Readiness(True, f"token answers ({count} private keys)")
+            return self.readiness
+        if self.runtime.pool.health.ready:
+            readiness = self._certificate_readiness(f"token answers ({count} private keys)")
+            if not (readiness.ready and self.readiness.ready):  # a ready agent keeps its start-up detail
+                self.readiness = readiness
         return self.readiness
+
+    def _certificate_readiness(self, ready_detail: str) -> Readiness:
+        """Not ready while a bank's transport certificate cannot be presented (expired, not yet valid, missing).
+
+        Asked at start-up, at a reload and at each health check; ``GET /v1/ready`` reads the answer kept here,
+        so the token is asked once per health interval, however often readiness is polled."""
+        problems = transport_certificate_problems(self.runtime, self.sections.banks)
+        if problems:
+            return Readiness(False, "; ".join(problems))
+        return Readiness(True, ready_detail)
 
 
 def verify_in_software(spki_der: bytes, signature: bytes, data: bytes, scheme: SignatureScheme) -> bool:

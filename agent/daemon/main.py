@@ -123,7 +123,9 @@ def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket,
         health.start()
         log.info("ready", socket=where, status=status, audit_file=str(audit.path),
                  seconds=round(time.monotonic() - started, 3), signing=runtime.keys.capabilities.summary())
-        notifier.ready(status)
+        if not agent.readiness.ready:  # serving (health, signing), but /v1/ready says why not
+            log.warning("not_ready", detail=agent.readiness.detail)
+        notifier.ready(agent.readiness.detail)
         server.serve_forever()
         stop_health.set()
         sampler.stop()  # before the token closes: it may be reading the certificates
@@ -192,7 +194,7 @@ def _health_loop(agent: Agent, server: Server, notifier: systemd.Notifier, setti
     only a hung token call or a stuck loop stops the pings and lets systemd restart us.
     """
     interval = systemd.watchdog_interval() or settings.health_interval
-    last_ready = True
+    last_ready = agent.readiness.ready
     while not stop.wait(interval):
         state = agent.health_check()
         if state.ready != last_ready:

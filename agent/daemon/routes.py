@@ -85,6 +85,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/keys/{alias}/rotation/switch-transport", BY_NAME["rotate_switch_transport"]),
     Route("POST", "/v1/keys/{alias}/rotation/retire", BY_NAME["rotate_retire"]),
     Route("POST", "/v1/keys/{alias}/rotation/remove-retired", BY_NAME["rotate_remove_retired"]),
+    Route("POST", "/v1/registrations", BY_NAME["register_all"]),
+    Route("GET", "/v1/directory/certificates", BY_NAME["directory_certificates"]),
+    Route("POST", "/v1/directory/certificates", BY_NAME["directory_create"]),
+    Route("POST", "/v1/directory/certificates/import", BY_NAME["directory_import"]),
+    Route("POST", "/v1/directory/certificates/revoke", BY_NAME["directory_revoke"]),
 )
 
 BY_OPERATION: dict[str, Route] = {route.spec.name: route for route in ROUTES}

@@ -19,6 +19,7 @@ from agent.daemon.app import Agent
 from agent.daemon.http import HttpError, Request, Response
 from agent.daemon.policy import Peer, Policy
 from agent.daemon.routes import ROUTES, Route, RouteTable
+from agent.directory.client import DirectoryError, DirectoryServerError
 from agent.errors import AgentError, ConfigError, InputError
 from agent.jose import AlgorithmNotAllowedError, ClaimsError, JoseError
 from agent.jose.errors import (
@@ -273,6 +274,10 @@ def http_error(exc: Pkcs11Error | AgentError) -> HttpError:
         return HttpError(502, "bank_jwks_unusable", str(exc), hint)
     if isinstance(exc, JoseError):
         return HttpError(400, "jose_refused", str(exc), hint)
+    if isinstance(exc, DirectoryServerError):
+        return HttpError(502, "directory_failed", str(exc), hint)
+    if isinstance(exc, DirectoryError):
+        return HttpError(502, "directory_refused", str(exc), hint)
     if isinstance(exc, RotationWindowError):
         wait = str(max(1, round(exc.retry_after)))
         return HttpError(409, "rotation_window", str(exc), hint, (("Retry-After", wait),))

@@ -28,12 +28,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.directory.settings import DirectorySettings
-from agent.errors import AgentError
+from agent.errors import AgentError, InputError
 from agent.openfinance.client import BankHttp, BankResponse
 from agent.transport.errors import answer_summary
 
 SCOPE = "directory:software"
-CERTIFICATE_TYPES = ("rtstransport", "rtssigning")  # the types a CSR makes (sigkey/enckey are JWK uploads)
+# The directory's {type} path segments for what a CSR makes, by the names its web pages give them (Raidiam
+# Connect's SoftwareStatementCertificateOrKeyType: rtstransport, rtssigning, sigkey, enckey; sigkey is a JWK
+# upload, not a CSR). Either name is accepted.
+CERTIFICATE_KINDS = {"transport": "rtstransport", "signing": "rtssigning", "encryption": "enckey"}
+CERTIFICATE_TYPES = tuple(CERTIFICATE_KINDS.values())
 REVOKE_REASONS = ("unspecified", "keycompromise", "superseded", "cessationofoperation", "privilegewithdrawn")
 _TOKEN_MARGIN = 30.0  # seconds before expiry a token is replaced
 
@@ -115,6 +119,12 @@ class DirectoryCertificate:
                    optional("x5t#S256"), optional("SignedCertPath"), optional("ExpiryDateTime"),
                    optional("RevokeReason"), value)
 
+    def as_dict(self) -> dict[str, Any]:
+        leaf = self.leaf()
+        return {"id": self.id, "type": self.type, "status": self.status, "x5t#S256": self.x5t_s256,
+                "expires": self.expires, "revoke_reason": self.revoke_reason, "signed_cert_path": self.signed_cert_path,
+                "subject": leaf.subject.rfc4514_string() if leaf is not None else None}
+
     def leaf(self) -> x509.Certificate | None:
         """The certificate from the answer's ``x5c``, when it carries one."""
         chain = self.raw.get("x5c")
@@ -160,17 +170,17 @@ class DirectoryClient:
 
     def certificate(self, kind: str, certificate_id: str) -> DirectoryCertificate:
         return DirectoryCertificate.parse(self._call(f"show {kind} certificate {certificate_id}", "GET",
-                                                     self._path(_type(kind), _segment(certificate_id))))
+                                                     self._path(certificate_type(kind), _segment(certificate_id))))
 
     def create_certificate(self, kind: str, csr_pem: str) -> DirectoryCertificate:
         """A new certificate of ``kind`` for the CSR; refused if the directory's is for another key."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
         except ValueError:
-            raise DirectoryError("not a PEM certificate signing request", hint="make one with `tpp-agent csr`") \
+            raise InputError("not a PEM certificate signing request", hint="make one with `tpp-agent csr`") \
                 from None
         created = DirectoryCertificate.parse(self._call(
-            f"make a {kind} certificate", "POST", self._path(_type(kind)), body=csr_pem.encode("ascii"),
+            f"make a {kind} certificate", "POST", self._path(certificate_type(kind)), body=csr_pem.encode("ascii"),
             content_type="application/x-pem-file"))
         leaf = created.leaf()
         if leaf is not None:
@@ -199,10 +209,10 @@ class DirectoryClient:
 
     def revoke(self, kind: str, certificate_id: str, reason: str) -> None:
         if reason not in REVOKE_REASONS:
-            raise DirectoryError(f"revoke reason {reason!r} is not one of {', '.join(REVOKE_REASONS)}",
+            raise InputError(f"revoke reason {reason!r} is not one of {', '.join(REVOKE_REASONS)}",
                                  hint="superseded, after a rotation; keycompromise if the key may be known")
         self._call(f"revoke {kind} certificate {certificate_id}", "PUT",
-                   self._path(_type(kind), _segment(certificate_id)),
+                   self._path(certificate_type(kind), _segment(certificate_id)),
                    body=json.dumps({"RevokeReason": reason}).encode(), content_type="application/json")
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -245,11 +255,16 @@ def _raise_for(what: str, response: BankResponse) -> None:
     raise DirectoryAnswerError(f"the directory answered HTTP {response.status} to {what}")
 
 
-def _type(kind: str) -> str:
-    if kind not in CERTIFICATE_TYPES:
-        raise DirectoryError(f"certificate type {kind!r} is not one of {', '.join(CERTIFICATE_TYPES)}",
-                             hint="rtstransport for the transport key, rtssigning for the signing key")
-    return kind
+def certificate_type(kind: str) -> str:
+    """The directory's path segment for ``kind`` (``transport`` or ``rtstransport``, ...)."""
+    found = CERTIFICATE_KINDS.get(kind, kind)
+    if found not in CERTIFICATE_TYPES:
+        names = ", ".join(f"{name} ({segment})" for name, segment in CERTIFICATE_KINDS.items())
+        raise InputError(f"certificate type {kind!r} is not one of {names}",
+                             hint="transport for the transport key, signing for the signing key, encryption for "
+                                  "the encryption key")
+    return found
+
 
 
 def _segment(value: str) -> str:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 from agent import audit
 from agent.audit import AuditedBankCalls, AuditedKeyStore, AuditTrail
 from agent.config import Config, KeyConfig
+from agent.directory.service import Directory
 from agent.openfinance.banks import BankConfig, find_bank
 from agent.openfinance.service import BankCallObservers, OpenFinance
 from agent.operations import inputs
@@ -126,6 +127,11 @@ class Core:
         """Which token key each alias names now (agent/rotation): read by whoever builds this core."""
         return RotationView(self.config, self.runtime.keys)
 
+    @functools.cached_property
+    def directory(self) -> Directory:
+        """The trust framework's directory ([directory]): its certificate API over mTLS, every request audited."""
+        return Directory(self.runtime, self.config, AuditedBankCalls(self.signer.audit))
+
     def readiness(self) -> Readiness:
         if self._readiness is None:
             return Readiness(True, "in-process")
@@ -144,6 +150,8 @@ class Core:
     def close(self) -> None:
         if "banks" in self.__dict__:
             self.banks.close()
+        if "directory" in self.__dict__:
+            self.directory.close()
 
 
 @dataclasses.dataclass

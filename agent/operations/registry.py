@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.operations import banks, consents, csr, jws, keys, messages, metrics, rotation
+from agent.operations import banks, consents, csr, directory, jws, keys, lifecycle, messages, metrics, rotation
 from agent.operations.spec import Spec
 
 SPECS: tuple[Spec[Any], ...] = (*keys.SPECS, *jws.SPECS, *csr.SPECS, *banks.SPECS, *consents.SPECS, *messages.SPECS,
-                                *metrics.SPECS, *rotation.SPECS)
+                                *metrics.SPECS, *rotation.SPECS, *lifecycle.SPECS, *directory.SPECS)
 BY_NAME: dict[str, Spec[Any]] = {spec.name: spec for spec in SPECS}
 assert len(BY_NAME) == len(SPECS), "operation names are unique"

@@ -42,6 +42,8 @@ class Operation(enum.StrEnum):
     METRICS = "metrics"
     ROTATE = "rotate"  # every rotation step: admins only
     ROTATION_STATUS = "rotation_status"
+    REGISTER_ALL = "register_all"
+    DIRECTORY = "directory"
 
 
 class Resource(enum.Enum):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from agent.daemon.routes import ROUTES
 from agent.errors import ExitStatus
 from agent.operations.spec import Access
 from agent.runtime import Runtime
+from agent.x509.certificates import import_certificate
+from agent.x509.csr import build_csr
+from agent.x509.subject import directory_subject
+from modelbank.ca import TestCA
 from pkcs11_backends.keys import KeySpec
 from tests.conftest import Token
 from tests.daemon.conftest import NOBODY, TPP_AGENT, Daemon, daemon_config, start_daemon
@@ -74,7 +79,10 @@ def ops_config(token: Token, public_dir: Path) -> str:
 
 @pytest.fixture
 def ops(keyed_token: Token, runtime: Runtime, public_dir: Path) -> Iterator[Daemon]:
-    runtime.keys.generate("transport", KeySpec.parse("rsa:2048"))
+    transport = str(runtime.keys.generate("transport", KeySpec.parse("rsa:2048")).uri)
+    # A bank whose transport key has no valid certificate keeps the agent not ready: mb's has one.
+    csr = build_csr(runtime.keys, transport, directory_subject("Test TPP L.L.C.", "org-0001", str(uuid.uuid4())))
+    import_certificate(runtime.keys, transport, TestCA(public_dir / "ca").issue_from_csr(csr.pem.encode()), "test")
     runtime.keys.generate("bare", KeySpec.parse("rsa:2048"))
     runtime.keys.generate("checkpoints", KeySpec.parse("ec:p256"))
     running = start_daemon(keyed_token, public_dir, ops_config(keyed_token, public_dir))

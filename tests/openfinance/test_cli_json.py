@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from jwcrypto import jwk as jwcrypto_jwk
 from jwcrypto import jws as jwcrypto_jws
 from pkcs11 import Attribute, KeyType
@@ -32,6 +33,7 @@ from agent.transport.tls import TlsSettings
 from agent.x509.csr import build_csr
 from agent.x509.subject import parse_subject
 from modelbank import ModelBank
+from modelbank.directory import ModelDirectory
 from pkcs11_backends.decryption import generate_encryption_key
 from pkcs11_backends.keys import KeySpec
 from tests.lifecycle.participants_data import organisation, server
@@ -53,6 +55,11 @@ class World:
     bank: ModelBank
     client_id: str
     browser: BankTransport  # the customer's, at the bank's authorization endpoint (mTLS: the model bank asks all)
+    directory: ModelDirectory
+
+    def issued(self) -> str:
+        """The id of the certificate the model directory made last (`directory certs create` ran before)."""
+        return list(self.directory.certificates)[-1]
 
     def redirect(self) -> str:
         """A consent started with ``par`` and approved at the bank: the redirect URL the browser brings back."""
@@ -130,6 +137,14 @@ RUNS: dict[tuple[str, ...], tuple[Callable[[World], list[str]], frozenset[int]]]
                                  frozenset({0})),
     ("receive-event",): (lambda w: [BANK, "--jwe", str(w.event())], frozenset({0})),
     ("metrics",): (lambda w: [], frozenset({0})),
+    # The import adds a certificate (same subject, same key) to the transport key.
+    ("directory", "certs", "list"): (lambda w: [], frozenset({0})),
+    ("directory", "certs", "create"): (lambda w: ["--type", "transport", "--csr", str(w.files / "transport.csr")],
+                                       frozenset({0})),
+    ("directory", "certs", "import"): (lambda w: [w.issued(), "--type", "transport", "--key", "transport"],
+                                       frozenset({0})),
+    ("directory", "certs", "revoke"): (lambda w: [w.issued(), "--type", "transport", "--reason", "superseded"],
+                                       frozenset({0})),
     # A rotation of the signing key, step by step ([rotation] jwks_cache_window = 0), then the transport's switch.
     ("rotate", "status"): (lambda w: [], frozenset({0})),
     ("rotate", "start"): (lambda w: ["signing"], frozenset({0})),
@@ -189,10 +204,26 @@ def world(tpp: Tpp, bank: ModelBank, tmp_path: Path) -> Iterator[World]:
     (files / "participants.json").write_text(json.dumps([organisation("org-mb", "Model Bank PJSC", [
         {**server("Model Bank", bank.issuer, "as-mb"), "OpenIDDiscoveryDocument": bank.discovery_url}])]))
     transport_pem = files / "transport.pem"
-    transport_pem.write_bytes(x509.load_der_x509_certificate(transport.der).public_bytes(Encoding.PEM))
+    transport_cert = x509.load_der_x509_certificate(transport.der)
+    transport_pem.write_bytes(transport_cert.public_bytes(Encoding.PEM))
+    (files / "transport.csr").write_text(build_csr(tpp.runtime.keys, tpp.key_uri, transport.parsed.subject).pem)
+    transport_cn = str(transport_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
     browser = open_transport(tpp.runtime, TlsSettings(bank=BANK, ca_bundle=bank.ca_bundle, client_key=tpp.key_uri))
     try:
-        yield World(config, files, transport_pem, identity.key.label, tpp.runtime, bank, identity.client_id, browser)
+        with ModelDirectory(tmp_path / "directory", bank.ca, organisation_id="org-0001",
+                            software_statement_id="ss-0001", client_id=transport_cn) as directory:
+            config.write_text(config.read_text() + textwrap.dedent(f"""
+                [directory]
+                token_endpoint = "{directory.token_endpoint}"
+                api_url = "{directory.url}"
+                organisation_id = "org-0001"
+                software_statement_id = "ss-0001"
+                client_id = "{transport_cn}"
+                ca_bundle = "{bank.ca.cert_file}"
+                client_key = "transport"
+                """))
+            yield World(config, files, transport_pem, identity.key.label, tpp.runtime, bank, identity.client_id,
+                        browser, directory)
     finally:
         browser.close()
 

@@ -21,6 +21,7 @@ from agent.directory.client import (
     DirectoryServerError,
 )
 from agent.directory.settings import DirectorySettings
+from agent.errors import InputError
 from agent.transport.client import BankTransport, open_transport
 from agent.x509.certificates import CertificateMismatchError, import_certificate, key_certificates
 from agent.x509.csr import build_csr
@@ -141,10 +142,11 @@ def test_the_token_needs_the_applications_certificate(tpp: Tpp, directory: Model
 
 def test_bad_arguments_send_nothing(tpp: Tpp, client: DirectoryClient, directory: ModelDirectory) -> None:
     _, csr = _successor(tpp)
-    with pytest.raises(DirectoryError, match="certificate type 'sigkey' is not one of rtstransport, rtssigning"):
+    with pytest.raises(InputError, match=r"certificate type 'sigkey' is not one of transport \(rtstransport\), "
+                                         r"signing \(rtssigning\), encryption \(enckey\)"):
         client.create_certificate("sigkey", csr)
-    with pytest.raises(DirectoryError, match="not a PEM certificate signing request"):
+    with pytest.raises(InputError, match="not a PEM certificate signing request"):
         client.create_certificate("rtstransport", "-----BEGIN NOTHING-----")
-    with pytest.raises(DirectoryError, match="revoke reason 'because' is not one of"):
+    with pytest.raises(InputError, match="revoke reason 'because' is not one of"):
         client.revoke("rtstransport", "x", "because")
     assert directory.requests == []

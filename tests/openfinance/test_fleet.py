@@ -10,11 +10,14 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from agent.errors import ExitStatus
+from agent.state.postgres import PostgresStore
 from modelbank import ModelBank
 from modelbank.server import REGISTRATION_PATH, Registration
 from tests.openfinance.conftest import BANK, Tpp
@@ -44,12 +47,46 @@ def _posts(bank: ModelBank) -> int:
     return sum(1 for method, path, _ in bank.requests if method == "POST" and path.endswith(REGISTRATION_PATH))
 
 
+def _waiting_on(db: psycopg.Connection[tuple[int]], table: str) -> int:
+    """How many other sessions wait for a lock on ``table``."""
+    row = db.execute("SELECT count(DISTINCT pid) FROM pg_locks WHERE relation = to_regclass(%s) AND NOT granted",
+                     (table,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _race(database: str, *racers: tuple[Path, tuple[str, ...]]) -> list[tuple[int, str, str]]:
+    """Start each racer, hold the claims table until every one waits to claim, then let them all go at once.
+
+    Without the hold the two processes may not overlap at all (one done before the other gets its token
+    session): this makes every run the race the test is about, whatever the machine's load."""
+    PostgresStore(database)  # the schema, so that there is a table to hold
+    with psycopg.connect(database) as holder, psycopg.connect(database, autocommit=True) as watcher:
+        holder.execute("LOCK TABLE registration_claims IN SHARE ROW EXCLUSIVE MODE")  # no INSERT gets past it
+        procs = [_start(config, *args) for config, args in racers]
+        try:
+            deadline = time.monotonic() + 120
+            while _waiting_on(watcher, "registration_claims") < len(procs):
+                exited = [proc for proc in procs if proc.poll() is not None]
+                assert not exited and time.monotonic() < deadline, [p.communicate() for p in exited]
+                time.sleep(0.02)
+        except BaseException:
+            for proc in procs:
+                proc.kill()
+            raise
+        holder.commit()
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        results.append((proc.returncode, out, err))
+    return results
+
+
 def test_two_hosts_racing_send_one_registration(tpp: Tpp, bank: ModelBank, tmp_path: Path,
                                                 postgres_server: PostgresServer) -> None:
-    host_a, host_b, config_a, config_b = _hosts(tpp, bank, tmp_path, postgres_server.create_database())
-    racers = [_start(config_a, "register", BANK, "--json"), _start(config_b, "register", BANK, "--json")]
-    results = [(proc.wait(timeout=120), *proc.communicate()) for proc in racers]
-    assert _posts(bank) == 1 and len(bank.registrations) == 1
+    database = postgres_server.create_database()
+    host_a, host_b, config_a, config_b = _hosts(tpp, bank, tmp_path, database)
+    results = _race(database, (config_a, ("register", BANK, "--json")), (config_b, ("register", BANK, "--json")))
+    assert _posts(bank) == 1 and len(bank.registrations) == 1, results
     [sent] = [json.loads(out) for code, out, _ in results if code == 0 and not json.loads(out)["already_registered"]]
     assert sent["interaction_id"] == bank.registrations[0].interaction_id
     for code, out, err in results:

@@ -75,44 +75,65 @@ except UnresolvedAttemptError as exc:
 """
 
 
-def test_processes_sharing_a_store_claim_once(store: StateStore, database: str | None, tmp_path: Path) -> None:
-    """Each claimant is its own process with its own state dir: on PostgreSQL they stand for hosts of a fleet."""
+@pytest.mark.parametrize("earlier", ["none", "refused"])
+def test_processes_sharing_a_store_claim_once(store: StateStore, database: str | None, tmp_path: Path,
+                                              earlier: str) -> None:
+    """Each claimant is its own process with its own state dir: on PostgreSQL they stand for hosts of a fleet.
+
+    ``none``: the pair was never claimed (the claimants meet at its claim row's insertion); ``refused``: an
+    earlier attempt was refused, so every claimant may try again (they meet at the committed row's lock)."""
+    log = RegistrationLog(store)
+    before = []
+    if earlier == "refused":
+        first = log.claim("mb", SHA, "CN=tpp", SANDBOX, "refused", force=False)
+        log.finish(first.id, FAILED, status=400, body=b"", error="RegistrationRejectedError", duration_ms=1)
+        before = ["refused"]
     claimants = []
     # The test holds the pair's claim row until every claimant is on its way: they all wait, then race.
     with store.transaction() as blocker:
-        blocker.execute("INSERT INTO registration_claims (cert_sha256, endpoint) VALUES (?, ?)", (SHA, SANDBOX))
+        blocker.execute("INSERT INTO registration_claims (cert_sha256, endpoint) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                        (SHA, SANDBOX))
         blocker.execute(blocker.for_update("SELECT * FROM registration_claims WHERE cert_sha256 = ?"), (SHA,))
         for i in range(CALLERS):
             own_dir = tmp_path / f"host-{i}" if database else tmp_path / "state"
             state = {"dir": str(own_dir), **({"database": database} if database else {})}
             claimants.append(subprocess.Popen(
                 [sys.executable, "-c", _CLAIMANT, json.dumps(state), SHA, SANDBOX, f"process-{i}"], cwd=REPO,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         try:
             for proc in claimants:
-                assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+                assert proc.stdout is not None and proc.stdout.readline() == "ready\n", _died(proc)
             for proc in claimants:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
             for proc in claimants:
-                assert proc.stdout is not None and proc.stdout.readline() == "claiming\n"
+                assert proc.stdout is not None and proc.stdout.readline() == "claiming\n", _died(proc)
         except BaseException:
             for proc in claimants:
                 proc.kill()
             raise
         # Leaving the block commits the blocker's claim row; the claimants then queue on it.
     try:
-        answers = [json.loads(proc.communicate(timeout=60)[0]) for proc in claimants]
+        outputs = [proc.communicate(timeout=60) for proc in claimants]
+        answers = [json.loads(out) for out, _ in outputs]
     finally:
         for proc in claimants:
             proc.kill()
             proc.wait()
-    assert all(proc.returncode == 0 for proc in claimants)
+    assert all(proc.returncode == 0 for proc in claimants), [err for _, err in outputs]
     [winner] = [a["claimed"] for a in answers if "claimed" in a]
     assert sorted(a.get("refused", "") for a in answers) == [""] + [winner] * (CALLERS - 1)
-    [row] = RegistrationLog(store).attempts()
+    *earlier_rows, row = log.attempts()
+    assert [r.interaction_id for r in earlier_rows] == before
     assert (row.interaction_id, row.outcome) == (winner, PENDING)
+
+
+def _died(proc: subprocess.Popen[str]) -> str:
+    """What a claimant that stopped early said: its exit status and stderr, for the assertion's message."""
+    proc.kill()
+    _, err = proc.communicate(timeout=30)
+    return f"claimant exited {proc.returncode}: {err[-2000:]}"
 
 
 def test_two_state_dirs_share_one_database(postgres_server: PostgresServer, tmp_path: Path) -> None:
