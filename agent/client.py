@@ -50,7 +50,8 @@ class AgentRequestError(AgentError):
         self.interaction_id = interaction_id
 
     def __str__(self) -> str:
-        return f"{super().__str__()} ({self.code}, interaction {self.interaction_id})"
+        bank = f", the bank's {self.bank_interaction_id}" if self.bank_interaction_id else ""
+        return f"{super().__str__()} ({self.code}, interaction {self.interaction_id}{bank})"
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -267,7 +268,10 @@ class AgentClient:
 def _error(status: int, payload: bytes) -> AgentRequestError:
     try:
         body = json.loads(payload)
-        return AgentRequestError(status, str(body["code"]), str(body["message"]), str(body.get("hint", "")),
-                                 str(body.get("interaction_id", "")))
+        error = AgentRequestError(status, str(body["code"]), str(body["message"]), str(body.get("hint", "")),
+                                  str(body.get("interaction_id", "")))
+        if isinstance(body.get("bank_interaction_id"), str):
+            error.bank_interaction_id = body["bank_interaction_id"]
+        return error
     except (ValueError, KeyError, TypeError):
         return AgentRequestError(status, "http_error", f"agent answered HTTP {status}", "", "")

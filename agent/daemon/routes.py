@@ -43,6 +43,7 @@ class Route:
     spec: Spec[Any]
     from_query: bool = False  # the input is the query string (GET), not a JSON body
     render: Callable[[Any], Response] = _json
+    media_types: tuple[str, ...] = ("application/json",)  # what render answers with (docs/openapi.json)
 
     @property
     def prefix(self) -> str:
@@ -60,7 +61,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/health", BY_NAME["health"]),
     Route("GET", "/v1/ready", BY_NAME["ready"]),
     Route("GET", "/v1/keys", BY_NAME["keys"]),
-    Route("GET", "/v1/keys/{alias}/public", BY_NAME["public"], from_query=True, render=_pem_or_json),
+    Route("GET", "/v1/keys/{alias}/public", BY_NAME["public"], from_query=True, render=_pem_or_json,
+          media_types=("application/json", "application/x-pem-file")),
     Route("GET", "/v1/jwks", BY_NAME["jwks"]),
     Route("POST", "/v1/keys/{alias}/jws", BY_NAME["jws"]),
     Route("POST", "/v1/keys/{alias}/sign", BY_NAME["sign"]),

@@ -1,8 +1,9 @@
 """Typed operation inputs, parsed strictly from JSON: unknown fields refused by name, types checked, lengths capped.
 
-An input is a frozen dataclass; a field's ``metadata`` may say ``max`` (characters, items or bytes) and
-``base64`` (a ``bytes`` field sent as base64). A ``check()`` method, when the class has one, runs last for rules
-across fields.
+An input is a frozen dataclass; a field's ``metadata`` may say ``max`` (characters, items or bytes), ``base64``
+(a ``bytes`` field sent as base64) and ``doc`` (its description in docs/openapi.json). A ``check()`` method, when
+the class has one, runs last for rules across fields (the class's docstring should say them: it describes the
+input in the API's description, whose schema :func:`json_schema` makes from the same plan :func:`parse` reads by).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from agent.errors import InputError
+from agent.operations import results
 
 T = TypeVar("T")
 DEFAULT_MAX_TEXT = 4096  # a scope, a state, a URL: far below the request size limit
@@ -40,14 +42,14 @@ class Nothing:
     """The input of an operation that takes none: any field is unknown."""
 
 
-def text(maximum: int = DEFAULT_MAX_TEXT, default: Any = dataclasses.MISSING) -> Any:
+def text(maximum: int = DEFAULT_MAX_TEXT, default: Any = dataclasses.MISSING, doc: str = "") -> Any:
     """A string field of at most ``maximum`` characters."""
-    return dataclasses.field(default=default, metadata={"max": maximum})
+    return dataclasses.field(default=default, metadata={"max": maximum, "doc": doc})
 
 
-def base64_bytes(maximum: int, default: Any = dataclasses.MISSING) -> Any:
+def base64_bytes(maximum: int, default: Any = dataclasses.MISSING, doc: str = "") -> Any:
     """A ``bytes`` field sent as base64 (standard or URL-safe alphabet), at most ``maximum`` bytes decoded."""
-    return dataclasses.field(default=default, metadata={"max": maximum, "base64": True})
+    return dataclasses.field(default=default, metadata={"max": maximum, "base64": True, "doc": doc})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +113,56 @@ def parse(cls: type[T], body: Mapping[str, Any], *, from_query: bool = False) ->
     if check is not None:
         check()
     return made
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """The JSON Schema (2020-12) of the objects :func:`parse` accepts for ``cls``: made from the plan it reads by,
+    so the API's description cannot promise what the parser refuses (rules of ``check()`` are in the docstring)."""
+    fields, _ = _plan(cls)
+    properties: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        schema = _field_schema(fields[field.name])
+        if field.metadata.get("doc"):
+            schema["description"] = "; ".join(filter(None, (field.metadata["doc"], schema.get("description"))))
+        if field.default is not dataclasses.MISSING and field.default is not None:
+            schema["default"] = field.default
+        properties[field.name] = schema
+    described: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    required = [name for name, field in fields.items() if field.required]
+    if required:
+        described["required"] = required
+    doc = results.docstring(cls)
+    if doc:
+        described["description"] = doc
+    return described
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", str: "string", dict: "object", list: "array", bytes: "string"}
+
+
+def _field_schema(field: _Field) -> dict[str, Any]:
+    kind, limit = field.kind, field.limit
+    schema: dict[str, Any] = {"type": _JSON_TYPES[kind]}
+    if kind is bytes:
+        schema["contentEncoding"] = "base64"
+        if limit is not None:  # parse() caps len * 3 // 4 at the limit
+            schema["maxLength"] = (4 * limit + 3) // 3
+            schema["description"] = f"base64 (standard or URL-safe alphabet) of at most {limit} bytes"
+    elif kind is str:
+        schema["maxLength"] = limit or DEFAULT_MAX_TEXT
+    elif kind is dict:
+        if field.items is not None:
+            schema["additionalProperties"] = {"type": _JSON_TYPES[field.items]}
+        if limit is not None:
+            schema["maxProperties"] = limit
+    elif kind is list:
+        if field.items is not None:
+            schema["items"] = {"type": _JSON_TYPES[field.items]}
+        if limit is not None:
+            schema["maxItems"] = limit
+    if field.optional:
+        schema["type"] = [schema["type"], "null"]
+    return schema
 
 
 def _convert(field: _Field, value: Any) -> Any:
