@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,13 @@ _PURPOSE = {"alias": "a configured key: [keys.ALIAS] (or a name that is exactly 
 
 
 def document() -> dict[str, Any]:
+    return document_of(ROUTES)
+
+
+def document_of(routes: Sequence[Route]) -> dict[str, Any]:
     components = results.Components()
     paths: dict[str, dict[str, Any]] = {}
-    for route in ROUTES:
+    for route in routes:
         paths.setdefault(route.pattern, {})[route.method.lower()] = _operation(route, components)
     codes = error_codes()
     return {
@@ -212,7 +216,10 @@ def error_codes() -> dict[int, tuple[str, ...]]:
         if issubclass(cls, InvalidInput):
             continue  # its code is its instance's: found by _raised_codes
         # An instance made without __init__: http_error classifies by class (and reads str() and hint only).
-        error = http_error(cls.__new__(cls))
+        try:
+            error = http_error(cls.__new__(cls))
+        except AttributeError:  # its __str__ needs what __init__ sets; its base classes' codes are found
+            continue
         if error.code != "internal_error":
             found.setdefault(error.status, set()).add(error.code)
     return {status: tuple(sorted(codes)) for status, codes in sorted(found.items())}
@@ -248,9 +255,10 @@ def _subclasses(*roots: type[AgentError | Pkcs11Error]) -> Iterator[type[AgentEr
 class MissingResultError(Exception):
     def __init__(self, spec: Spec[Any]) -> None:
         module = sys.modules[spec.run.__module__].__file__ or spec.run.__module__
+        root = str(_PACKAGE.parent) + "/"
         super().__init__(
             f"operation {spec.name!r} has no result type: add result=SomeAnswer to its Spec in "
-            f"{Path(module).relative_to(_PACKAGE.parent) if module.startswith(str(_PACKAGE)) else module}, "
+            f"{module.removeprefix(root)}, "
             "SomeAnswer a TypedDict (or dataclass) naming every member of its answer (agent/operations/results.py), "
             "then run `make openapi`")
 
