@@ -136,7 +136,7 @@ def _operation(route: Route, components: results.Components) -> dict[str, Any]:
                                     "content": {"application/json": {"schema": {"$ref": _REF + f"schemas/{name}"}}}}
     content: dict[str, Any] = {"application/json": {"schema": answer}}
     if "application/x-pem-file" in route.media_types:
-        content["application/x-pem-file"] = {"schema": {"type": "string"}}
+        content["application/x-pem-file"] = {"schema": {"type": "string", "pattern": "^-----BEGIN [A-Z ]+-----\n"}}
     operation["responses"] = {
         "200": {"description": spec.summary, "headers": {INTERACTION_HEADER: {"$ref": _REF + f"headers/"
                                                                                           f"{INTERACTION_HEADER}"}},

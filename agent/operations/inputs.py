@@ -62,6 +62,7 @@ class _Field:
     kind: type  # bool, int, str, dict, list or bytes (base64)
     items: type | None  # list items / dict values must be of this type
     limit: int | None
+    choices: tuple[str, ...] = ()  # a Literal["a", "b"] field: one of these
 
 
 @functools.cache  # input classes are fixed: a plan each, made on first use
@@ -73,6 +74,9 @@ def _plan(cls: type) -> tuple[dict[str, _Field], str]:
         optional = typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in typing.get_args(hint)
         if optional:
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        choices: tuple[str, ...] = ()
+        if typing.get_origin(hint) is typing.Literal:
+            choices, hint = typing.get_args(hint), str
         origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
         items = None
         if origin is dict and args and args[1] is str:
@@ -84,7 +88,7 @@ def _plan(cls: type) -> tuple[dict[str, _Field], str]:
             raise TypeError(f"unsupported input type {hint!r} for {cls.__name__}.{field.name}")
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         limit = field.metadata.get("max", DEFAULT_MAX_TEXT if kind is str else None)
-        fields[field.name] = _Field(field.name, required, optional, kind, items, limit)
+        fields[field.name] = _Field(field.name, required, optional, kind, items, limit, choices)
     return fields, ", ".join(fields) or "none"
 
 
@@ -108,6 +112,10 @@ def parse(cls: type[T], body: Mapping[str, Any], *, from_query: bool = False) ->
         if from_query and field.kind is bool:
             value = _QUERY_BOOLEANS.get(str(value).lower(), value)
         values[name] = _convert(field, value)
+        if field.choices and value not in field.choices:
+            allowed = " or ".join(field.choices) if len(field.choices) == 2 else "one of " + ", ".join(field.choices)
+            raise InvalidInput("bad_query" if from_query else "bad_field",
+                               f"{name} must be {allowed}, not {str(value)[:20]!r}")
     made = cls(**values)
     check = getattr(made, "check", None)
     if check is not None:
@@ -148,6 +156,8 @@ def _field_schema(field: _Field) -> dict[str, Any]:
         if limit is not None:  # parse() caps len * 3 // 4 at the limit
             schema["maxLength"] = (4 * limit + 3) // 3
             schema["description"] = f"base64 (standard or URL-safe alphabet) of at most {limit} bytes"
+    elif field.choices:
+        schema["enum"] = list(field.choices) + ([None] if field.optional else [])
     elif kind is str:
         schema["maxLength"] = limit or DEFAULT_MAX_TEXT
     elif kind is dict:

@@ -14,7 +14,7 @@ from agent.config import KeyPurpose
 from agent.jose import AlgorithmNotAllowedError
 from agent.operations.core import Context
 from agent.operations.errors import KeyPurposeError, NotReadyError
-from agent.operations.inputs import InvalidInput, Nothing, base64_bytes, text
+from agent.operations.inputs import Nothing, base64_bytes, text
 from agent.operations.spec import Access, Operation, Resource, Spec
 from pkcs11_backends.keys import SignatureScheme
 
@@ -122,11 +122,7 @@ def list_keys(context: Context, _: Nothing) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class PublicInput:
-    format: str = text(8, "pem")
-
-    def check(self) -> None:
-        if self.format not in ("pem", "jwk"):
-            raise InvalidInput("bad_query", f"format must be pem or jwk, not {self.format[:20]!r}")
+    format: Literal["pem", "jwk"] = text(8, "pem", doc="pem: SubjectPublicKeyInfo as PEM text; jwk: a jws key's JWK")
 
 
 def public(context: Context, given: PublicInput) -> dict[str, Any]:

@@ -70,7 +70,8 @@ def test_request_bodies_and_queries_follow_the_input_dataclasses(committed: dict
     assert forward["body_b64"]["contentEncoding"] == "base64" and forward["body_b64"]["type"] == ["string", "null"]
     query = committed["paths"]["/v1/keys/{alias}/public"]["get"]["parameters"]
     assert {"name": "format", "in": "query", "required": False,
-            "schema": {"type": "string", "maxLength": 8, "default": "pem"}} in query
+            "schema": {"type": "string", "enum": ["pem", "jwk"], "default": "pem",
+                       "description": "pem: SubjectPublicKeyInfo as PEM text; jwk: a jws key's JWK"}} in query
     public = committed["paths"]["/v1/keys/{alias}/public"]["get"]["responses"]["200"]["content"]
     assert set(public) == {"application/json", "application/x-pem-file"}
 
