@@ -50,8 +50,7 @@ class AgentRequestError(AgentError):
         self.interaction_id = interaction_id
 
     def __str__(self) -> str:
-        bank = f", the bank's {self.bank_interaction_id}" if self.bank_interaction_id else ""
-        return f"{super().__str__()} ({self.code}, interaction {self.interaction_id}{bank})"
+        return f"{super().__str__()} ({self.code}, interaction {self.interaction_id})"
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -226,10 +225,14 @@ class AgentClient:
         value: dict[str, Any] = json.loads(payload)
         return value
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
-        """One request (``path`` with its query); the status and body of a success, else AgentRequestError."""
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """One request (``path`` with its query); the status and body of a success, else AgentRequestError.
+
+        ``headers``: e.g. ``x-fapi-interaction-id`` (a UUID), which the agent then sends to the bank and answers.
+        """
         data = json.dumps(body).encode("utf-8") if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers = {**({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})}
         for attempt in (1, 2):
             conn = self._connection()
             try:
