@@ -30,8 +30,9 @@ from openapi_schema_validator import OAS31Validator
 from agent.daemon.routes import ROUTES, RouteTable
 from modelbank import Behaviour
 from tests.daemon.conftest import NOBODY, Daemon, launch, read_response
-from tests.daemon.test_tokens import Setup, setup  # noqa: F401 -- fixture
+from tests.daemon.test_tokens import MB, Setup, setup  # noqa: F401 -- fixture
 from tests.openfinance.conftest import bank, tpp  # noqa: F401 -- fixtures
+from tests.openfinance.test_cli_and_demo import cli
 
 DOCUMENT = json.loads((Path(__file__).parents[2] / "docs" / "openapi.json").read_text(encoding="utf-8"))
 
@@ -255,3 +256,28 @@ def test_a_refused_registration_answers_with_the_callers_id(setup: Setup, answer
     else:
         assert "bank_interaction_id" not in error
     assert not problems(exchange, valid_request=True)
+
+
+def test_the_cli_runs_a_command_under_one_interaction_id(served: Setup) -> None:
+    """--interaction-id through the agent and in-process alike; the bank's own id printed beside ours."""
+    model = served.bank
+    iid = str(uuid.uuid4())
+    before = len(model.requests)
+    through = cli(served.config, "--interaction-id", iid, "token", MB, "--scope", "accounts", "--refresh", "--json")
+    assert through.returncode == 0, through.stderr
+    assert json.loads(through.stdout)["interaction_id"] == iid
+    assert {r[2] for r in model.requests[before:]} == {iid}
+
+    iid = str(uuid.uuid4())
+    direct = cli(served.config, "--direct", "--interaction-id", iid, "register", MB, "--force")
+    assert direct.returncode == 0, direct.stderr
+    assert model.registrations[-1].interaction_id == iid and iid in direct.stdout
+
+    model.behaviour = Behaviour(registration_status=403, own_interaction_ids=True)
+    refused = cli(served.config, "--interaction-id", iid, "register", MB, "--force")
+    assert refused.returncode == 76, refused.stderr
+    assert f"interaction {iid}" in refused.stderr
+    assert f"the bank answered with x-fapi-interaction-id {model.own_interaction_ids[-1]}" in refused.stderr
+
+    bad = cli(served.config, "--interaction-id", "nope", "doctor")
+    assert bad.returncode == 64 and "'nope' is not a UUID" in bad.stderr and "Traceback" not in bad.stderr
