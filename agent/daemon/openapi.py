@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import agent
+from agent.config import KeyPurpose
 from agent.daemon.http import INTERACTION_HEADER
 from agent.daemon.routes import ROUTES, Route
 from agent.daemon.routing import http_error
@@ -186,7 +187,7 @@ def _policy(spec: Spec[Any]) -> str:
     who = {Access.OPEN: "Open to anyone who can reach the socket.",
            Access.RULE: f"Policy: a [policy.rules.*] entry granting {grant}{on}, or an admin.",
            Access.ADMIN: f"Policy: admins only ({grant}{on})."}[spec.access]
-    if spec.purposes and spec.resource in (Resource.KEY, Resource.KEYS):
+    if spec.purposes and spec.purposes != frozenset(KeyPurpose) and spec.resource in (Resource.KEY, Resource.KEYS):
         who += " Keys of purpose " + ", ".join(sorted(p.value for p in spec.purposes)) + " only"
         who += " that declare raw_sign = true." if spec.raw_sign else "."
     if spec.calls_bank:

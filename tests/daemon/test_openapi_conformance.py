@@ -262,6 +262,9 @@ def test_the_cli_runs_a_command_under_one_interaction_id(served: Setup) -> None:
     """--interaction-id through the agent and in-process alike; the bank's own id printed beside ours."""
     model = served.bank
     iid = str(uuid.uuid4())
+    assert served.client().token(MB, "accounts", refresh=True, interaction_id=iid)["interaction_id"] == iid
+    assert model.requests[-1][2] == iid  # AgentClient, as a Python service uses it
+    iid = str(uuid.uuid4())
     before = len(model.requests)
     through = cli(served.config, "--interaction-id", iid, "token", MB, "--scope", "accounts", "--refresh", "--json")
     assert through.returncode == 0, through.stderr
