@@ -17,6 +17,7 @@ from agent.operations.errors import KeyPurposeError, NotReadyError
 from agent.operations.inputs import Nothing, base64_bytes, text
 from agent.operations.spec import Access, Operation, Resource, Spec
 from pkcs11_backends.keys import SignatureScheme
+from pkcs11_backends.sessions import PoolState
 
 MAX_SIGN_BYTES = 1 << 20
 _PUBLISHED = frozenset({KeyPurpose.JWS, KeyPurpose.ENCRYPTION})  # what a JWKS holds
@@ -27,12 +28,22 @@ class HealthAnswer(TypedDict):
     pid: Annotated[int, "the serving process"]
 
 
+class PoolHealth(TypedDict):
+    state: PoolState
+    detail: str
+    recoveries: Annotated[int, "times the session pool re-initialised the module since start"]
+
+
 class ReadyAnswer(TypedDict):
     """Ready. A caller that no [policy.rules.*] entry names learns no more than that."""
 
     ready: Literal[True]
     detail: NotRequired[str]
     keys: NotRequired[Annotated[list[str], "the configured key aliases"]]
+    banks: NotRequired[Annotated[list[str], "the configured banks"]]
+    config_file: NotRequired[Annotated[str | None, "the configuration file it serves (None: built-in defaults)"]]
+    config_digest: NotRequired[Annotated[str, "of the configuration it serves: the CLI compares its own"]]
+    pool: NotRequired[PoolHealth]
 
 
 class CertificateInfo(TypedDict):

@@ -1,7 +1,8 @@
 """What operations answer, as JSON Schema: each Spec's ``result`` is a TypedDict or a dataclass, described here.
 
 A result type says every member of the answer: a TypedDict's ``NotRequired`` members may be left out, and
-``Annotated[T, "text"]`` gives a member its description; a dataclass stands for its ``dataclasses.asdict``.
+``Annotated[T, "text"]`` gives a member its description; a dataclass stands for its ``dataclasses.asdict``, an
+Enum for its values.
 Schemas of named types go to ``components`` (the OpenAPI document's), referred to by name, so one type
 answered by several operations is described once. The socket's answers are checked against these schemas
 (tests/daemon/test_openapi_conformance.py): a member an operation returns that its type does not name fails there.
@@ -10,6 +11,7 @@ answered by several operations is described once. The socket's answers are check
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from typing import Any, Literal, NotRequired, Required, get_args, get_origin
@@ -66,6 +68,8 @@ def schema(tp: object, components: Components) -> dict[str, Any]:
     if origin is dict:
         values = schema(args[1], components) if args else {}
         return {"type": "object", "additionalProperties": values} if values else {"type": "object"}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):  # answered as its value
+        return {"enum": [member.value for member in tp]}
     if isinstance(tp, type) and typing.is_typeddict(tp):
         return components.ref(tp.__name__, tp, lambda: _typed_dict(tp, components))
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):

@@ -30,6 +30,7 @@ from openapi_schema_validator import OAS31Validator
 from agent.daemon.routes import ROUTES, RouteTable
 from modelbank import Behaviour
 from tests.daemon.conftest import NOBODY, Daemon, launch, read_response
+from tests.daemon.test_consent_flow import DETAILS, REDIRECT_URI
 from tests.daemon.test_tokens import MB, Setup, setup  # noqa: F401 -- fixture
 from tests.openfinance.conftest import bank, tpp  # noqa: F401 -- fixtures
 from tests.openfinance.test_cli_and_demo import cli
@@ -155,6 +156,14 @@ def test_real_answers_conform_to_the_document(served: Setup) -> None:
                                                   "state": "s-1"}),
         send(daemon, "POST", "/v1/banks/mb/forward", {"method": "GET", "path": "/.well-known/openid-configuration"}),
         send(daemon, "POST", "/v1/banks/mb/forward", {"method": "GET", "path": "/nowhere"}),  # the bank's 404
+        started := send(daemon, "POST", "/v1/banks/mb/par", {"scope": "openid accounts", "redirect_uri": REDIRECT_URI,
+                                                             "authorization_details": DETAILS}),
+        # The customer's browser: the bank's 302 comes back unfollowed, and its Location completes the consent.
+        authorized := send(daemon, "POST", "/v1/banks/mb/forward",
+                           {"method": "GET", "url": started.json()["authorization_url"]}),
+        consented := send(daemon, "POST", "/v1/banks/mb/consent/callback",
+                          {"url": authorized.json()["headers"]["location"]}),
+        send(daemon, "POST", "/v1/banks/mb/consent/refresh", {"refresh_token": consented.json()["refresh_token"]}),
         # Errors the document also refuses: the request itself is invalid by it.
     ]
     invalid: list[Exchange] = [
@@ -274,7 +283,7 @@ def test_the_cli_runs_a_command_under_one_interaction_id(served: Setup) -> None:
     assert model.requests[-1][2] == iid  # AgentClient, as a Python service uses it
     iid = str(uuid.uuid4())
     before = len(model.requests)
-    through = cli(served.config, "--interaction-id", iid, "token", MB, "--scope", "accounts", "--refresh", "--json")
+    through = cli(served.config, "--interaction-id", iid, "token", MB, "--scope", "accounts", "--no-cache", "--json")
     assert through.returncode == 0, through.stderr
     assert json.loads(through.stdout)["interaction_id"] == iid
     assert {r[2] for r in model.requests[before:]} == {iid}
