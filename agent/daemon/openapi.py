@@ -48,6 +48,7 @@ _ERRORS = {
     503: "Not ready, the token is unavailable, or the bank or the agent is busy: retry after Retry-After.",
     504: "The bank did not answer in time; a non-idempotent request's outcome is unknown.",
 }
+_TEXT = {"application/x-pem-file": {"type": "string", "pattern": "^-----BEGIN [A-Z ]+-----\n"}}
 _PURPOSE = {"alias": "a configured key: [keys.ALIAS] (or a name that is exactly one token label)",
             "bank": "a configured bank: [banks.NAME]"}
 
@@ -135,9 +136,9 @@ def _operation(route: Route, components: results.Components) -> dict[str, Any]:
         components.schemas.setdefault(name, input_schema)
         operation["requestBody"] = {"required": bool(input_schema.get("required")),
                                     "content": {"application/json": {"schema": {"$ref": _REF + f"schemas/{name}"}}}}
-    content: dict[str, Any] = {"application/json": {"schema": answer}}
-    if "application/x-pem-file" in route.media_types:
-        content["application/x-pem-file"] = {"schema": {"type": "string", "pattern": "^-----BEGIN [A-Z ]+-----\n"}}
+    # JSON answers are the result type's; a route that renders text (PEM, a metrics page) answers a string.
+    content = {media: {"schema": answer if media == "application/json" else _TEXT.get(media, {"type": "string"})}
+               for media in route.media_types}
     operation["responses"] = {
         "200": {"description": spec.summary, "headers": {INTERACTION_HEADER: {"$ref": _REF + f"headers/"
                                                                                           f"{INTERACTION_HEADER}"}},
