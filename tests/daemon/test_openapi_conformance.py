@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,12 +122,16 @@ def problems(exchange: Exchange, *, valid_request: bool) -> list[str]:
 
 @pytest.fixture
 def served(setup: Setup) -> Iterator[Setup]:  # noqa: F811
-    """The tokens tests' daemon, its signing key also allowed raw signatures."""
+    """The tokens tests' daemon, its signing key also allowed raw signatures, and a key for the bank's events."""
     setup.daemon.stop()
     setup.daemon.notify.close()
     text, changed = re.subn(r'(\[keys\.signing\]\nuri = "[^"]+"\n)', r"\1raw_sign = true\n", setup.config.read_text())
     assert changed == 1
-    setup.config.write_text(text)
+    made = cli(setup.config, "keys", "generate", "--label", f"events-{uuid.uuid4().hex[:10]}", "--purpose",
+               "encryption", "--json")
+    assert made.returncode == 0, made.stderr
+    setup.config.write_text(text + f'\n[keys.events]\nuri = "{json.loads(made.stdout)["uri"]}"\n'
+                                   'purpose = "encryption"\n\n[tokens]\nencryption_key = "events"\n')
     setup.daemon = launch(setup.config, setup.daemon.socket_path.parents[1])
     yield setup
     setup.daemon.stop()
@@ -164,6 +169,14 @@ def test_real_answers_conform_to_the_document(served: Setup) -> None:
         consented := send(daemon, "POST", "/v1/banks/mb/consent/callback",
                           {"url": authorized.json()["headers"]["location"]}),
         send(daemon, "POST", "/v1/banks/mb/consent/refresh", {"refresh_token": consented.json()["refresh_token"]}),
+        send(daemon, "POST", "/v1/banks/mb/verify", {"jws": model.jose.sign(
+            {"iss": model.issuer, "aud": [served.client_id], "exp": int(time.time()) + 300,
+             "message": {"Data": {"Status": "Pending"}}})}),
+        send(daemon, "POST", "/v1/banks/mb/signed-body", {"message": {"Data": {"Amount": "1.00"}}}),
+        send(daemon, "POST", "/v1/banks/mb/personal-data", {"data": {"Name": "A. Customer"}}),
+        events := send(daemon, "GET", "/v1/keys/events/public?format=jwk"),
+        send(daemon, "POST", "/v1/banks/mb/events", {"jwe": model.events.make(
+            events.json(), model.events.claims(served.client_id, "consent-42"))}),
         # Errors the document also refuses: the request itself is invalid by it.
     ]
     invalid: list[Exchange] = [
