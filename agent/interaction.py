@@ -14,10 +14,8 @@ than once), never instead of it.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator
 
 
 @dataclasses.dataclass
@@ -36,14 +34,20 @@ _current: contextvars.ContextVar[Interaction | None] = contextvars.ContextVar("t
                                                                              default=None)
 
 
-@contextlib.contextmanager
-def serving(interaction_id: str) -> Iterator[Interaction]:
-    served = Interaction(interaction_id)
-    reset = _current.set(served)
-    try:
-        yield served
-    finally:
-        _current.reset(reset)
+class serving:  # lower case: used as a function; a class rather than a generator, as every request enters one
+    """``with serving(interaction_id) as served:`` runs the block as that interaction."""
+
+    __slots__ = ("_reset", "_served")
+
+    def __init__(self, interaction_id: str) -> None:
+        self._served = Interaction(interaction_id)
+
+    def __enter__(self) -> Interaction:
+        self._reset = _current.set(self._served)
+        return self._served
+
+    def __exit__(self, *_: object) -> None:
+        _current.reset(self._reset)
 
 
 def current() -> Interaction | None:
