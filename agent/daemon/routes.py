@@ -79,7 +79,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/banks/{bank}/signed-body", BY_NAME["signed_body"]),
     Route("POST", "/v1/banks/{bank}/personal-data", BY_NAME["encrypt_personal_data"]),
     Route("POST", "/v1/banks/{bank}/events", BY_NAME["receive_event"]),
-    Route("GET", "/v1/metrics", BY_NAME["metrics"], render=_metrics_text),
+    Route("GET", "/v1/metrics", BY_NAME["metrics"], render=_metrics_text, media_types=(CONTENT_TYPE,)),
 )
 
 BY_OPERATION: dict[str, Route] = {route.spec.name: route for route in ROUTES}

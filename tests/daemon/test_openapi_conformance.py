@@ -29,6 +29,7 @@ from openapi_core.testing import MockRequest, MockResponse
 from openapi_schema_validator import OAS31Validator
 
 from agent.daemon.routes import ROUTES, RouteTable
+from agent.metrics import CONTENT_TYPE
 from modelbank import Behaviour
 from tests.daemon.conftest import NOBODY, Daemon, launch, read_response
 from tests.daemon.test_consent_flow import DETAILS, REDIRECT_URI
@@ -89,7 +90,8 @@ def send(daemon: Daemon, method: str, target: str, body: object = None, *, raw: 
 
 # A PEM answer is text: openapi-core knows JSON and forms, and is told how to read this one.
 API = OpenAPI.from_dict(DOCUMENT, config=Config(
-    extra_media_type_deserializers={"application/x-pem-file": lambda data: data.decode("ascii")}))
+    extra_media_type_deserializers={"application/x-pem-file": lambda data: data.decode("ascii"),
+                                    CONTENT_TYPE: lambda data: data.decode("utf-8")}))
 
 
 def _mock(exchange: Exchange) -> tuple[MockRequest, MockResponse]:
@@ -146,6 +148,7 @@ def test_real_answers_conform_to_the_document(served: Setup) -> None:
         send(daemon, "GET", "/v1/ready"),
         send(daemon, "GET", "/v1/ready", uid=NOBODY),  # a caller no rule names: "ready" alone
         send(daemon, "GET", "/v1/keys"),
+        send(daemon, "GET", "/v1/metrics"),
         send(daemon, "GET", "/v1/keys/signing/public"),
         send(daemon, "GET", "/v1/keys/signing/public?format=jwk"),
         send(daemon, "GET", "/v1/jwks"),
@@ -216,7 +219,8 @@ def test_real_answers_conform_to_the_document(served: Setup) -> None:
                                                  if e.status != 200]
     assert all(e.status >= 400 for e in invalid + refused + unrouted)
     assert all(e.json()["code"] == "unknown_field" for e in invalid if "zz_unknown" in e.target + e.body.decode())
-    assert valid[4].answer_headers["content-type"] == "application/x-pem-file"
+    [pem] = [e for e in valid if e.target == "/v1/keys/signing/public"]
+    assert pem.answer_headers["content-type"] == "application/x-pem-file"
     found = [p for e in valid + refused for p in problems(e, valid_request=True)]
     found += [p for e in invalid + unrouted for p in problems(e, valid_request=False)]
     assert not found, "\n".join(found)
