@@ -134,25 +134,30 @@ class AgentClient:
         body = {"subject": subject, **({"alg": alg} if alg else {})}
         return str(self._json("POST", f"/v1/keys/{alias}/csr", body)["pem"])
 
-    def discovery(self, bank: str, refresh: bool = False) -> dict[str, Any]:
-        return self._json("GET", f"/v1/banks/{bank}/discovery" + ("?refresh=1" if refresh else ""))
+    # Bank operations take the caller's interaction_id (a UUID): the agent sends it to the bank and answers with it.
+    def discovery(self, bank: str, refresh: bool = False, *, interaction_id: str | None = None) -> dict[str, Any]:
+        return self._json("GET", f"/v1/banks/{bank}/discovery" + ("?refresh=1" if refresh else ""),
+                          interaction_id=interaction_id)
 
-    def register(self, bank: str, force: bool = False) -> dict[str, Any]:
-        return self._json("POST", f"/v1/banks/{bank}/registration", {"force": force})
+    def register(self, bank: str, force: bool = False, *, interaction_id: str | None = None) -> dict[str, Any]:
+        return self._json("POST", f"/v1/banks/{bank}/registration", {"force": force}, interaction_id=interaction_id)
 
-    def client_assertion(self, bank: str) -> dict[str, Any]:
+    def client_assertion(self, bank: str, *, interaction_id: str | None = None) -> dict[str, Any]:
         """``{"client_assertion", "client_assertion_type", "client_id", "bank"}``: fresh, single use."""
-        return self._json("POST", f"/v1/banks/{bank}/client-assertion", {})
+        return self._json("POST", f"/v1/banks/{bank}/client-assertion", {}, interaction_id=interaction_id)
 
-    def token(self, bank: str, scope: str, refresh: bool = False) -> dict[str, Any]:
+    def token(self, bank: str, scope: str, refresh: bool = False, *,
+              interaction_id: str | None = None) -> dict[str, Any]:
         """A client_credentials token ``{"access_token", "token_type", "expires_in", "scope", ...}``, cached by
         the agent per bank and scope; ``refresh`` only skips that cache (no refresh_token grant: that is
         :meth:`consent_refresh`)."""
-        return self._json("POST", f"/v1/banks/{bank}/token", {"scope": scope, "refresh": refresh})
+        return self._json("POST", f"/v1/banks/{bank}/token", {"scope": scope, "refresh": refresh},
+                          interaction_id=interaction_id)
 
     def par(self, bank: str, scope: str, redirect_uri: str, *,
             authorization_details: list[dict[str, Any]] | None = None,
-            state: str | None = None, nonce: str | None = None, **parameters: Any) -> dict[str, Any]:
+            state: str | None = None, nonce: str | None = None, interaction_id: str | None = None,
+            **parameters: Any) -> dict[str, Any]:
         """Start a consent: ``{"authorization_url", "request_uri", "expires_in", "state", ...}``.
 
         Send the customer to ``authorization_url``; the agent keeps the PKCE verifier and nonce (10 minutes).
@@ -160,29 +165,32 @@ class AgentClient:
         """
         body = {"scope": scope, "redirect_uri": redirect_uri, "authorization_details": authorization_details,
                 "state": state, "nonce": nonce, **parameters}
-        return self._json("POST", f"/v1/banks/{bank}/par", {k: v for k, v in body.items() if v is not None})
+        return self._json("POST", f"/v1/banks/{bank}/par", {k: v for k, v in body.items() if v is not None},
+                          interaction_id=interaction_id)
 
-    def consent_callback(self, bank: str, redirect: str | Mapping[str, str]) -> dict[str, Any]:
+    def consent_callback(self, bank: str, redirect: str | Mapping[str, str], *,
+                         interaction_id: str | None = None) -> dict[str, Any]:
         """Complete a consent from the bank's redirect (its URL or query string as received, or its parameters):
         ``{"access_token", "refresh_token", "expires_in", "id_token_claims", "authorization_details", ...}``.
 
         Keep ``refresh_token``: it is the consent's (see :meth:`consent_refresh`)."""
         body = {"url": redirect} if isinstance(redirect, str) else {"params": dict(redirect)}
-        return self._json("POST", f"/v1/banks/{bank}/consent/callback", body)
+        return self._json("POST", f"/v1/banks/{bank}/consent/callback", body, interaction_id=interaction_id)
 
-    def consent_refresh(self, bank: str, refresh_token: str) -> dict[str, Any]:
+    def consent_refresh(self, bank: str, refresh_token: str, *, interaction_id: str | None = None) -> dict[str, Any]:
         """New tokens for a consent. Store the answer's ``refresh_token`` in place of the one given *before*
         using the new access token: a replayed old one revokes the consent at a strict bank."""
-        return self._json("POST", f"/v1/banks/{bank}/consent/refresh", {"refresh_token": refresh_token})
+        return self._json("POST", f"/v1/banks/{bank}/consent/refresh", {"refresh_token": refresh_token},
+                          interaction_id=interaction_id)
 
     def forward(self, bank: str, method: str, path: str, headers: dict[str, str] | None = None,
-                body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+                body: bytes | None = None, *, interaction_id: str | None = None) -> tuple[int, dict[str, str], bytes]:
         """Send a request to the bank over the agent's mTLS; returns the bank's (status, headers, body)."""
         request: dict[str, Any] = {"method": method, "headers": headers or {}}
         request["url" if path.startswith("https://") else "path"] = path
         if body is not None:
             request["body_b64"] = base64.b64encode(body).decode("ascii")
-        answer = self._json("POST", f"/v1/banks/{bank}/forward", request)
+        answer = self._json("POST", f"/v1/banks/{bank}/forward", request, interaction_id=interaction_id)
         return int(answer["status"]), dict(answer["headers"]), base64.b64decode(answer["body_b64"])
 
     def verify(self, bank: str, jws: str, *, audience: bool = True) -> dict[str, Any]:
@@ -220,15 +228,21 @@ class AgentClient:
             self._local.conn = None
 
     # -- plumbing ------------------------------------------------------------
-    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        _, payload = self.call(method, path, body)
+    def _json(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+              interaction_id: str | None = None) -> dict[str, Any]:
+        headers = {"x-fapi-interaction-id": interaction_id} if interaction_id else None
+        _, payload = self.call(method, path, body, headers=headers)
         value: dict[str, Any] = json.loads(payload)
         return value
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
-        """One request (``path`` with its query); the status and body of a success, else AgentRequestError."""
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """One request (``path`` with its query); the status and body of a success, else AgentRequestError.
+
+        ``headers``: e.g. ``x-fapi-interaction-id`` (a UUID), which the agent then sends to the bank and answers.
+        """
         data = json.dumps(body).encode("utf-8") if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers = {**({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})}
         for attempt in (1, 2):
             conn = self._connection()
             try:
@@ -267,7 +281,10 @@ class AgentClient:
 def _error(status: int, payload: bytes) -> AgentRequestError:
     try:
         body = json.loads(payload)
-        return AgentRequestError(status, str(body["code"]), str(body["message"]), str(body.get("hint", "")),
-                                 str(body.get("interaction_id", "")))
+        error = AgentRequestError(status, str(body["code"]), str(body["message"]), str(body.get("hint", "")),
+                                  str(body.get("interaction_id", "")))
+        if isinstance(body.get("bank_interaction_id"), str):
+            error.bank_interaction_id = body["bank_interaction_id"]
+        return error
     except (ValueError, KeyError, TypeError):
         return AgentRequestError(status, "http_error", f"agent answered HTTP {status}", "", "")

@@ -11,6 +11,7 @@ import enum
 
 class AgentError(Exception):
     hint: str = ""
+    bank_interaction_id: str | None = None  # the bank answered with an id other than ours (agent/interaction.py)
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

@@ -16,6 +16,7 @@ import json
 import socket
 import ssl
 import threading
+import uuid
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -52,6 +53,9 @@ class Behaviour:
     issuer: str | None = None  # the discovery document's issuer (default: the bank's own)
     server_cert: ServerCert = ServerCert.VALID
     keep_alive: bool = True  # False: every answer closes its connection (each request costs a handshake)
+    # True: answers carry an x-fapi-interaction-id of the bank's own (kept in ModelBank.own_interaction_ids),
+    # as a bank that does not echo the client's does.
+    own_interaction_ids: bool = False
 
     @classmethod
     def failing(cls, mode: str) -> Behaviour:
@@ -109,6 +113,7 @@ class ModelBank:
         # x-fapi-interaction-id → SHA-256 (hex) of the client certificate that request came with: what a test
         # of a rotation checks the agent presented, seen from the server's side of the handshake.
         self.presented: dict[str, str | None] = {}
+        self.own_interaction_ids: list[str] = []  # those it answered with (Behaviour.own_interaction_ids)
         self.handshakes = 0
         self.discovery_failures = 0  # answer 503 to this many discovery requests (a 5xx storm)
         self._contexts: dict[tuple[ServerCert, bool, bool], ssl.SSLContext] = {}
@@ -260,7 +265,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(self, reply: Reply) -> None:
         data = reply.body
         self.send_response(reply.status)
-        if self._interaction_id():
+        if self.bank.behaviour.own_interaction_ids:
+            own = str(uuid.uuid4())
+            with self.bank._lock:
+                self.bank.own_interaction_ids.append(own)
+            self.send_header("x-fapi-interaction-id", own)
+        elif self._interaction_id():
             self.send_header("x-fapi-interaction-id", self._interaction_id())
         if reply.content_type is not None:
             self.send_header("Content-Type", reply.content_type)

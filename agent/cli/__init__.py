@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import uuid
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -93,11 +92,11 @@ def _run(argv: Sequence[str] | None) -> int:
         parser.error(f"{args.command} prints no result: --json is for the commands that print one")
     # log lines (requests, interaction ids) on stderr; results on stdout
     log.configure("console", args.log_level or "info")
-    context = CliContext(args.config, direct=args.direct)
+    context = CliContext(args.config, direct=args.direct, interaction_id=args.interaction_id)
     try:
         try:
             # Key uses in this process are the operator's, for this command (see agent/cli/context.py).
-            with audit.on_behalf_of(os.getuid(), os.getpid(), args.command, str(uuid.uuid4())):
+            with audit.on_behalf_of(os.getuid(), os.getpid(), args.command, context.interaction_id):
                 code: int = args.handler(args, context)
                 sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         finally:
@@ -114,6 +113,9 @@ def _run(argv: Sequence[str] | None) -> int:
                     "one) and pass --config FILE or set TPP_AGENT_CONFIG")
         if hint:
             print(f"hint: {hint}", file=sys.stderr)
+        bank_id = getattr(exc, "bank_interaction_id", None)  # the bank's own id, beside ours (docs/api.md)
+        if bank_id:
+            print(f"the bank answered with x-fapi-interaction-id {bank_id}", file=sys.stderr)
         # The daemon's unit does not restart on 78: a bad configuration stays bad until someone edits it.
         return exit_status(exc)
     except KeyboardInterrupt:

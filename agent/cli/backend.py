@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 from asn1crypto import pem
 
 from agent.client import AgentClient, AgentRequestError
-from agent.daemon.http import new_interaction_id
+from agent.daemon.http import INTERACTION_HEADER
 from agent.daemon.routes import BY_OPERATION
 from agent.errors import AgentError
 from agent.operations.core import Caller, Core, Operator, execute
@@ -48,13 +48,14 @@ class Direct:
 
     via = "token"
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, interaction_id: str) -> None:
         self.core = core
         self.runtime = core.runtime
+        self.interaction_id = interaction_id
 
     def run(self, operation: str, body: Mapping[str, Any] | None = None, *, key: str | None = None,
             bank: str | None = None) -> Any:
-        caller = Caller(os.getuid(), os.getpid(), new_interaction_id())
+        caller = Caller(os.getuid(), os.getpid(), self.interaction_id)
         return execute(self.core, BY_NAME[operation], caller, Operator(), body or {}, key=self._alias(key), bank=bank)
 
     def _alias(self, key: str | None) -> str | None:
@@ -92,6 +93,7 @@ class ThroughAgent:
     """Over the running agent's socket: no PIN here, the agent's policy decides, its audit trail records."""
 
     client: AgentClient
+    interaction_id: str  # sent with each request: the agent runs the operation under it
     aliases: frozenset[str] = frozenset()  # the CLI's configured aliases (the agent's, or it warned: context.py)
 
     @property
@@ -102,12 +104,14 @@ class ThroughAgent:
             bank: str | None = None) -> Any:
         route = BY_OPERATION[operation]
         target = route.target(self._alias(key) if key is not None else None, bank)
+        headers = {INTERACTION_HEADER: self.interaction_id}
         if route.from_query:
             query = {name: str(value).lower() if isinstance(value, bool) else value
                      for name, value in (body or {}).items()}
-            _, payload = self.client.call(route.method, target + ("?" + urlencode(query) if query else ""))
+            _, payload = self.client.call(route.method, target + ("?" + urlencode(query) if query else ""),
+                                          headers=headers)
         else:
-            _, payload = self.client.call(route.method, target, dict(body or {}))
+            _, payload = self.client.call(route.method, target, dict(body or {}), headers=headers)
         if payload.startswith(b"-----BEGIN "):
             return {"pem": payload.decode("ascii")}
         if not payload.startswith((b"{", b"[")):  # a text answer (the metrics), as the operation returns it

@@ -24,6 +24,7 @@ from agent.audit import AuditError, AuditTrail, find_anchor
 from agent.cli.backend import Backend, Direct, ThroughAgent
 from agent.client import AgentClient, AgentRequestError, AgentUnavailableError, UntrustedAgentError
 from agent.config import Config
+from agent.daemon.http import new_interaction_id
 from agent.errors import ConfigError
 from agent.log import get_logger
 from agent.operations.core import Core
@@ -41,9 +42,11 @@ _CALL_TIMEOUT = 60.0  # calls may wait for a bank (the agent's own read_timeout 
 
 
 class CliContext:
-    def __init__(self, config_path: str | None, direct: bool = False) -> None:
+    def __init__(self, config_path: str | None, direct: bool = False, interaction_id: str | None = None) -> None:
         self.config_path = config_path
         self.direct = direct
+        # The command's one x-fapi-interaction-id: its operations', sent to the bank and audited (agent/interaction.py).
+        self.interaction_id = interaction_id or new_interaction_id()
 
     @functools.cached_property
     def sections(self) -> Sections:
@@ -90,14 +93,14 @@ class CliContext:
     def backend(self) -> Backend:
         agent = None if self.direct else self._running_agent()
         if agent is None:
-            return Direct(self.core)
+            return Direct(self.core, self.interaction_id)
         get_logger("cli").info("through_agent", socket=agent.socket_path, hint="--direct uses the token instead")
         try:
             self._same_configuration(agent)
         except BaseException:
             agent.close()
             raise
-        return ThroughAgent(agent, frozenset(self.config.keys))
+        return ThroughAgent(agent, self.interaction_id, frozenset(self.config.keys))
 
     def _same_configuration(self, agent: AgentClient) -> None:
         """Refuse (an explicit --config) or warn (the default file) when the agent serves another configuration."""

@@ -1,5 +1,5 @@
-"""The options every command takes, before or after its name: ``--config``, ``--direct``, ``-q``/``-v`` and
-``--json``.
+"""The options every command takes, before or after its name: ``--config``, ``--direct``, ``--interaction-id``,
+``-q``/``-v`` and ``--json``.
 
 ``tpp-agent --direct keys list`` and ``tpp-agent keys list --direct`` mean the same. argparse gives a
 subcommand's parser a namespace of its own defaults, which would overwrite what was given before the command:
@@ -11,6 +11,7 @@ prints one JSON document on stdout.
 from __future__ import annotations
 
 import argparse
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,11 +31,22 @@ def add_global(parser: argparse.ArgumentParser, *, top: bool) -> None:
     if "--direct" not in taken:
         parser.add_argument("--direct", action="store_true", default=default(False),
                             help="use the token in this process even when an agent is running (needs the PIN)")
+    if "--interaction-id" not in taken:
+        parser.add_argument("--interaction-id", type=_interaction_id, metavar="UUID", default=default(None),
+                            help="the x-fapi-interaction-id of this command (default: a new one): sent to the bank, "
+                                 "answered and audited")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_const", dest="log_level", const="warning",
                            default=default(None), help="log only warnings and errors on stderr")
     verbosity.add_argument("-v", "--verbose", action="store_const", dest="log_level", const="debug",
                            default=default(None), help="log debug lines too")
+
+
+def _interaction_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value[:60]!r} is not a UUID (RFC 4122)") from None
 
 
 def add_json(parser: argparse.ArgumentParser, *, top: bool) -> None:

@@ -119,7 +119,7 @@ def _keys(ctx: CliContext, agent: dict[str, Any]) -> tuple[list[dict[str, Any]] 
 
 def _token_keys(ctx: CliContext) -> list[dict[str, Any]]:
     """The configured keys, then the token's other key pairs (no alias yet: generated, not configured)."""
-    configured: list[dict[str, Any]] = Direct(ctx.core).run("keys")["keys"]
+    configured: list[dict[str, Any]] = Direct(ctx.core, ctx.interaction_id).run("keys")["keys"]
     named = {key["token_uri"] for key in configured}
     others = [{"alias": None, "uri": str(info.uri), "type": str(info.spec), "purpose": None, "label": info.label,
                "id": info.id.hex(), "token_uri": str(info.uri),

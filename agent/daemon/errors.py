@@ -1,4 +1,5 @@
-"""The one error the HTTP layers raise: answered as JSON ``{"code", "message", "hint", "interaction_id"}``."""
+"""The one error the HTTP layers raise: answered as JSON ``{"code", "message", "hint", "interaction_id"}``
+(and ``bank_interaction_id`` when a bank answered with an id other than ours: agent/interaction.py)."""
 
 from __future__ import annotations
 
@@ -12,3 +13,4 @@ class HttpError(Exception):
         self.message = message
         self.hint = hint
         self.headers = headers
+        self.bank_interaction_id: str | None = None

@@ -124,6 +124,8 @@ class Response:
         body = {"code": error.code, "message": error.message, "interaction_id": interaction}
         if error.hint:
             body["hint"] = error.hint
+        if error.bank_interaction_id:
+            body["bank_interaction_id"] = error.bank_interaction_id
         return cls.json(error.status, body, error.headers)
 
     def render(self, interaction: str, keep_alive: bool) -> bytes:

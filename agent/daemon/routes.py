@@ -43,6 +43,7 @@ class Route:
     spec: Spec[Any]
     from_query: bool = False  # the input is the query string (GET), not a JSON body
     render: Callable[[Any], Response] = _json
+    media_types: tuple[str, ...] = ("application/json",)  # what render answers with (docs/openapi.json)
 
     @property
     def prefix(self) -> str:
@@ -60,7 +61,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/health", BY_NAME["health"]),
     Route("GET", "/v1/ready", BY_NAME["ready"]),
     Route("GET", "/v1/keys", BY_NAME["keys"]),
-    Route("GET", "/v1/keys/{alias}/public", BY_NAME["public"], from_query=True, render=_pem_or_json),
+    Route("GET", "/v1/keys/{alias}/public", BY_NAME["public"], from_query=True, render=_pem_or_json,
+          media_types=("application/json", "application/x-pem-file")),
     Route("GET", "/v1/jwks", BY_NAME["jwks"]),
     Route("POST", "/v1/keys/{alias}/jws", BY_NAME["jws"]),
     Route("POST", "/v1/keys/{alias}/sign", BY_NAME["sign"]),
@@ -77,7 +79,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/banks/{bank}/signed-body", BY_NAME["signed_body"]),
     Route("POST", "/v1/banks/{bank}/personal-data", BY_NAME["encrypt_personal_data"]),
     Route("POST", "/v1/banks/{bank}/events", BY_NAME["receive_event"]),
-    Route("GET", "/v1/metrics", BY_NAME["metrics"], render=_metrics_text),
+    Route("GET", "/v1/metrics", BY_NAME["metrics"], render=_metrics_text, media_types=(CONTENT_TYPE,)),
     Route("GET", "/v1/rotation", BY_NAME["rotate_status"]),
     Route("POST", "/v1/keys/{alias}/rotation", BY_NAME["rotate_start"]),
     Route("POST", "/v1/keys/{alias}/rotation/certificate", BY_NAME["rotate_import"]),

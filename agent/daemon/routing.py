@@ -130,7 +130,9 @@ class Router:
             self._audit_refusal(request, spec, key, bank, exc)
             raise HttpError(403, "forbidden", str(exc), exc.hint) from None
         except (Pkcs11Error, AgentError) as exc:
-            raise http_error(exc) from None
+            error = http_error(exc)
+            error.bank_interaction_id = getattr(exc, "bank_interaction_id", None)
+            raise error from None
         return route.render(result)
 
     @staticmethod

@@ -22,7 +22,10 @@ class BankResponse(Protocol):
     def body(self) -> bytes: ...
 
     @property
-    def interaction_id(self) -> str: ...
+    def interaction_id(self) -> str: ...  # the one sent
+
+    @property
+    def bank_interaction_id(self) -> str | None: ...  # the bank's, when it is another
 
 
 class BankHttp(Protocol):

@@ -16,7 +16,7 @@ import dataclasses
 import time
 import uuid
 
-from agent import log
+from agent import interaction, log
 from agent.errors import AgentError
 from agent.openfinance.banks import BankConfig
 from agent.openfinance.client import BankHttp
@@ -136,7 +136,8 @@ class Registrar:
 
     def register(self, force: bool = False) -> RegistrationResult:
         bank, identity = self.bank, self.identity
-        interaction_id = str(uuid.uuid4())
+        served = interaction.current()  # the caller's id, which the registration log keeps too
+        interaction_id = served.id if served is not None else str(uuid.uuid4())
         # The endpoint is part of what is registered (a bank moved to another URL registers again): discovery
         # first, from its cache while that is fresh, and never while the claim is held.
         endpoint = self.discovery.get().endpoint("registration_endpoint", bank.use_mtls_aliases)

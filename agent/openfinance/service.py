@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from cryptography.x509.oid import NameOID
 
-from agent import log
+from agent import interaction, log
 from agent.errors import ConfigError
 from agent.jose.errors import JwksError
 from agent.openfinance.authorization import ConsentClient
@@ -241,7 +241,11 @@ class BankCallObservers:
 
 class ObservedTransport:
     """A bank's transport as of each request: opened at the first one, renewed after a module re-initialisation
-    (a token client or discovery object outlives transports), every request told to the observer."""
+    (a token client or discovery object outlives transports), every request told to the observer.
+
+    A request sent while an operation runs carries that operation's interaction id unless it names one, and the
+    id the bank answers with is noted for its answer (agent/interaction.py).
+    """
 
     def __init__(self, owner: OpenFinance, bank: str, fixed: BankTransport | None = None) -> None:
         self.owner = owner
@@ -258,6 +262,9 @@ class ObservedTransport:
         # The record says which host was called: the caller chose the URL (forward), within the bank's origins.
         host = _origin(url)
         started = time.monotonic()
+        served = interaction.current()
+        if interaction_id is None and served is not None:
+            interaction_id = served.id
         try:
             response = self._transport().request(method, url, body=body, headers=headers,
                                                                interaction_id=interaction_id, limit=limit)
@@ -267,8 +274,12 @@ class ObservedTransport:
                 self._call(method, url, body, interaction_id, f"error: {error} at {host}"),
                 seconds=time.monotonic() - started, error=error))
             raise
+        echoed = response.bank_interaction_id
+        if served is not None:
+            served.bank_answered(echoed)
         observer.bank_call(dataclasses.replace(
-            self._call(method, url, body, response.interaction_id, f"http {response.status} from {host}"),
+            self._call(method, url, body, response.interaction_id, f"http {response.status} from {host}"
+                       + (f" (its x-fapi-interaction-id {echoed[:64]})" if echoed else "")),
             seconds=time.monotonic() - started, status=response.status))
         return response
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import re
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from agent.errors import InputError
 from agent.jose import CLIENT_ASSERTION_TYPE
 from agent.openfinance.banks import https_origin
 from agent.openfinance.discovery import ENDPOINTS
 from agent.openfinance.payloads import check_idempotency_key
+from agent.openfinance.records import Attempt
 from agent.openfinance.tokens import MAX_SCOPE_LENGTH, normalise_scope
 from agent.operations.core import Context
 from agent.operations.errors import PolicyDenied
@@ -33,6 +34,57 @@ _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")  # no control character
 # Set by the transport, or meaningless across the hop.
 _DROPPED_HEADERS = frozenset({"host", "connection", "keep-alive", "content-length", "transfer-encoding", "upgrade",
                               "proxy-authorization", "te", "trailer", "x-fapi-interaction-id"})
+
+
+class BankAnswer(TypedDict):
+    """What every bank operation's answer carries (agent/interaction.py): the id of this interaction, sent to the
+    bank on every request the operation made, and the bank's own when it answered with another."""
+
+    interaction_id: Annotated[str, "this request's x-fapi-interaction-id: the caller's, else the agent's"]
+    bank_interaction_id: NotRequired[Annotated[str, "the x-fapi-interaction-id the bank answered with, when it "
+                                                    "is not interaction_id"]]
+
+
+class DiscoveryAnswer(BankAnswer):
+    bank: str
+    url: Annotated[str, "where the document was fetched"]
+    fetched_at: Annotated[str, "ISO 8601"]
+    document: Annotated[dict[str, Any], "the bank's OpenID discovery document, its issuer checked"]
+    fetched_now: Annotated[bool, "false: from the cache (no request to the bank)"]
+    cache_file: str
+    use_mtls_aliases: bool
+
+
+class RegistrationAnswer(BankAnswer):
+    bank: str
+    endpoint: str
+    status: Annotated[int, "the bank's HTTP status (0 when nothing was sent)"]
+    duration_ms: float
+    already_registered: Annotated[Attempt | None, "the earlier success that stands: nothing was sent"]
+
+
+class ClientAssertionAnswer(BankAnswer):
+    bank: str
+    client_id: str
+    client_assertion: Annotated[str, "a signed JWT, aud the bank's issuer"]
+    client_assertion_type: Literal["urn:ietf:params:oauth:client-assertion-type:jwt-bearer"]
+
+
+class TokenAnswer(BankAnswer):
+    bank: str
+    scope: Annotated[str, "as granted, in one spelling"]
+    access_token: str
+    token_type: Annotated[str, "Bearer (as the bank spells it): only certificate-bound Bearer tokens are taken"]
+    expires_in: Annotated[int, "seconds from now"]
+    token_interaction_id: Annotated[str, "the interaction in which the bank issued the token: this one, or an "
+                                         "earlier one when it came from the cache"]
+
+
+class ForwardAnswer(BankAnswer):
+    status: Annotated[int, "the bank's HTTP status: any status is an answer"]
+    headers: Annotated[dict[str, str], "the bank's header fields, names in lower case"]
+    body_b64: Annotated[str, "the bank's body, base64"]
+    url: Annotated[str, "the URL called"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +133,8 @@ def token(context: Context, given: TokenInput) -> dict[str, Any]:
     scope = granted_scope(context, given.scope)
     context.log["scope"] = scope
     issued = context.core.banks.tokens(context.bank_name).token(scope, refresh=given.refresh)
-    return issued.as_dict()
+    # A cached token was issued in an earlier interaction: the answer's interaction_id is this one's.
+    return {**issued.as_dict(), "token_interaction_id": issued.interaction_id}
 
 
 def granted_scope(context: Context, scope: str) -> str:
@@ -175,14 +228,14 @@ def _bank_url(bank: str, origins: list[str], path: str | None, url: str | None) 
 
 SPECS: tuple[Spec[Any], ...] = (
     Spec("discovery", Operation.DISCOVERY, "the bank's verified discovery document", Resource.BANK,
-         DiscoveryInput, discovery, calls_bank=True),
+         DiscoveryInput, discovery, calls_bank=True, result=DiscoveryAnswer),
     Spec("register", Operation.REGISTER, "register the application with the bank", Resource.BANK, RegisterInput,
-         register, calls_bank=True),
+         register, calls_bank=True, result=RegistrationAnswer),
     # It may fetch discovery for the audience: a bank operation.
     Spec("client_assertion", Operation.CLIENT_ASSERTION, "a client assertion for the bank", Resource.BANK, Nothing,
-         client_assertion, calls_bank=True),
+         client_assertion, calls_bank=True, result=ClientAssertionAnswer),
     Spec("token", Operation.TOKEN, "a client_credentials access token", Resource.BANK, TokenInput, token,
-         calls_bank=True),
+         calls_bank=True, result=TokenAnswer),
     Spec("forward", Operation.FORWARD, "a request to the bank over mTLS", Resource.BANK, ForwardInput, forward,
-         calls_bank=True),
+         calls_bank=True, result=ForwardAnswer),
 )

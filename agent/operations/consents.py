@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from agent.audit import KeyUse
 from agent.jose.errors import JoseError
+from agent.openfinance.authorization import ConsentTokens, StartedConsent
 from agent.openfinance.banks import https_origin
 from agent.openfinance.consent import MAX_CALLBACK_LENGTH, ConsentFlowError, TokenAnswerError
 from agent.openfinance.tokens import MAX_SCOPE_LENGTH
@@ -134,10 +135,10 @@ def _audit_refusal(context: Context, reason: str) -> None:
 
 SPECS: tuple[Spec[Any], ...] = (
     Spec("par", Operation.PAR, "push an authorization request (signed request object, PKCE); its URL",
-         Resource.BANK, ParInput, par, calls_bank=True),
+         Resource.BANK, ParInput, par, calls_bank=True, result=StartedConsent),
     Spec("consent_callback", Operation.CONSENT_CALLBACK,
          "complete a consent: check the redirect, exchange the code, verify the id_token", Resource.BANK,
-         CallbackInput, consent_callback, calls_bank=True),
+         CallbackInput, consent_callback, calls_bank=True, result=ConsentTokens),
     Spec("consent_refresh", Operation.CONSENT_REFRESH, "new tokens for a consent (refresh_token grant, rotated)",
-         Resource.BANK, RefreshInput, consent_refresh, calls_bank=True),
+         Resource.BANK, RefreshInput, consent_refresh, calls_bank=True, result=ConsentTokens),
 )

@@ -12,10 +12,11 @@ import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
-from agent import audit
+from agent import audit, interaction
 from agent.audit import AuditedBankCalls, AuditedKeyStore, AuditTrail
 from agent.config import Config, KeyConfig
 from agent.directory.service import Directory
+from agent.errors import AgentError
 from agent.openfinance.banks import BankConfig, find_bank
 from agent.openfinance.service import BankCallObservers, OpenFinance
 from agent.operations import inputs
@@ -192,8 +193,19 @@ def execute(core: Core, spec: Spec[In], caller: Caller, grants: Grants, body: Ma
         core.bank(bank)
     elif spec.resource is Resource.KEYS:
         context.visible = tuple(visible_keys(core, spec, grants))
-    with audit.on_behalf_of(caller.uid, caller.pid, spec.operation.value, caller.interaction_id):
-        return spec.run(context, parsed)
+    with audit.on_behalf_of(caller.uid, caller.pid, spec.operation.value, caller.interaction_id), \
+            interaction.serving(caller.interaction_id) as served:
+        try:
+            result = spec.run(context, parsed)
+        except AgentError as exc:
+            exc.bank_interaction_id = served.bank_id
+            raise
+    if spec.calls_bank and isinstance(result, dict):
+        # One rule for every bank operation (agent/interaction.py): the answer names the id sent to the bank.
+        result = {**result, "interaction_id": caller.interaction_id}
+        if served.bank_id is not None:
+            result["bank_interaction_id"] = served.bank_id
+    return result
 
 
 def check_purpose(spec: Spec[Any], alias: str, key: KeyConfig) -> None:

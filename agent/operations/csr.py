@@ -8,7 +8,7 @@ TLS identity.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 from agent.config import KeyPurpose
 from agent.operations.core import Context
@@ -25,6 +25,12 @@ class CsrInput:
     alg: str | None = text(16, None)
 
 
+class CsrAnswer(TypedDict):
+    key: str
+    alg: str
+    pem: Annotated[str, "the PKCS#10 request, PEM"]
+
+
 def make_csr(context: Context, given: CsrInput) -> dict[str, Any]:
     subject = parse_subject(given.subject)
     algorithm = CsrAlgorithm.parse(given.alg) if given.alg else None
@@ -34,5 +40,5 @@ def make_csr(context: Context, given: CsrInput) -> dict[str, Any]:
 
 SPECS: tuple[Spec[Any], ...] = (
     Spec("csr", Operation.CSR, "a CSR for a jws or encryption key (admins only)", Resource.KEY, CsrInput, make_csr,
-         access=Access.ADMIN, purposes=frozenset({KeyPurpose.JWS, KeyPurpose.ENCRYPTION})),
+         access=Access.ADMIN, purposes=frozenset({KeyPurpose.JWS, KeyPurpose.ENCRYPTION}), result=CsrAnswer),
 )

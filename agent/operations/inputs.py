@@ -1,8 +1,9 @@
 """Typed operation inputs, parsed strictly from JSON: unknown fields refused by name, types checked, lengths capped.
 
-An input is a frozen dataclass; a field's ``metadata`` may say ``max`` (characters, items or bytes) and
-``base64`` (a ``bytes`` field sent as base64). A ``check()`` method, when the class has one, runs last for rules
-across fields.
+An input is a frozen dataclass; a field's ``metadata`` may say ``max`` (characters, items or bytes), ``base64``
+(a ``bytes`` field sent as base64) and ``doc`` (its description in docs/openapi.json). A ``check()`` method, when
+the class has one, runs last for rules across fields (the class's docstring should say them: it describes the
+input in the API's description, whose schema :func:`json_schema` makes from the same plan :func:`parse` reads by).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from agent.errors import InputError
+from agent.operations import results
 
 T = TypeVar("T")
 DEFAULT_MAX_TEXT = 4096  # a scope, a state, a URL: far below the request size limit
@@ -40,14 +42,14 @@ class Nothing:
     """The input of an operation that takes none: any field is unknown."""
 
 
-def text(maximum: int = DEFAULT_MAX_TEXT, default: Any = dataclasses.MISSING) -> Any:
+def text(maximum: int = DEFAULT_MAX_TEXT, default: Any = dataclasses.MISSING, doc: str = "") -> Any:
     """A string field of at most ``maximum`` characters."""
-    return dataclasses.field(default=default, metadata={"max": maximum})
+    return dataclasses.field(default=default, metadata={"max": maximum, "doc": doc})
 
 
-def base64_bytes(maximum: int, default: Any = dataclasses.MISSING) -> Any:
+def base64_bytes(maximum: int, default: Any = dataclasses.MISSING, doc: str = "") -> Any:
     """A ``bytes`` field sent as base64 (standard or URL-safe alphabet), at most ``maximum`` bytes decoded."""
-    return dataclasses.field(default=default, metadata={"max": maximum, "base64": True})
+    return dataclasses.field(default=default, metadata={"max": maximum, "base64": True, "doc": doc})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,7 @@ class _Field:
     kind: type  # bool, int, str, dict, list or bytes (base64)
     items: type | None  # list items / dict values must be of this type
     limit: int | None
+    choices: tuple[str, ...] = ()  # a Literal["a", "b"] field: one of these
 
 
 @functools.cache  # input classes are fixed: a plan each, made on first use
@@ -71,6 +74,9 @@ def _plan(cls: type) -> tuple[dict[str, _Field], str]:
         optional = typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in typing.get_args(hint)
         if optional:
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        choices: tuple[str, ...] = ()
+        if typing.get_origin(hint) is typing.Literal:
+            choices, hint = typing.get_args(hint), str
         origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
         items = None
         if origin is dict and args and args[1] is str:
@@ -82,7 +88,7 @@ def _plan(cls: type) -> tuple[dict[str, _Field], str]:
             raise TypeError(f"unsupported input type {hint!r} for {cls.__name__}.{field.name}")
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         limit = field.metadata.get("max", DEFAULT_MAX_TEXT if kind is str else None)
-        fields[field.name] = _Field(field.name, required, optional, kind, items, limit)
+        fields[field.name] = _Field(field.name, required, optional, kind, items, limit, choices)
     return fields, ", ".join(fields) or "none"
 
 
@@ -106,11 +112,67 @@ def parse(cls: type[T], body: Mapping[str, Any], *, from_query: bool = False) ->
         if from_query and field.kind is bool:
             value = _QUERY_BOOLEANS.get(str(value).lower(), value)
         values[name] = _convert(field, value)
+        if field.choices and value not in field.choices:
+            allowed = " or ".join(field.choices) if len(field.choices) == 2 else "one of " + ", ".join(field.choices)
+            raise InvalidInput("bad_query" if from_query else "bad_field",
+                               f"{name} must be {allowed}, not {str(value)[:20]!r}")
     made = cls(**values)
     check = getattr(made, "check", None)
     if check is not None:
         check()
     return made
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """The JSON Schema (2020-12) of the objects :func:`parse` accepts for ``cls``: made from the plan it reads by,
+    so the API's description cannot promise what the parser refuses (rules of ``check()`` are in the docstring)."""
+    fields, _ = _plan(cls)
+    properties: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        schema = _field_schema(fields[field.name])
+        if field.metadata.get("doc"):
+            schema["description"] = "; ".join(filter(None, (field.metadata["doc"], schema.get("description"))))
+        if field.default is not dataclasses.MISSING and field.default is not None:
+            schema["default"] = field.default
+        properties[field.name] = schema
+    described: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    required = [name for name, field in fields.items() if field.required]
+    if required:
+        described["required"] = required
+    doc = results.docstring(cls)
+    if doc:
+        described["description"] = doc
+    return described
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", str: "string", dict: "object", list: "array", bytes: "string"}
+
+
+def _field_schema(field: _Field) -> dict[str, Any]:
+    kind, limit = field.kind, field.limit
+    schema: dict[str, Any] = {"type": _JSON_TYPES[kind]}
+    if kind is bytes:
+        schema["contentEncoding"] = "base64"
+        if limit is not None:  # parse() caps len * 3 // 4 at the limit
+            schema["maxLength"] = (4 * limit + 3) // 3
+            schema["description"] = f"base64 (standard or URL-safe alphabet) of at most {limit} bytes"
+    elif field.choices:
+        schema["enum"] = list(field.choices) + ([None] if field.optional else [])
+    elif kind is str:
+        schema["maxLength"] = limit or DEFAULT_MAX_TEXT
+    elif kind is dict:
+        if field.items is not None:
+            schema["additionalProperties"] = {"type": _JSON_TYPES[field.items]}
+        if limit is not None:
+            schema["maxProperties"] = limit
+    elif kind is list:
+        if field.items is not None:
+            schema["items"] = {"type": _JSON_TYPES[field.items]}
+        if limit is not None:
+            schema["maxItems"] = limit
+    if field.optional:
+        schema["type"] = [schema["type"], "null"]
+    return schema
 
 
 def _convert(field: _Field, value: Any) -> Any:

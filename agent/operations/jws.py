@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 from agent import jose, strict_json
 from agent.config import KeyPurpose
@@ -44,6 +44,13 @@ class JwsInput:
         if (self.payload is None) == (self.payload_b64 is None):
             raise InvalidInput("missing_field",
                                "give exactly one of 'payload_b64' (bytes) or 'payload' (JSON object)")
+
+
+class JwsAnswer(TypedDict):
+    key: str
+    kid: str
+    alg: str
+    jws: str
 
 
 def sign_jws(context: Context, given: JwsInput) -> dict[str, Any]:
@@ -152,5 +159,5 @@ def _client_ids(context: Context) -> set[str] | None:
 
 SPECS: tuple[Spec[Any], ...] = (
     Spec("jws", Operation.JWS, "a compact JWS over the caller's payload", Resource.KEY, JwsInput, sign_jws,
-         purposes=frozenset({KeyPurpose.JWS})),
+         purposes=frozenset({KeyPurpose.JWS}), result=JwsAnswer),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from asn1crypto import pem
 
@@ -14,13 +14,86 @@ from agent.config import KeyPurpose
 from agent.jose import AlgorithmNotAllowedError
 from agent.operations.core import Context
 from agent.operations.errors import KeyPurposeError, NotReadyError
-from agent.operations.inputs import InvalidInput, Nothing, base64_bytes, text
+from agent.operations.inputs import Nothing, base64_bytes, text
 from agent.operations.spec import Access, Operation, Resource, Spec
 from pkcs11_backends.keys import SignatureScheme
+from pkcs11_backends.sessions import PoolState
 
 MAX_SIGN_BYTES = 1 << 20
 _PUBLISHED = frozenset({KeyPurpose.JWS, KeyPurpose.ENCRYPTION})  # what a JWKS holds
 
+
+class HealthAnswer(TypedDict):
+    status: Literal["alive"]
+    pid: Annotated[int, "the serving process"]
+
+
+class PoolHealth(TypedDict):
+    state: PoolState
+    detail: str
+    recoveries: Annotated[int, "times the session pool re-initialised the module since start"]
+
+
+class ReadyAnswer(TypedDict):
+    """Ready. A caller that no [policy.rules.*] entry names learns no more than that."""
+
+    ready: Literal[True]
+    detail: NotRequired[str]
+    keys: NotRequired[Annotated[list[str], "the configured key aliases"]]
+    banks: NotRequired[Annotated[list[str], "the configured banks"]]
+    config_file: NotRequired[Annotated[str | None, "the configuration file it serves (None: built-in defaults)"]]
+    config_digest: NotRequired[Annotated[str, "of the configuration it serves: the CLI compares its own"]]
+    pool: NotRequired[PoolHealth]
+
+
+class CertificateInfo(TypedDict):
+    """The certificate stored on the token next to the key."""
+
+    label: str
+    subject: str
+    not_before: Annotated[str, "ISO 8601"]
+    not_after: Annotated[str, "ISO 8601"]
+    sha256: Annotated[str, "of the DER, hex"]
+
+
+class KeyEntry(TypedDict):
+    alias: str
+    uri: Annotated[str, "the configured pkcs11: URI"]
+    type: Annotated[str, "rsa:2048, ec:p256..."]
+    algorithms: list[str]
+    purpose: Annotated[str, "tls, jws, encryption or audit"]
+    kid: str | None
+    certificate: CertificateInfo | None
+    label: Annotated[str, "CKA_LABEL on the token"]
+    id: Annotated[str, "CKA_ID, hex"]
+    token_uri: Annotated[str, "the pkcs11: URI of the object found on the token"]
+
+
+class KeysAnswer(TypedDict):
+    keys: list[KeyEntry]
+
+
+class PemAnswer(TypedDict):
+    pem: str
+
+
+# Functional syntax: "x5t#S256" is no identifier.
+Jwk = TypedDict("Jwk", {
+    "kty": str, "kid": str, "use": Literal["sig", "enc"], "alg": str,
+    "n": NotRequired[str], "e": NotRequired[str], "crv": NotRequired[str], "x": NotRequired[str],
+    "y": NotRequired[str], "x5c": NotRequired[list[str]], "x5t#S256": NotRequired[str],
+})
+
+
+class JwkSet(TypedDict):
+    keys: list[Jwk]
+
+
+class SignAnswer(TypedDict):
+    key: str
+    kid: str | None
+    alg: str
+    signature_b64: Annotated[str, "the raw signature, base64"]
 
 
 def health(context: Context, _: Nothing) -> dict[str, Any]:
@@ -60,11 +133,7 @@ def list_keys(context: Context, _: Nothing) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class PublicInput:
-    format: str = text(8, "pem")
-
-    def check(self) -> None:
-        if self.format not in ("pem", "jwk"):
-            raise InvalidInput("bad_query", f"format must be pem or jwk, not {self.format[:20]!r}")
+    format: Literal["pem", "jwk"] = text(8, "pem", doc="pem: SubjectPublicKeyInfo as PEM text; jwk: a jws key's JWK")
 
 
 def public(context: Context, given: PublicInput) -> dict[str, Any]:
@@ -112,15 +181,16 @@ def sign(context: Context, given: SignInput) -> dict[str, Any]:
 
 
 SPECS: tuple[Spec[Any], ...] = (
-    Spec("health", Operation.HEALTH, "the agent is alive", Resource.NONE, Nothing, health, access=Access.OPEN),
+    Spec("health", Operation.HEALTH, "the agent is alive", Resource.NONE, Nothing, health, access=Access.OPEN,
+         result=HealthAnswer),
     Spec("ready", Operation.READY, "the token is logged in and the keys checked", Resource.NONE, Nothing, ready,
-         access=Access.OPEN),
+         access=Access.OPEN, result=ReadyAnswer),
     Spec("keys", Operation.KEYS, "the configured keys the caller may see", Resource.KEYS, Nothing, list_keys,
-         purposes=frozenset(KeyPurpose)),
+         purposes=frozenset(KeyPurpose), result=KeysAnswer),
     Spec("public", Operation.PUBLIC, "a key's public half (PEM, or the JWK of a jws key)", Resource.KEY,
-         PublicInput, public, purposes=frozenset(KeyPurpose)),
+         PublicInput, public, purposes=frozenset(KeyPurpose), result=PemAnswer | Jwk),
     Spec("jwks", Operation.PUBLIC, "the JWK Set of the jws and encryption keys the caller may see", Resource.KEYS,
-         Nothing, jwks, purposes=_PUBLISHED),
+         Nothing, jwks, purposes=_PUBLISHED, result=JwkSet),
     Spec("sign", Operation.SIGN, "a raw signature of the caller's bytes", Resource.KEY, SignInput, sign,
-         purposes=frozenset({KeyPurpose.JWS}), raw_sign=True),
+         purposes=frozenset({KeyPurpose.JWS}), raw_sign=True, result=SignAnswer),
 )

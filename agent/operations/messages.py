@@ -12,7 +12,7 @@ which answers were checked and what came of it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 from agent import jose
 from agent.audit import KeyUse, current_caller
@@ -20,7 +20,7 @@ from agent.config import KeyPurpose
 from agent.errors import AgentError
 from agent.jose.errors import VerificationError
 from agent.jose.verify import MAX_SIZE, unverified_header, verify_jws
-from agent.openfinance.events import EventReceiver
+from agent.openfinance.events import BankEvent, EventReceiver
 from agent.openfinance.payloads import CONTENT_TYPE, encrypted_personal_data, signed_body
 from agent.operations.core import Context
 from agent.operations.errors import KeyPurposeError, UnknownKeyError
@@ -28,6 +28,27 @@ from agent.operations.inputs import InvalidInput, text
 from agent.operations.spec import Operation, Resource, Spec
 
 _AUDIENCES = ("array", "string")
+
+
+class VerifiedAnswer(TypedDict):
+    bank: str
+    kid: Annotated[str, "the bank's key that signed it (- when the header names none)"]
+    header: Annotated[dict[str, Any], "the JWS's protected header"]
+    claims: Annotated[dict[str, Any], "its claims, verified (iss, exp, aud, nbf)"]
+
+
+class SignedBodyAnswer(TypedDict):
+    bank: str
+    kid: str
+    content_type: Annotated[str, "the Content-Type to send it with"]
+    jwt: str
+
+
+class PersonalDataAnswer(TypedDict):
+    bank: str
+    kid: str
+    recipient_kid: Annotated[str | None, "the bank's encryption key it is encrypted to"]
+    jwe: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,12 +177,12 @@ def _record_check(context: Context, kid: str, token: str, result: str) -> None:
 
 SPECS: tuple[Spec[Any], ...] = (
     Spec("verify", Operation.VERIFY, "verify a JWS the bank signed (PS256, its JWKS, iss/aud/exp/nbf)",
-         Resource.BANK, VerifyInput, verify, calls_bank=True),
+         Resource.BANK, VerifyInput, verify, calls_bank=True, result=VerifiedAnswer),
     Spec("signed_body", Operation.SIGNED_BODY, "sign a request body as a JWT (application/jwt)", Resource.BANK,
-         SignedBodyInput, sign_body),
+         SignedBodyInput, sign_body, result=SignedBodyAnswer),
     Spec("encrypt_personal_data", Operation.ENCRYPT_PERSONAL_DATA,
          "sign personal data and encrypt it to the bank's encryption key (JWS in JWE)", Resource.BANK,
-         PersonalDataInput, encrypt_data, calls_bank=True),
+         PersonalDataInput, encrypt_data, calls_bank=True, result=PersonalDataAnswer),
     Spec("receive_event", Operation.RECEIVE_EVENT, "decrypt and verify an event the bank sent (JWE, JWS, jti)",
-         Resource.BANK, EventInput, receive_event, calls_bank=True),
+         Resource.BANK, EventInput, receive_event, calls_bank=True, result=BankEvent),
 )

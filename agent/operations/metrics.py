@@ -21,5 +21,6 @@ def scrape(context: Context, _: Nothing) -> str:
 
 
 SPECS: tuple[Spec[Any], ...] = (
-    Spec("metrics", Operation.METRICS, "the agent's metrics (Prometheus text format)", Resource.NONE, Nothing, scrape),
+    Spec("metrics", Operation.METRICS, "the agent's metrics (Prometheus text format)", Resource.NONE, Nothing, scrape,
+         result=str),
 )

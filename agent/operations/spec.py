@@ -78,6 +78,9 @@ class Spec(Generic[In]):
     purposes: frozenset[KeyPurpose] = frozenset()  # KEY/KEYS resources: the purposes a key must have
     raw_sign: bool = False  # the key must also declare raw_sign = true
     calls_bank: bool = False  # may call a bank: the server runs it on the bank workers
+    # The answer's shape: a TypedDict or dataclass (agent/operations/results.py), documented in docs/openapi.json.
+    # Optional here only so that a Spec without one still imports: tests/daemon/test_openapi.py fails on it.
+    result: Any = None
 
     def refusal(self, purpose: KeyPurpose, raw_sign: bool) -> str | None:
         """Why a key of ``purpose`` may not be used by this operation, or None when it may."""

@@ -90,6 +90,12 @@ class Response:
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
+    @property
+    def bank_interaction_id(self) -> str | None:
+        """The bank's ``x-fapi-interaction-id`` when it is not the one sent (FAPI asks banks to echo ours)."""
+        echoed = self.headers.get(INTERACTION_HEADER)
+        return echoed if echoed and echoed.lower() != self.interaction_id.lower() else None
+
     def json(self) -> Any:
         return jsonlib.loads(self.body)
 
