@@ -61,7 +61,8 @@ man: setup
 # docs/openapi.json, the socket API's description, made from the routes and the operations' specs
 # (tests/daemon/test_openapi.py fails while the committed one differs).
 openapi: setup
-	$(PY) -m agent.daemon.openapi > docs/openapi.json
+	$(PY) -m agent.daemon.openapi > docs/openapi.json.new || { rm -f docs/openapi.json.new; exit 1; }
+	mv docs/openapi.json.new docs/openapi.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist

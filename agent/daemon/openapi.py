@@ -300,10 +300,16 @@ request writes, and it is the `x-fapi-interaction-id` of every request the opera
 Errors: `{"code", "message", "hint", "interaction_id"}` with the HTTP status; `code` is stable."""
 
 
-def main() -> None:
-    json.dump(document(), sys.stdout, indent=2, ensure_ascii=False)
+def main() -> int:
+    try:
+        made = document()
+    except (MissingResultError, results.ResultTypeError) as exc:  # the developer's to fix: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    json.dump(made, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,19 +10,61 @@ imported.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any, Literal, TypedDict
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.directory.client import DirectoryCertificateMismatchError, certificate_type
 from agent.errors import InputError
+from agent.operations.banks import BankAnswer
 from agent.operations.core import Context
 from agent.operations.inputs import Nothing, text
 from agent.operations.spec import Access, Operation, Resource, Spec
 from agent.x509.certificates import import_certificate
 
 MAX_CSR = 16 << 10  # an RSA-4096 CSR in PEM is under 2 KiB
+_Kind = Annotated[str, "the directory's certificate type: rtstransport, rtssigning or enckey"]
+
+# Functional syntax: "x5t#S256" is no identifier.
+DirectoryCertificateEntry = TypedDict("DirectoryCertificateEntry", {
+    "id": Annotated[str, "CertificateOrKeyId"],
+    "type": Annotated[str, "CertificateOrKeyType, as the directory names it"],
+    "status": Annotated[str, "Active, Revoked... as the directory says (empty when it says nothing)"],
+    "x5t#S256": str | None,
+    "expires": Annotated[str | None, "ExpiryDateTime"],
+    "revoke_reason": str | None,
+    "signed_cert_path": Annotated[str | None, "where the directory publishes the certificate"],
+    "subject": Annotated[str | None, "RFC 4514, from the answer's x5c (None: it carries none)"],
+})
+DirectoryCertificateEntry.__doc__ = "A certificate of the software statement, as the directory lists it."
+
+
+class DirectoryCertificates(BankAnswer):
+    certificates: list[DirectoryCertificateEntry]
+
+
+class CreatedCertificate(DirectoryCertificateEntry, BankAnswer):
+    """The certificate the directory made for the CSR (its key checked to be the CSR's)."""
+
+
+class ImportedCertificate(BankAnswer):
+    id: str
+    type: _Kind
+    key: Annotated[str, "CKA_LABEL of the token key the certificate is stored with"]
+    subject: str
+    not_after: Annotated[str, "ISO 8601"]
+    sha256: Annotated[str, "of the DER, hex"]
+    already_present: Annotated[bool, "the token held this certificate already: nothing was stored"]
+    chain_added: Annotated[list[str], "labels of the CA certificates stored with it"]
+    replaced: Annotated[int, "the key's other certificates removed (replace: true)"]
+
+
+class RevokedCertificate(BankAnswer):
+    id: str
+    type: _Kind
+    revoked: Literal[True]
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +140,15 @@ def revoke(context: Context, given: RevokeInput) -> dict[str, Any]:
 
 SPECS: tuple[Spec[Any], ...] = (
     Spec("directory_certificates", Operation.DIRECTORY, "the software statement's certificates in the directory",
-         Resource.NONE, Nothing, certificates, access=Access.ADMIN, calls_bank=True),
+         Resource.NONE, Nothing, certificates, access=Access.ADMIN, calls_bank=True,
+         result=DirectoryCertificates),
     Spec("directory_create", Operation.DIRECTORY, "upload a CSR: the directory makes a certificate", Resource.NONE,
-         CreateInput, create, access=Access.ADMIN, calls_bank=True),
+         CreateInput, create, access=Access.ADMIN, calls_bank=True,
+         result=CreatedCertificate),
     Spec("directory_import", Operation.DIRECTORY, "download an issued certificate onto the token", Resource.NONE,
-         ImportInput, import_issued, access=Access.ADMIN, calls_bank=True),
+         ImportInput, import_issued, access=Access.ADMIN, calls_bank=True,
+         result=ImportedCertificate),
     Spec("directory_revoke", Operation.DIRECTORY, "revoke a certificate in the directory, with a reason",
-         Resource.NONE, RevokeInput, revoke, access=Access.ADMIN, calls_bank=True),
+         Resource.NONE, RevokeInput, revoke, access=Access.ADMIN, calls_bank=True,
+         result=RevokedCertificate),
 )

@@ -8,14 +8,34 @@ bank (an expired certificate, a refusal, a timeout) is that bank's line; the oth
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any, Literal, TypedDict
 
 from agent.errors import AgentError, exit_status
+from agent.operations.banks import BankAnswer, RegistrationAnswer
 from agent.operations.core import Context
 from agent.operations.spec import Access, Operation, Resource, Spec
 from pkcs11_backends.errors import Pkcs11Error
 
 REGISTERED, ALREADY, FAILED = "registered", "already registered", "failed"
+
+
+class RegisteredBank(RegistrationAnswer):
+    outcome: Annotated[Literal["registered", "already registered"], "already registered: nothing was sent"]
+
+
+class FailedBank(TypedDict):
+    """A bank where the registration failed: the others went on."""
+
+    bank: str
+    outcome: Literal["failed"]
+    error: Annotated[str, "what went wrong, on one line"]
+    hint: Annotated[str, "what to do about it (empty when there is nothing to add)"]
+    exit_status: Annotated[int, "the CLI's exit status for this error (sysexits)"]
+
+
+class RegisterAllAnswer(BankAnswer):
+    banks: Annotated[list[RegisteredBank | FailedBank], "one per configured bank, by name"]
+    failed: Annotated[int, "how many banks failed"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,5 +59,6 @@ def register_all(context: Context, given: RegisterAllInput) -> dict[str, Any]:
 
 SPECS: tuple[Spec[Any], ...] = (
     Spec("register_all", Operation.REGISTER_ALL, "register with every configured bank not registered yet (admins only)",
-         Resource.NONE, RegisterAllInput, register_all, access=Access.ADMIN, calls_bank=True),
+         Resource.NONE, RegisterAllInput, register_all, access=Access.ADMIN, calls_bank=True,
+         result=RegisterAllAnswer),
 )

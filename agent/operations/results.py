@@ -19,6 +19,10 @@ from typing import Any, Literal, NotRequired, Required, get_args, get_origin
 _SIMPLE: dict[object, str] = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
 
 
+class ResultTypeError(TypeError):
+    """A result type the document cannot describe (a member's type, or a name two types take)."""
+
+
 class Components:
     """The named schemas met so far, by name (a name taken by two different types is refused)."""
 
@@ -33,7 +37,7 @@ class Components:
             self.schemas[name] = {}  # taken before it is made: a type may refer to itself
             self.schemas[name] = make()
         elif known is not tp:
-            raise TypeError(f"two types are named {name!r} ({known!r}, {tp!r}): rename one, the API names both")
+            raise ResultTypeError(f"two types are named {name!r} ({known!r}, {tp!r}): rename one, the API names both")
         return {"$ref": f"#/components/schemas/{name}"}
 
 
@@ -74,7 +78,7 @@ def schema(tp: object, components: Components) -> dict[str, Any]:
         return components.ref(tp.__name__, tp, lambda: _typed_dict(tp, components))
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return components.ref(tp.__name__, tp, lambda: _dataclass(tp, components))
-    raise TypeError(f"no JSON Schema for {tp!r}: use str, int, float, bool, None, Literal, list, dict, a union, "
+    raise ResultTypeError(f"no JSON Schema for {tp!r}: use str, int, float, bool, None, Literal, list, dict, a union, "
                     "a TypedDict or a dataclass")
 
 

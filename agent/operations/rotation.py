@@ -7,9 +7,10 @@ certifies for the agent's TLS identity); a jws key's may name another subject.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from agent.config import KeyPurpose
+from agent.operations.banks import BankAnswer, RegistrationAnswer
 from agent.operations.core import Context
 from agent.operations.inputs import InvalidInput, Nothing, text
 from agent.operations.spec import Access, Operation, Resource, Spec
@@ -17,6 +18,111 @@ from agent.rotation import steps
 
 MAX_CERTIFICATE_TEXT = 1 << 20
 _ROTATED = frozenset({KeyPurpose.TLS, KeyPurpose.JWS})
+_Stamp = Annotated[str, "ISO 8601"]
+_Label = Annotated[str, "CKA_LABEL of a key on the token"]
+_Purpose = Literal["tls", "jws"]
+
+
+class RotationStarted(TypedDict):
+    key: str
+    purpose: _Purpose
+    current: _Label
+    successor: Annotated[str, "CKA_LABEL of the successor key just made: the current label's stem, .N"]
+    uri: Annotated[str, "the successor's pkcs11: URI"]
+    type: Annotated[str, "rsa:2048, ec:p256...: the current key's"]
+    subject: Annotated[str, "RFC 4514: the subject the CSR names"]
+    alg: str
+    csr: Annotated[str, "the successor's PKCS#10 request, PEM: for the directory"]
+
+
+class RotationCertificate(TypedDict):
+    subject: str
+    sha256: Annotated[str, "of the DER, hex"]
+    not_after: _Stamp
+
+
+class SuccessorImported(TypedDict):
+    key: str
+    successor: _Label
+    already_present: Annotated[bool, "the token held this certificate already (the step again: nothing changed)"]
+    certificate: RotationCertificate
+    overlap_started_at: _Stamp
+    signing_switch_after: Annotated[str | None, "jws keys: when signing may switch (the JWKS cache window after "
+                                                "the overlap started); None for a tls key"]
+
+
+class SigningSwitched(TypedDict):
+    key: str
+    signing: Annotated[str, "CKA_LABEL of the key that signs from now on"]
+    kid: Annotated[str, "the kid its JWS carry"]
+    signing_switched_at: _Stamp
+    retire_after: Annotated[str, "when the old key may be retired: the JWKS cache window after the switch"]
+
+
+class TransportSwitched(BankAnswer):
+    key: str
+    bank: str
+    successor: _Label
+    switched_at: _Stamp
+    registration: Annotated[RegistrationAnswer, "the successor's certificate registered at the bank first"]
+    banks_left: Annotated[list[str], "the key's banks still given the old certificate"]
+
+
+class Retired(TypedDict):
+    key: str
+    current: Annotated[str, "CKA_LABEL of the key now current: the successor"]
+    retired: Annotated[str, "CKA_LABEL of the key retired (kept on the token, out of the JWKS)"]
+    retired_at: _Stamp
+    version: Annotated[int, "of the rotation's shared state"]
+    config_hint: str
+
+
+class RemovedKey(TypedDict):
+    label: _Label
+    objects: Annotated[int, "token objects destroyed (key pair, certificates): 0 when none was on this host's token"]
+
+
+class RetiredRemoved(TypedDict):
+    key: str
+    removed: list[RemovedKey]
+
+
+class RotationKeyStatus(TypedDict):
+    label: _Label
+    role: Literal["current", "successor", "retired"]
+    since: Annotated[str | None, "ISO 8601; None for a key no rotation has named yet"]
+    on_token: Annotated[bool, "false: not on this host's token (removed, or never here)"]
+    certificate: RotationCertificate | None
+    kid: NotRequired[Annotated[str | None, "jws keys not retired: the kid it is published under (None: no kid "
+                                           "yet, without a certificate)"]]
+
+
+class BankRotation(TypedDict):
+    bank: str
+    key: Annotated[str, "CKA_LABEL of the key whose certificate the bank gets"]
+    switched_at: Annotated[str | None, "ISO 8601; None: not switched in this rotation"]
+
+
+class KeyRotation(TypedDict):
+    key: str
+    purpose: _Purpose
+    version: Annotated[int, "of the shared state; 0: never rotated"]
+    updated_at: str | None
+    updated_by: Annotated[str | None, "the host that took the last step"]
+    keys: list[RotationKeyStatus]
+    overlap_started_at: str | None
+    signing_switched_at: str | None
+    banks: NotRequired[Annotated[list[BankRotation], "tls keys: each bank that uses it"]]
+    signing: NotRequired[Annotated[str, "jws keys: CKA_LABEL of the key that signs"]]
+    signing_switch_after: NotRequired[Annotated[str | None, "jws keys: when signing may switch"]]
+    retire_after: NotRequired[Annotated[str | None, "jws keys: when the old key may be retired"]]
+    phase: Annotated[str, "where the rotation stands, in words"]
+    next: Annotated[str, "the command of the next step"]
+
+
+class RotationStatus(TypedDict):
+    jwks_cache_window: Annotated[float, "[rotation] jwks_cache_window, seconds"]
+    keys: Annotated[list[KeyRotation], "the keys the caller may see"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,19 +180,24 @@ def status(context: Context, _: Nothing) -> dict[str, Any]:
     return steps.status(context.core, context.visible)
 
 
-def _step(name: str, summary: str, path_input: type[Any], run: Any, *, calls_bank: bool = False) -> Spec[Any]:
+def _step(name: str, summary: str, path_input: type[Any], run: Any, result: type[Any], *,
+          calls_bank: bool = False) -> Spec[Any]:
     return Spec(name, Operation.ROTATE, summary, Resource.KEY, path_input, run, access=Access.ADMIN,
-                purposes=_ROTATED, calls_bank=calls_bank)
+                purposes=_ROTATED, calls_bank=calls_bank, result=result)
 
 
 SPECS: tuple[Spec[Any], ...] = (
-    _step("rotate_start", "a successor key next to the current one, and its CSR", StartInput, start),
-    _step("rotate_import", "the successor's certificate: the overlap starts", ImportInput, import_certificate),
-    _step("rotate_switch_signing", "the successor signs (after the JWKS cache window)", Nothing, switch_signing),
+    _step("rotate_start", "a successor key next to the current one, and its CSR", StartInput, start,
+          RotationStarted),
+    _step("rotate_import", "the successor's certificate: the overlap starts", ImportInput, import_certificate,
+          SuccessorImported),
+    _step("rotate_switch_signing", "the successor signs (after the JWKS cache window)", Nothing, switch_signing,
+          SigningSwitched),
     _step("rotate_switch_transport", "register the successor's certificate at a bank, then present it there",
-          BankInput, switch_transport, calls_bank=True),
-    _step("rotate_retire", "the old key retired (kept on the token)", Nothing, retire),
-    _step("rotate_remove_retired", "remove retired keys from the token", RemoveInput, remove_retired),
+          BankInput, switch_transport, TransportSwitched, calls_bank=True),
+    _step("rotate_retire", "the old key retired (kept on the token)", Nothing, retire, Retired),
+    _step("rotate_remove_retired", "remove retired keys from the token", RemoveInput, remove_retired,
+          RetiredRemoved),
     Spec("rotate_status", Operation.ROTATION_STATUS, "where each key's rotation stands", Resource.KEYS, Nothing,
-         status, purposes=_ROTATED),
+         status, purposes=_ROTATED, result=RotationStatus),
 )

@@ -120,3 +120,13 @@ def test_a_result_type_the_schema_cannot_say_is_named() -> None:
     spec = Spec("odd", Operation.HEALTH, "odd", Resource.NONE, Nothing, lambda context, given: {}, result=Odd)
     with pytest.raises(TypeError, match="no JSON Schema for <class 'complex'>"):
         openapi.document_of((Route("GET", "/v1/odd", spec),))
+
+
+def test_the_generator_names_a_missing_result_type_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    spec = Spec("newop", Operation.HEALTH, "a new operation", Resource.NONE, Nothing, lambda context, given: {})
+    monkeypatch.setattr(openapi, "ROUTES", (Route("GET", "/v1/newop", spec),))
+    assert openapi.main() == 1
+    out, err = capsys.readouterr()
+    assert out == ""  # `make openapi` keeps the committed document
+    assert err.count("\n") == 1 and err.startswith("error: operation 'newop' has no result type: add result="), err
