@@ -39,7 +39,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -50,7 +50,6 @@ from agent import log
 from agent.compat import not_valid_after, pyopenssl_certificate
 from agent.errors import ConfigError
 from agent.lifecycle.validity import expiry_warning_days, renewal_due, validity_problem
-from agent.runtime import Runtime
 from agent.transport.errors import (
     CaBundleError,
     ClientCertificateMissingError,
@@ -58,6 +57,9 @@ from agent.transport.errors import (
     KeyCertificateMismatchError,
 )
 from pkcs11_backends.openssl import check_linkage, key_backend, libssl
+
+if TYPE_CHECKING:  # agent.runtime imports agent.transport.places
+    from agent.runtime import Runtime
 
 FAPI_TLS12_CIPHERS = (
     "ECDHE-RSA-AES128-GCM-SHA256",
