@@ -18,8 +18,9 @@
   ``max_in_flight`` requests at the bank at once (the next one fails with
   :class:`~agent.transport.errors.BankBusyError`: at once when those have been under way
   for half a second, else once it has waited that long for a place), so one slow or
-  hostile bank holds no more than that many of the caller's threads for long. An operation that waits before it
-  sends (for another caller's token request) takes its place first: :meth:`BankTransport.slot`.
+  hostile bank holds no more than that many of the caller's threads for long, counted for every serving process
+  of the agent (``places.py``). An operation that waits before it sends (for another caller's token request)
+  takes its place first: :meth:`BankTransport.slot`.
 * One log line per request: method, URL, status, duration, interaction id (never
   bodies, headers with credentials or the PIN).
 * HTTP statuses are returned, not raised: what a 4xx/5xx means is the caller's

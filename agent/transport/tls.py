@@ -23,8 +23,8 @@ certificate with the key's CKA_ID), ``tls12_ciphers`` (list of OpenSSL suite
 names), ``tls13`` (bool, default true), ``connect_timeout``/``read_timeout``
 (seconds), ``max_connections``, and for ``client.py``: ``request_timeout`` (seconds for a
 whole request: connect, send, the whole answer; default 30), ``max_in_flight`` (requests
-under way at once at this bank, default 4: the rest are refused at once, so one slow bank
-cannot take every bank worker), ``max_response_bytes`` (default 4 MiB) and
+under way at once at this bank, in all serving processes, default 4: the rest are refused
+within half a second, so one slow bank cannot take every bank worker), ``max_response_bytes`` (default 4 MiB) and
 ``max_discovery_bytes`` (default 256 KiB) for the answers, ``idle_timeout`` (seconds a
 pooled connection may sit unused and still be reused, default 30; less if the bank's
 ``Keep-Alive`` header says so).
