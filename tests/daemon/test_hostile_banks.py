@@ -105,6 +105,15 @@ def test_a_300_mb_answer_is_a_502_and_the_daemon_stays_small(banks: Banks) -> No
     assert banks.daemon.client().forward(EVIL, "GET", "/echo")[0] == 200
 
 
+def timed_forward(banks: Banks, name: str) -> tuple[int, str, float]:
+    """A forward on a connection of this thread's: (status, error code or "", seconds)."""
+    started = time.monotonic()
+    try:
+        return banks.daemon.client().forward(name, "GET", "/drip")[0], "", time.monotonic() - started
+    except AgentRequestError as error:
+        return error.status, error.code, time.monotonic() - started
+
+
 @pytest.fixture
 def slow_banks(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_path: Path) -> Iterator[Banks]:  # noqa: F811
     yield from start(tpp, bank, public_dir, tmp_path, daemon="workers = 1\nbank_workers = 4\n",
@@ -116,15 +125,8 @@ def test_a_dripping_bank_holds_at_most_its_share_of_bank_workers(slow_banks: Ban
     banks.evil.answer = drip(seconds=30, every=0.1)  # a byte every 0.1 s: read_timeout never fires
     discovery_path = banks.model.discovery_url[len(banks.model.issuer):]
 
-    def slow_forward() -> tuple[int, str, float]:
-        started = time.monotonic()
-        try:
-            return banks.daemon.client().forward(EVIL, "GET", "/drip")[0], "", time.monotonic() - started
-        except AgentRequestError as error:
-            return error.status, error.code, time.monotonic() - started
-
     with ThreadPoolExecutor(4) as pool:
-        slow = [pool.submit(slow_forward) for _ in range(4)]
+        slow = [pool.submit(timed_forward, banks, EVIL) for _ in range(4)]
         deadline = time.monotonic() + 10
         while len(banks.evil.requests) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -224,17 +226,9 @@ def slow_banks_two_processes(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_pa
 
 
 def forwards_at_once(banks: Banks, name: str, count: int) -> list[tuple[int, str, float]]:
-    """``count`` forwards, each on a connection of its own (the supervisor hands them round robin): (status,
-    code, seconds) of each."""
-    def forward() -> tuple[int, str, float]:
-        started = time.monotonic()
-        try:
-            return banks.daemon.client().forward(name, "GET", "/drip")[0], "", time.monotonic() - started
-        except AgentRequestError as error:
-            return error.status, error.code, time.monotonic() - started
-
+    """``count`` forwards, each on a connection of its own (the supervisor hands them round robin)."""
     with ThreadPoolExecutor(count) as pool:
-        return sorted(pool.map(lambda _: forward(), range(count)))
+        return sorted(pool.map(lambda _: timed_forward(banks, name), range(count)))
 
 
 def test_max_in_flight_holds_for_all_serving_processes_and_for_a_bank_a_reload_added(
