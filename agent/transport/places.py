@@ -173,7 +173,7 @@ class BankPlaces:
         """The row's entries whose holders still run; with ``reclaim``, the others are removed."""
         entries = self._entries(row)
         me = self._identity()
-        alive = [entry for entry in entries if (entry[0], entry[2]) == me or _start_time(entry[0]) == entry[2]]
+        alive = [entry for entry in entries if (entry[0], entry[2]) == me or _runs(entry[0], entry[2])]
         if reclaim and len(alive) < len(entries):
             self._store(row, alive)
         return alive
@@ -187,15 +187,20 @@ class BankPlaces:
     def _identity(self) -> tuple[int, int]:
         pid = os.getpid()
         if self._me[0] != pid:  # first use, or a process forked since
-            self._me = (pid, _start_time(pid) or 0)
+            self._me = (pid, _start_time(pid) or 0)  # a process may always read its own /proc entry
         return self._me
 
 
 def _start_time(pid: int) -> int | None:
-    """When the process started (clock ticks since boot), None if it has ended (or is a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rpartition(b")")[2].split()
-    except OSError:
-        return None
+    """When the process started (clock ticks since boot); None if it has ended (or is a zombie)."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rpartition(b")")[2].split()
     return None if fields[0] in (b"Z", b"X") else int(fields[19])
+
+
+def _runs(pid: int, started: int) -> bool:
+    """Whether the process that took a place still runs."""
+    try:
+        return _start_time(pid) == started
+    except OSError:  # gone; or hidden (ProtectProc=invisible): another user's, so not a serving process
+        return False
