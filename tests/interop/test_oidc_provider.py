@@ -313,3 +313,11 @@ def test_a_declined_consent_comes_back_as_a_clear_refusal(world: World) -> None:
     with pytest.raises(AgentRequestError) as declined:
         world.agent().consent_callback(BANK, redirect)
     assert declined.value.code == "authorization_denied" and "access_denied" in str(declined.value)
+
+
+def test_a_consent_by_scope_alone_completes(world: World) -> None:
+    """No authorization_details asked, none in the token answer (RFC 9396 §7 returns what was requested)."""
+    started = world.agent().par(BANK, "openid accounts", REDIRECT_URI)
+    tokens = world.agent().consent_callback(BANK, Browser(world.site).consent(started["authorization_url"]))
+    assert tokens["authorization_details"] == [] and tokens["id_token_claims"]["sub"] == "customer-1"
+    assert world.introspect(tokens["access_token"])["active"]

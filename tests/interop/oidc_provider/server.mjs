@@ -105,8 +105,9 @@ function configuration(client) {
         types: Object.fromEntries(settings.authorization_details_types.map((type) => [type, { validate() {} }])),
         // The details the customer consented to (dev interactions consent to what was asked), each marked
         // Authorized, as a UAE bank's token answer carries its consent.
-        rarForAuthorizationCode: (ctx) => JSON.parse(ctx.oidc.params.authorization_details ?? '[]')
-          .map((detail) => ({ ...detail, consent: { ...detail.consent, Status: 'Authorized' } })),
+        rarForAuthorizationCode: (ctx) => (ctx.oidc.params.authorization_details === undefined ? undefined
+          : JSON.parse(ctx.oidc.params.authorization_details)
+            .map((detail) => ({ ...detail, consent: { ...detail.consent, Status: 'Authorized' } }))),
         rarForCodeResponse: (ctx) => ctx.oidc.authorizationCode.rar,
         rarForRefreshTokenResponse: (ctx) => ctx.oidc.refreshToken.rar,
         rarForIntrospectionResponse: (ctx, token) => token.rar,
