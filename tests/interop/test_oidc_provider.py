@@ -36,6 +36,7 @@ from agent.runtime import Runtime
 from modelbank import TestCA
 from tests.daemon.conftest import Daemon, launch, nobody_rule
 from tests.openfinance.conftest import Tpp, issue_identity, signing_key
+from tests.openfinance.test_cli_and_demo import cli
 
 HERE = Path(__file__).parent / "oidc_provider"
 NODE = shutil.which("node")
@@ -183,6 +184,7 @@ def _attribute(page: str, pattern: str) -> str:
 class World:
     server: AuthorizationServer
     daemon: Daemon
+    config: Path
     client_id: str
     transport_thumbprint: str
 
@@ -194,7 +196,9 @@ class World:
         return self.daemon.client()
 
     def start(self, **parameters: Any) -> dict[str, Any]:
-        return self.agent().par(BANK, "openid accounts", REDIRECT_URI, authorization_details=DETAILS, **parameters)
+        """A consent with a refresh token: offline_access with prompt=consent (OIDC Core §11)."""
+        return self.agent().par(BANK, "openid accounts offline_access", REDIRECT_URI, authorization_details=DETAILS,
+                                prompt="consent", **parameters)
 
     def complete(self) -> dict[str, Any]:
         return self.agent().consent_callback(BANK, Browser(self.site).consent(self.start()["authorization_url"]))
@@ -235,10 +239,10 @@ def world(shared_runtime: Runtime, softhsm_state: Path, tmp_path_factory: pytest
             "token_endpoint_auth_method": "private_key_jwt", "token_endpoint_auth_signing_alg": "PS256",
             "request_object_signing_alg": "PS256", "id_token_signed_response_alg": "PS256",
             "tls_client_certificate_bound_access_tokens": True, "authorization_details_types": [CONSENT_TYPE],
-            "scope": "openid accounts"})
+            "scope": "openid offline_access accounts"})
         transport = shared_runtime.keys.info(uri).certificate
         assert transport is not None
-        yield World(server, daemon, identity.client_id, jose.keys.cert_thumbprint(transport.der))
+        yield World(server, daemon, config, identity.client_id, jose.keys.cert_thumbprint(transport.der))
     finally:
         if daemon is not None:
             daemon.stop()
@@ -267,7 +271,7 @@ def test_client_credentials_token_is_bound_to_the_transport_certificate(world: W
 
 
 def test_consent_is_pushed_authorized_exchanged_and_refreshed_with_rotation(world: World) -> None:
-    started = world.start()
+    started = world.start(resource=[RESOURCE], max_age=600)
     redirect = Browser(world.site).consent(started["authorization_url"])
     query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(redirect).query))
     assert redirect.startswith(REDIRECT_URI + "?") and query["iss"] == world.site.issuer  # RFC 9207
@@ -276,6 +280,7 @@ def test_consent_is_pushed_authorized_exchanged_and_refreshed_with_rotation(worl
     tokens = world.agent().consent_callback(BANK, redirect)
     claims = tokens["id_token_claims"]
     assert claims["iss"] == world.site.issuer and claims["aud"] == world.client_id and claims["sub"] == "customer-1"
+    assert isinstance(claims["auth_time"], int)  # max_age was asked: checked by the agent (OIDC Core §3.1.3.7)
     assert tokens["authorization_details"][0]["consent"]["Status"] == "Authorized"
     assert tokens["refresh_token"] and not tokens["rotated"]
     seen = world.introspect(tokens["access_token"])
@@ -320,4 +325,39 @@ def test_a_consent_by_scope_alone_completes(world: World) -> None:
     started = world.agent().par(BANK, "openid accounts", REDIRECT_URI)
     tokens = world.agent().consent_callback(BANK, Browser(world.site).consent(started["authorization_url"]))
     assert tokens["authorization_details"] == [] and tokens["id_token_claims"]["sub"] == "customer-1"
+    assert tokens["refresh_token"] is None  # no offline_access: oidc-provider issues none, and that is no error
     assert world.introspect(tokens["access_token"])["active"]
+
+
+@pytest.mark.parametrize("redirect_uri,details,words", [
+    ("https://tpp.example/elsewhere", DETAILS, "redirect_uri"),
+    (REDIRECT_URI, [{"type": "urn:example:unknown"}], "invalid_authorization_details"),
+])
+def test_a_par_the_server_refuses_is_one_clear_line(world: World, redirect_uri: str, details: list[dict[str, Any]],
+                                                    words: str) -> None:
+    with pytest.raises(AgentRequestError) as refused:
+        world.agent().par(BANK, "openid accounts", redirect_uri, authorization_details=details)
+    message = str(refused.value)
+    assert words in message and "x-fapi-interaction-id" in message and "\n" not in message, message
+
+
+def test_the_cli_gets_a_token_and_starts_completes_and_refreshes_a_consent(world: World, tmp_path: Path) -> None:
+    token = cli(world.config, "token", BANK, "--scope", "accounts", "--no-cache", "--show-token", "--json")
+    assert token.returncode == 0, token.stderr
+    assert world.introspect(json.loads(token.stdout)["access_token"])["cnf"] == {"x5t#S256": world.transport_thumbprint}
+
+    started = cli(world.config, "par", BANK, "--scope", "openid accounts offline_access", "--redirect-uri",
+                  REDIRECT_URI, "--prompt", "consent", "--authorization-details", json.dumps(DETAILS), "--json")
+    assert started.returncode == 0, started.stderr
+    redirect = Browser(world.site).consent(json.loads(started.stdout)["authorization_url"])
+    kept = tmp_path / "consent.refresh"
+    done = cli(world.config, "consent", "callback", BANK, "--url", redirect, "--refresh-token-file", str(kept))
+    assert done.returncode == 0, done.stderr
+    assert "Authorized" in done.stdout and "id_token: verified, sub 'customer-1'" in done.stdout
+    first = kept.read_text().strip()
+    refreshed = cli(world.config, "consent", "refresh", BANK, "--refresh-token-file", str(kept), "--json")
+    assert refreshed.returncode == 0 and json.loads(refreshed.stdout)["rotated"], refreshed.stderr
+    old = tmp_path / "old.refresh"
+    old.write_text(first + "\n")
+    replayed = cli(world.config, "consent", "refresh", BANK, "--refresh-token-file", str(old))
+    assert replayed.returncode != 0 and "invalid_grant" in replayed.stderr and "Traceback" not in replayed.stderr

@@ -57,7 +57,8 @@ function serve(issuer, client) {
 
 function configuration(client) {
   const signing = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
-  const jwk = { ...signing.export({ format: 'jwk' }), kid: crypto.randomUUID(), alg: 'PS256', use: 'sig' };
+  // No use nor alg given: oidc-provider publishes use "sig" and no alg, as a deployment left to its defaults.
+  const jwk = { ...signing.export({ format: 'jwk' }), kid: crypto.randomUUID() };
   const resource = settings.resource;
   return {
     clients: [client],
@@ -73,9 +74,9 @@ function configuration(client) {
       requestObjectSigningAlgValues: ['PS256'],
       idTokenSigningAlgValues: ['PS256'],
     },
-    // A bank gives refresh tokens to a client registered for the grant, offline_access or not (the UAE
-    // profile's consents have their own expiry), and rotates them at every use.
-    issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+    // Refresh tokens as oidc-provider issues them by default (offline_access, which OIDC Core §11 honours with
+    // prompt=consent only), rotated at every use as the UAE profile's banks do (oidc-provider's default rotates
+    // a sender-constrained client's only near expiry).
     rotateRefreshToken: () => true,
     findAccount: async (ctx, sub) => ({ accountId: sub, claims: async () => ({ sub }) }),
     features: {
