@@ -83,7 +83,7 @@ class PendingAuthorization:
     issuer: str
     client_id: str
     state: str
-    nonce: str
+    nonce: str | None  # None without scope openid (no id_token asked, no nonce sent)
     code_verifier: str = dataclasses.field(repr=False)
     redirect_uri: str
     request_uri: str

@@ -361,3 +361,12 @@ def test_the_cli_gets_a_token_and_starts_completes_and_refreshes_a_consent(world
     old.write_text(first + "\n")
     replayed = cli(world.config, "consent", "refresh", BANK, "--refresh-token-file", str(old))
     assert replayed.returncode != 0 and "invalid_grant" in replayed.stderr and "Traceback" not in replayed.stderr
+
+
+def test_a_plain_oauth_consent_without_openid_completes_without_id_token(world: World) -> None:
+    started = world.agent().par(BANK, "accounts", REDIRECT_URI, authorization_details=DETAILS)
+    tokens = world.agent().consent_callback(BANK, Browser(world.site).consent(started["authorization_url"]))
+    assert tokens["id_token_claims"] is None and tokens["authorization_details"][0]["type"] == CONSENT_TYPE
+    with pytest.raises(AgentRequestError) as nonce_without_openid:
+        world.agent().par(BANK, "accounts", REDIRECT_URI, nonce="n-1")
+    assert nonce_without_openid.value.code == "bad_field" and "add openid" in nonce_without_openid.value.hint
