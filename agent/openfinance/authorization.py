@@ -90,8 +90,10 @@ class ConsentClient:
                          state=pushed.state, nonce=pushed.nonce, code_verifier=pushed.code_verifier,
                          redirect_uri=redirect_uri, request_uri=pushed.request_uri, scope=normalise_scope(scope),
                          max_age=max_age, owner=owner, details_requested=authorization_details is not None)
-        return StartedConsent(self.tokens.bank, authorization_url(endpoint, self.tokens.client_id, pushed.request_uri),
-                              pushed.request_uri, pushed.expires_in, pushed.state, pushed.interaction_id)
+        url = authorization_url(endpoint, self.tokens.client_id, pushed.request_uri,
+                                openid="openid" in scope.split())
+        return StartedConsent(self.tokens.bank, url, pushed.request_uri, pushed.expires_in, pushed.state,
+                              pushed.interaction_id)
 
     def callback(self, query: str | Mapping[str, str]) -> ConsentTokens:
         """Check the redirect (state, ``iss``, single use, age), exchange its code, verify the id_token."""

@@ -233,12 +233,13 @@ def parse_callback(query: str | Mapping[str, str]) -> dict[str, str]:
     return dict(query)
 
 
-def authorization_url(endpoint: str, client_id: str, request_uri: str) -> str:
+def authorization_url(endpoint: str, client_id: str, request_uri: str, *, openid: bool = True) -> str:
     """``authorization_endpoint?client_id=…&request_uri=…`` (RFC 9126 §4), keeping any query the endpoint has;
-    ``response_type=code&scope=openid`` too, which the UAE examples add for clients that check them."""
+    for an OpenID request (``openid``) ``response_type=code&scope=openid`` too, which OIDC Core §6.1 wants
+    outside a request object and the UAE examples add. A plain OAuth request gets no openid it did not ask for."""
     parts = urllib.parse.urlsplit(endpoint)
-    query = urllib.parse.urlencode({"client_id": client_id, "request_uri": request_uri,
-                                    "response_type": "code", "scope": "openid"})
+    oidc = {"response_type": "code", "scope": "openid"} if openid else {}
+    query = urllib.parse.urlencode({"client_id": client_id, "request_uri": request_uri, **oidc})
     return urllib.parse.urlunsplit(parts._replace(query=f"{parts.query}&{query}" if parts.query else query))
 
 

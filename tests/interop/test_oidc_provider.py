@@ -365,6 +365,7 @@ def test_the_cli_gets_a_token_and_starts_completes_and_refreshes_a_consent(world
 
 def test_a_plain_oauth_consent_without_openid_completes_without_id_token(world: World) -> None:
     started = world.agent().par(BANK, "accounts", REDIRECT_URI, authorization_details=DETAILS)
+    assert "scope=" not in started["authorization_url"]  # no openid it did not ask for
     tokens = world.agent().consent_callback(BANK, Browser(world.site).consent(started["authorization_url"]))
     assert tokens["id_token_claims"] is None and tokens["authorization_details"][0]["type"] == CONSENT_TYPE
     with pytest.raises(AgentRequestError) as nonce_without_openid:

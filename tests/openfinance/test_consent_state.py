@@ -125,6 +125,8 @@ def test_authorization_url_keeps_the_endpoints_query() -> None:
     assert urllib.parse.parse_qs(parts.query) == {"tenant": ["retail"], "client_id": ["client 1"],
                                                   "request_uri": ["urn:x:1"], "response_type": ["code"],
                                                   "scope": ["openid"]}
+    plain = authorization_url("https://bank.example/auth", "c", "urn:x:1", openid=False)
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(plain).query) == {"client_id": ["c"], "request_uri": ["urn:x:1"]}
 
 
 GOOD = {"access_token": "a", "token_type": "Bearer", "expires_in": 600, "refresh_token": "r",
