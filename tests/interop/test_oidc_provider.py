@@ -292,6 +292,8 @@ def test_consent_is_pushed_authorized_exchanged_and_refreshed_with_rotation(worl
     with pytest.raises(AgentRequestError) as replayed:
         world.agent().consent_refresh(BANK, tokens["refresh_token"])
     assert replayed.value.code == "invalid_grant", replayed.value
+    assert {"event": "grant.error", "error": "invalid_grant", "error_description": "grant request is invalid",
+            "detail": "refresh token already used"} in world.server.refusals()
     # oidc-provider treats the replay as theft: the whole grant goes, the newest refresh token too.
     with pytest.raises(AgentRequestError) as after:
         world.agent().consent_refresh(BANK, second["refresh_token"])
