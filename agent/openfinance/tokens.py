@@ -128,7 +128,7 @@ class PushedAuthorization:
     expires_in: int
     code_verifier: str = dataclasses.field(repr=False)
     state: str
-    nonce: str
+    nonce: str | None  # None without scope openid
     interaction_id: str
 
     def as_dict(self) -> dict[str, Any]:
