@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint demo demo-bank bench stress fuzz clean deb deb-check man openapi
+.PHONY: setup test lint demo demo-bank bench stress fuzz clean deb deb-check systemd-check man openapi
 
 setup:
 	@scripts/bootstrap
@@ -52,6 +52,11 @@ deb:
 # In the Debian 13 chroot: scripts/debian13-chroot run DIR scripts/deb-check
 deb-check:
 	@scripts/deb-check
+
+# The package's units under a real systemd: ROOTFS (a Debian 12 or 13 root file system, default the Debian 13
+# chroot /var/tmp/tpp-d13) booted with systemd-nspawn on a throw-away overlay (root, a few minutes; docs/packaging.md).
+systemd-check:
+	@scripts/systemd-check $(ROOTFS)
 
 # tpp-agent(1), generated from the parser: build/man/tpp-agent.1 (man -l build/man/tpp-agent.1).
 man: setup

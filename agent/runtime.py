@@ -10,16 +10,29 @@ import functools
 import os
 
 from agent.config import Config, pin_reader
+from agent.transport.places import BankPlaces
 from pkcs11_backends.keys import KeyStore
 from pkcs11_backends.module import Module, TokenSelector
 from pkcs11_backends.sessions import SessionPool
 
 
 class Runtime:
-    def __init__(self, config: Config, interactive: bool = False, processes: int = 1) -> None:
+    def __init__(self, config: Config, interactive: bool = False, processes: int = 1,
+                 places: BankPlaces | None = None) -> None:
         self.config = config
         self.interactive = interactive
         self.processes = processes  # serving processes side by side, each with this runtime's sessions
+        if places is not None:  # the supervisor's, shared with the other serving processes (it closes it)
+            self.__dict__["places"] = places
+            self._own_places = False
+        else:
+            self._own_places = True
+
+    @functools.cached_property
+    def places(self) -> BankPlaces:
+        """Each bank's places for requests in flight, for every transport and core this process makes (a reload's
+        new ones count the requests the old ones still have under way)."""
+        return BankPlaces()
 
     @functools.cached_property
     def module(self) -> Module:
@@ -42,3 +55,5 @@ class Runtime:
     def close(self) -> None:
         if "pool" in self.__dict__:
             self.pool.close()
+        if self._own_places and "places" in self.__dict__:
+            self.places.close()

@@ -191,7 +191,10 @@ class TokenEndpoint:
             (claims.get("code_challenge_method") != "S256"
              or not _PKCE_CHALLENGE.fullmatch(str(claims.get("code_challenge", ""))), "PKCE S256 required"),
             (not str(claims.get("redirect_uri", "")).startswith("https://"), "redirect_uri must be https"),
-            *((not claims.get(name), f"{name} is required") for name in ("scope", "nonce", "state")),
+            *((not claims.get(name), f"{name} is required") for name in ("scope", "state")),
+            # OIDC Core §3.1.2.1: nonce belongs to an OpenID request; without openid it means nothing.
+            (_openid(claims) and not claims.get("nonce"), "nonce is required with scope openid"),
+            (not _openid(claims) and "nonce" in claims, "nonce without scope openid"),
             *_optional_parameter_problems(claims),
             (self.require_resource and "resource" not in claims, "resource is required"),
         ]
@@ -309,3 +312,7 @@ def _form(body: bytes) -> dict[str, str]:
     if any(len(v) > 1 for v in pairs.values()):
         raise OAuthError(400, "invalid_request", "a form parameter is repeated")
     return {k: v[0] for k, v in pairs.items()}
+
+
+def _openid(claims: dict[str, Any]) -> bool:
+    return "openid" in str(claims.get("scope", "")).split()

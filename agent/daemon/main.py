@@ -34,6 +34,7 @@ from agent.metrics.instruments import Metrics, shared_directory
 from agent.metrics.sampler import STATE_SECONDS, Sampler, scrape
 from agent.runtime import Runtime
 from agent.sections import Sections
+from agent.transport.places import BankPlaces
 from pkcs11_backends.errors import PinError, Pkcs11Error, TokenTimeoutError
 from pkcs11_backends.sessions import PoolState
 
@@ -58,12 +59,14 @@ def run(config_path: str | None, socket_override: str | None) -> int:
     try:
         if settings.processes == 1:
             return serve(sections, settings, listener, where, notifier, metrics_socket=metrics_socket)
-        # The serving processes' metrics meet in files there (agent/metrics/__init__.py says why).
-        with shared_directory(_runtime_directory()) as shared:
+        # The serving processes' metrics meet in files there (agent/metrics/__init__.py says why); each bank's
+        # max_in_flight counts the requests of them all (agent/transport/places.py).
+        with shared_directory(_runtime_directory()) as shared, contextlib.closing(BankPlaces()) as places:
             # Nothing PKCS#11 has been loaded in this process yet: each serving process starts its own.
             def serving(channel: socket.socket) -> int:
                 return serve(sections, settings, channel, where, systemd.Notifier(connected=channel),
-                             accept=processes.connections_from(channel), shared=shared, metrics_socket=metrics_socket)
+                             accept=processes.connections_from(channel), shared=shared, metrics_socket=metrics_socket,
+                             places=places)
 
             return processes.supervise(settings.processes, listener, serving, notifier,
                                        settings.limits.drain_timeout)
@@ -79,11 +82,12 @@ def run(config_path: str | None, socket_override: str | None) -> int:
 
 def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket, where: str,
           notifier: systemd.Notifier, *, accept: Accept | None = None, shared: Path | None = None,
-          metrics_socket: socket.socket | None = None) -> int:
+          metrics_socket: socket.socket | None = None, places: BankPlaces | None = None) -> int:
     """One serving process: log in, check, serve ``listener``'s connections until SIGTERM; the exit status.
 
-    ``shared``: the directory the serving processes' metrics meet in; ``metrics_socket``: ``[metrics] listen``."""
-    runtime = Runtime(sections.config, processes=settings.processes)
+    ``shared``: the directory the serving processes' metrics meet in; ``metrics_socket``: ``[metrics] listen``;
+    ``places``: the banks' places for requests in flight, shared with the other serving processes."""
+    runtime = Runtime(sections.config, processes=settings.processes, places=places)
     metrics = Metrics(shared)
     # Serving processes side by side would take turns on one file's lock for every record: each has its own.
     audit = (own_trail(settings.audit_file, settings.audit_sync_interval) if settings.processes > 1

@@ -117,7 +117,7 @@ class AuthorizationRequest:
     request: str
     code_verifier: str
     state: str
-    nonce: str
+    nonce: str | None  # None without scope openid: nonce is an OpenID Connect parameter
     claims: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def pkce_pair() -> tuple[str, str]:
 
 
 def request_object_claims(client_id: str, audience: str, settings: JoseSettings, *, scope: str, redirect_uri: str,
-                          code_challenge: str, state: str, nonce: str,
+                          code_challenge: str, state: str, nonce: str | None,
                           authorization_details: Sequence[Mapping[str, Any]] | None = None,
                           parameters: Mapping[str, Any] | None = None,
                           lifetime: int | None = None, now: float | None = None) -> dict[str, Any]:
@@ -139,9 +139,11 @@ def request_object_claims(client_id: str, audience: str, settings: JoseSettings,
     claims: dict[str, Any] = {
         "iss": client_id, "aud": audience, "client_id": client_id, "iat": iat, "nbf": iat - settings.nbf_skew,
         "exp": iat + (settings.request_object_lifetime if lifetime is None else lifetime), "jti": str(uuid.uuid4()),
-        "response_type": "code", "scope": scope, "redirect_uri": redirect_uri, "nonce": nonce, "state": state,
+        "response_type": "code", "scope": scope, "redirect_uri": redirect_uri, "state": state,
         "code_challenge": code_challenge, "code_challenge_method": "S256",
     }
+    if nonce is not None:
+        claims["nonce"] = nonce
     if authorization_details is not None:
         claims["authorization_details"] = [dict(d) for d in authorization_details]
     check_authorization_parameters(parameters or {})
@@ -210,7 +212,14 @@ def check_request_object(claims: Mapping[str, Any]) -> None:
     target = urlsplit(_text(claims, "redirect_uri"))
     if target.scheme != "https" or not target.netloc or target.fragment:
         raise ClaimsError("request object: redirect_uri must be an absolute https URL without a fragment")
-    _text(claims, "nonce")
+    # nonce is OpenID Connect's (Core §3.1.2.1), required there for replay protection of the id_token; in a
+    # plain OAuth request it has no meaning and servers refuse it (oidc-provider: "openid scope must be
+    # requested when using the nonce parameter").
+    if "openid" in _text(claims, "scope").split():
+        _text(claims, "nonce")
+    elif "nonce" in claims:
+        raise ClaimsError("request object: nonce is an OpenID Connect parameter: add openid to the scope, or "
+                          "leave nonce out")
     _text(claims, "state")
     if claims.get("code_challenge_method") != "S256" or not _PKCE_CHALLENGE.match(_text(claims, "code_challenge")):
         raise ClaimsError("request object: PKCE needs code_challenge_method S256 and a 43-character code_challenge")
@@ -229,7 +238,8 @@ def request_object(store: KeyStore, config: Config, key: str | JoseKey, client_i
     settings = JoseSettings.from_config(config)
     verifier, challenge = pkce_pair()
     state = state or b64url(secrets.token_bytes(16))
-    nonce = nonce or b64url(secrets.token_bytes(16))
+    if "openid" in scope.split():
+        nonce = nonce or b64url(secrets.token_bytes(16))
     claims = request_object_claims(client_id, audience, settings, scope=scope, redirect_uri=redirect_uri,
                                    code_challenge=challenge, state=state, nonce=nonce,
                                    authorization_details=authorization_details, parameters=parameters,

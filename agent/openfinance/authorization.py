@@ -89,16 +89,18 @@ class ConsentClient:
         self.pending.new(bank=self.tokens.bank, issuer=metadata.issuer, client_id=self.tokens.client_id,
                          state=pushed.state, nonce=pushed.nonce, code_verifier=pushed.code_verifier,
                          redirect_uri=redirect_uri, request_uri=pushed.request_uri, scope=normalise_scope(scope),
-                         max_age=max_age, owner=owner)
-        return StartedConsent(self.tokens.bank, authorization_url(endpoint, self.tokens.client_id, pushed.request_uri),
-                              pushed.request_uri, pushed.expires_in, pushed.state, pushed.interaction_id)
+                         max_age=max_age, owner=owner, details_requested=authorization_details is not None)
+        url = authorization_url(endpoint, self.tokens.client_id, pushed.request_uri,
+                                openid="openid" in scope.split())
+        return StartedConsent(self.tokens.bank, url, pushed.request_uri, pushed.expires_in, pushed.state,
+                              pushed.interaction_id)
 
     def callback(self, query: str | Mapping[str, str]) -> ConsentTokens:
         """Check the redirect (state, ``iss``, single use, age), exchange its code, verify the id_token."""
         grant = self.pending.take_callback(query, self.tokens.bank)
         answer, interaction_id = self.tokens.exchange(code_exchange_form(grant), "authorization code exchange")
         where = f"(x-fapi-interaction-id {interaction_id})"
-        tokens = TokenAnswer.parse(answer, where=where)
+        tokens = TokenAnswer.parse(answer, where=where, details_required=grant.pending.details_requested)
         wants_id_token = "openid" in grant.pending.scope.split()
         if wants_id_token and tokens.id_token is None:
             raise TokenAnswerError(f"the bank answered a scope=openid code exchange without an id_token {where}")
@@ -109,7 +111,8 @@ class ConsentClient:
     def refresh(self, refresh_token: str) -> ConsentTokens:
         """A new access token for a consent; the answer's refresh token (if any) replaces ``refresh_token``."""
         answer, interaction_id = self.tokens.exchange(refresh_form(refresh_token), "refresh")
-        tokens = TokenAnswer.parse(answer, where=f"(x-fapi-interaction-id {interaction_id})")
+        tokens = TokenAnswer.parse(answer, where=f"(x-fapi-interaction-id {interaction_id})",
+                                   details_required=False)
         # OIDC Core §12.2: an id_token on refresh carries no nonce of ours, the rest is checked as usual.
         claims = self._id_token(tokens.id_token, None, None) if tokens.id_token is not None else None
         newest = tokens.refresh_token or refresh_token

@@ -83,7 +83,7 @@ class PendingAuthorization:
     issuer: str
     client_id: str
     state: str
-    nonce: str
+    nonce: str | None  # None without scope openid (no id_token asked, no nonce sent)
     code_verifier: str = dataclasses.field(repr=False)
     redirect_uri: str
     request_uri: str
@@ -92,6 +92,9 @@ class PendingAuthorization:
     created_at: float  # time.time()
     expires_at: float
     owner: str = ""  # who started it (the caller's uid): the bound on pending authorizations is per owner
+    # The PAR asked for authorization_details: the token answer must then carry them (RFC 9396 §7). True for a
+    # row stored before this field existed: the stricter reading.
+    details_requested: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,12 +233,13 @@ def parse_callback(query: str | Mapping[str, str]) -> dict[str, str]:
     return dict(query)
 
 
-def authorization_url(endpoint: str, client_id: str, request_uri: str) -> str:
+def authorization_url(endpoint: str, client_id: str, request_uri: str, *, openid: bool = True) -> str:
     """``authorization_endpoint?client_id=…&request_uri=…`` (RFC 9126 §4), keeping any query the endpoint has;
-    ``response_type=code&scope=openid`` too, which the UAE examples add for clients that check them."""
+    for an OpenID request (``openid``) ``response_type=code&scope=openid`` too, which OIDC Core §6.1 wants
+    outside a request object and the UAE examples add. A plain OAuth request gets no openid it did not ask for."""
     parts = urllib.parse.urlsplit(endpoint)
-    query = urllib.parse.urlencode({"client_id": client_id, "request_uri": request_uri,
-                                    "response_type": "code", "scope": "openid"})
+    oidc = {"response_type": "code", "scope": "openid"} if openid else {}
+    query = urllib.parse.urlencode({"client_id": client_id, "request_uri": request_uri, **oidc})
     return urllib.parse.urlunsplit(parts._replace(query=f"{parts.query}&{query}" if parts.query else query))
 
 
@@ -264,7 +268,10 @@ class TokenAnswer:
     authorization_details: list[dict[str, Any]]
 
     @classmethod
-    def parse(cls, answer: Mapping[str, Any], *, where: str = "") -> TokenAnswer:
+    def parse(cls, answer: Mapping[str, Any], *, where: str = "", details_required: bool = True) -> TokenAnswer:
+        """``details_required``: the request had authorization_details, so the answer must say what was granted
+        (RFC 9396 §7). Otherwise absent ones are none: a consent by scope alone has none, and a refresh is not
+        told what its consent asked (the caller has the details of the code exchange)."""
         access, token_type = answer.get("access_token"), answer.get("token_type")
         if not isinstance(access, str) or not access or not isinstance(token_type, str):
             raise TokenAnswerError(f"the token answer lacks access_token or token_type {where}".strip())
@@ -275,7 +282,9 @@ class TokenAnswer:
         if isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in < 0:
             raise TokenAnswerError(f"the token answer's expires_in is {expires_in!r}, not a number of seconds")
         details = answer.get("authorization_details")
-        if not isinstance(details, list) or not details or not all(isinstance(d, dict) for d in details):
+        if not details_required and details in (None, []):
+            details = []
+        elif not isinstance(details, list) or not details or not all(isinstance(d, dict) for d in details):
             raise TokenAnswerError("the token answer has no authorization_details (the consent and its Status) "
                                    f"{where}".strip())
         optional = {name: answer.get(name) for name in ("refresh_token", "id_token", "scope")}

@@ -29,7 +29,9 @@ from agent.transport.errors import (
 )
 
 ENDPOINTS = ("registration_endpoint", "token_endpoint", "pushed_authorization_request_endpoint")
-_REQUIRED = ("issuer", "registration_endpoint")
+# Only the issuer: each endpoint is looked for when used (MissingEndpointError). An authorization server
+# without registration_endpoint (RECOMMENDED only, OIDC Discovery §3; static clients) is a bank all the same.
+_REQUIRED = ("issuer",)
 # A GET of the document is safe to repeat: after a network failure or a 5xx/429, try again after
 # these pauses (then give up with the last error). TLS failures are not retried: they do not pass;
 # nor is a bank that did not finish its answer within request_timeout: it would hold a bank worker

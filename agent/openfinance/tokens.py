@@ -36,7 +36,7 @@ from agent import jose
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
 from agent.openfinance.client import LimitedBankHttp
-from agent.transport.client import BUSY_PATIENCE
+from agent.transport.places import BUSY_PATIENCE
 from pkcs11_backends.keys import KeyStore
 
 DEFAULT_SIGNING_KEY = "signing"
@@ -128,7 +128,7 @@ class PushedAuthorization:
     expires_in: int
     code_verifier: str = dataclasses.field(repr=False)
     state: str
-    nonce: str
+    nonce: str | None  # None without scope openid
     interaction_id: str
 
     def as_dict(self) -> dict[str, Any]:

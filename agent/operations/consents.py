@@ -53,6 +53,9 @@ class ParInput:
         if https_origin(self.redirect_uri) is None:
             raise InvalidInput("bad_field",
                                f"field 'redirect_uri' must be an https URL, got {self.redirect_uri[:80]!r}")
+        if self.nonce is not None and "openid" not in self.scope.split():
+            raise InvalidInput("bad_field", "field 'nonce' is an OpenID Connect parameter and the scope has no "
+                               "openid", hint="add openid to the scope, or leave nonce out")
         if self.resource is not None and not self.resource:
             raise InvalidInput("bad_field", "field 'resource' must list at least one absolute URI, or be left out")
 

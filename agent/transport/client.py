@@ -18,8 +18,9 @@
   ``max_in_flight`` requests at the bank at once (the next one fails with
   :class:`~agent.transport.errors.BankBusyError`: at once when those have been under way
   for half a second, else once it has waited that long for a place), so one slow or
-  hostile bank holds no more than that many of the caller's threads for long. An operation that waits before it
-  sends (for another caller's token request) takes its place first: :meth:`BankTransport.slot`.
+  hostile bank holds no more than that many of the caller's threads for long, counted for every serving process
+  of the agent (``places.py``). An operation that waits before it sends (for another caller's token request)
+  takes its place first: :meth:`BankTransport.slot`.
 * One log line per request: method, URL, status, duration, interaction id (never
   bodies, headers with credentials or the PIN).
 * HTTP statuses are returned, not raised: what a 4xx/5xx means is the caller's
@@ -36,11 +37,10 @@ import contextlib
 import dataclasses
 import json as jsonlib
 import ssl
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import urllib3
 from urllib3 import exceptions as u3
@@ -48,10 +48,10 @@ from urllib3.util.ssl_match_hostname import CertificateError
 
 from agent import log
 from agent.lifecycle.validity import validity_problem
-from agent.runtime import Runtime
 from agent.transport import errors
 from agent.transport.exchange import Exchange, Watchdog
 from agent.transport.headers import INTERACTION_HEADER, outgoing
+from agent.transport.places import BankPlaces
 from agent.transport.pool import (
     X509_V_ERR_HOSTNAME_MISMATCH,
     X509_V_ERR_IP_ADDRESS_MISMATCH,
@@ -64,14 +64,14 @@ from agent.transport.pool import (
 )
 from agent.transport.tls import TlsContext, TlsSettings, build_context
 
+if TYPE_CHECKING:  # agent.runtime imports agent.transport.places
+    from agent.runtime import Runtime
+
 # Which [banks.NAME] setting bounds an answer's body.
 AnswerLimit = Literal["max_response_bytes", "max_discovery_bytes"]
 # RFC 9110 §9.2.2: sending one of these twice has the effect of sending it once.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _READ_SIZE = 64 << 10
-# Longer than a healthy bank takes to answer: a request over the bank's max_in_flight waits this long at most for
-# a place, and not at all once the requests holding them have been under way for this long.
-BUSY_PATIENCE = 0.5
 
 _logger = log.get_logger("transport.http")
 
@@ -118,7 +118,7 @@ class _Attempt:
 class BankTransport:
     """All HTTP traffic to one bank: pooled mTLS connections with the bank's TLS context."""
 
-    def __init__(self, settings: TlsSettings, tls: TlsContext) -> None:
+    def __init__(self, settings: TlsSettings, tls: TlsContext, places: BankPlaces | None = None) -> None:
         self.bank = settings.bank
         self.settings = settings
         self.tls = tls
@@ -128,12 +128,10 @@ class BankTransport:
             retries=False, timeout=urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout),
         )
         self._pools.pool_classes_by_scheme = {"https": BankConnectionPool}
-        # Counted here, where every request to the bank passes, whichever operation sends it: when each request
-        # in flight started (time.monotonic()), by ticket.
-        self._in_flight: dict[int, float] = {}
-        self._tickets = 0
-        self._slots = threading.Condition()
-        self._holder = threading.local()  # whether this thread holds one of those places
+        # Counted here, where every request to the bank passes, whichever operation sends it; in the agent's
+        # table when it has one (shared by its serving processes), else in one of this transport's own.
+        self._own_places = places is None
+        self.places = BankPlaces(rows=1) if places is None else places
         self._watchdog = Watchdog(settings.bank)
 
     @property
@@ -183,43 +181,13 @@ class BankTransport:
         return Response(method, url, raw.status, {k.lower(): v for k, v in raw.headers.items()}, data,
                         interaction_id, duration)
 
-    @contextlib.contextmanager
-    def slot(self, what: str = "-", interaction_id: str = "-") -> Iterator[None]:
-        """One of the bank's ``max_in_flight`` places for this thread until the block ends, else
-        :class:`~agent.transport.errors.BankBusyError` (at once if the bank is slow, after at most
-        :data:`BUSY_PATIENCE` if it is only busy). A thread that holds one already (an operation that waits
-        for another's answer before it sends, as the token cache does) uses it again."""
-        if getattr(self._holder, "slot", False):
-            yield
-            return
-        ticket = self._take_slot(what, interaction_id)
-        self._holder.slot = True
-        try:
-            yield
-        finally:
-            self._holder.slot = False
-            with self._slots:
-                del self._in_flight[ticket]
-                self._slots.notify()
-
-    def _take_slot(self, what: str, interaction_id: str) -> int:
-        # A bank whose places are all held by quick requests is busy, not slow: wait a moment for one. Once they
-        # have been held for BUSY_PATIENCE, the bank is slow: refuse at once, so that a flood of requests to it
-        # keeps no worker waiting here (those to other banks wait for workers behind them).
-        give_up = time.monotonic() + BUSY_PATIENCE
-        with self._slots:
-            while len(self._in_flight) >= self.settings.max_in_flight:
-                now = time.monotonic()
-                oldest = min(self._in_flight.values())
-                if now - oldest >= BUSY_PATIENCE or now >= give_up:
-                    raise errors.BankBusyError(
-                        f"{self.settings.max_in_flight} requests are already under way at this bank, the oldest for "
-                        f"{now - oldest:.1f} s (max_in_flight)", bank=self.bank, url=what,
-                        interaction_id=interaction_id)
-                self._slots.wait(min(give_up, oldest + BUSY_PATIENCE) - now)
-            self._tickets += 1
-            self._in_flight[self._tickets] = time.monotonic()
-            return self._tickets
+    def slot(self, what: str = "-", interaction_id: str = "-") -> contextlib.AbstractContextManager[None]:
+        """One of the bank's ``max_in_flight`` places for this thread until the block ends, counted for the whole
+        agent (:mod:`agent.transport.places`), else :class:`~agent.transport.errors.BankBusyError` (at once if
+        the bank is slow, after at most :data:`~agent.transport.places.BUSY_PATIENCE` if it is only busy). A thread
+        that holds one already (an operation that waits for another's answer before it sends, as the token cache
+        does) uses it again."""
+        return self.places.hold(self.bank, self.settings.max_in_flight, what, interaction_id)
 
     def _send(self, attempt: _Attempt) -> tuple[urllib3.BaseHTTPResponse, bytes]:
         where = attempt.where
@@ -293,6 +261,8 @@ class BankTransport:
     def close(self) -> None:
         self._pools.clear()
         self._watchdog.close()
+        if self._own_places:
+            self.places.close()
 
     def __enter__(self) -> BankTransport:
         return self
@@ -308,7 +278,7 @@ def _resendable(method: str, exchange: Exchange, error: errors.TransportError) -
 
 
 def open_transport(runtime: Runtime, settings: TlsSettings) -> BankTransport:
-    return BankTransport(settings, build_context(runtime, settings))
+    return BankTransport(settings, build_context(runtime, settings), runtime.places)
 
 
 # -- mapping failures ------------------------------------------------------------

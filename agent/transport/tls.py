@@ -23,8 +23,8 @@ certificate with the key's CKA_ID), ``tls12_ciphers`` (list of OpenSSL suite
 names), ``tls13`` (bool, default true), ``connect_timeout``/``read_timeout``
 (seconds), ``max_connections``, and for ``client.py``: ``request_timeout`` (seconds for a
 whole request: connect, send, the whole answer; default 30), ``max_in_flight`` (requests
-under way at once at this bank, default 4: the rest are refused at once, so one slow bank
-cannot take every bank worker), ``max_response_bytes`` (default 4 MiB) and
+under way at once at this bank, in all serving processes, default 4: the rest are refused
+within half a second, so one slow bank cannot take every bank worker), ``max_response_bytes`` (default 4 MiB) and
 ``max_discovery_bytes`` (default 256 KiB) for the answers, ``idle_timeout`` (seconds a
 pooled connection may sit unused and still be reused, default 30; less if the bank's
 ``Keep-Alive`` header says so).
@@ -39,7 +39,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -50,7 +50,6 @@ from agent import log
 from agent.compat import not_valid_after, pyopenssl_certificate
 from agent.errors import ConfigError
 from agent.lifecycle.validity import expiry_warning_days, renewal_due, validity_problem
-from agent.runtime import Runtime
 from agent.transport.errors import (
     CaBundleError,
     ClientCertificateMissingError,
@@ -58,6 +57,9 @@ from agent.transport.errors import (
     KeyCertificateMismatchError,
 )
 from pkcs11_backends.openssl import check_linkage, key_backend, libssl
+
+if TYPE_CHECKING:  # agent.runtime imports agent.transport.places
+    from agent.runtime import Runtime
 
 FAPI_TLS12_CIPHERS = (
     "ECDHE-RSA-AES128-GCM-SHA256",

@@ -7,6 +7,7 @@ Two banks are configured: the model bank (``mb``, well behaved) and a hostile on
 from __future__ import annotations
 
 import json
+import signal
 import textwrap
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.audit import trail_files
 from agent.client import AgentRequestError
 from modelbank import ModelBank
 from tests.daemon.conftest import Daemon, launch, nobody_rule, read_response
@@ -32,6 +34,8 @@ class Banks:
     daemon: Daemon
     model: ModelBank
     evil: HostileBank
+    key_uri: str  # the transport key's
+    audit: Path
 
 
 def start(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_path: Path, daemon: str = "",  # noqa: F811
@@ -57,7 +61,7 @@ def start(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_path: Path, daemon: s
         """) + evil + "\n" + rules.replace("[daemon]\n", f"[daemon]\n{daemon}"))
     running = launch(config, public_dir)
     try:
-        yield Banks(running, bank, hostile)
+        yield Banks(running, bank, hostile, tpp.key_uri, tpp.state_dir / "audit.jsonl")
     finally:
         running.stop()
         running.notify.close()
@@ -101,6 +105,15 @@ def test_a_300_mb_answer_is_a_502_and_the_daemon_stays_small(banks: Banks) -> No
     assert banks.daemon.client().forward(EVIL, "GET", "/echo")[0] == 200
 
 
+def timed_forward(banks: Banks, name: str) -> tuple[int, str, float]:
+    """A forward on a connection of this thread's: (status, error code or "", seconds)."""
+    started = time.monotonic()
+    try:
+        return banks.daemon.client().forward(name, "GET", "/drip")[0], "", time.monotonic() - started
+    except AgentRequestError as error:
+        return error.status, error.code, time.monotonic() - started
+
+
 @pytest.fixture
 def slow_banks(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_path: Path) -> Iterator[Banks]:  # noqa: F811
     yield from start(tpp, bank, public_dir, tmp_path, daemon="workers = 1\nbank_workers = 4\n",
@@ -112,15 +125,8 @@ def test_a_dripping_bank_holds_at_most_its_share_of_bank_workers(slow_banks: Ban
     banks.evil.answer = drip(seconds=30, every=0.1)  # a byte every 0.1 s: read_timeout never fires
     discovery_path = banks.model.discovery_url[len(banks.model.issuer):]
 
-    def slow_forward() -> tuple[int, str, float]:
-        started = time.monotonic()
-        try:
-            return banks.daemon.client().forward(EVIL, "GET", "/drip")[0], "", time.monotonic() - started
-        except AgentRequestError as error:
-            return error.status, error.code, time.monotonic() - started
-
     with ThreadPoolExecutor(4) as pool:
-        slow = [pool.submit(slow_forward) for _ in range(4)]
+        slow = [pool.submit(timed_forward, banks, EVIL) for _ in range(4)]
         deadline = time.monotonic() + 10
         while len(banks.evil.requests) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -211,3 +217,47 @@ def test_callers_waiting_for_a_slow_token_request_count_against_the_bank(slow_ba
     busy = [r for r in results if r[1] == "bank_busy"]
     assert len(busy) == 3 and all(took < 2 for _, _, took in busy), results  # before: they queued on the lock
     assert sum(s.path == "/token" for s in banks.evil.requests) == 2  # the first, then the one that waited
+
+
+@pytest.fixture
+def slow_banks_two_processes(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_path: Path) -> Iterator[Banks]:  # noqa: F811
+    yield from start(tpp, bank, public_dir, tmp_path, daemon="processes = 2\nworkers = 1\nbank_workers = 4\n",
+                     evil="request_timeout = 3\nmax_in_flight = 2\nread_timeout = 5\n")
+
+
+def forwards_at_once(banks: Banks, name: str, count: int) -> list[tuple[int, str, float]]:
+    """``count`` forwards, each on a connection of its own (the supervisor hands them round robin)."""
+    with ThreadPoolExecutor(count) as pool:
+        return sorted(pool.map(lambda _: timed_forward(banks, name), range(count)))
+
+
+def test_max_in_flight_holds_for_all_serving_processes_and_for_a_bank_a_reload_added(
+        slow_banks_two_processes: Banks) -> None:
+    banks = slow_banks_two_processes
+    banks.evil.answer = drip(seconds=30, every=0.1)  # request_timeout (3 s) cuts each
+    results = forwards_at_once(banks, EVIL, 6)  # three to each serving process
+    # Before: each process counted its own two places, and four drips held four bank workers.
+    assert len(banks.evil.requests) == 2, results
+    busy = [r for r in results if r[1] == "bank_busy"]
+    assert len(busy) == 4 and all(status == 503 and took < 2 for status, _, took in busy), results
+    assert [r[1] for r in results if r not in busy] == ["bank_timeout"] * 2, results
+    trails = [path.read_text() for path in trail_files(banks.audit) if path != banks.audit]
+    assert len(trails) == 2 and all("BankBusyError" in trail or "/drip" in trail for trail in trails)
+
+    # A bank that a reload adds gets places counted the same way.
+    config = banks.daemon.config_path
+    config.write_text(config.read_text() + textwrap.dedent(f"""
+        [banks.late]
+        discovery_url = "{banks.evil.url('/.well-known/openid-configuration')}"
+        issuer = "https://localhost:{banks.evil.port}"
+        ca_bundle = "{banks.model.ca_bundle}"
+        client_key = "{banks.key_uri}"
+        request_timeout = 3
+        max_in_flight = 1
+        """))
+    banks.daemon.proc.send_signal(signal.SIGHUP)
+    assert "reloaded" in banks.daemon.wait_for("READY=1")
+    banks.evil.requests.clear()
+    results = forwards_at_once(banks, "late", 4)
+    assert len(banks.evil.requests) == 1, results
+    assert [r[1] for r in results].count("bank_busy") == 3, results

@@ -110,7 +110,7 @@ def test_request_object_verifies_and_carries_pkce(jose_token: JoseToken) -> None
     assert claims == made.claims
     assert claims["response_type"] == "code" and claims["scope"] == "openid accounts"
     assert claims["redirect_uri"] == "https://tpp.example/callback" and claims["state"] == "s-1"
-    assert claims["nonce"] == made.nonce and len(made.nonce) >= 22
+    assert claims["nonce"] == made.nonce and made.nonce is not None and len(made.nonce) >= 22
     assert claims["authorization_details"] == DETAILS
     assert claims["exp"] - claims["nbf"] <= 600 and claims["nbf"] <= claims["iat"] < claims["exp"]
     assert claims["code_challenge_method"] == "S256"
@@ -156,3 +156,17 @@ def test_jose_settings_are_validated(jose_token: JoseToken, jose_table: str, mes
     config = config_for(jose_token, key_tables(jose_token.token.label, f"[jose]\n{jose_table}\n"))
     with pytest.raises(JoseError, match=message):
         JoseSettings.from_config(config)
+
+
+def test_a_request_object_without_openid_carries_no_nonce(jose_token: JoseToken) -> None:
+    """nonce is OpenID Connect's: a plain OAuth request with one is refused (oidc-provider, for one)."""
+    made = request_object(jose_token.store, jose_token.config, "signing", CLIENT_ID, ISSUER, scope="accounts",
+                          redirect_uri="https://tpp.example/callback")
+    assert made.nonce is None and "nonce" not in decode(jose_token, made.request)
+    with pytest.raises(ClaimsError, match="nonce is an OpenID Connect parameter"):
+        request_object(jose_token.store, jose_token.config, "signing", CLIENT_ID, ISSUER, scope="accounts",
+                       redirect_uri="https://tpp.example/callback", nonce="n-1")
+    openid = request_object(jose_token.store, jose_token.config, "signing", CLIENT_ID, ISSUER, scope="openid",
+                            redirect_uri="https://tpp.example/callback")
+    with pytest.raises(ClaimsError, match="nonce"):
+        check_request_object({k: v for k, v in openid.claims.items() if k != "nonce"})

@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from cryptography import x509
@@ -28,10 +29,27 @@ from agent.runtime import Runtime
 from agent.x509.certificates import import_certificate
 from agent.x509.csr import build_csr
 from agent.x509.subject import directory_subject
-from modelbank import ModelBank
+from modelbank import ModelBank, TestCA
 from pkcs11_backends.keys import KeyInfo, KeySpec
 
 BANK = "mb"
+
+
+class BankSite(Protocol):
+    """What a TPP's configuration and certificates need of a bank: the model bank, or another authorization
+    server (tests/interop) whose TLS and directory certificates come from a :class:`TestCA`."""
+
+    @property
+    def issuer(self) -> str: ...
+
+    @property
+    def discovery_url(self) -> str: ...
+
+    @property
+    def ca_bundle(self) -> Path: ...
+
+    @property
+    def ca(self) -> TestCA: ...
 
 
 @dataclasses.dataclass
@@ -42,7 +60,7 @@ class Tpp:
     state_dir: Path
     softhsm_state: Path
 
-    def config(self, bank: ModelBank, **settings: object) -> Config:
+    def config(self, bank: BankSite, **settings: object) -> Config:
         """The configuration a TPP would write for ``bank``; ``settings`` add to or override [banks.mb]."""
         table: dict[str, object] = {"discovery_url": bank.discovery_url, "issuer": bank.issuer,
                                     "ca_bundle": str(bank.ca_bundle), "client_key": self.key_uri, **settings}
@@ -55,7 +73,7 @@ class Tpp:
         trail = AuditTrail(self.state_dir / "audit.jsonl")
         return Core(sections.parse(config.raw, config.path), self.runtime, lambda: trail).banks
 
-    def write_config(self, bank: ModelBank, database: str | None = None, **settings: object) -> Path:
+    def write_config(self, bank: BankSite, database: str | None = None, **settings: object) -> Path:
         """The same as a TOML file, for the console script (token and PIN of the session's token);
         ``database``: ``[state] database``."""
         state = f'dir = "{self.state_dir}"' + (f'\ndatabase = "{database}"' if database else "")
@@ -79,7 +97,7 @@ def bank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelBank]:
         yield running
 
 
-def issue_identity(runtime: Runtime, bank: ModelBank, *, expired: bool = False) -> tuple[str, str, bytes]:
+def issue_identity(runtime: Runtime, bank: BankSite, *, expired: bool = False) -> tuple[str, str, bytes]:
     """A new RSA key on the token, its CSR in the directory's profile, a certificate from the bank's CA.
 
     Returns (key URI, subject, certificate PEM); the certificate is imported unless expired
@@ -112,6 +130,15 @@ class SigningIdentity:
 def signing_identity(tpp: Tpp, bank: ModelBank) -> SigningIdentity:
     """A signing key for ``tpp``'s client assertions, its certificate in the directory's profile for the client id
     of the transport certificate, and the bank told its JWKS."""
+    identity = signing_key(tpp, bank)
+    keys = jose.jwks(tpp.runtime.keys, tpp.config(bank), [str(identity.key.uri)])
+    bank.tokens.register_client(identity.client_id, keys)
+    return identity
+
+
+def signing_key(tpp: Tpp, bank: BankSite) -> SigningIdentity:
+    """A signing key for ``tpp``'s client assertions and its certificate from the bank's CA, in the directory's
+    profile for the client id of the transport certificate (no bank told of it)."""
     store = tpp.runtime.keys
     transport = store.info(tpp.key_uri).certificate
     assert transport is not None
@@ -121,7 +148,6 @@ def signing_identity(tpp: Tpp, bank: ModelBank) -> SigningIdentity:
     subject = directory_subject("Test TPP L.L.C.", "org-0001", client_id)
     pem = bank.ca.issue_from_csr(build_csr(store, str(signing.uri), subject).pem.encode())
     import_certificate(store, str(signing.uri), pem, "signing.pem")
-    bank.tokens.register_client(client_id, jose.jwks(store, tpp.config(bank), [str(signing.uri)]))
     return SigningIdentity(client_id, signing)
 
 

@@ -125,6 +125,8 @@ def test_authorization_url_keeps_the_endpoints_query() -> None:
     assert urllib.parse.parse_qs(parts.query) == {"tenant": ["retail"], "client_id": ["client 1"],
                                                   "request_uri": ["urn:x:1"], "response_type": ["code"],
                                                   "scope": ["openid"]}
+    plain = authorization_url("https://bank.example/auth", "c", "urn:x:1", openid=False)
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(plain).query) == {"client_id": ["c"], "request_uri": ["urn:x:1"]}
 
 
 GOOD = {"access_token": "a", "token_type": "Bearer", "expires_in": 600, "refresh_token": "r",
@@ -162,3 +164,13 @@ def test_id_token_claims() -> None:
         check_id_token_claims({**claims, "auth_time": now - 1000}, client_id="c", nonce="n", max_age=60)
     with pytest.raises(ClaimRejectedError, match="'sub'"):
         check_id_token_claims({k: v for k, v in claims.items() if k != "sub"}, client_id="c", nonce="n")
+
+
+def test_token_answer_without_details_when_none_were_asked() -> None:
+    bare = {k: v for k, v in GOOD.items() if k != "authorization_details"}
+    assert TokenAnswer.parse(bare, details_required=False).authorization_details == []
+    assert TokenAnswer.parse({**bare, "authorization_details": []}, details_required=False).authorization_details == []
+    with pytest.raises(TokenAnswerError):
+        TokenAnswer.parse(bare)
+    with pytest.raises(TokenAnswerError):  # present, they must still be objects
+        TokenAnswer.parse({**bare, "authorization_details": ["x"]}, details_required=False)
