@@ -50,20 +50,20 @@ def test_signing_comes_back_after_the_module_restarts(test_module: ModuleUnderTe
 
 
 def test_mtls_with_the_token_key_comes_back_after_the_module_restarts(
-        test_module: ModuleUnderTest, shared_runtime: Runtime, bank_ca: TestCa, pki_dir: Path,  # noqa: F811
+        test_module: ModuleUnderTest, runtime: Runtime, bank_ca: TestCa, pki_dir: Path,  # noqa: F811
         serve: Any) -> None:  # noqa: F811
     # The OpenSSL backend holds its own sessions (and, for a module with an instance per C_GetFunctionList such
     # as p11-kit's client, its own connection): the pool's recovery alone would leave TLS failing.
     if test_module.restart is None:
         pytest.skip(f"{test_module.name} runs in this process: it has no far end to restart")
-    key = client_identity(shared_runtime, bank_ca)
+    key = client_identity(runtime, bank_ca)
     server = serve(server_context(*bank_ca.server_identity(pki_dir), bank_ca.pem_path))
     settings = settings_for("bank1", bank_ca, key)
     url = f"https://localhost:{server.port}/hello"
-    with open_transport(shared_runtime, settings) as transport:
+    with open_transport(runtime, settings) as transport:
         assert transport.get(url).status == 200
     test_module.restart()
-    sign_until_it_works(shared_runtime, key)
-    with open_transport(shared_runtime, settings) as transport:
+    sign_until_it_works(runtime, key)
+    with open_transport(runtime, settings) as transport:
         response = transport.get(url)
     assert response.status == 200 and response.json()["client_cn"].startswith("tpp transport-")
