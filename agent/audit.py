@@ -47,6 +47,7 @@ import contextlib
 import contextvars
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -691,41 +692,32 @@ class AuditedKeyStore(KeyStore):
 
     def decrypt_oaep_sha256(self, name: str | Pkcs11Uri, ciphertext: bytes) -> bytes:
         """The plaintext of an RSA-OAEP-256 ciphertext, decrypted on the token with an encryption key."""
-        caller = current_caller("AuditedKeyStore.decrypt_oaep_sha256")
-        key = self.aliases.get(name, name) if isinstance(name, str) else str(name)
-        use = KeyUse(caller.uid, caller.pid, key, caller.operation, "RSA-OAEP-256", ciphertext, "ok",
-                     caller.interaction_id)
-        started = time.perf_counter()
-        try:
-            plaintext = self._decryptor.decrypt_oaep_sha256(name, ciphertext)
-        except Exception as exc:
-            if self._timed is not None:
-                self._timed("decrypt", time.perf_counter() - started, exc)
-            self.audit.record(use._replace(result=f"error: {type(exc).__name__}"))
-            raise
-        if self._timed is not None:
-            self._timed("decrypt", time.perf_counter() - started, None)
-        self.audit.record(use)
-        return plaintext
+        return self._audited("decrypt", "AuditedKeyStore.decrypt_oaep_sha256", name, mechanism="RSA-OAEP-256",
+                             data=ciphertext, call=lambda: self._decryptor.decrypt_oaep_sha256(name, ciphertext))
 
     def sign(self, name: str | Pkcs11Uri, data: bytes, scheme: SignatureScheme,
              timeout: float | None = None) -> bytes:
-        caller = current_caller("AuditedKeyStore.sign")
+        return self._audited("sign", "AuditedKeyStore.sign", name, mechanism=scheme.jose_name, data=data,
+                             call=functools.partial(super().sign, name, data, scheme, timeout))
+
+    def _audited(self, kind: str, where: str, name: str | Pkcs11Uri, *, mechanism: str, data: bytes,
+                 call: Callable[[], bytes]) -> bytes:
+        """One key use on the token: timed, and recorded for its caller whether it worked or not."""
+        caller = current_caller(where)
         key = self.aliases.get(name, name) if isinstance(name, str) else str(name)
-        use = KeyUse(caller.uid, caller.pid, key, caller.operation, scheme.jose_name, data, "ok",
-                     caller.interaction_id)
+        use = KeyUse(caller.uid, caller.pid, key, caller.operation, mechanism, data, "ok", caller.interaction_id)
         started = time.perf_counter()
         try:
-            signature = super().sign(name, data, scheme, timeout)
+            result = call()
         except Exception as exc:
             if self._timed is not None:
-                self._timed("sign", time.perf_counter() - started, exc)
+                self._timed(kind, time.perf_counter() - started, exc)
             self.audit.record(use._replace(result=f"error: {type(exc).__name__}"))
             raise
         if self._timed is not None:
-            self._timed("sign", time.perf_counter() - started, None)
+            self._timed(kind, time.perf_counter() - started, None)
         self.audit.record(use)
-        return signature
+        return result
 
 
 class AuditedBankCalls:
