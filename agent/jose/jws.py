@@ -36,8 +36,8 @@ def sign_jws(store: KeyStore, config: Config, key: str | JoseKey, payload: bytes
                         hint="drop them from the header; alg and kid come from the key's configuration")
     protected = {"alg": scheme.jose_name, "kid": jose_key.kid, **extra}
     signing_input = f"{b64url(compact_json(protected))}.{b64url(payload)}"
-    # By the name the caller used (an alias: the audit trail names it by its configured URI, as for /sign).
-    signature = store.sign(jose_key.name, signing_input.encode("ascii"), scheme)
+    # By the URI its kid was read under: a rotation's switch between the two would sign with the other key.
+    signature = store.sign(jose_key.signer, signing_input.encode("ascii"), scheme)
     return f"{signing_input}.{b64url(signature)}"
 
 

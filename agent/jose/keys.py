@@ -50,6 +50,9 @@ class JoseKey:
     certificate: StoredCertificate | None
     algorithms: tuple[str, ...]
     kid: str
+    # The key ``name`` named when this was read (a rotation may point the alias at its successor since): what
+    # signs under this ``kid``, so that a kid and a signature always belong to one key.
+    signer: str
 
     def scheme(self, alg: str | None) -> SignatureScheme:
         """The token signature scheme for ``alg`` (default: the key's first allowed algorithm), if allowed."""
@@ -66,12 +69,13 @@ class JoseKey:
 def resolve(store: KeyStore, config: Config, name: str, policy_of: str | None = None) -> JoseKey:
     """Read a key's public half and certificate from the token and apply its configured policy (that of the
     alias ``policy_of``, for a key that is not configured itself: a rotation's other key)."""
-    info = store.info(name)
+    signer = str(store.resolve(name))  # once: the alias may be switched to another key meanwhile
+    info = store.info(signer)
     settings = _key_config(config, policy_of or name)
-    jwk = public_jwk(store.public_key_info(name))
+    jwk = public_jwk(store.public_key_info(signer))
     algorithms = _algorithms(name, settings, info.spec)
     kid = _kid(name, settings, jwk, info.certificate)
-    return JoseKey(name, info.uri, info.spec, jwk, info.certificate, algorithms, kid)
+    return JoseKey(name, info.uri, info.spec, jwk, info.certificate, algorithms, kid, signer)
 
 
 def resolved(store: KeyStore, config: Config, name: str, policy_of: str | None = None) -> JoseKey | None:
