@@ -236,7 +236,9 @@ def test_a_full_rotation_under_load(fleet: Fleet, agent: Daemon, tmp_path: Path)
         assert sum(1 for at, _ in seen if at > switched[name]) > 0
     # The access tokens bound to the old certificate were dropped at the switch: a new one, bound to the new.
     after = client.token("mb", SCOPE)
-    assert after["access_token"] != token_before and fleet.banks["mb"].presented[after["interaction_id"]] == new_sha
+    # (the load's last token, maybe, issued in an earlier interaction: token_interaction_id names that one)
+    issued_in = after["token_interaction_id"]
+    assert after["access_token"] != token_before and fleet.banks["mb"].presented[issued_in] == new_sha
     accounts = client.forward("mb", "GET", "/accounts", headers={"Authorization": f"Bearer {after['access_token']}"})
     assert accounts[0] == 200
 
