@@ -60,6 +60,27 @@ def free_port() -> int:
         return port
 
 
+def free_port_pair(tries: int = 50) -> int:
+    """A loopback port free together with the next one (swtpm's server and control channels).
+
+    Both are held at once while probing: a free port alone often has its neighbour taken by a connection
+    (Linux hands bind and connect ephemeral ports of opposite parity), which is how swtpm failed in CI.
+    """
+    for _ in range(tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as first, \
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as second:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise ModuleUnavailable(f"no two adjacent free loopback ports after {tries} tries")
+
+
 def wait_until(ready: Callable[[], bool], what: str, service: Service | None = None, timeout: float = 20.0) -> None:
     """Poll ``ready`` until it holds; ModuleUnavailable (with the service's last words) if it exits or times out."""
     deadline = time.monotonic() + timeout

@@ -27,7 +27,7 @@ from tests.modules.common import (
     ModuleUnavailable,
     Service,
     first_existing,
-    free_port,
+    free_port_pair,
     need,
     port_open,
     serve_until_interrupted,
@@ -100,10 +100,10 @@ def _broker_answers(environment: dict[str, str]) -> bool:
     return result.returncode == 0
 
 
-def _start_swtpm(home: Path, tries: int = 5) -> tuple[Service, int]:
+def _start_swtpm(home: Path, tries: int = 10) -> tuple[Service, int]:
     """swtpm on a free loopback port and the next one (its control channel, where the swtpm TCTI expects it)."""
     for attempt in range(tries):
-        port = free_port()
+        port = free_port_pair()
         swtpm = Service(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={home / 'tpmstate'}",
                          "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
                          "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
