@@ -63,8 +63,8 @@ def free_port() -> int:
 def free_port_pair(tries: int = 50) -> int:
     """A loopback port free together with the next one (swtpm's server and control channels).
 
-    Both are held at once while probing: a free port alone often has its neighbour taken by a connection
-    (Linux hands bind and connect ephemeral ports of opposite parity), which is how swtpm failed in CI.
+    Both are held at once while probing: a free port alone may have its neighbour taken by a connection
+    (Linux tends to give bind and connect ephemeral ports of opposite parity); swtpm failed so in CI, we think.
     """
     for _ in range(tries):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as first, \
