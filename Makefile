@@ -40,8 +40,10 @@ fuzz: setup
 	$(PY) -m fuzz.http_target fuzz/corpus/http -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
 		-artifact_prefix=fuzz/findings-
 
+# The bench's own waits have deadlines; this one bounds the whole run (a full run takes ~11 minutes; SIGTERM
+# lets it stop the daemons it started).
 bench: setup
-	$(PY) -m bench
+	timeout --kill-after=90 3600 $(PY) -m bench
 
 # The Debian package (docs/packaging.md): dist/tpp-agent_VERSION_ARCH.deb for this machine's Debian release.
 # Installs debhelper, dh-python and the other build tools when missing (root); `make test` needs none of them.

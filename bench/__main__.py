@@ -17,11 +17,14 @@ import argparse
 import dataclasses
 import json
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import FrameType
 
 from bench import forward, handshakes, network_hsm, signing
 from bench.common import REPO, Check, Outcome, Table, machine
@@ -50,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=BENCHMARKS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # Stopped (`timeout`, Ctrl-C's SIGTERM cousin): unwind, so that every daemon, load generator and p11-kit
+    # server this run started is stopped by the code that started it.
+    signal.signal(signal.SIGTERM, _stopped)
     if args.figures_only:
         for drawn in update_figures():
             print(f"drew docs/figures/{drawn.file}: {drawn.caption}")
@@ -63,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     outcomes: dict[str, Outcome] = {}
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="tpp-bench-") as tmp:
-        for name in args.only or BENCHMARKS:
-            print(f"== {name}", file=sys.stderr, flush=True)
-            outcomes[name] = _in_child(name, args, Path(tmp))
+    tmp = Path(tempfile.mkdtemp(prefix="tpp-bench-"))
+    for name in args.only or BENCHMARKS:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        outcomes[name] = _in_child(name, args, tmp)
+    shutil.rmtree(tmp)  # kept when a benchmark failed: its daemons' logs are there
     info["load_after"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     info["duration"] = f"{time.monotonic() - started:.0f} s"
     markdown = render(info, command, outcomes)
@@ -104,9 +111,24 @@ def _in_child(name: str, args: argparse.Namespace, tmp: Path) -> Outcome:
                "--seconds", str(args.seconds), "--clients", args.clients, "--repeat", str(args.repeat),
                "--hsm-delay-us", str(args.hsm_delay_us), "--hsm-clients", args.hsm_clients]
     command += ["--profile"] if args.profile else []
-    subprocess.run(command, check=True, cwd=REPO)
+    child = subprocess.Popen(command, cwd=REPO)
+    try:
+        code = child.wait()
+    finally:
+        if child.poll() is None:  # this run was stopped: the child stops what it started, then ends
+            child.terminate()
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    if code:
+        raise SystemExit(f"benchmark {name} failed (exit {code}): its error is above, its daemons' logs in {work}")
     raw = json.loads(result.read_text())
     return Outcome([Table(**t) for t in raw["tables"]], [Check(**c) for c in raw["checks"]], raw["data"])
+
+
+def _stopped(signum: int, _: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _run(name: str, args: argparse.Namespace, work: Path) -> Outcome:

@@ -7,12 +7,14 @@ import dataclasses
 import json
 import os
 import platform
+import queue
 import re
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 # BENCH_AGENT: another build's ``tpp-agent`` to compare against (e.g. a wrapper setting PYTHONPATH to a checkout).
 TPP_AGENT = Path(os.environ.get("BENCH_AGENT") or Path(sys.executable).parent / "tpp-agent")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+# The longest a load generator may stay silent when it owes the bench a line (ready, go, end, a result). A window
+# is seconds long and a set-up a login; past this the agent (or the token behind p11-kit) has stopped answering,
+# and the benchmark fails with that instead of waiting for ever (a run once hung for two hours in `signing`).
+SILENCE_SECONDS = 120.0
 
 
 # -- results ---------------------------------------------------------------------
@@ -296,8 +302,12 @@ class LoadProcess:
 
     def __init__(self, spec: dict[str, Any], daemon: CpuSource | None = None) -> None:
         self._daemon = daemon
+        self._mode = spec["mode"]
         self._proc = subprocess.Popen([sys.executable, "-m", "bench.load"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, cwd=REPO, text=True)
+        # Its lines come through a thread so that each wait for one has a deadline (a read on the pipe has none).
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
         self._send(spec)
         self._expect("ready")
 
@@ -344,9 +354,20 @@ class LoadProcess:
         self._proc.stdin.write(json.dumps(message) + "\n")
         self._proc.stdin.flush()
 
-    def _line(self) -> str:
+    def _read(self) -> None:
         assert self._proc.stdout is not None
-        line = self._proc.stdout.readline()
+        with contextlib.suppress(ValueError, OSError):  # closed under it by close()
+            for line in self._proc.stdout:
+                self._lines.put(line)
+        self._lines.put("")  # end of output
+
+    def _line(self) -> str:
+        try:
+            line = self._lines.get(timeout=SILENCE_SECONDS)
+        except queue.Empty:
+            self.close()
+            raise RuntimeError(f"{self._mode} load generator silent for {SILENCE_SECONDS:g} s: its server stopped "
+                               "answering (the daemon's log is next to its config)") from None
         if not line:
             raise RuntimeError(f"load generator ended (exit {self._proc.wait(60)})")
         return line.strip()

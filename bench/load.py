@@ -33,6 +33,11 @@ from typing import Any, Protocol
 
 from bench.windows import ClosedLoopThreads, Window, Work, measure, p50_p99_ms
 
+# A request the agent has not answered in this long is lost, not slow: the window fails with that (inside the
+# bench's own deadline for a silent generator, so that this message is the one reported). ``answer_seconds`` in
+# the spec sets another.
+ANSWER_SECONDS = 60.0
+
 
 class Driver(Protocol):
     latencies: list[float]
@@ -50,6 +55,7 @@ class UnixDriver:
         self._request = base64.b64decode(spec["request_b64"])
         self._rate = float(spec.get("rate") or 0.0)
         self._path = spec["socket"]
+        self._answer_seconds = float(spec.get("answer_seconds", ANSWER_SECONDS))
         self._socks: dict[int, socket.socket] = {}
         for _ in range(int(spec["threads"])):
             self._connect()
@@ -94,7 +100,11 @@ class UnixDriver:
             for fd in self._socks:
                 poller.register(fd, select.EPOLLIN)
             while sent:
-                for fd, _ in poller.poll():
+                events = poller.poll(self._answer_seconds)
+                if not events:
+                    raise RuntimeError(f"no answer from the agent in {self._answer_seconds:g} s to {len(sent)} "
+                                       "request(s) under way")
+                for fd, _ in events:
                     if not self._answered(fd, buffers):
                         continue
                     done = time.monotonic()
@@ -128,6 +138,9 @@ class UnixDriver:
                 continue
             timeout = max(0.0, min((d for fd, d in due.items() if fd not in waiting), default=now + 0.1) - now)
             readable, _, _ = select.select(list(socks), [], [], timeout)
+            if not readable and now - min(due[fd] for fd in waiting) > self._answer_seconds:
+                raise RuntimeError(f"no answer from the agent in {self._answer_seconds:g} s to {len(waiting)} "
+                                   "request(s) under way")
             for fd in readable:
                 if not self._answered(fd, buffers):
                     continue

@@ -14,6 +14,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 Work = Callable[[], object]
+# The longest the driver waits for the threads beyond a window's end (or for their set-up): a thread stuck in a
+# call that never returns fails the benchmark with this instead of holding it for ever.
+STUCK_SECONDS = 120.0
 
 
 class Window(NamedTuple):
@@ -77,19 +80,33 @@ class ClosedLoopThreads:
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
         for thread in self._threads:
             thread.start()
-        self._set_up.wait()  # every thread has its work (a session, a pool) before the first window
+        # every thread has its work (a session, a pool) before the first window
+        self._wait(self._set_up, STUCK_SECONDS, "setting up")
 
     def run(self, window: Window) -> None:
         """Drive one window; return once every thread is idle again."""
         self._window = window
         self._go.wait()
-        self._done.wait()
+        try:
+            self._wait(self._done, window.end - time.monotonic() + STUCK_SECONDS, "in a call")
+        except RuntimeError as exc:  # on the driver's thread: reported through errors, as the threads' are
+            self.errors.append(str(exc))
 
     def close(self) -> None:
         self._window = None
+        if self._go.broken:  # a thread is stuck: it cannot be joined (the threads are daemons)
+            return
         self._go.wait()
         for thread in self._threads:
             thread.join()
+
+    def _wait(self, barrier: threading.Barrier, seconds: float, doing: str) -> None:
+        try:
+            barrier.wait(max(0.0, seconds))
+        except threading.BrokenBarrierError:
+            self._go.abort()
+            raise RuntimeError(f"a load thread is still {doing} after {seconds:.0f} s: the token stopped "
+                               "answering") from None
 
     def _loop(self) -> None:
         try:
@@ -97,6 +114,12 @@ class ClosedLoopThreads:
         except Exception as exc:  # reported by the caller, and the benchmark fails loudly
             self.errors.append(f"{type(exc).__name__}: {exc}")
             work = None
+        try:
+            self._loop_windows(work)
+        except threading.BrokenBarrierError:  # the driver gave up on a stuck thread (:meth:`_wait`)
+            return
+
+    def _loop_windows(self, work: Work | None) -> None:
         self._set_up.wait()
         while True:
             self._go.wait()

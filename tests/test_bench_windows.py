@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from agent.daemon.http import HttpError, Request, Response
 from agent.daemon.limits import Limits
+from bench import windows
 from bench.common import Contender, InProcess, Load, LoadProcess, compare_cells, http_request
 from tests.daemon.conftest import http_server
 
@@ -100,3 +103,34 @@ def test_connections_the_server_closed_between_windows_are_opened_again(impatien
                                               "slow": {"load": InProcess(1, lambda: lambda: time.sleep(0.3))}}
     measured = compare_cells(cells, 1.0, 2)
     assert all(run.count > 0 for run in measured["socket"]["load"].runs)
+
+
+@pytest.mark.parametrize("rate", [0, 50], ids=["closed-loop", "open-loop"])
+def test_a_request_the_agent_never_answers_fails_the_window_instead_of_hanging(tmp_path: Path, rate: int) -> None:
+    """A server that takes the connections and the requests and never answers (a lost request): the load
+    generator says so once its deadline passes, and the benchmark stops (a run once hung for two hours)."""
+    path = tmp_path / "mute.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+        mute.bind(str(path))
+        mute.listen(8)
+        load = LoadProcess({"mode": "unix", "socket": str(path), "threads": 2, "rate": rate, "answer_seconds": 1,
+                            "request_b64": base64.b64encode(http_request("GET", "/v1/ready")).decode()})
+        try:
+            with pytest.raises(RuntimeError, match=r"no answer from the agent in 1 s to \d request\(s\) under way"):
+                load.window(0.05, 0.2)
+        finally:
+            load.close()
+
+
+def test_an_in_process_load_stuck_in_a_call_fails_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token call that never returns (a hung module): the window fails past its deadline, and closing the
+    load does not wait for the stuck thread."""
+    monkeypatch.setattr(windows, "STUCK_SECONDS", 0.5)
+    hung = threading.Event()
+    load = InProcess(2, lambda: hung.wait)
+    try:
+        with pytest.raises(RuntimeError, match=r"a load thread is still in a call after \d+ s: the token stopped"):
+            load.window(0.05, 0.2)
+    finally:
+        load.close()
+        hung.set()
