@@ -317,6 +317,7 @@ class AuditTrail:
                 while not self._deferred and not self._stop.is_set():
                     self._durable.wait()
                 if not self._deferred:
+                    self._committer = None  # a later when_durable starts another: its answer is not lost
                     return
                 target = max(seq for seq, _ in self._deferred)
             error: AuditError | None = None
@@ -324,6 +325,10 @@ class AuditTrail:
                 self._sync(target)
             except AuditError as exc:
                 error = exc
+            except Exception as exc:  # a dead committer would leave every later answer waiting
+                log.exception("audit_commit_failed", file=str(self.path))
+                error = AuditError(f"cannot sync the audit trail {self.path}: {type(exc).__name__}: {exc}",
+                                   hint=_SYNC_HINT)
             with self._durable:
                 done = [(seq, then) for seq, then in self._deferred if seq <= target]
                 self._deferred = [(seq, then) for seq, then in self._deferred if seq > target]

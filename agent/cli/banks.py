@@ -60,8 +60,9 @@ def register_bank(args: argparse.Namespace, ctx: CliContext) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     elif result["already_registered"] is not None:
-        print(f"already registered with {args.bank} at {result['already_registered']['attempted_at']} "
-              f"(HTTP {result['status']}, x-fapi-interaction-id {result['interaction_id']}); nothing sent")
+        earlier = result["already_registered"]  # this request's interaction_id is not the registration's
+        print(f"already registered with {args.bank} at {earlier['attempted_at']} "
+              f"(HTTP {result['status']}, x-fapi-interaction-id {earlier['interaction_id']}); nothing sent")
         print("use --force to register again")
     else:
         print(f"registered with {args.bank}: HTTP {result['status']} in {result['duration_ms']:.0f} ms")
@@ -85,7 +86,7 @@ def _register_all(args: argparse.Namespace, ctx: CliContext) -> int:
                 print(f"{'':<{len(row['bank'])}}  hint: {row['hint']}")
         elif row["already_registered"] is not None:
             print(f"{row['bank']}: already registered at {row['endpoint']} "
-                  f"(x-fapi-interaction-id {row['interaction_id']}); nothing sent")
+                  f"(x-fapi-interaction-id {row['already_registered']['interaction_id']}); nothing sent")
         else:
             print(f"{row['bank']}: registered at {row['endpoint']}: HTTP {row['status']} "
                   f"(x-fapi-interaction-id {row['interaction_id']})")

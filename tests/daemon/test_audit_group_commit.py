@@ -128,3 +128,34 @@ def test_one_sync_covers_more_records_than_there_are_workers(tmp_path: Path, mon
     assert verify(path) == (clients * each, [])
     # One worker waiting out each sync alone would take 80 syncs; the eight clients' records share them.
     assert syncs[0] <= clients * each / 3, syncs[0]
+
+
+def test_a_sync_that_breaks_unexpectedly_fails_its_answers_and_the_next_ones_still_come(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not an OSError from the disk but anything else raised in the committer's sync: the answers it covered get
+    an error instead of waiting for ever on a committer thread that died, and the requests after it are served."""
+    trail = AuditTrail(tmp_path / "audit.jsonl")
+    real, broken = os.fdatasync, [True]
+
+    def breaks_once(fd: int) -> None:
+        if broken[0]:
+            broken[0] = False
+            raise RuntimeError("a bug in the sync path")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", breaks_once)
+
+    def sign(request: Request) -> Response:
+        trail.record(_use(int(request.body)))
+        return Response.json(200, {"recorded": True})
+
+    statuses = []
+    with http_server(tmp_path / "s.sock", sign, Limits(workers=1, drain_timeout=1.0)) as socket_path, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)  # without an answer, read_response times out and the test fails
+        sock.connect(str(socket_path))
+        for n in range(3):
+            sock.sendall(b"POST /sign HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n%d" % n)
+            statuses.append(read_response(sock)[0])
+    trail.close()
+    assert statuses[0] >= 500 and statuses[1:] == [200, 200], statuses

@@ -90,8 +90,8 @@ def test_two_hosts_racing_send_one_registration(tpp: Tpp, bank: ModelBank, tmp_p
     [sent] = [json.loads(out) for code, out, _ in results if code == 0 and not json.loads(out)["already_registered"]]
     assert sent["interaction_id"] == bank.registrations[0].interaction_id
     for code, out, err in results:
-        if code == 0 and json.loads(out)["already_registered"]:
-            assert json.loads(out)["interaction_id"] == sent["interaction_id"]
+        if code == 0 and json.loads(out)["already_registered"]:  # the answer's own id is this request's
+            assert json.loads(out)["already_registered"]["interaction_id"] == sent["interaction_id"]
         elif code != 0:  # it came while the winner's POST was on its way: it sent nothing and says so
             assert sent["interaction_id"] in err and "may have reached the bank" in err, err
     # Each host kept its own trail and cache; neither has a registrations file of its own.
@@ -126,6 +126,7 @@ def test_the_second_host_waits_on_the_first_hosts_pending_post(tpp: Tpp, bank: M
     again = _start(config_b, "register", BANK)
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0 and "already registered" in out, err
+    assert f"x-fapi-interaction-id {bank.registrations[0].interaction_id}" in out  # the registration's, not ours
     view = _start(config_b, "registrations", "--json")
     [status] = json.loads(view.communicate(timeout=120)[0])
     assert status["state"] == "registered" and status["attempt"]["interaction_id"] == \
