@@ -43,9 +43,11 @@ class Notifier:
             if self._address is None:
                 self._socket.send(message)
             else:
-                self._socket.sendto(message, self._address)
+                # Never wait for the manager: a supervisor blocked here (its queue full, nobody reading) would
+                # stop handing connections to its serving processes. A message it has no room for is dropped.
+                self._socket.sendto(message, socket.MSG_DONTWAIT, self._address)
         except OSError:
-            # The manager went away (or the socket is not ours to use): keep serving.
+            # The manager went away, is not reading (EAGAIN), or the socket is not ours to use: keep serving.
             return False
         return True
 
