@@ -184,6 +184,7 @@ def execute(core: Core, spec: Spec[In], caller: Caller, grants: Grants, body: Ma
             from_query: bool = False) -> Any:
     """Parse ``body`` as the operation's input, check its key or bank, and run it with its key uses audited."""
     parsed = inputs.parse(spec.input, body, from_query=from_query)
+    core.rotation.follow()  # a step another serving process of this host ran is in force here too
     context = Context(core, spec, caller, grants, key, bank, log=log if log is not None else {})
     if spec.resource is Resource.KEY:
         assert key is not None, f"{spec.name} acts on a key"

@@ -28,7 +28,14 @@ from agent.jose.keys import KID_CERT_THUMBPRINT, KID_JWK_THUMBPRINT, resolve, re
 from agent.openfinance.banks import BankConfig
 from agent.operations.core import Core
 from agent.rotation.errors import RotationStepError, RotationWindowError
-from agent.rotation.view import bank_label, current_label, label_uri, signing_label, successor_label
+from agent.rotation.view import (
+    bank_label,
+    changed_marker,
+    current_label,
+    label_uri,
+    signing_label,
+    successor_label,
+)
 from agent.state import open_state
 from agent.state.rotation import (
     CURRENT,
@@ -53,7 +60,7 @@ _MERGE_ATTEMPTS = 5  # a bank's switch re-read and saved again when another host
 
 
 def _log(core: Core) -> RotationLog:
-    return RotationLog(open_state(core.config))
+    return RotationLog(open_state(core.config), changed=changed_marker(core.config))
 
 
 def _when(stamp: str) -> datetime.datetime:

@@ -10,8 +10,10 @@ transport is built with the key that bank was switched to (``transport_key``), s
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
 from agent import log
 from agent.config import Config, KeyPurpose
@@ -56,6 +58,13 @@ def bank_label(state: RotationState, bank: str) -> str | None:
     return switch.key_label if switch is not None else current_label(state)
 
 
+CHANGED_NAME = "rotation.changed"  # in STATE_DIR: replaced by every rotation step (agent.state.rotation.announce)
+
+
+def changed_marker(config: Config) -> Path:
+    return config.state_dir / CHANGED_NAME
+
+
 class RotationView:
     """The rotation states of the configured keys as this process last read them; applied to ``keys``."""
 
@@ -65,6 +74,23 @@ class RotationView:
         self._states: Mapping[str, RotationState] = {}  # replaced whole: readers on other threads see one
         self._lock = threading.Lock()
         self._uris: dict[tuple[str, str], str] = {}
+        self._marker = changed_marker(config)
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self._marker)
+        except OSError:
+            return None
+        return found.st_ino, found.st_mtime_ns
+
+    def follow(self) -> None:
+        """Read the shared state again if a rotation step ran on this host since the last read (one ``stat``):
+        each operation of each serving process sees a step another process ran as soon as its answer is out."""
+        stamp = self._stamp()
+        if stamp != self._seen:
+            self._seen = stamp
+            self.refresh()
 
     @property
     def states(self) -> Mapping[str, RotationState]:

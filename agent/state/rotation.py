@@ -9,10 +9,13 @@ The rotation commands themselves (``tpp-agent rotate``) build on this; this modu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 
 from agent.state.store import StateError, StateStore, Transaction
 
@@ -56,8 +59,9 @@ def now() -> str:
 
 
 class RotationLog:
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, changed: Path | None = None) -> None:
         self.store = store
+        self.changed = changed  # replaced after each save: this host's other processes then read the state again
 
     def get(self, key_alias: str) -> RotationState | None:
         with self.store.transaction(write=False) as tx:
@@ -96,7 +100,21 @@ class RotationLog:
             for bank, switch in saved.banks.items():
                 tx.execute("INSERT INTO rotation_banks (key_alias, bank, key_label, switched_at) VALUES (?, ?, ?, ?)",
                            (saved.key_alias, bank, switch.key_label, switch.switched_at))
+        if self.changed is not None:
+            announce(self.changed)
         return saved
+
+
+def announce(marker: Path) -> None:
+    """Replace ``marker`` (a new inode each time: two saves within one clock tick still differ); a host whose
+    state directory is not writable just goes on (the others read the state at their next health check)."""
+    partial = marker.with_name(f".{marker.name}.{os.getpid()}")
+    try:
+        partial.write_bytes(b"")
+        os.replace(partial, marker)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink()
 
 
 def _read(tx: Transaction, key_alias: str, *, lock: bool) -> RotationState | None:
