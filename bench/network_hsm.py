@@ -57,9 +57,9 @@ def run(work: Path, seconds: float, repeat: int, delay_us: int, clients: tuple[i
     # The shim reads these when it is loaded: in this process (the raw baseline) and in the daemons.
     shim_env = {"TPP_SHIM_TARGET": config_module.default_module(), "TPP_SHIM_DELAY_US": str(delay_us)}
     os.environ.update(shim_env)
-    processes = len(os.sched_getaffinity(0))  # what the throughput profile's processes = "auto" starts
-    per_process = {"default": HSM_SESSIONS, "throughput": max(1, HSM_SESSIONS // processes)}
-    in_all = {"default": HSM_SESSIONS, "throughput": per_process["throughput"] * processes}
+    processes = len(os.sched_getaffinity(0))  # what processes = "auto" (both profiles) starts
+    per_process = {name: max(1, HSM_SESSIONS // processes) for name, _ in PROFILES}
+    in_all = {name: sessions * processes for name, sessions in per_process.items()}
     body = "".join(f'[keys.{alias}]\nuri = "pkcs11:token=nethsm;object={alias};type=private"\n'
                    f'algorithms = ["{alg}"]\nraw_sign = true\n' for alias, _, alg, _ in CASES)
     configs = {name: state.write_config(f"config-{name}.toml", body + daemon_table(
@@ -97,10 +97,10 @@ def _measure(runtime: Runtime, sessions: list[pkcs11.Session], daemons: dict[str
                        "each C_Sign that makes a signature sleeps that long first, holding no lock. Latency: one "
                        "signature through it, one thread alone (median of 50). Sessions: signatures under way at "
                        "most, min(clients, the HSM's sessions for this host); ideal = sessions / latency.")
-    table.notes.append(f"The HSM's {HSM_SESSIONS} sessions: default profile `max_sessions` = {HSM_SESSIONS} (its "
-                       "default) in one process; throughput profile `max_sessions` = "
-                       f"{in_all['throughput'] // max(1, len(os.sched_getaffinity(0)))} in each of its serving "
-                       "processes. Nothing else is set for the latency: the workers follow how long requests "
+    processes = len(os.sched_getaffinity(0))
+    table.notes.append(f"The HSM's {HSM_SESSIONS} sessions: both profiles run {processes} serving process(es) "
+                       f"(`processes` = \"auto\"), each with `max_sessions` = {in_all['default'] // processes}. "
+                       "Nothing else is set for the latency: the workers follow how long requests "
                        "block (`[daemon] workers` = \"auto\"). Raw: python-pkcs11 in the bench process through the "
                        "same module on `sessions` threads, nothing audited.")
     table.notes.append(f"Each cell: {repeat} runs of {seconds:g} s per load, raw and both agents taking turns in "

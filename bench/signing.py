@@ -166,9 +166,10 @@ def _measure(outcome: Outcome, daemons: dict[str, Daemon], runtime: Runtime, sec
     table.notes.append(f"Each cell: {repeat} runs of {seconds:g} s per load, raw and both agents taking turns "
                        f"in windows of {TURN_SECONDS:g} s (so that all meet the same drift of the machine's speed), "
                        f"added up; {RATIO_NOTE}. Every run is in results.json.")
-    table.notes.append("default: `tpp-agent serve` with every [daemon] setting at its default (one process, "
-                       "workers = CPUs, each audit record fdatasync'ed on ext4 before the answer). throughput: "
-                       "`processes = \"auto\"` (one serving process per CPU, workers = 1 each) and "
+    table.notes.append("default: `tpp-agent serve` with every [daemon] setting at its default (`processes` = "
+                       "\"auto\": one serving process per CPU, workers = 1 each while requests compute; each audit "
+                       "record fdatasync'ed on ext4 before the answer, one sync shared by what is in flight; a log "
+                       "line per request). throughput: the same processes (set explicitly) and "
                        "`audit_sync = \"interval\"` (each record written before the answer, fdatasync'ed every "
                        "20 ms) and `request_log = \"failures\"` (a log line only for 4xx/5xx answers). The targets "
                        "are checked on the throughput profile; both are reported.")

@@ -94,7 +94,7 @@ def _cpus() -> int:
 
 
 def _processes(section: Mapping[str, Any]) -> int:
-    value = section.get("processes", 1)
+    value = section.get("processes", "auto")
     if value == "auto":
         return _cpus()
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:

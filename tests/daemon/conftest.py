@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -159,7 +160,20 @@ def keyed_token(token: Token, runtime: Runtime) -> Token:
     return token
 
 
+ONE_PROCESS = "processes = 1\n"  # the tests' default: see daemon_config
+
+
+def with_daemon_lines(config: str, lines: str) -> str:
+    """``config`` with ``lines`` at the top of its [daemon] table; a ``processes`` line among them replaces the
+    tests' default one."""
+    if re.search(r"^processes\s*=", lines, re.MULTILINE):
+        config = config.replace(ONE_PROCESS, "", 1)
+    return config.replace("[daemon]\n", f"[daemon]\n{lines}", 1)
+
+
 def daemon_config(token: Token, public_dir: Path, extra: str = "") -> str:
+    """One serving process (the default is one per CPU): these tests read the one audit trail, audit_file itself;
+    tests/daemon/test_processes.py and the demo run the default."""
     return textwrap.dedent(f"""\
         [keys.signing]
         uri = "pkcs11:token={token.label};object=signing;type=private"
@@ -175,6 +189,7 @@ def daemon_config(token: Token, public_dir: Path, extra: str = "") -> str:
         [daemon]
         socket = "{public_dir}/run/agent.sock"
         socket_group = "nogroup"
+        processes = 1
         max_connections = 64
         workers = 4
         max_request_bytes = 65536
@@ -197,7 +212,7 @@ def nobody_rule(public_dir: Path, audit_file: Path, rule: str, operations: list[
     """[daemon] on a socket other users can reach, root as admin, and one rule for ``nobody``."""
     scope = "".join(f"{name} = {json.dumps(values)}\n" for name, values in (("keys", keys), ("banks", banks))
                     if values is not None)
-    return (f'[daemon]\nsocket = "{public_dir}/run/agent.sock"\nsocket_group = "nogroup"\n'
+    return (f'[daemon]\nsocket = "{public_dir}/run/agent.sock"\nsocket_group = "nogroup"\n{ONE_PROCESS}'
             f'audit_file = "{audit_file}"\n\n[policy]\nadmin_users = ["root"]\n\n'
             f'[policy.rules.{rule}]\nusers = ["nobody"]\noperations = {json.dumps(operations)}\n{scope}')
 

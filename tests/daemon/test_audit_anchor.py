@@ -20,7 +20,7 @@ from agent.audit import record_hash
 from agent.client import AgentRequestError as ClientError
 from agent.errors import ExitStatus
 from tests.conftest import Token
-from tests.daemon.conftest import TPP_AGENT, Daemon, daemon_config, launch, start_daemon
+from tests.daemon.conftest import TPP_AGENT, Daemon, daemon_config, launch, start_daemon, with_daemon_lines
 
 
 def _verify(token: Token, *args: str) -> subprocess.CompletedProcess[str]:
@@ -30,7 +30,7 @@ def _verify(token: Token, *args: str) -> subprocess.CompletedProcess[str]:
 
 def _start(token: Token, public_dir: Path, daemon_lines: str = "", wait_ready: bool = True) -> Daemon:
     """The test daemon, with ``daemon_lines`` added to its [daemon] section."""
-    config = daemon_config(token, public_dir).replace("[daemon]\n", f"[daemon]\n{daemon_lines}", 1)
+    config = with_daemon_lines(daemon_config(token, public_dir), daemon_lines)
     return launch(token.write_config(config), public_dir, wait_ready=wait_ready)
 
 

@@ -21,7 +21,7 @@ import pytest
 from agent.audit import trail_files
 from agent.client import AgentRequestError
 from modelbank import ModelBank
-from tests.daemon.conftest import Daemon, launch, nobody_rule, read_response
+from tests.daemon.conftest import Daemon, launch, nobody_rule, read_response, with_daemon_lines
 from tests.openfinance.conftest import Tpp, bank, issue_identity, tpp  # noqa: F401 -- fixtures
 from tests.transport.hostile import HostileBank, Peer, Seen, by_path, drip, echo, held, huge, rss_kb
 
@@ -58,7 +58,7 @@ def start(tpp: Tpp, bank: ModelBank, public_dir: Path, tmp_path: Path, daemon: s
         issuer = "https://localhost:{hostile.port}"
         ca_bundle = "{bank.ca_bundle}"
         client_key = "{tpp.key_uri}"
-        """) + evil + "\n" + rules.replace("[daemon]\n", f"[daemon]\n{daemon}"))
+        """) + evil + "\n" + with_daemon_lines(rules, daemon))
     running = launch(config, public_dir)
     try:
         yield Banks(running, bank, hostile, tpp.key_uri, tpp.state_dir / "audit.jsonl")

@@ -20,7 +20,7 @@ from agent.client import AgentRequestError
 from agent.errors import ConfigError
 from agent.metrics.settings import MetricsSettings
 from modelbank import ModelBank
-from tests.daemon.conftest import NOBODY, TPP_AGENT, Daemon, launch
+from tests.daemon.conftest import NOBODY, TPP_AGENT, Daemon, launch, with_daemon_lines
 from tests.daemon.test_policy import as_user
 from tests.daemon.test_tokens import MB, Setup, configure_tpp
 from tests.openfinance.conftest import Tpp, bank, tpp  # noqa: F401 -- fixtures
@@ -43,7 +43,7 @@ def metered(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[tuple[Setup
     port, nothing_there = free_port(), f"https://127.0.0.1:{free_port()}"
     config, client_id, transport = configure_tpp(tpp, bank, public_dir, "nobody-signs", ["jws", "public", "forward"],
                                                  keys=["signing"])
-    config.write_text(config.read_text().replace("[daemon]\n", "[daemon]\nprocesses = 2\n") + (
+    config.write_text(with_daemon_lines(config.read_text(), "processes = 2\n") + (
         f'\n[policy.rules.scraper]\nusers = [{SCRAPER}]\noperations = ["metrics"]\n\n'
         f'[policy.rules.other]\nusers = [{OTHER}]\noperations = ["jws"]\nkeys = ["signing"]\n\n'
         f'[metrics]\nlisten = "127.0.0.1:{port}"\n\n'

@@ -27,14 +27,23 @@ from agent.audit import trail_files
 from agent.daemon.app import verify_in_software
 from pkcs11_backends.keys import SignatureScheme
 from tests.conftest import Token
-from tests.daemon.conftest import TPP_AGENT, Daemon, daemon_config, keyed_token, launch, public_dir  # noqa: F401
+from tests.daemon.conftest import (  # noqa: F401
+    ONE_PROCESS,
+    TPP_AGENT,
+    Daemon,
+    daemon_config,
+    keyed_token,
+    launch,
+    public_dir,
+    with_daemon_lines,
+)
 from tests.faults.conftest import Shim, shim, shim_library  # noqa: F401 -- fixtures
 from tests.faults.test_daemon_faults import shim_daemon_config
 
 
 def with_processes(config: str, processes: object) -> str:
     """The test config with ``processes`` in its [daemon] table."""
-    return config.replace("[daemon]\n", f"[daemon]\nprocesses = {json.dumps(processes)}\n", 1)
+    return with_daemon_lines(config, f"processes = {json.dumps(processes)}\n")
 
 
 def children(pid: int) -> list[int]:
@@ -70,10 +79,13 @@ def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
-def start(token: Token, public_dir: Path, processes: int | str = 2,  # noqa: F811
+def start(token: Token, public_dir: Path, processes: int | str | None = 2,  # noqa: F811
           env: dict[str, str] | None = None) -> Daemon:
-    """A daemon with ``processes`` serving processes; its notify socket reports each sender's pid."""
-    config = token.write_config(with_processes(daemon_config(token, public_dir), processes))
+    """A daemon with ``processes`` serving processes (None: the default); its notify socket reports each sender's
+    pid."""
+    config = daemon_config(token, public_dir)
+    config = config.replace(ONE_PROCESS, "", 1) if processes is None else with_processes(config, processes)
+    config = token.write_config(config)
     daemon = launch(config, public_dir, env, wait_ready=False)
     # Set before the daemon's interpreter has even started: every datagram carries its sender.
     daemon.notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -309,10 +321,29 @@ def test_processes_setting_must_be_auto_or_a_count(keyed_token: Token, public_di
     assert "hint:" in result.stderr
 
 
-def test_processes_auto_is_one_serving_process_per_cpu(keyed_token: Token, public_dir: Path) -> None:  # noqa: F811
-    daemon = start(keyed_token, public_dir, processes="auto")
+@pytest.mark.parametrize("processes", ["auto", None], ids=["auto", "default"])
+def test_processes_auto_is_one_serving_process_per_cpu_and_the_default(keyed_token: Token, public_dir: Path,  # noqa: F811
+                                                                        processes: str | None) -> None:
+    daemon = start(keyed_token, public_dir, processes=processes)
     try:
         assert len(children(daemon.proc.pid)) == len(os.sched_getaffinity(0))
         assert len(daemon.client().sign("ecsign", b"auto", "ES256")) == 64
+    finally:
+        finish(daemon)
+
+
+def test_a_manager_that_stops_reading_its_notify_socket_does_not_stop_the_service(
+        keyed_token: Token, public_dir: Path) -> None:  # noqa: F811
+    """Watchdog pings every 0.1 s into a notify socket nobody reads after READY=1: its queue fills within a
+    second or two, and the supervisor must not wait on it (it did, and then handed no connection to its serving
+    processes: requests went unanswered)."""
+    daemon = start(keyed_token, public_dir, env={"WATCHDOG_USEC": "200000"})
+    try:
+        time.sleep(3)  # far more pings than the socket queues
+        client = daemon.client()
+        for n in range(6):  # new connections, handed to both serving processes in turn
+            assert len(client.sign("ecsign", f"still served {n}".encode(), "ES256")) == 64
+            client.close()
+        assert daemon.proc.poll() is None
     finally:
         finish(daemon)

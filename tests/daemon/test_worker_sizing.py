@@ -127,9 +127,11 @@ def test_workers_default_to_the_cpus_growing_past_the_sessions(tmp_path: Path) -
     # A worker holds a session only inside its token call: the lane grows to the sessions plus the CPUs' share,
     # so that workers parse, audit and answer while every session is busy on the token.
     cpus = len(os.sched_getaffinity(0))
-    limits = _limits(tmp_path, {})
+    limits = _limits(tmp_path, {})  # processes = "auto": one per CPU, so one worker each to start with
+    assert (limits.workers, limits.max_workers) == (1, 8 + 1)
+    limits = _limits(tmp_path, {"processes": 1})
     assert (limits.workers, limits.max_workers) == (cpus, 8 + cpus)
-    limits = _limits(tmp_path, {"workers": "auto"}, {"max_sessions": 32})
+    limits = _limits(tmp_path, {"workers": "auto", "processes": 1}, {"max_sessions": 32})
     assert (limits.workers, limits.max_workers) == (cpus, 32 + cpus)
     limits = _limits(tmp_path, {"processes": 2}, {"max_sessions": 4})
     base = max(1, cpus // 2)
