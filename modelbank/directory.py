@@ -95,6 +95,7 @@ class ModelDirectory:
         self.participants: list[Any] = []
         self.certificates: dict[str, IssuedCertificate] = {}
         self.requests: list[tuple[str, str]] = []
+        self.presented: list[str | None] = []  # per request: the SHA-256 (hex) of the client certificate, if any
         self.issue_for_other_key = False
         self._failures: list[tuple[int, str]] = []  # (status, where): in the order given
         self._stalls: list[tuple[float, str]] = []  # (seconds, where)
@@ -297,15 +298,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self) -> Answer:
         directory = self.server.directory
         body = self._body()
+        cert = self.connection.getpeercert(binary_form=True)
         with directory._lock:
             directory.requests.append((self.command, self.path))
+            directory.presented.append(hashlib.sha256(cert).hexdigest() if cert else None)
         path = urllib.parse.urlsplit(self.path).path
         if self.command == "GET" and path == "/participants":
             return 200, directory.participants
         failure = directory._injected_failure(path)
         if failure is not None:
             return _error(failure, "Injected", f"model directory told to answer {failure}")
-        cert = self.connection.getpeercert(binary_form=True)
         if self.command == "POST" and path == "/token":
             form = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace")))
             return directory.issue_token(form, cert)
