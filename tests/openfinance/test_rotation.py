@@ -285,6 +285,10 @@ def test_a_full_rotation_under_load(fleet: Fleet, agent: Daemon) -> None:
     removed = _ok(fleet.cli("rotate", "remove-retired", "transport", "--json"))
     assert json.loads(removed.stdout)["removed"][0]["objects"] >= 3  # private, public, certificate
     assert fleet.transport_label not in {k.label for k in fleet.runtime.keys.list()}
+    # The directory gets the new certificate from the retire on, in the agent that has run all along.
+    listed = _ok(fleet.cli("directory", "certs", "list", "--json"))
+    assert {c["type"] for c in json.loads(listed.stdout)["certificates"]} == {"rtssigning", "rtstransport"}
+    assert fleet.directory.presented[-1] == new_sha and old_transport.isdisjoint(fleet.directory.presented[-2:])
     # The agent still serves with the new keys, and a restart reads the same from the shared state.
     agent.stop()
     again = launch(fleet.config, agent.socket_path.parent.parent)
