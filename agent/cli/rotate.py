@@ -58,20 +58,21 @@ def register(sub: Any) -> None:
         parser.set_defaults(handler=handler)
         return parser
 
-    start = action("start", "generate the successor key next to KEY's current one, and its CSR", start_rotation)
-    start.add_argument("--subject", help="RFC 4514 subject of the CSR (jws keys only; default: the current "
-                                         "certificate's)")
-    start.add_argument("--alg", help="CSR signature algorithm (rsa-pkcs1, rsa-pss, ecdsa)")
+    def csr_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--subject", help="RFC 4514 subject of the CSR (jws keys only; default: the current "
+                                              "certificate's)")
+        parser.add_argument("--alg", help="CSR signature algorithm (rsa-pkcs1, rsa-pss, ecdsa)")
+        return parser
+
+    start = csr_options(action("start", "generate the successor key next to KEY's current one, and its CSR",
+                               start_rotation))
     start.add_argument("--out", type=Path, help="write the CSR here instead of stdout")
     start.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     start.add_argument("--directory", action="store_true",
                        help="then `request`: the CSR to the directory ([directory]), its certificate imported")
 
-    request = action("request", "send the successor's CSR to the directory and import the certificate it issues: "
-                                "the overlap starts", request_certificate)
-    request.add_argument("--subject", help="RFC 4514 subject of the CSR (jws keys only; default: the current "
-                                           "certificate's)")
-    request.add_argument("--alg", help="CSR signature algorithm (rsa-pkcs1, rsa-pss, ecdsa)")
+    csr_options(action("request", "send the successor's CSR to the directory and import the certificate it "
+                                  "issues: the overlap starts", request_certificate))
 
     imp = action("import", "import the successor's certificate: the overlap starts", import_successor)
     imp.add_argument("file", metavar="CERT", help="PEM (leaf first, then its chain) or DER; '-' for stdin")
@@ -99,10 +100,14 @@ def _print(args: argparse.Namespace, result: Any, *lines: str) -> int:
     return 0
 
 
+def _csr_body(args: argparse.Namespace) -> dict[str, str]:
+    return {name: value for name, value in (("subject", args.subject), ("alg", args.alg)) if value is not None}
+
+
 def start_rotation(args: argparse.Namespace, ctx: CliContext) -> int:
     if args.out is not None:
         check_writable(args.out, args.force)
-    body = {name: value for name, value in (("subject", args.subject), ("alg", args.alg)) if value is not None}
+    body = _csr_body(args)
     made = ctx.backend.run("rotate_start", body, key=args.key)
     if args.out is not None:
         write_new(args.out, made["csr"], args.force)
@@ -124,8 +129,7 @@ def start_rotation(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def request_certificate(args: argparse.Namespace, ctx: CliContext) -> int:
-    body = {name: value for name, value in (("subject", args.subject), ("alg", args.alg)) if value is not None}
-    done = ctx.backend.run("rotate_request", body, key=args.key)
+    done = ctx.backend.run("rotate_request", _csr_body(args), key=args.key)
     if args.json:
         return _print(args, done)
     _print_imported(args.key, done)
