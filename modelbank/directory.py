@@ -24,13 +24,16 @@ The modelled field names follow the directory's ``CertificateOrKey`` schema (``C
 ``CertificateOrKeyType``, ``Status``, ``ValidFromDateTime``, ``ExpiryDateTime``, ``SignedCertPath``,
 ``x5t#S256``, ``SerialNumber``, ``RevokeReason``); a real directory returns more, which a client ignores.
 
-Faults for the tests: ``fail_next(status)`` answers the next API call (token included) with that status;
-``issue_for_other_key = True`` makes the next certificate for a key that is not the CSR's.
+Faults for the tests: ``fail_next(status)`` answers the next API call (token included) with that status, or
+the next whose path contains ``where``; ``stall_next(seconds, where)`` answers the next such call that much later,
+its work done first (a client that times out does not know the outcome); ``issue_for_other_key = True`` makes the
+next certificate for a key that is not the CSR's.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -45,7 +48,7 @@ import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -61,6 +64,7 @@ TOKEN_LIFETIME = 300
 _CERTS = re.compile(r"^/organisations/([^/]+)/softwarestatements/([^/]+)/certificates(?:/([^/]+)(?:/([^/]+))?)?$")
 _KEYSTORE = re.compile(r"^/keystore/([^/]+)/([^/]+)/([^/]+)\.pem$")
 Answer = tuple[int, dict[str, Any] | list[Any] | bytes | None]
+_Fault = TypeVar("_Fault", int, float)
 
 
 @dataclasses.dataclass
@@ -91,8 +95,10 @@ class ModelDirectory:
         self.participants: list[Any] = []
         self.certificates: dict[str, IssuedCertificate] = {}
         self.requests: list[tuple[str, str]] = []
+        self.presented: list[str | None] = []  # per request: the SHA-256 (hex) of the client certificate, if any
         self.issue_for_other_key = False
-        self._failures: list[int] = []
+        self._failures: list[tuple[int, str]] = []  # (status, where): in the order given
+        self._stalls: list[tuple[float, str]] = []  # (seconds, where)
         self._tokens: dict[str, tuple[str, float]] = {}  # access token -> (x5t#S256, expiry)
         self._lock = threading.Lock()
         credentials = ca.server_credentials(state_dir / "directory-server")
@@ -116,9 +122,13 @@ class ModelDirectory:
     def participants_url(self) -> str:
         return self.url + "/participants"
 
-    def fail_next(self, status: int, times: int = 1) -> None:
+    def fail_next(self, status: int, times: int = 1, where: str = "") -> None:
         with self._lock:
-            self._failures.extend([status] * times)
+            self._failures.extend([(status, where)] * times)
+
+    def stall_next(self, seconds: float, where: str = "") -> None:
+        with self._lock:
+            self._stalls.append((seconds, where))
 
     def start(self) -> ModelDirectory:
         self._thread = threading.Thread(target=self._server.serve_forever, name="modeldirectory", daemon=True)
@@ -138,9 +148,13 @@ class ModelDirectory:
         self.stop()
 
     # -- what the handler asks -------------------------------------------------------------------------
-    def _injected_failure(self) -> int | None:
+    def _injected_failure(self, path: str) -> int | None:
         with self._lock:
-            return self._failures.pop(0) if self._failures else None
+            return _pop_first(self._failures, path)
+
+    def _injected_stall(self, path: str) -> float:
+        with self._lock:
+            return _pop_first(self._stalls, path) or 0.0
 
     def issue_token(self, form: dict[str, str], cert_der: bytes | None) -> Answer:
         if form.get("grant_type") != "client_credentials":
@@ -209,6 +223,15 @@ class ModelDirectory:
                                   f"{issued.id}.pem"}
 
 
+def _pop_first(faults: list[tuple[_Fault, str]], path: str) -> _Fault | None:
+    """The first fault whose ``where`` is in ``path``, taken off the list."""
+    for index, (fault, where) in enumerate(faults):
+        if where in path:
+            del faults[index]
+            return fault
+    return None
+
+
 def _iso(cert: x509.Certificate, field: str) -> str:
     # cryptography 42 deprecates the naive not_valid_*; Debian 12's 38 has only those.
     when = getattr(cert, f"{field}_utc", None) or getattr(cert, field).replace(tzinfo=datetime.UTC)
@@ -275,15 +298,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self) -> Answer:
         directory = self.server.directory
         body = self._body()
+        cert = self.connection.getpeercert(binary_form=True)
         with directory._lock:
             directory.requests.append((self.command, self.path))
+            directory.presented.append(hashlib.sha256(cert).hexdigest() if cert else None)
         path = urllib.parse.urlsplit(self.path).path
         if self.command == "GET" and path == "/participants":
             return 200, directory.participants
-        failure = directory._injected_failure()
+        failure = directory._injected_failure(path)
         if failure is not None:
             return _error(failure, "Injected", f"model directory told to answer {failure}")
-        cert = self.connection.getpeercert(binary_form=True)
         if self.command == "POST" and path == "/token":
             form = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace")))
             return directory.issue_token(form, cert)
@@ -315,11 +339,19 @@ class _Handler(BaseHTTPRequestHandler):
             return directory.revoke(issued, body)
         return _error(405, "MethodNotAllowed", f"{self.command} is not served here")
 
+    def _serve(self) -> None:
+        answer = self._answer()
+        stall = self.server.directory._injected_stall(urllib.parse.urlsplit(self.path).path)
+        if stall:
+            time.sleep(stall)
+        with contextlib.suppress(OSError):  # a stalled answer's client may have gone: that was the point
+            self._send(answer)
+
     def do_GET(self) -> None:
-        self._send(self._answer())
+        self._serve()
 
     def do_POST(self) -> None:
-        self._send(self._answer())
+        self._serve()
 
     def do_PUT(self) -> None:
-        self._send(self._answer())
+        self._serve()

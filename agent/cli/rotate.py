@@ -20,7 +20,7 @@ from agent.cli.csr import check_writable, write_new
 from agent.errors import InputError
 from agent.x509.certificates import read_certificates
 
-ACTIONS = ("start", "import", "switch-signing", "switch-transport", "retire", "remove-retired", "status")
+ACTIONS = ("start", "import", "request", "switch-signing", "switch-transport", "retire", "remove-retired", "status")
 _VALUED_OPTIONS = frozenset({"--config"})  # the global options that take a value (the next word)
 
 
@@ -42,7 +42,9 @@ def register(sub: Any) -> None:
     rotate = sub.add_parser("rotate", help="rotate a key: successor, overlap, switch, retire",
                             description="A rotation, step by step: start (successor key and CSR; "
                                         "`rotate KEY` for short), import (its "
-                                        "certificate: the overlap starts, the JWKS carries both kids), "
+                                        "certificate: the overlap starts, the JWKS carries both kids) or "
+                                        "request (the same, the certificate issued by the directory's API; "
+                                        "`start --directory` does both), "
                                         "switch-signing (jws keys, after [rotation] jwks_cache_window) or "
                                         "switch-transport (tls keys, bank by bank), retire, remove-retired. "
                                         "`status` shows where each key stands.")
@@ -56,12 +58,21 @@ def register(sub: Any) -> None:
         parser.set_defaults(handler=handler)
         return parser
 
-    start = action("start", "generate the successor key next to KEY's current one, and its CSR", start_rotation)
-    start.add_argument("--subject", help="RFC 4514 subject of the CSR (jws keys only; default: the current "
-                                         "certificate's)")
-    start.add_argument("--alg", help="CSR signature algorithm (rsa-pkcs1, rsa-pss, ecdsa)")
+    def csr_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--subject", help="RFC 4514 subject of the CSR (jws keys only; default: the current "
+                                              "certificate's)")
+        parser.add_argument("--alg", help="CSR signature algorithm (rsa-pkcs1, rsa-pss, ecdsa)")
+        return parser
+
+    start = csr_options(action("start", "generate the successor key next to KEY's current one, and its CSR",
+                               start_rotation))
     start.add_argument("--out", type=Path, help="write the CSR here instead of stdout")
     start.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    start.add_argument("--directory", action="store_true",
+                       help="then `request`: the CSR to the directory ([directory]), its certificate imported")
+
+    csr_options(action("request", "send the successor's CSR to the directory and import the certificate it "
+                                  "issues: the overlap starts", request_certificate))
 
     imp = action("import", "import the successor's certificate: the overlap starts", import_successor)
     imp.add_argument("file", metavar="CERT", help="PEM (leaf first, then its chain) or DER; '-' for stdin")
@@ -89,21 +100,40 @@ def _print(args: argparse.Namespace, result: Any, *lines: str) -> int:
     return 0
 
 
+def _csr_body(args: argparse.Namespace) -> dict[str, str]:
+    return {name: value for name, value in (("subject", args.subject), ("alg", args.alg)) if value is not None}
+
+
 def start_rotation(args: argparse.Namespace, ctx: CliContext) -> int:
     if args.out is not None:
         check_writable(args.out, args.force)
-    body = {name: value for name, value in (("subject", args.subject), ("alg", args.alg)) if value is not None}
+    body = _csr_body(args)
     made = ctx.backend.run("rotate_start", body, key=args.key)
     if args.out is not None:
         write_new(args.out, made["csr"], args.force)
-    elif not args.json:
+    elif not args.json and not args.directory:
         sys.stdout.write(made["csr"])
     print(f"successor {made['successor']!r} ({made['type']}) of key {args.key!r} made next to {made['current']!r}; "
           f"CSR for {made['subject']} signed with {made['alg']}{' to ' + str(args.out) if args.out else ''}",
           file=sys.stderr)
-    print(f"next: have the directory issue its certificate, then `tpp-agent rotate import {args.key} CERT`",
-          file=sys.stderr)
-    return _print(args, made) if args.json else 0
+    if not args.directory:
+        print(f"next: `tpp-agent rotate request {args.key}` (the directory's API), or `tpp-agent rotate import "
+              f"{args.key} CERT` with the certificate the directory issued", file=sys.stderr)
+        return _print(args, made) if args.json else 0
+    # The request's own refusal says that the successor is kept and that `rotate request KEY` takes it on.
+    done = ctx.backend.run("rotate_request", body, key=args.key)
+    if args.json:
+        return _print(args, {"started": made, "imported": done})
+    _print_imported(args.key, done)
+    return 0
+
+
+def request_certificate(args: argparse.Namespace, ctx: CliContext) -> int:
+    done = ctx.backend.run("rotate_request", _csr_body(args), key=args.key)
+    if args.json:
+        return _print(args, done)
+    _print_imported(args.key, done)
+    return 0
 
 
 def import_successor(args: argparse.Namespace, ctx: CliContext, data: bytes | None = None) -> int:
@@ -114,16 +144,26 @@ def import_successor(args: argparse.Namespace, ctx: CliContext, data: bytes | No
     certs = read_certificates(data, source)
     text = "".join(pem.armor("CERTIFICATE", cert.dump()).decode("ascii") for cert in certs)
     done = ctx.backend.run("rotate_import", {"pem": text}, key=args.key)
+    if args.json:
+        return _print(args, done)
+    _print_imported(args.key, done)
+    return 0
+
+
+def _print_imported(key: str, done: dict[str, Any]) -> None:
     cert = done["certificate"]
+    issued = done.get("directory_certificate")
+    if issued is not None:
+        how = "taken" if done["reused"] else "issued"
+        print(f"the directory {how} {issued['type']} certificate {issued['id']}")
     verb = "already on the token" if done["already_present"] else "imported"
-    lines = [f"{verb}: {cert['subject']} for {done['successor']!r}, valid until {cert['not_after'][:16]} UTC",
-             f"overlap since {done['overlap_started_at']}"]
+    print(f"{verb}: {cert['subject']} for {done['successor']!r}, valid until {cert['not_after'][:16]} UTC")
+    print(f"overlap since {done['overlap_started_at']}")
     if done["signing_switch_after"]:
-        lines.append(f"the JWKS carries both kids; `tpp-agent rotate switch-signing {args.key}` after "
-                     f"{done['signing_switch_after']}")
+        print(f"the JWKS carries both kids; `tpp-agent rotate switch-signing {key}` after "
+              f"{done['signing_switch_after']}")
     else:
-        lines.append(f"next: `tpp-agent rotate switch-transport {args.key}` (bank by bank)")
-    return _print(args, done, *lines)
+        print(f"next: `tpp-agent rotate switch-transport {key}` (bank by bank)")
 
 
 def switch_signing(args: argparse.Namespace, ctx: CliContext) -> int:

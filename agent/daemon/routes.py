@@ -83,6 +83,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/rotation", BY_NAME["rotate_status"]),
     Route("POST", "/v1/keys/{alias}/rotation", BY_NAME["rotate_start"]),
     Route("POST", "/v1/keys/{alias}/rotation/certificate", BY_NAME["rotate_import"]),
+    Route("POST", "/v1/keys/{alias}/rotation/request", BY_NAME["rotate_request"]),
     Route("POST", "/v1/keys/{alias}/rotation/switch-signing", BY_NAME["rotate_switch_signing"]),
     Route("POST", "/v1/keys/{alias}/rotation/switch-transport", BY_NAME["rotate_switch_transport"]),
     Route("POST", "/v1/keys/{alias}/rotation/retire", BY_NAME["rotate_retire"]),

@@ -40,6 +40,7 @@ CERTIFICATE_KINDS = {"transport": "rtstransport", "signing": "rtssigning", "encr
 CERTIFICATE_TYPES = tuple(CERTIFICATE_KINDS.values())
 REVOKE_REASONS = ("unspecified", "keycompromise", "superseded", "cessationofoperation", "privilegewithdrawn")
 _TOKEN_MARGIN = 30.0  # seconds before expiry a token is replaced
+_SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 
 
 class DirectoryError(AgentError):
@@ -172,6 +173,16 @@ class DirectoryClient:
         return DirectoryCertificate.parse(self._call(f"show {kind} certificate {certificate_id}", "GET",
                                                      self._path(certificate_type(kind), _segment(certificate_id))))
 
+    def issued_for(self, kind: str, public_key_info: bytes) -> DirectoryCertificate | None:
+        """The active certificate of ``kind`` the directory holds for the key (its SubjectPublicKeyInfo, DER),
+        if any: what a CSR sent before made, when its answer was lost."""
+        wanted = certificate_type(kind)
+        for found in self.certificates():
+            leaf = found.leaf() if found.type == wanted and found.status.lower() != "revoked" else None
+            if leaf is not None and leaf.public_key().public_bytes(*_SPKI) == public_key_info:
+                return found
+        return None
+
     def create_certificate(self, kind: str, csr_pem: str) -> DirectoryCertificate:
         """A new certificate of ``kind`` for the CSR; refused if the directory's is for another key."""
         try:
@@ -272,8 +283,7 @@ def _segment(value: str) -> str:
 
 
 def _same_key(leaf: x509.Certificate, public_key: Any, certificate_id: str) -> None:
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if leaf.public_key().public_bytes(*spki) != public_key.public_bytes(*spki):
+    if leaf.public_key().public_bytes(*_SPKI) != public_key.public_bytes(*_SPKI):
         raise DirectoryCertificateMismatchError(
             f"the directory's certificate {certificate_id} ({leaf.subject.rfc4514_string()}) is for another key, "
             "not the CSR's")

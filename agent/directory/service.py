@@ -30,33 +30,47 @@ class Directory:
         self.runtime = runtime
         self.config = config
         self.observer = observer
-        self._transport: BankTransport | None = None
-        self._lock = threading.Lock()  # daemon workers share one transport
+        # Each with the key it was made for: a transport rotation's retire makes the alias name the successor.
+        self._transport: tuple[str, BankTransport] | None = None
+        self._client: tuple[str, DirectoryClient] | None = None
+        self._lock = threading.Lock()  # daemon workers share one transport and one client
 
     @functools.cached_property
     def settings(self) -> DirectorySettings:
         return DirectorySettings.from_config(self.config)
 
-    @functools.cached_property
+    def key(self) -> str:
+        """The key presented to the directory now: ``client_key`` as this process's rotation view resolves it."""
+        client_key = self.settings.tls.client_key
+        return self.runtime.keys.aliases.get(client_key, client_key)
+
+    @property
     def client(self) -> DirectoryClient:
-        """One client for the life of this object: its ``directory:software`` token is reused until it expires."""
-        return DirectoryClient(self.settings, _Audited(self))
+        """One client per key: its ``directory:software`` token, bound to the key's certificate, is reused until it
+        expires or the key is rotated."""
+        key = self.key()
+        with self._lock:
+            if self._client is None or self._client[0] != key:
+                self._client = (key, DirectoryClient(self.settings, _Audited(self)))
+            return self._client[1]
 
     def transport(self) -> BankTransport:
         self.runtime.pool.ensure_ready()
+        key = self.key()
         with self._lock:
-            transport = self._transport
-            if transport is not None and transport.tls.module_generation != self.runtime.module.generation:
-                transport.close()  # its key's handles died with C_Finalize (see OpenFinance.transport)
-                transport = None
-            if transport is None:
-                transport = self._transport = open_transport(self.runtime, self.settings.tls)
-            return transport
+            made = self._transport
+            if made is not None and (made[0] != key or
+                                     made[1].tls.module_generation != self.runtime.module.generation):
+                made[1].close()  # another key now, or its key's handles died with C_Finalize (OpenFinance.transport)
+                made = None
+            if made is None:
+                made = self._transport = (key, open_transport(self.runtime, self.settings.tls))
+            return made[1]
 
     def close(self) -> None:
         with self._lock:
             if self._transport is not None:
-                self._transport.close()
+                self._transport[1].close()
                 self._transport = None
 
 
@@ -72,8 +86,7 @@ class _Audited:
         from agent.openfinance.service import BankCall
 
         owner = self.owner
-        client_key = owner.settings.tls.client_key
-        key = owner.runtime.keys.aliases.get(client_key, client_key)
+        key = owner.key()
         # The body (a CSR, a revoke reason, a client_credentials form) holds no secret: the audit record keeps it.
         try:
             response = owner.transport().request(method, url, body=body, headers=headers,

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, NotRequired, TypedDict
 from agent.config import KeyPurpose
 from agent.operations.banks import BankAnswer, RegistrationAnswer
 from agent.operations.core import Context
+from agent.operations.directory import DirectoryCertificateEntry
 from agent.operations.inputs import InvalidInput, Nothing, text
 from agent.operations.spec import Access, Operation, Resource, Spec
 from agent.rotation import steps
@@ -49,6 +50,13 @@ class SuccessorImported(TypedDict):
     overlap_started_at: _Stamp
     signing_switch_after: Annotated[str | None, "jws keys: when signing may switch (the JWKS cache window after "
                                                 "the overlap started); None for a tls key"]
+
+
+class SuccessorCertified(SuccessorImported, BankAnswer):
+    directory_certificate: Annotated[DirectoryCertificateEntry, "the certificate the directory issued for the "
+                                                                "successor's CSR"]
+    reused: Annotated[bool, "the directory held an active certificate for the successor's key already (a retry "
+                            "after a lost answer): no CSR was sent"]
 
 
 class SigningSwitched(TypedDict):
@@ -149,6 +157,10 @@ def import_certificate(context: Context, given: ImportInput) -> dict[str, Any]:
                                   "the certificate given")
 
 
+def request(context: Context, given: StartInput) -> dict[str, Any]:
+    return steps.request(context.core, context.key_config.alias, given.subject, given.alg)
+
+
 def switch_signing(context: Context, _: Nothing) -> dict[str, Any]:
     return steps.switch_signing(context.core, context.key_config.alias)
 
@@ -191,6 +203,8 @@ SPECS: tuple[Spec[Any], ...] = (
           RotationStarted),
     _step("rotate_import", "the successor's certificate: the overlap starts", ImportInput, import_certificate,
           SuccessorImported),
+    _step("rotate_request", "the successor's CSR to the directory, its certificate imported: the overlap starts",
+          StartInput, request, SuccessorCertified, calls_bank=True),
     _step("rotate_switch_signing", "the successor signs (after the JWKS cache window)", Nothing, switch_signing,
           SigningSwitched),
     _step("rotate_switch_transport", "register the successor's certificate at a bank, then present it there",

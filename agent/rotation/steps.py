@@ -5,6 +5,7 @@ wins and the other is told so, with nothing changed.
     start            successor key generated next to the current one (same type), its CSR (the current
                      certificate's subject)
     import           the successor's certificate on the token: the overlap starts, the JWKS carries both kids
+    request          the import, with the certificate the directory's API issues for the successor's CSR
     switch-signing   (jws) the successor signs; only once the banks' JWKS cache window has passed
     switch-transport (tls) one bank: the successor's certificate registered there, then the bank gets it (its
                      cached access tokens, bound to the old certificate, are dropped)
@@ -23,7 +24,11 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from asn1crypto import x509 as asn1_x509
+
 from agent.config import KeyConfig, KeyPurpose
+from agent.directory.client import DirectoryError
+from agent.errors import ConfigError
 from agent.jose.keys import KID_CERT_THUMBPRINT, KID_JWK_THUMBPRINT, resolve, resolved
 from agent.openfinance.banks import BankConfig
 from agent.operations.core import Core
@@ -48,6 +53,7 @@ from agent.state.rotation import (
     RotationState,
     now,
 )
+from agent.transport.errors import TransportError
 from agent.x509.certificates import CertificateMismatchError, import_certificate, key_certificates, read_certificates
 from agent.x509.csr import build_csr
 from agent.x509.signatures import CsrAlgorithm, same_public_key
@@ -146,21 +152,11 @@ def start(core: Core, alias: str, subject: str | None = None, alg: str | None = 
         raise RotationStepError(f"a rotation of key {alias!r} is under way: successor {successor_label(state)!r}, "
                                 f"made by {state.updated_by}", hint=f"carry it on (`tpp-agent rotate status {alias}` "
                                                                     "says the next step) before starting another")
-    if subject is not None and key.purpose is KeyPurpose.TLS:
-        raise RotationStepError("a transport key's successor is certified for the same application: its CSR repeats "
-                                "the current certificate's subject", hint="leave the subject out")
     label = (current_label(state) if state is not None else None) or Pkcs11Uri.parse(key.uri).object
     assert label is not None  # rotatable: the configured URI names a label
     current_uri = label_uri(core.config, alias, label)
     info = core.keys.info(current_uri)
-    certificate = key_certificates(core.keys, current_uri).current
-    if subject is not None:
-        name = parse_subject(subject)
-    elif certificate is not None:
-        name = certificate.parsed.subject
-    else:
-        raise RotationStepError(f"key {alias!r} has no certificate to take the successor's subject from",
-                                hint="give the subject, e.g. --subject 'CN=client-id,OU=org-id,O=Name,C=AE'")
+    name = _subject(core, key, current_uri, subject)
     algorithm = CsrAlgorithm.parse(alg) if alg else None
     successor = _free_label(core, info.label)
     made = core.keys.generate(successor, info.spec)
@@ -180,6 +176,21 @@ def start(core: Core, alias: str, subject: str | None = None, alg: str | None = 
     return {"key": alias, "purpose": str(key.purpose), "current": info.label, "successor": successor,
             "uri": str(made.uri), "type": str(info.spec), "subject": rfc4514(name), "alg": signed.scheme.jose_name,
             "csr": signed.pem}
+
+
+def _subject(core: Core, key: KeyConfig, current_uri: str, subject: str | None) -> asn1_x509.Name:
+    """The successor CSR's subject: the current certificate's, or (a jws key) the one given."""
+    if subject is not None and key.purpose is KeyPurpose.TLS:
+        raise RotationStepError("a transport key's successor is certified for the same application: its CSR repeats "
+                                "the current certificate's subject", hint="leave the subject out")
+    if subject is not None:
+        return parse_subject(subject)
+    certificate = key_certificates(core.keys, current_uri).current
+    if certificate is None:
+        raise RotationStepError(f"key {key.alias!r} has no certificate to take the successor's subject from",
+                                hint="give the subject, e.g. --subject 'CN=client-id,OU=org-id,O=Name,C=AE'")
+    subject_name: asn1_x509.Name = certificate.parsed.subject
+    return subject_name
 
 
 def import_successor(core: Core, alias: str, data: bytes, source: str) -> dict[str, Any]:
@@ -206,6 +217,42 @@ def import_successor(core: Core, alias: str, data: bytes, source: str) -> dict[s
                             "not_after": cert.not_after.isoformat()},
             "overlap_started_at": saved.overlap_started_at,
             "signing_switch_after": _after(core, saved.overlap_started_at) if key.purpose is KeyPurpose.JWS else None}
+
+
+def request(core: Core, alias: str, subject: str | None = None, alg: str | None = None) -> dict[str, Any]:
+    """The successor's CSR to the directory (``[directory]``), and the certificate it issues imported as
+    :func:`import_successor` imports a file: the overlap starts.
+
+    A retry after a failure (a timeout, a 5xx after which the directory may have made it) takes the active
+    certificate the directory holds for the successor's key instead of making a second one; nothing is stored
+    on the token until the certificate is downloaded and checked.
+    """
+    key = rotatable(core, alias)
+    log = _log(core)
+    state, current, successor = _under_way(log, alias)
+    if state.overlap_started_at is not None:
+        raise RotationStepError(f"the certificate of {alias!r}'s successor {successor!r} is imported already: the "
+                                f"overlap started at {state.overlap_started_at}",
+                                hint=f"see the next step with `tpp-agent rotate status {alias}`")
+    kind = "transport" if key.purpose is KeyPurpose.TLS else "signing"  # the directory's names (CERTIFICATE_KINDS)
+    successor_uri = label_uri(core.config, alias, successor)
+    name = _subject(core, key, label_uri(core.config, alias, current), subject)
+    algorithm = CsrAlgorithm.parse(alg) if alg else None
+    retry = (f"nothing is stored on the token and {successor!r} is kept: run `tpp-agent rotate request {alias}` "
+             "again (it takes the certificate the directory made for that key, if it made one)")
+    try:
+        client = core.directory.client
+        issued = client.issued_for(kind, core.keys.public_key_info(successor_uri).dump())
+        csr = None
+        if issued is None:
+            csr = build_csr(core.signer, successor_uri, name, algorithm).pem
+            issued = client.create_certificate(kind, csr)
+        pem = client.download(issued, csr)
+    except (DirectoryError, TransportError, ConfigError) as exc:
+        exc.hint = f"{exc.hint}; {retry}" if exc.hint else retry
+        raise
+    imported = import_successor(core, alias, pem, f"directory certificate {issued.id}")
+    return {**imported, "directory_certificate": issued.as_dict(), "reused": csr is None}
 
 
 def _same_application(core: Core, current_uri: str, subject: Any, source: str) -> None:
@@ -370,7 +417,8 @@ def _key_status(core: Core, alias: str, state: RotationState | None) -> dict[str
         entry["signing"] = (signing_label(state) if state is not None else None) or configured
         entry["signing_switch_after"] = _after(core, state.overlap_started_at) if state is not None else None
         entry["retire_after"] = _after(core, state.signing_switched_at) if state is not None else None
-    entry["phase"], entry["next"] = _phase(alias, key, state, successor, entry)
+    directory = bool(core.config.section("directory"))
+    entry["phase"], entry["next"] = _phase(alias, key, state, successor, entry, directory=directory)
     return entry
 
 
@@ -393,11 +441,12 @@ def _one_key(core: Core, alias: str, key: RotationKey) -> dict[str, Any]:
 
 
 def _phase(alias: str, key: KeyConfig, state: RotationState | None, successor: str | None,
-           entry: dict[str, Any]) -> tuple[str, str]:
+           entry: dict[str, Any], *, directory: bool) -> tuple[str, str]:
     if state is None or successor is None:
-        return "no rotation under way", f"tpp-agent rotate start {alias}"
+        return "no rotation under way", f"tpp-agent rotate start {alias}" + (" --directory" if directory else "")
     if state.overlap_started_at is None:
-        return "successor made, its certificate not imported", f"tpp-agent rotate import {alias} CERT"
+        return ("successor made, its certificate not imported",
+                f"tpp-agent rotate request {alias}" if directory else f"tpp-agent rotate import {alias} CERT")
     if key.purpose is KeyPurpose.TLS:
         left = [b["bank"] for b in entry["banks"] if b["key"] != successor]
         done = len(entry["banks"]) - len(left)

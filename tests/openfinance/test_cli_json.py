@@ -94,6 +94,13 @@ def _successor_certificate(world: World) -> list[str]:
     return ["signing", str(path)]
 
 
+def _another_signing_successor(world: World) -> list[str]:
+    """A second rotation of the signing key started (the first is retired): `rotate request` sends its CSR to
+    the model directory and imports what it issues."""
+    assert cli(world.config, "rotate", "start", "signing", "--json").returncode == 0
+    return ["signing"]
+
+
 def _transport_in_overlap(world: World) -> list[str]:
     """A transport rotation up to its overlap, for ``rotate switch-transport``."""
     started = json.loads(cli(world.config, "rotate", "start", "transport", "--json").stdout)
@@ -152,6 +159,7 @@ RUNS: dict[tuple[str, ...], tuple[Callable[[World], list[str]], frozenset[int]]]
     ("rotate", "switch-signing"): (lambda w: ["signing"], frozenset({0})),
     ("rotate", "retire"): (lambda w: ["signing"], frozenset({0})),
     ("rotate", "remove-retired"): (lambda w: ["signing"], frozenset({0})),
+    ("rotate", "request"): (_another_signing_successor, frozenset({0})),
     ("rotate", "switch-transport"): (_transport_in_overlap, frozenset({0})),
 }
 

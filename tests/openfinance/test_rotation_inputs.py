@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from agent.x509.subject import directory_subject
 from pkcs11_backends.keys import KeySpec
 from tests.daemon.conftest import TPP_AGENT, Daemon, launch, public_dir  # noqa: F401 -- a fixture
 from tests.daemon.test_policy import as_user
-from tests.openfinance.test_rotation import WINDOW, Fleet, _config, fleet  # noqa: F401 -- a fixture
+from tests.openfinance.test_rotation import WINDOW, Fleet, _config, fleet, wait_window  # noqa: F401 -- a fixture
 from tests.pg import PostgresServer
 
 
@@ -77,13 +76,16 @@ def test_steps_out_of_turn_and_wrong_certificates(fleet: Fleet, tmp_path: Path, 
     cert.write_text(fleet.issue(made["csr"]))
     imported = fleet.cli("cert", "import", "--key", "signing", str(cert))
     assert imported.returncode == 0 and "starts the overlap" in imported.stderr, imported.stderr
-    assert _phase(fleet, "signing") == "overlap: the JWKS carries both kids"
-    _fails(fleet.cli("rotate", "switch-signing", "signing"), 75, "too early", "jwks_cache_window = 3 s")
+    # First after the import: "too early" holds for WINDOW after the overlap started, the other checks for ever.
+    _fails(fleet.cli("rotate", "switch-signing", "signing"), 75, "too early", f"jwks_cache_window = {WINDOW:g} s")
+    view = json.loads(fleet.cli("rotate", "status", "signing", "--json").stdout)
+    assert view["phase"] == "overlap: the JWKS carries both kids"
     _fails(fleet.cli("rotate", "retire", "signing"), 1, f"still signs with '{fleet.signing_label}'",
            "`tpp-agent rotate switch-signing signing`")
     _fails(fleet.cli("rotate", "switch-transport", "signing", "--bank", "mb"), 1, "is not a transport key")
     _fails(fleet.cli("rotate", "switch-signing", "transport"), 1, "is a transport key")
-    time.sleep(WINDOW)
+    _fails(fleet.cli("rotate", "request", "signing"), 1, "is imported already: the overlap started at")
+    wait_window(view["overlap_started_at"])
     assert fleet.cli("rotate", "switch-signing", "signing").returncode == 0
     _fails(fleet.cli("rotate", "switch-signing", "signing"), 1, "switched to", "already")
 
@@ -121,9 +123,10 @@ def _host_b(fleet: Fleet, tmp_path: Path, softhsm_state: Path, public_dir: Path,
     conf.write_text(conf.read_text().replace(str(softhsm_state / "softhsm"), str(hsm / "softhsm")))
     state = tmp_path / "host-b"
     state.mkdir()
-    config = _config(fleet.runtime, hsm, state, public_dir / "b", fleet.banks, fleet.transport_label,
+    config = _config(fleet.runtime, hsm, state, public_dir / "b", fleet.banks, fleet.directory, fleet.transport_label,
                      fleet.signing_label, database)
-    return Fleet(fleet.runtime, fleet.banks, fleet.client_id, fleet.transport_label, fleet.signing_label, config)
+    return Fleet(fleet.runtime, fleet.banks, fleet.directory, fleet.client_id, fleet.transport_label,
+                 fleet.signing_label, config)
 
 
 def _race(*commands: tuple[Fleet, list[str]]) -> list[subprocess.CompletedProcess[str]]:
@@ -136,21 +139,21 @@ def _race(*commands: tuple[Fleet, list[str]]) -> list[subprocess.CompletedProces
 def test_two_hosts_take_steps_at_once(fleet: Fleet, tmp_path: Path, softhsm_state: Path,  # noqa: F811
                                       public_dir: Path, postgres_server: PostgresServer) -> None:  # noqa: F811
     database = postgres_server.create_database()
-    host_a = Fleet(fleet.runtime, fleet.banks, fleet.client_id, fleet.transport_label, fleet.signing_label,
-                   _config(fleet.runtime, softhsm_state, fleet.config.parent, public_dir, fleet.banks,
-                           fleet.transport_label, fleet.signing_label, database))
-    for key in ("signing", "transport"):  # host A makes the successors; then its HSM is cloned to host B
-        made = host_a.cli("rotate", "start", key, "--json")
+    host_a = Fleet(fleet.runtime, fleet.banks, fleet.directory, fleet.client_id, fleet.transport_label,
+                   fleet.signing_label, _config(fleet.runtime, softhsm_state, fleet.config.parent, public_dir,
+                                                fleet.banks, fleet.directory, fleet.transport_label,
+                                                fleet.signing_label, database))
+    overlap: dict[str, str] = {}
+    for key in ("signing", "transport"):  # host A makes the successors, certified by the directory; then its HSM
+        made = host_a.cli("rotate", "start", key, "--directory", "--json")  # is cloned to host B
         assert made.returncode == 0, made.stderr
-        cert = tmp_path / f"{key}.pem"
-        cert.write_text(host_a.issue(json.loads(made.stdout)["csr"]))
-        assert host_a.cli("rotate", "import", key, str(cert)).returncode == 0
+        overlap[key] = json.loads(made.stdout)["imported"]["overlap_started_at"]
     for name in host_a.banks:
         assert host_a.cli("--direct", "register", name).returncode == 0
     host_b = _host_b(fleet, tmp_path, softhsm_state, public_dir, database)
     assert json.loads(host_b.cli("rotate", "status", "signing", "--json").stdout)["phase"] == \
         "overlap: the JWKS carries both kids"  # host B reads host A's rotation from the shared state
-    time.sleep(WINDOW)
+    wait_window(overlap["signing"])
 
     # Both switch signing at once: one does, the other is told it was done (or changed under it), nothing else.
     switch = ["rotate", "switch-signing", "signing"]
