@@ -175,20 +175,20 @@ def jwcrypto_jwe_to(key: rsa.RSAPrivateKey, kid: str, *, alg: str = "RSA-OAEP-25
 
 
 def test_decrypt_what_jwcrypto_made() -> None:
-    opened = jwe.decrypt(jwcrypto_jwe_to(BANK, "ours"), software_unwrap(BANK), kid="ours")
+    opened = jwe.decrypt(jwcrypto_jwe_to(BANK, "ours"), [jwe.Recipient("ours", software_unwrap(BANK))])
     assert opened.plaintext == b"payload" and opened.header["kid"] == "ours"
 
 
 def test_decrypt_refusals() -> None:
     with pytest.raises(WrongRecipientError):
-        jwe.decrypt(jwcrypto_jwe_to(OTHER, "theirs"), software_unwrap(BANK), kid="ours")
+        jwe.decrypt(jwcrypto_jwe_to(OTHER, "theirs"), [jwe.Recipient("ours", software_unwrap(BANK))])
     with pytest.raises(DecryptionFailedError):
-        jwe.decrypt(jwcrypto_jwe_to(OTHER, "ours"), software_unwrap(BANK), kid="ours")
+        jwe.decrypt(jwcrypto_jwe_to(OTHER, "ours"), [jwe.Recipient("ours", software_unwrap(BANK))])
     with pytest.raises(AlgorithmRefusedError):
-        jwe.decrypt(jwcrypto_jwe_to(BANK, "ours", alg="RSA-OAEP"), software_unwrap(BANK), kid="ours")
+        jwe.decrypt(jwcrypto_jwe_to(BANK, "ours", alg="RSA-OAEP"), [jwe.Recipient("ours", software_unwrap(BANK))])
     parts = jwcrypto_jwe_to(BANK, "ours").split(".")
     tampered = ".".join([*parts[:3], b64url(b"\0" + b64url_decode(parts[3])[1:]), parts[4]])
     with pytest.raises(DecryptionFailedError):
-        jwe.decrypt(tampered, software_unwrap(BANK), kid="ours")
+        jwe.decrypt(tampered, [jwe.Recipient("ours", software_unwrap(BANK))])
     with pytest.raises(MalformedError):
-        jwe.decrypt("a.b.c", software_unwrap(BANK), kid="ours")
+        jwe.decrypt("a.b.c", [jwe.Recipient("ours", software_unwrap(BANK))])
