@@ -21,10 +21,11 @@ follow at their next read of the state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from agent.config import KeyConfig, KeyPurpose
@@ -185,12 +186,9 @@ def start(core: Core, alias: str, subject: str | None = None, alg: str | None = 
                                 hint="give the subject, e.g. --subject 'CN=client-id,OU=org-id,O=Name,C=AE'")
     algorithm = CsrAlgorithm.parse(alg) if alg else None
     made = core.keys.generate(_free_label(core, info.label), info.spec)
-    try:
+    with _destroyed_unless_saved(core, made):
         signed = build_csr(core.signer, str(made.uri), name, algorithm)
         saved = _save_successor(log, alias, state, info.label, made.label)
-    except BaseException:
-        core.keys.destroy(made.label, made.id)  # no successor the state does not know of stays on the token
-        raise
     _adopted(core, saved)
     return {"key": alias, "purpose": str(key.purpose), "current": info.label, "successor": made.label,
             "uri": str(made.uri), "type": str(info.spec), "subject": rfc4514(name), "alg": signed.scheme.jose_name,
@@ -203,14 +201,21 @@ def _start_encryption(core: Core, key: KeyConfig, log: RotationLog, state: Rotat
     that could would be used for two purposes). Its certificate, if the ecosystem wants one, is issued for its
     public key some other way and imported; else `rotate import KEY` publishes it under its JWK thumbprint."""
     made = generate_encryption_key(core.keys, _free_label(core, info.label), info.spec)
-    try:
+    with _destroyed_unless_saved(core, made):
         saved = _save_successor(log, key.alias, state, info.label, made.label)
-    except BaseException:
-        core.keys.destroy(made.label, made.id)
-        raise
     _adopted(core, saved)
     return {"key": key.alias, "purpose": str(key.purpose), "current": info.label, "successor": made.label,
             "uri": str(made.uri), "type": str(info.spec), "subject": None, "alg": None, "csr": None}
+
+
+@contextlib.contextmanager
+def _destroyed_unless_saved(core: Core, made: KeyInfo) -> Iterator[None]:
+    """No successor the state does not know of stays on the token."""
+    try:
+        yield
+    except BaseException:
+        core.keys.destroy(made.label, made.id)
+        raise
 
 
 def _save_successor(log: RotationLog, alias: str, state: RotationState | None, current: str,

@@ -200,6 +200,8 @@ def test_an_encryption_key_rotation(tpp: Tpp, agent: Daemon) -> None:
     view = _status(tpp)
     retired = next(k for k in view["keys"] if k["role"] == "retired")
     assert retired["label"] == tpp.encryption_label and retired["kid"] == old["kid"] and retired["remove_after"]
+    shown = tpp.cli("rotate", "status", "encryption").stdout
+    assert f"retired   {tpp.encryption_label} " in shown and "decrypts until removed" in shown, shown
 
     # -- remove: refused until the drain window has passed, then the old key goes --------------------------------
     _fails(tpp.cli("rotate", "remove-retired", "encryption"), 75, "too early: events encrypted to 'encryption'",
