@@ -5,6 +5,7 @@ carries the successor only and the retired key still decrypts; it is removed onl
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import json
@@ -17,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from jwcrypto import jwe as jwcrypto_jwe
 from jwcrypto import jwk as jwcrypto_jwk
 
@@ -230,3 +235,45 @@ def test_encryption_rotation_refusals(tpp: Tpp, agent: Daemon, tmp_path: Path) -
     current.write_text(tpp.cli("cert", "show", "--key", "signing", "--pem").stdout)
     _fails(tpp.cli("rotate", "import", "encryption", str(current)), 1, "published without a certificate since")
     _fails(tpp.cli("rotate", "start", "encryption"), 1, "a rotation of key 'encryption' is under way")
+
+
+def _certified(tpp: Tpp, label: str, path: Path) -> Path:
+    """A certificate for the key ``label``'s public half, issued without a CSR (a decrypt-only key cannot sign
+    one) by a CA of the test's, as an ecosystem certifying encryption keys would."""
+    uri = f"pkcs11:token={tpp.runtime.config.pkcs11.token};object={label};type=private"
+    public = serialization.load_der_public_key(tpp.runtime.keys.public_key_info(uri).dump())
+    assert isinstance(public, rsa.RSAPublicKey)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test encryption CA")])
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                                                   tpp.client_id)]))
+            .issuer_name(name).public_key(public).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=395))
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=True,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_a_certified_encryption_successor(tpp: Tpp, agent: Daemon, tmp_path: Path) -> None:
+    """With a certificate the successor is published as any certified key is: kid x5t#S256, x5c."""
+    client = agent.client()
+    [old] = _enc_keys(agent)
+    successor = json.loads(_ok(tpp.cli("rotate", "start", "encryption", "--json")).stdout)["successor"]
+    cert = _certified(tpp, successor, tmp_path / "enc.pem")
+    imported = json.loads(_ok(tpp.cli("rotate", "import", "encryption", str(cert), "--json")).stdout)
+    assert imported["certificate"]["sha256"] == x509.load_pem_x509_certificate(cert.read_bytes()).fingerprint(
+        hashes.SHA256()).hex()
+    der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+    [first, new] = _enc_keys(agent)
+    assert first["kid"] == old["kid"] and "x5c" not in first  # the current key has no certificate
+    assert new["x5c"] == [base64.b64encode(der).decode()] and new["kid"] == new["x5t#S256"] != old["kid"]
+    assert client.receive_event("mb", tpp.event(new))["decrypted_with"] == new["kid"]
+    assert client.receive_event("mb", tpp.event(old))["decrypted_with"] == old["kid"]
+    _until(_status(tpp)["retire_after"])
+    _ok(tpp.cli("rotate", "retire", "encryption"))
+    assert [k["kid"] for k in _enc_keys(agent)] == [new["kid"]]
+    assert client.receive_event("mb", tpp.event(old))["decrypted_with"] == old["kid"]
