@@ -235,6 +235,12 @@ def test_encryption_rotation_refusals(tpp: Tpp, agent: Daemon, tmp_path: Path) -
     current.write_text(tpp.cli("cert", "show", "--key", "signing", "--pem").stdout)
     _fails(tpp.cli("rotate", "import", "encryption", str(current)), 1, "published without a certificate since")
     _fails(tpp.cli("rotate", "start", "encryption"), 1, "a rotation of key 'encryption' is under way")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tpp.config.read_text().replace(f"encryption_drain_window = {DRAIN}",
+                                                  "encryption_drain_window = -1"))
+    refused = subprocess.run([TPP_AGENT, "--config", str(bad), "rotate", "status"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    _fails(refused, 78, "[rotation] encryption_drain_window must be seconds from 0 to 2592000")
 
 
 def _certified(tpp: Tpp, label: str, path: Path) -> Path:
