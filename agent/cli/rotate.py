@@ -175,8 +175,10 @@ def switch_transport(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def retire(args: argparse.Namespace, ctx: CliContext) -> int:
     done = ctx.backend.run("rotate_retire", key=args.key)
+    drain = ([f"{done['retired']!r} still decrypts (events encrypted to it before); `tpp-agent rotate remove-retired "
+              f"{args.key}` after {done['remove_after']}"] if done.get("remove_after") else [])
     return _print(args, done, f"{args.key!r} is {done['current']!r} now; {done['retired']!r} retired (kept on the "
-                              "token)", done["config_hint"])
+                              "token)", *drain, done["config_hint"])
 
 
 def remove_retired(args: argparse.Namespace, ctx: CliContext) -> int:

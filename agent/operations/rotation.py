@@ -80,6 +80,9 @@ class Retired(TypedDict):
     retired_at: _Stamp
     version: Annotated[int, "of the rotation's shared state"]
     config_hint: str
+    remove_after: NotRequired[Annotated[str, "encryption keys: the retired key decrypts until it is removed, which "
+                                             "remove-retired refuses before this ([rotation] "
+                                             "encryption_drain_window)"]]
 
 
 class RemovedKey(TypedDict):

@@ -406,8 +406,12 @@ def retire(core: Core, alias: str) -> dict[str, Any]:
     keys = (*kept, RotationKey(current, RETIRED, stamp), RotationKey(successor, CURRENT, stamp))
     saved = _adopted(core, log.save(dataclasses.replace(state, keys=keys, overlap_started_at=None,
                                                         signing_switched_at=None, banks={})))
-    return {"key": alias, "current": successor, "retired": current, "retired_at": stamp, "version": saved.version,
-            "config_hint": f"[keys.{alias}] uri may now name object={successor} (the state says so meanwhile)"}
+    answer = {"key": alias, "current": successor, "retired": current, "retired_at": stamp, "version": saved.version,
+              "config_hint": f"[keys.{alias}] uri may now name object={successor} (the state says so meanwhile)"}
+    if key.purpose is KeyPurpose.ENCRYPTION:
+        end = _when(stamp) + datetime.timedelta(seconds=core.sections.rotation.encryption_drain_window)
+        answer["remove_after"] = end.isoformat(timespec="seconds")
+    return answer
 
 
 def remove_retired(core: Core, alias: str, label: str | None = None) -> dict[str, Any]:

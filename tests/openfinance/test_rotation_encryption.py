@@ -280,6 +280,7 @@ def test_a_certified_encryption_successor(tpp: Tpp, agent: Daemon, tmp_path: Pat
     assert client.receive_event("mb", tpp.event(new))["decrypted_with"] == new["kid"]
     assert client.receive_event("mb", tpp.event(old))["decrypted_with"] == old["kid"]
     _until(_status(tpp)["retire_after"])
-    _ok(tpp.cli("rotate", "retire", "encryption"))
+    retired = _ok(tpp.cli("rotate", "retire", "encryption")).stdout
+    assert f"'{tpp.encryption_label}' still decrypts" in retired and "remove-retired encryption` after" in retired
     assert [k["kid"] for k in _enc_keys(agent)] == [new["kid"]]
     assert client.receive_event("mb", tpp.event(old))["decrypted_with"] == old["kid"]
