@@ -1,4 +1,5 @@
-"""``tpp-agent rotate``: rotate a transport or signing key with an overlap, step by step (docs/rotation.md).
+"""``tpp-agent rotate``: rotate a transport, signing or encryption key with an overlap, step by step
+(docs/rotation.md).
 
 Each step is an operation (agent/operations/rotation.py): through the running agent when there is one (it applies
 the switch at once, and the other agents follow the shared state), else on the token in this process.
@@ -46,7 +47,9 @@ def register(sub: Any) -> None:
                                         "request (the same, the certificate issued by the directory's API; "
                                         "`start --directory` does both), "
                                         "switch-signing (jws keys, after [rotation] jwks_cache_window) or "
-                                        "switch-transport (tls keys, bank by bank), retire, remove-retired. "
+                                        "switch-transport (tls keys, bank by bank), retire (an encryption key's "
+                                        "switch), remove-retired (an encryption key's after [rotation] "
+                                        "encryption_drain_window). "
                                         "`status` shows where each key stands.")
     actions = rotate.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -75,7 +78,8 @@ def register(sub: Any) -> None:
                                   "issues: the overlap starts", request_certificate))
 
     imp = action("import", "import the successor's certificate: the overlap starts", import_successor)
-    imp.add_argument("file", metavar="CERT", help="PEM (leaf first, then its chain) or DER; '-' for stdin")
+    imp.add_argument("file", metavar="CERT", nargs="?", help="PEM (leaf first, then its chain) or DER; '-' for "
+                                                             "stdin; an encryption key's successor may go without")
 
     action("switch-signing", "sign with the successor (a jws key), once the JWKS cache window has passed",
            switch_signing)
@@ -109,6 +113,13 @@ def start_rotation(args: argparse.Namespace, ctx: CliContext) -> int:
         check_writable(args.out, args.force)
     body = _csr_body(args)
     made = ctx.backend.run("rotate_start", body, key=args.key)
+    if made["csr"] is None:  # an encryption key: its decrypt-only successor cannot sign a CSR
+        unwritten = f" (nothing written to {args.out})" if args.out is not None else ""
+        print(f"successor {made['successor']!r} ({made['type']}) of encryption key {args.key!r} made next to "
+              f"{made['current']!r}: decrypt-only, so no CSR{unwritten}", file=sys.stderr)
+        print(f"next: `tpp-agent rotate import {args.key}` publishes it (or `tpp-agent rotate import {args.key} "
+              "CERT` with a certificate issued for its public key)", file=sys.stderr)
+        return _print(args, made) if args.json else 0
     if args.out is not None:
         write_new(args.out, made["csr"], args.force)
     elif not args.json and not args.directory:
@@ -138,12 +149,14 @@ def request_certificate(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def import_successor(args: argparse.Namespace, ctx: CliContext, data: bytes | None = None) -> int:
     """``data``: the file read already (``cert import`` hands over a successor's certificate)."""
-    data = read_input(args.file) if data is None else data
-    source = "stdin" if args.file == "-" else args.file
-    # The agent takes PEM text: a DER file is armored here (the same certificate).
-    certs = read_certificates(data, source)
-    text = "".join(pem.armor("CERTIFICATE", cert.dump()).decode("ascii") for cert in certs)
-    done = ctx.backend.run("rotate_import", {"pem": text}, key=args.key)
+    body: dict[str, Any] = {}
+    if data is not None or args.file is not None:
+        data = read_input(args.file) if data is None else data
+        source = "stdin" if args.file == "-" else args.file
+        # The agent takes PEM text: a DER file is armored here (the same certificate).
+        certs = read_certificates(data, source)
+        body["pem"] = "".join(pem.armor("CERTIFICATE", cert.dump()).decode("ascii") for cert in certs)
+    done = ctx.backend.run("rotate_import", body, key=args.key)
     if args.json:
         return _print(args, done)
     _print_imported(args.key, done)
@@ -156,12 +169,19 @@ def _print_imported(key: str, done: dict[str, Any]) -> None:
     if issued is not None:
         how = "taken" if done["reused"] else "issued"
         print(f"the directory {how} {issued['type']} certificate {issued['id']}")
-    verb = "already on the token" if done["already_present"] else "imported"
-    print(f"{verb}: {cert['subject']} for {done['successor']!r}, valid until {cert['not_after'][:16]} UTC")
+    if cert is None:
+        verb = "published already" if done["already_present"] else "published"
+        print(f"{verb}: {done['successor']!r} without a certificate (its kid: its JWK thumbprint)")
+    else:
+        verb = "already on the token" if done["already_present"] else "imported"
+        print(f"{verb}: {cert['subject']} for {done['successor']!r}, valid until {cert['not_after'][:16]} UTC")
     print(f"overlap since {done['overlap_started_at']}")
     if done["signing_switch_after"]:
         print(f"the JWKS carries both kids; `tpp-agent rotate switch-signing {key}` after "
               f"{done['signing_switch_after']}")
+    elif done.get("retire_after"):
+        print(f"the JWKS carries both encryption keys, both decrypt; `tpp-agent rotate retire {key}` "
+              f"(the switch) after {done['retire_after']}")
     else:
         print(f"next: `tpp-agent rotate switch-transport {key}` (bank by bank)")
 
@@ -195,8 +215,10 @@ def switch_transport(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def retire(args: argparse.Namespace, ctx: CliContext) -> int:
     done = ctx.backend.run("rotate_retire", key=args.key)
+    drain = ([f"{done['retired']!r} still decrypts (events encrypted to it before); `tpp-agent rotate remove-retired "
+              f"{args.key}` after {done['remove_after']}"] if done.get("remove_after") else [])
     return _print(args, done, f"{args.key!r} is {done['current']!r} now; {done['retired']!r} retired (kept on the "
-                              "token)", done["config_hint"])
+                              "token)", *drain, done["config_hint"])
 
 
 def remove_retired(args: argparse.Namespace, ctx: CliContext) -> int:
@@ -232,7 +254,8 @@ def show_status(args: argparse.Namespace, ctx: CliContext) -> int:
             where = "" if key["on_token"] else " (not on this token)"
             what = f"{cert['subject']} until {cert['not_after'][:10]}" if cert else "no certificate"
             kid = f" kid {key['kid']}" if key.get("kid") else ""
-            print(f"  {key['role']:<9} {key['label']:<24} {what}{kid}{where}")
+            drain = f" (decrypts until removed; remove after {key['remove_after']})" if key.get("remove_after") else ""
+            print(f"  {key['role']:<9} {key['label']:<24} {what}{kid}{where}{drain}")
         if entry.get("signing"):
             print(f"  signing   {entry['signing']}")
         for bank in entry.get("banks", []):

@@ -1,9 +1,11 @@
 """Compact JWE (RFC 7516) as the UAE profile uses it: ``RSA-OAEP-256`` key wrapping, ``A256GCM`` content.
 
 * :func:`encrypt` — to a bank's public ``use: enc`` key, with jwcrypto (a public-key operation: no token needed).
-* :func:`decrypt` — a JWE addressed to one of *our* keys. The content-encryption key is unwrapped by ``unwrap``
-  (the token: ``pkcs11_backends.decryption``), the A256GCM step is done here with the CEK in memory for one call.
-  jwcrypto cannot be used for this half: it wants the private key as a JWK.
+* :func:`decrypt` — a JWE addressed to one of *our* keys (:class:`Recipient`: more than one while a rotation
+  publishes two, or keeps a retired one for the events still in flight). The header's ``kid`` names the key; the
+  content-encryption key is unwrapped by that key's ``unwrap`` (the token: ``pkcs11_backends.decryption``), the
+  A256GCM step is done here with the CEK in memory for one call. jwcrypto cannot be used for this half: it wants
+  the private key as a JWK.
 
 Only the compact form, only these two algorithms, no ``zip``: anything else is refused before the token is asked.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -41,9 +43,18 @@ _CALLER_HEADERS = frozenset({"cty", "typ"})
 
 
 @dataclasses.dataclass(frozen=True)
+class Recipient:
+    """One of our keys a JWE may be encrypted to: the ``kid`` we publish it under, and its unwrapping on the token."""
+
+    kid: str
+    unwrap: Callable[[bytes], bytes] = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class Decrypted:
     header: dict[str, Any]
     plaintext: bytes = dataclasses.field(repr=False)
+    kid: str = ""  # the recipient key that decrypted it
 
 
 def encrypt(plaintext: bytes, recipient: jwcrypto_jwk.JWK, *, header: Mapping[str, Any] | None = None) -> str:
@@ -63,13 +74,18 @@ def encrypt(plaintext: bytes, recipient: jwcrypto_jwk.JWK, *, header: Mapping[st
     return compact
 
 
-def decrypt(token: str, unwrap: Callable[[bytes], bytes], *, kid: str | None) -> Decrypted:
-    """The plaintext of a JWE encrypted to our key ``kid``; ``unwrap`` does RSA-OAEP-256 on the token.
+def decrypt(token: str, recipients: Sequence[Recipient]) -> Decrypted:
+    """The plaintext of a JWE encrypted to one of our keys ``recipients`` (the one encrypted to first).
 
-    A JWE whose header names another ``kid`` is :class:`WrongRecipientError`. A CEK that does not unwrap is not
-    reported as such: a random CEK is used instead (RFC 7516 §11.5), so the answer is the same
-    :class:`DecryptionFailedError` as for damaged content and the token cannot be used as a padding oracle.
+    The header's ``kid`` names the key (RFC 7516 §4.1.6); one that names none of ours is
+    :class:`WrongRecipientError`. A JWE without ``kid`` (it is optional) is tried with each key in turn: a bank
+    that leaves it out must not lose its events while a rotation publishes two keys. A CEK that does not unwrap
+    is not reported as such: a random CEK is used instead (RFC 7516 §11.5), so every failure is the same
+    :class:`DecryptionFailedError` as for damaged content and the token cannot be used as a padding oracle; trying
+    the next key on every failure keeps that (only a JWE made by whoever knows its CEK stops early).
     """
+    if not recipients:
+        raise JoseError("JWE: no key of ours to decrypt with")
     header = unverified_header(token, "JWE")
     parts = token.split(".")
     if len(parts) != 5:
@@ -79,24 +95,30 @@ def decrypt(token: str, unwrap: Callable[[bytes], bytes], *, kid: str | None) ->
                                     f"{KEY_ALGORITHM} / {CONTENT_ALGORITHM} are accepted")
     if "zip" in header or "crit" in header:
         raise AlgorithmRefusedError("JWE: zip and crit are not accepted")
-    if kid is not None and "kid" in header and header["kid"] != kid:
-        raise WrongRecipientError(f"JWE: encrypted to key {header['kid']!r}, not to ours ({kid!r})")
+    chosen = list(recipients)
+    if "kid" in header:
+        chosen = [r for r in recipients if r.kid == header["kid"]]
+        if not chosen:
+            ours = ", ".join(repr(r.kid) for r in recipients)
+            raise WrongRecipientError(f"JWE: encrypted to key {header['kid']!r}, which is not one of ours ({ours})")
     try:
         encrypted_key, iv, ciphertext, tag = (b64url_decode(p) for p in parts[1:])
     except ValueError:
         raise MalformedError("JWE: a part is not base64url") from None
     if len(iv) != _IV_BYTES or len(tag) != _TAG_BYTES:
         raise MalformedError(f"JWE: A256GCM needs a {_IV_BYTES}-byte iv and a {_TAG_BYTES}-byte tag")
-    try:
-        cek = unwrap(encrypted_key)
-    except DecryptionError:  # only this one: a token that is away must not look like a bad message
-        cek = b""
-    if len(cek) != _CEK_BYTES:
-        cek = os.urandom(_CEK_BYTES)
-    try:
-        # The AAD is the protected header exactly as received (RFC 7516 §5.2 step 14), not re-encoded.
-        plaintext = AESGCM(cek).decrypt(iv, ciphertext + tag, parts[0].encode("ascii"))
-    except InvalidTag:
-        raise DecryptionFailedError("JWE: does not decrypt with our key (damaged, or encrypted to another key)",
-                                    hint="ask the sender to send it again") from None
-    return Decrypted(header, plaintext)
+    for recipient in chosen:
+        try:
+            cek = recipient.unwrap(encrypted_key)
+        except DecryptionError:  # only this one: a token that is away must not look like a bad message
+            cek = b""
+        if len(cek) != _CEK_BYTES:
+            cek = os.urandom(_CEK_BYTES)
+        try:
+            # The AAD is the protected header exactly as received (RFC 7516 §5.2 step 14), not re-encoded.
+            plaintext = AESGCM(cek).decrypt(iv, ciphertext + tag, parts[0].encode("ascii"))
+        except InvalidTag:
+            continue
+        return Decrypted(header, plaintext, recipient.kid)
+    raise DecryptionFailedError("JWE: does not decrypt with our key (damaged, or encrypted to another key)",
+                                hint="ask the sender to send it again")

@@ -5,9 +5,10 @@ TPP's encryption key, around a PS256 JWS signed by the bank with ``iss`` (the ba
 ``nbf``, ``jti`` and ``message {Data, Meta{EventDateTime, EventResource, EventType, ConsentId}}``.
 
     receiver = EventReceiver(bank="mb", issuer=..., client_id=..., jwks=bank_jwks,
-                             unwrap=lambda cek: signer.decrypt_oaep_sha256("encryption", cek),  # audited
-                             encryption_kid=kid, replay=ReplayGuard(store=StateReplayStore(state, "mb")))
+                             recipients=[jwe.Recipient(kid, lambda cek: signer.decrypt_oaep_sha256(uri, cek))],
+                             replay=ReplayGuard(store=StateReplayStore(state, "mb")))  # the unwrap is audited
     event = receiver.receive(body, content_type)
+    event.decrypted_with    # the kid of the key that decrypted it (a rotation keeps two, or a retired one)
 
 Order matters: the JWE is opened, then the inner signature and claims are verified, and only then is the ``jti``
 recorded, so that nobody but the bank can fill the replay store. The store is bounded: events whose ``exp`` is more
@@ -21,8 +22,8 @@ import dataclasses
 import enum
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Protocol
 
 from agent.jose import jwe
 from agent.jose.errors import ClaimRejectedError, MalformedError, ReplayError
@@ -101,17 +102,19 @@ class BankEvent:
     event_time: str | None
     message: dict[str, Any]
     claims: dict[str, Any]
+    # The kid of our key that decrypted it: in a rotation, which key the bank encrypts to now.
+    decrypted_with: Annotated[str, "the kid of the TPP's encryption key that decrypted the JWE"]
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 class EventReceiver:
-    def __init__(self, *, bank: str, issuer: str, client_id: str, jwks: BankJwks, unwrap: Callable[[bytes], bytes],
-                 encryption_kid: str | None, replay: ReplayGuard, max_lifetime: int = DEFAULT_MAX_LIFETIME,
+    def __init__(self, *, bank: str, issuer: str, client_id: str, jwks: BankJwks,
+                 recipients: Sequence[jwe.Recipient], replay: ReplayGuard, max_lifetime: int = DEFAULT_MAX_LIFETIME,
                  clock: Callable[[], float] = time.time) -> None:
         self.bank, self.issuer, self.client_id = bank, issuer, client_id
-        self.jwks, self.unwrap, self.encryption_kid = jwks, unwrap, encryption_kid
+        self.jwks, self.recipients = jwks, recipients
         self.replay, self.max_lifetime, self.clock = replay, max_lifetime, clock
 
     def receive(self, body: bytes, content_type: str | None = None) -> BankEvent:
@@ -122,7 +125,7 @@ class EventReceiver:
             token = body.decode("ascii").strip()
         except UnicodeDecodeError:
             raise MalformedError("event: the body is not a compact JWE") from None
-        opened = jwe.decrypt(token, self.unwrap, kid=self.encryption_kid)
+        opened = jwe.decrypt(token, self.recipients)
         if str(opened.header.get("cty", "")).upper() != "JWT":
             raise MalformedError("event: the JWE's cty is not JWT: a signed event is required inside")
         try:
@@ -146,7 +149,7 @@ class EventReceiver:
         found = message.get("Meta")
         meta: dict[str, Any] = found if isinstance(found, dict) else {}
         return BankEvent(self.bank, jti, _text(meta, "EventType"), _text(meta, "ConsentId"),
-                         _text(meta, "EventResource"), _text(meta, "EventDateTime"), message, claims)
+                         _text(meta, "EventResource"), _text(meta, "EventDateTime"), message, claims, opened.kid)
 
 
 def _text(meta: dict[str, Any], name: str) -> str | None:

@@ -12,13 +12,16 @@ which answers were checked and what came of it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Annotated, Any, TypedDict
 
 from agent import jose
 from agent.audit import KeyUse, current_caller
 from agent.config import KeyPurpose
 from agent.errors import AgentError
+from agent.jose import jwe
 from agent.jose.errors import VerificationError
+from agent.jose.keys import resolved
 from agent.jose.verify import MAX_SIZE, unverified_header, verify_jws
 from agent.openfinance.events import BankEvent, EventReceiver
 from agent.openfinance.payloads import CONTENT_TYPE, encrypted_personal_data, signed_body
@@ -125,14 +128,24 @@ class EventInput:
 def receive_event(context: Context, given: EventInput) -> dict[str, Any]:
     core, bank = context.core, context.core.bank(context.bank_name)
     alias = _encryption_key(context)
-    ours = jose.resolve(core.keys, core.config, alias)
     receiver = EventReceiver(bank=bank.name, issuer=bank.issuer, client_id=_client_id(context),
-                             jwks=core.banks.jwks(bank.name),
-                             unwrap=lambda cek: core.signer.decrypt_oaep_sha256(alias, cek),
-                             encryption_kid=ours.kid, replay=core.banks.replay(bank.name))
+                             jwks=core.banks.jwks(bank.name), recipients=_recipients(context, alias),
+                             replay=core.banks.replay(bank.name))
     event = receiver.receive(given.jwe.encode("ascii", "replace"), given.content_type)
     context.log["event_type"] = event.event_type
+    context.log["decrypted_with"] = event.decrypted_with
     return event.as_dict()
+
+
+def _recipients(context: Context, alias: str) -> list[jwe.Recipient]:
+    """The alias's keys that decrypt (a rotation's current and successor, its retired ones not removed from this
+    host's token), each by the kid it is published under; each unwraps with its own key, so the audit trail
+    names the key that was used."""
+    core = context.core
+    names = core.rotation.decrypting(alias)
+    found = [jose.resolve(core.keys, core.config, names[0], policy_of=alias)]  # the current key: it must be here
+    found += [key for name in names[1:] if (key := resolved(core.keys, core.config, name, policy_of=alias))]
+    return [jwe.Recipient(key.kid, functools.partial(core.signer.decrypt_oaep_sha256, key.signer)) for key in found]
 
 
 def _client_id(context: Context) -> str:

@@ -3,14 +3,18 @@ the new state as a compare-and-set (agent/state/rotation.py): of two hosts takin
 wins and the other is told so, with nothing changed.
 
     start            successor key generated next to the current one (same type), its CSR (the current
-                     certificate's subject)
+                     certificate's subject); an encryption key's is decrypt-only and has none
     import           the successor's certificate on the token: the overlap starts, the JWKS carries both kids
+                     (an encryption key's successor may be published without a certificate)
     request          the import, with the certificate the directory's API issues for the successor's CSR
     switch-signing   (jws) the successor signs; only once the banks' JWKS cache window has passed
     switch-transport (tls) one bank: the successor's certificate registered there, then the bank gets it (its
                      cached access tokens, bound to the old certificate, are dropped)
-    retire           the old key is marked retired (kept on the token; out of the JWKS)
-    remove-retired   the retired key's objects removed from this host's token: the one step that deletes
+    retire           the old key is marked retired (kept on the token; out of the JWKS). For an encryption key
+                     this is the switch: banks can only encrypt to the successor then; the retired key still
+                     decrypts the events encrypted to it before
+    remove-retired   the retired key's objects removed from this host's token: the one step that deletes (an
+                     encryption key's only once [rotation] encryption_drain_window has passed since it retired)
 
 After its save, a step is applied in this process at once (``core.rotation.adopt``); other processes and hosts
 follow at their next read of the state.
@@ -18,10 +22,11 @@ follow at their next read of the state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from asn1crypto import x509 as asn1_x509
@@ -58,11 +63,14 @@ from agent.x509.certificates import CertificateMismatchError, import_certificate
 from agent.x509.csr import build_csr
 from agent.x509.signatures import CsrAlgorithm, same_public_key
 from agent.x509.subject import parse_subject, rfc4514
+from pkcs11_backends.decryption import generate_encryption_key
 from pkcs11_backends.errors import DuplicateKeyError, KeyNotFoundError
+from pkcs11_backends.keys import KeyInfo
 from pkcs11_backends.uri import Pkcs11Uri
 
 _SUFFIX = re.compile(r"^(?P<stem>.*?)(?:\.(?P<n>\d{1,6}))?$")
 _MERGE_ATTEMPTS = 5  # a bank's switch re-read and saved again when another host saved another bank's meanwhile
+_PUBLISHED = frozenset({KeyPurpose.JWS, KeyPurpose.ENCRYPTION})  # in the JWKS, each key under its own kid
 
 
 def _log(core: Core) -> RotationLog:
@@ -79,7 +87,7 @@ def rotatable(core: Core, alias: str) -> KeyConfig:
     if Pkcs11Uri.parse(key.uri).object is None:
         raise RotationStepError(f"[keys.{alias}] uri names its key by id only: a rotation names keys by label",
                                 hint="add object=LABEL to the uri (`tpp-agent keys list` shows the label)")
-    if key.purpose is KeyPurpose.JWS and key.kid not in (None, KID_CERT_THUMBPRINT, KID_JWK_THUMBPRINT):
+    if key.purpose in _PUBLISHED and key.kid not in (None, KID_CERT_THUMBPRINT, KID_JWK_THUMBPRINT):
         raise RotationStepError(f"[keys.{alias}] kid = {key.kid!r} is a literal: the successor would publish the "
                                 "same kid as the key it replaces", hint='set kid = "x5t#S256" (or "thumbprint"): '
                                                                         "then each key has its own")
@@ -98,8 +106,11 @@ def _under_way(log: RotationLog, alias: str) -> tuple[RotationState, str, str]:
     return state, current, successor
 
 
-def _in_overlap(log: RotationLog, alias: str) -> tuple[RotationState, str, str]:
+def _in_overlap(log: RotationLog, alias: str, *, encryption: bool = False) -> tuple[RotationState, str, str]:
     state, current, successor = _under_way(log, alias)
+    if state.overlap_started_at is None and encryption:
+        raise RotationStepError(f"{alias!r}'s successor {successor!r} is not published yet",
+                                hint=f"publish it: `tpp-agent rotate import {alias}` (with CERT if it is certified)")
     if state.overlap_started_at is None:
         raise RotationStepError(f"the certificate of {alias!r}'s successor {successor!r} is not imported yet",
                                 hint=f"import the one issued for its CSR: `tpp-agent rotate import {alias} CERT`")
@@ -114,6 +125,19 @@ def _window(core: Core, since: str, what: str) -> None:
         raise RotationWindowError(
             f"too early: banks may still use a JWKS they read before {what}, until {end:%Y-%m-%d %H:%M:%S} UTC "
             f"({left:.0f} s from now; [rotation] jwks_cache_window = {window:g} s)", retry_after=left)
+
+
+def _drained(core: Core, alias: str, retired: RotationKey) -> None:
+    """A retired encryption key goes only once no event encrypted to it can still be accepted."""
+    window = core.sections.rotation.encryption_drain_window
+    end = _when(retired.since) + datetime.timedelta(seconds=window)
+    left = (end - datetime.datetime.now(datetime.UTC)).total_seconds()
+    if left > 0:
+        raise RotationWindowError(
+            f"too early: events encrypted to {alias!r}'s retired key {retired.label!r} may still arrive, until "
+            f"{end:%Y-%m-%d %H:%M:%S} UTC ({left:.0f} s from now; [rotation] encryption_drain_window = "
+            f"{window:g} s)", hint="run it again once the window has passed (nothing was removed)",
+            retry_after=left)
 
 
 def _free_label(core: Core, current: str) -> str:
@@ -156,24 +180,20 @@ def start(core: Core, alias: str, subject: str | None = None, alg: str | None = 
     assert label is not None  # rotatable: the configured URI names a label
     current_uri = label_uri(core.config, alias, label)
     info = core.keys.info(current_uri)
+    if key.purpose is KeyPurpose.ENCRYPTION:
+        if subject is not None or alg is not None:
+            raise RotationStepError(f"key {alias!r} is an encryption key: its decrypt-only successor cannot sign a "
+                                    "CSR, so there is no subject or CSR algorithm to choose",
+                                    hint="leave --subject and --alg out")
+        return _start_encryption(core, key, log, state, info)
     name = _subject(core, key, current_uri, subject)
     algorithm = CsrAlgorithm.parse(alg) if alg else None
-    successor = _free_label(core, info.label)
-    made = core.keys.generate(successor, info.spec)
-    try:
+    made = core.keys.generate(_free_label(core, info.label), info.spec)
+    with _destroyed_unless_saved(core, made):
         signed = build_csr(core.signer, str(made.uri), name, algorithm)
-        stamp = now()
-        kept = [k for k in state.keys if k.role == RETIRED] if state is not None else []
-        since = next((k.since for k in state.keys if k.role == CURRENT), stamp) if state is not None else stamp
-        keys = (*kept, RotationKey(info.label, CURRENT, since), RotationKey(successor, SUCCESSOR, stamp))
-        fresh = RotationState(alias, keys)
-        saved = log.save(dataclasses.replace(state, keys=keys, overlap_started_at=None, signing_switched_at=None,
-                                             banks={}) if state is not None else fresh)
-    except BaseException:
-        core.keys.destroy(made.label, made.id)  # no successor the state does not know of stays on the token
-        raise
+        saved = _save_successor(log, alias, state, info.label, made.label)
     _adopted(core, saved)
-    return {"key": alias, "purpose": str(key.purpose), "current": info.label, "successor": successor,
+    return {"key": alias, "purpose": str(key.purpose), "current": info.label, "successor": made.label,
             "uri": str(made.uri), "type": str(info.spec), "subject": rfc4514(name), "alg": signed.scheme.jose_name,
             "csr": signed.pem}
 
@@ -193,12 +213,55 @@ def _subject(core: Core, key: KeyConfig, current_uri: str, subject: str | None) 
     return subject_name
 
 
-def import_successor(core: Core, alias: str, data: bytes, source: str) -> dict[str, Any]:
+def _start_encryption(core: Core, key: KeyConfig, log: RotationLog, state: RotationState | None,
+                      info: KeyInfo) -> dict[str, Any]:
+    """An encryption key's successor: decrypt-only, like the key it replaces, so it cannot sign a CSR (a key
+    that could would be used for two purposes). Its certificate, if the ecosystem wants one, is issued for its
+    public key some other way and imported; else `rotate import KEY` publishes it under its JWK thumbprint."""
+    made = generate_encryption_key(core.keys, _free_label(core, info.label), info.spec)
+    with _destroyed_unless_saved(core, made):
+        saved = _save_successor(log, key.alias, state, info.label, made.label)
+    _adopted(core, saved)
+    return {"key": key.alias, "purpose": str(key.purpose), "current": info.label, "successor": made.label,
+            "uri": str(made.uri), "type": str(info.spec), "subject": None, "alg": None, "csr": None}
+
+
+@contextlib.contextmanager
+def _destroyed_unless_saved(core: Core, made: KeyInfo) -> Iterator[None]:
+    """No successor the state does not know of stays on the token."""
+    try:
+        yield
+    except BaseException:
+        core.keys.destroy(made.label, made.id)
+        raise
+
+
+def _save_successor(log: RotationLog, alias: str, state: RotationState | None, current: str,
+                    successor: str) -> RotationState:
+    stamp = now()
+    kept = [k for k in state.keys if k.role == RETIRED] if state is not None else []
+    since = next((k.since for k in state.keys if k.role == CURRENT), stamp) if state is not None else stamp
+    keys = (*kept, RotationKey(current, CURRENT, since), RotationKey(successor, SUCCESSOR, stamp))
+    if state is None:
+        return log.save(RotationState(alias, keys))
+    return log.save(dataclasses.replace(state, keys=keys, overlap_started_at=None, signing_switched_at=None,
+                                        banks={}))
+
+
+def import_successor(core: Core, alias: str, data: bytes | None, source: str) -> dict[str, Any]:
+    """``data`` None: an encryption key's successor published without a certificate (under its JWK thumbprint)."""
     key = rotatable(core, alias)
     log = _log(core)
     state, current, successor = _under_way(log, alias)
-    leaf = read_certificates(data, source)[0]
     current_uri, successor_uri = label_uri(core.config, alias, current), label_uri(core.config, alias, successor)
+    if key.purpose is KeyPurpose.ENCRYPTION:
+        published = _publishable(core, log, state, successor_uri, data)
+        if published is not None:
+            return published
+    if data is None:
+        raise RotationStepError(f"the successor of {alias!r} needs its certificate to be published",
+                                hint=f"import the one issued for its CSR: `tpp-agent rotate import {alias} CERT`")
+    leaf = read_certificates(data, source)[0]
     if same_public_key(leaf.public_key, core.keys.public_key_info(current_uri)):
         raise CertificateMismatchError(f"the certificate in {source} is the current key's ({current!r}), not its "
                                        f"successor's ({successor!r})",
@@ -212,11 +275,39 @@ def import_successor(core: Core, alias: str, data: bytes, source: str) -> dict[s
         saved = log.save(dataclasses.replace(state, overlap_started_at=now()))
     _adopted(core, saved)
     cert = imported.certificate
-    return {"key": alias, "successor": successor, "already_present": imported.already_present,
-            "certificate": {"subject": cert.subject, "sha256": cert.sha256_fingerprint,
-                            "not_after": cert.not_after.isoformat()},
-            "overlap_started_at": saved.overlap_started_at,
-            "signing_switch_after": _after(core, saved.overlap_started_at) if key.purpose is KeyPurpose.JWS else None}
+    answer = {"key": alias, "successor": successor, "already_present": imported.already_present,
+              "certificate": {"subject": cert.subject, "sha256": cert.sha256_fingerprint,
+                              "not_after": cert.not_after.isoformat()},
+              "overlap_started_at": saved.overlap_started_at,
+              "signing_switch_after": _after(core, saved.overlap_started_at) if key.purpose is KeyPurpose.JWS
+              else None}
+    if key.purpose is KeyPurpose.ENCRYPTION:
+        answer["retire_after"] = _after(core, saved.overlap_started_at)
+    return answer
+
+
+def _publishable(core: Core, log: RotationLog, state: RotationState, successor_uri: str,
+                 data: bytes | None) -> dict[str, Any] | None:
+    """An encryption successor: published at once without a certificate (the answer), or None when one is
+    given and may be imported. A kid once published stays: no certificate comes after the overlap started
+    without one (with the default kid, the certificate's thumbprint would replace the JWK thumbprint the banks
+    were given)."""
+    alias = state.key_alias
+    has_certificate = key_certificates(core.keys, successor_uri).current is not None
+    if data is not None:
+        if state.overlap_started_at is not None and not has_certificate:
+            raise RotationStepError(f"the successor of {alias!r} is published without a certificate since "
+                                    f"{state.overlap_started_at}: a certificate now could change its kid",
+                                    hint="retire the old key as planned; certify the key at the next rotation")
+        return None
+    resolve(core.keys, core.config, successor_uri, policy_of=alias)  # its kid: KidError for kid = "x5t#S256"
+    saved = state
+    if state.overlap_started_at is None:
+        saved = log.save(dataclasses.replace(state, overlap_started_at=now()))
+    _adopted(core, saved)
+    return {"key": alias, "successor": successor_label(saved), "already_present": state.overlap_started_at is not None,
+            "certificate": None, "overlap_started_at": saved.overlap_started_at, "signing_switch_after": None,
+            "retire_after": _after(core, saved.overlap_started_at)}
 
 
 def request(core: Core, alias: str, subject: str | None = None, alg: str | None = None) -> dict[str, Any]:
@@ -228,6 +319,10 @@ def request(core: Core, alias: str, subject: str | None = None, alg: str | None 
     on the token until the certificate is downloaded and checked.
     """
     key = rotatable(core, alias)
+    if key.purpose is KeyPurpose.ENCRYPTION:
+        raise RotationStepError(f"key {alias!r} is an encryption key: its decrypt-only successor cannot sign the CSR "
+                                "a directory certifies", hint=f"publish it with `tpp-agent rotate import {alias}` "
+                                "(or with a certificate issued for its public key)")
     log = _log(core)
     state, current, successor = _under_way(log, alias)
     if state.overlap_started_at is not None:
@@ -276,6 +371,8 @@ def switch_signing(core: Core, alias: str) -> dict[str, Any]:
         raise RotationStepError(f"key {alias!r} is a transport key: it switches bank by bank",
                                 hint=f"`tpp-agent rotate switch-transport {alias}` registers its successor's "
                                      "certificate at each bank and switches it")
+    if key.purpose is KeyPurpose.ENCRYPTION:
+        raise _no_encryption_switch(alias)
     log = _log(core)
     state, _, successor = _in_overlap(log, alias)
     if state.signing_switched_at is not None:
@@ -290,8 +387,16 @@ def switch_signing(core: Core, alias: str) -> dict[str, Any]:
             "retire_after": _after(core, saved.signing_switched_at)}
 
 
+def _no_encryption_switch(alias: str) -> RotationStepError:
+    return RotationStepError(f"key {alias!r} is an encryption key: banks encrypt to the keys its JWKS carries, so "
+                             "it switches when the old key is retired (out of the JWKS, still decrypting)",
+                             hint=f"`tpp-agent rotate retire {alias}`, once the window after the import has passed")
+
+
 def switch_transport(core: Core, alias: str, bank: str) -> dict[str, Any]:
     key = rotatable(core, alias)
+    if key.purpose is KeyPurpose.ENCRYPTION:
+        raise _no_encryption_switch(alias)
     if key.purpose is not KeyPurpose.TLS:
         raise RotationStepError(f"key {alias!r} is not a transport key: it switches for every bank at once",
                                 hint=f"`tpp-agent rotate switch-signing {alias}`")
@@ -339,13 +444,16 @@ def _record_switch(log: RotationLog, alias: str, successor: str, bank: str) -> R
 def retire(core: Core, alias: str) -> dict[str, Any]:
     key = rotatable(core, alias)
     log = _log(core)
-    state, current, successor = _in_overlap(log, alias)
+    state, current, successor = _in_overlap(log, alias, encryption=key.purpose is KeyPurpose.ENCRYPTION)
     if key.purpose is KeyPurpose.TLS:
         left = [b.name for b in _banks_of(core, key) if bank_label(state, b.name) != successor]
         if left:
             raise RotationStepError(f"bank(s) {', '.join(left)} still get the certificate of {current!r}",
                                     hint=f"switch each first: `tpp-agent rotate switch-transport {alias} --bank "
                                          f"{left[0]}`")
+    elif key.purpose is KeyPurpose.ENCRYPTION:
+        assert state.overlap_started_at is not None  # _in_overlap
+        _window(core, state.overlap_started_at, "the successor was in it (the old key leaves it now)")
     else:
         if state.signing_switched_at is None:
             raise RotationStepError(f"{alias!r} still signs with {current!r}",
@@ -356,21 +464,30 @@ def retire(core: Core, alias: str) -> dict[str, Any]:
     keys = (*kept, RotationKey(current, RETIRED, stamp), RotationKey(successor, CURRENT, stamp))
     saved = _adopted(core, log.save(dataclasses.replace(state, keys=keys, overlap_started_at=None,
                                                         signing_switched_at=None, banks={})))
-    return {"key": alias, "current": successor, "retired": current, "retired_at": stamp, "version": saved.version,
-            "config_hint": f"[keys.{alias}] uri may now name object={successor} (the state says so meanwhile)"}
+    answer = {"key": alias, "current": successor, "retired": current, "retired_at": stamp, "version": saved.version,
+              "config_hint": f"[keys.{alias}] uri may now name object={successor} (the state says so meanwhile)"}
+    if key.purpose is KeyPurpose.ENCRYPTION:
+        end = _when(stamp) + datetime.timedelta(seconds=core.sections.rotation.encryption_drain_window)
+        answer["remove_after"] = end.isoformat(timespec="seconds")
+    return answer
 
 
 def remove_retired(core: Core, alias: str, label: str | None = None) -> dict[str, Any]:
-    rotatable(core, alias)
+    key = rotatable(core, alias)
     state = _log(core).get(alias)
-    retired = state.labels(RETIRED) if state is not None else []
+    retired = [k for k in state.keys if k.role == RETIRED] if state is not None else []
     if not retired:
         raise RotationStepError(f"key {alias!r} has no retired key",
                                 hint=f"a key is retired at the end of its rotation (`tpp-agent rotate retire {alias}`)")
-    if label is not None and label not in retired:
-        raise RotationStepError(f"{label!r} is not a retired key of {alias!r} (retired: {', '.join(retired)})")
+    if label is not None and label not in {k.label for k in retired}:
+        raise RotationStepError(f"{label!r} is not a retired key of {alias!r} "
+                                f"(retired: {', '.join(k.label for k in retired)})")
+    chosen = [k for k in retired if label is None or k.label == label]
+    if key.purpose is KeyPurpose.ENCRYPTION:
+        for one in chosen:  # all drained, or none removed
+            _drained(core, alias, one)
     removed = []
-    for name in [label] if label is not None else retired:
+    for name in (k.label for k in chosen):
         try:
             info = core.keys.info(label_uri(core.config, alias, name))
         except KeyNotFoundError:
@@ -392,6 +509,7 @@ def _after(core: Core, stamp: str | None) -> str | None:
 def status(core: Core, aliases: Iterable[str]) -> dict[str, Any]:
     log = _log(core)
     return {"jwks_cache_window": core.sections.rotation.jwks_cache_window,
+            "encryption_drain_window": core.sections.rotation.encryption_drain_window,
             "keys": [_key_status(core, alias, log.get(alias)) for alias in aliases]}
 
 
@@ -413,6 +531,8 @@ def _key_status(core: Core, alias: str, state: RotationState | None) -> dict[str
                            "switched_at": state.banks[b.name].switched_at
                            if state is not None and b.name in state.banks else None}
                           for b in _banks_of(core, key)]
+    elif key.purpose is KeyPurpose.ENCRYPTION:
+        entry["retire_after"] = _after(core, state.overlap_started_at) if state is not None else None
     else:
         entry["signing"] = (signing_label(state) if state is not None else None) or configured
         entry["signing_switch_after"] = _after(core, state.overlap_started_at) if state is not None else None
@@ -434,9 +554,14 @@ def _one_key(core: Core, alias: str, key: RotationKey) -> dict[str, Any]:
     if cert is not None:
         found["certificate"] = {"subject": cert.subject, "sha256": cert.sha256_fingerprint,
                                 "not_after": cert.not_after.isoformat()}
-    if core.key(alias).purpose is KeyPurpose.JWS and (key.role != RETIRED):
+    purpose = core.key(alias).purpose
+    # A retired encryption key still decrypts (under its kid) until it is removed; a retired signing key is done.
+    if purpose is KeyPurpose.ENCRYPTION or (purpose is KeyPurpose.JWS and key.role != RETIRED):
         jose_key = resolved(core.keys, core.config, uri, policy_of=alias)  # None: no kid yet (no certificate)
         found["kid"] = jose_key.kid if jose_key is not None else None
+    if purpose is KeyPurpose.ENCRYPTION and key.role == RETIRED:
+        end = _when(key.since) + datetime.timedelta(seconds=core.sections.rotation.encryption_drain_window)
+        found["remove_after"] = end.isoformat(timespec="seconds")
     return found
 
 
@@ -445,6 +570,9 @@ def _phase(alias: str, key: KeyConfig, state: RotationState | None, successor: s
     if state is None or successor is None:
         return "no rotation under way", f"tpp-agent rotate start {alias}" + (" --directory" if directory else "")
     if state.overlap_started_at is None:
+        if key.purpose is KeyPurpose.ENCRYPTION:
+            return ("successor made, not published yet",
+                    f"tpp-agent rotate import {alias} [CERT] (without CERT: under its JWK thumbprint)")
         return ("successor made, its certificate not imported",
                 f"tpp-agent rotate request {alias}" if directory else f"tpp-agent rotate import {alias} CERT")
     if key.purpose is KeyPurpose.TLS:
@@ -454,6 +582,9 @@ def _phase(alias: str, key: KeyConfig, state: RotationState | None, successor: s
             return (f"overlap: {done} of {len(entry['banks'])} bank(s) switched",
                     f"tpp-agent rotate switch-transport {alias} --bank {left[0]}")
         return "every bank switched", f"tpp-agent rotate retire {alias}"
+    if key.purpose is KeyPurpose.ENCRYPTION:
+        return ("overlap: the JWKS carries both encryption keys, both decrypt",
+                f"tpp-agent rotate retire {alias} (after {entry['retire_after']})")
     if state.signing_switched_at is None:
         return ("overlap: the JWKS carries both kids",
                 f"tpp-agent rotate switch-signing {alias} (after {entry['signing_switch_after']})")

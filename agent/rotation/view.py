@@ -19,7 +19,7 @@ from agent import log
 from agent.config import Config, KeyPurpose
 from agent.openfinance.banks import BankConfig
 from agent.state import SQLITE_NAME, StateError, database_url, open_state
-from agent.state.rotation import CURRENT, SUCCESSOR, RotationState, all_states
+from agent.state.rotation import CURRENT, RETIRED, SUCCESSOR, RotationState, all_states
 from pkcs11_backends.keys import KeyStore
 from pkcs11_backends.uri import ObjectType, Pkcs11Uri
 
@@ -156,7 +156,8 @@ class RotationView:
         return dataclasses.replace(bank, tls=dataclasses.replace(bank.tls, client_key=key))
 
     def published(self, alias: str) -> list[str]:
-        """The keys of a jws alias a JWKS carries: the one signing first, and in an overlap the other too."""
+        """The keys of a jws or encryption alias a JWKS carries: the one signing (an encryption key's: the current
+        one) first, and in an overlap the other too."""
         state = self._states.get(alias)
         successor = successor_label(state) if state is not None else None
         current = current_label(state) if state is not None else None
@@ -165,3 +166,11 @@ class RotationView:
         signing = signing_label(state) or current
         other = current if signing == successor else successor
         return [label_uri(self.config, alias, signing), label_uri(self.config, alias, other)]
+
+    def decrypting(self, alias: str) -> list[str]:
+        """The keys of an encryption alias that decrypt: the published ones (the current key first), then the
+        retired ones, kept for the events encrypted to them that may still arrive until they are removed."""
+        state = self._states.get(alias)
+        if state is None:
+            return [alias]
+        return [*self.published(alias), *(label_uri(self.config, alias, label) for label in state.labels(RETIRED))]

@@ -175,20 +175,51 @@ def jwcrypto_jwe_to(key: rsa.RSAPrivateKey, kid: str, *, alg: str = "RSA-OAEP-25
 
 
 def test_decrypt_what_jwcrypto_made() -> None:
-    opened = jwe.decrypt(jwcrypto_jwe_to(BANK, "ours"), software_unwrap(BANK), kid="ours")
+    opened = jwe.decrypt(jwcrypto_jwe_to(BANK, "ours"), [jwe.Recipient("ours", software_unwrap(BANK))])
     assert opened.plaintext == b"payload" and opened.header["kid"] == "ours"
+
+
+def test_decrypt_picks_the_key_the_kid_names_and_tries_each_without_one() -> None:
+    """A rotation's two keys: the JWE's kid chooses; without a kid each is tried, the first one first."""
+    used: list[str] = []
+
+    def recording(kid: str, key: rsa.RSAPrivateKey) -> jwe.Recipient:
+        def unwrap(cek: bytes) -> bytes:
+            used.append(kid)
+            unwrapped: bytes = software_unwrap(key)(cek)
+            return unwrapped
+        return jwe.Recipient(kid, unwrap)
+
+    both = [recording("old", BANK), recording("new", OTHER)]
+    assert jwe.decrypt(jwcrypto_jwe_to(OTHER, "new"), both).kid == "new" and used == ["new"]
+    used.clear()
+    assert jwe.decrypt(jwcrypto_jwe_to(BANK, "old"), both).kid == "old" and used == ["old"]
+    used.clear()
+    parts = jwcrypto_jwe_to(OTHER, "new").split(".")
+    token = jwcrypto_jwe.JWE(b"payload", protected=json.dumps({"alg": "RSA-OAEP-256", "enc": "A256GCM"}))
+    token.add_recipient(jwcrypto_jwk.JWK(**public_jwk(OTHER, "new", "enc")))
+    no_kid = token.serialize(compact=True)
+    assert "kid" not in json.loads(b64url_decode(no_kid.split(".")[0]))
+    opened = jwe.decrypt(no_kid, both)
+    assert opened.plaintext == b"payload" and opened.kid == "new" and used == ["old", "new"]
+    with pytest.raises(WrongRecipientError, match=r"encrypted to key 'other', which is not one of ours \('old', "
+                                                  r"'new'\)"):
+        jwe.decrypt(jwcrypto_jwe_to(OTHER, "other"), both)
+    tampered = ".".join([*parts[:3], b64url(b"\0" + b64url_decode(parts[3])[1:]), parts[4]])
+    with pytest.raises(DecryptionFailedError):  # to a key of ours, damaged: the same answer as to no key
+        jwe.decrypt(tampered, both)
 
 
 def test_decrypt_refusals() -> None:
     with pytest.raises(WrongRecipientError):
-        jwe.decrypt(jwcrypto_jwe_to(OTHER, "theirs"), software_unwrap(BANK), kid="ours")
+        jwe.decrypt(jwcrypto_jwe_to(OTHER, "theirs"), [jwe.Recipient("ours", software_unwrap(BANK))])
     with pytest.raises(DecryptionFailedError):
-        jwe.decrypt(jwcrypto_jwe_to(OTHER, "ours"), software_unwrap(BANK), kid="ours")
+        jwe.decrypt(jwcrypto_jwe_to(OTHER, "ours"), [jwe.Recipient("ours", software_unwrap(BANK))])
     with pytest.raises(AlgorithmRefusedError):
-        jwe.decrypt(jwcrypto_jwe_to(BANK, "ours", alg="RSA-OAEP"), software_unwrap(BANK), kid="ours")
+        jwe.decrypt(jwcrypto_jwe_to(BANK, "ours", alg="RSA-OAEP"), [jwe.Recipient("ours", software_unwrap(BANK))])
     parts = jwcrypto_jwe_to(BANK, "ours").split(".")
     tampered = ".".join([*parts[:3], b64url(b"\0" + b64url_decode(parts[3])[1:]), parts[4]])
     with pytest.raises(DecryptionFailedError):
-        jwe.decrypt(tampered, software_unwrap(BANK), kid="ours")
+        jwe.decrypt(tampered, [jwe.Recipient("ours", software_unwrap(BANK))])
     with pytest.raises(MalformedError):
-        jwe.decrypt("a.b.c", software_unwrap(BANK), kid="ours")
+        jwe.decrypt("a.b.c", [jwe.Recipient("ours", software_unwrap(BANK))])

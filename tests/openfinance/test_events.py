@@ -14,6 +14,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from agent.jose import jwe
 from agent.jose.errors import (
     DecryptionFailedError,
     ExpiredError,
@@ -40,9 +41,10 @@ def world(shared_runtime: Runtime, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture
 def receiver(world: World) -> EventReceiver:
     decryptor = TokenDecryptor(world.runtime.keys)
+    ours = jwe.Recipient(world.encryption_jwk()["kid"],
+                         lambda cek: decryptor.decrypt_oaep_sha256(world.encryption_uri, cek))
     return EventReceiver(bank="mb", issuer=world.bank.issuer, client_id=world.client_id, jwks=world.bank_jwks(),
-                         unwrap=lambda cek: decryptor.decrypt_oaep_sha256(world.encryption_uri, cek),
-                         encryption_kid=world.encryption_jwk()["kid"], replay=ReplayGuard())
+                         recipients=[ours], replay=ReplayGuard())
 
 
 def event(world: World, recipient: dict[str, Any] | None = None, **overrides: Any) -> str:
