@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from agent.audit import trail_files
 from agent.client import AgentRequestError
 from agent.errors import ExitStatus
 from agent.x509.certificates import key_certificates
@@ -140,6 +141,7 @@ def test_through_the_socket_and_the_cli_through_the_agent(fleet: Fleet, agent: D
     assert "next: `tpp-agent rotate switch-transport transport`" in done.stdout
     assert _status(fleet, "transport")["phase"] == "overlap: 0 of 2 bank(s) switched"
     # Each request to the directory used the current transport key, audited as the admin's rotation step.
-    audit = [json.loads(line) for line in (fleet.config.parent / "audit.jsonl").read_text().splitlines()]
+    audit = [json.loads(line) for path in trail_files(fleet.config.parent / "audit.jsonl")
+             for line in path.read_text().splitlines()]  # every serving process's trail
     uses = [r for r in audit if r.get("algorithm") == "tls-client-auth" and r["operation"] == "rotate"]
     assert uses and all(r["uid"] == 0 for r in uses)

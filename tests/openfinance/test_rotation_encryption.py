@@ -93,7 +93,7 @@ def tpp(shared_runtime: Runtime, softhsm_state: Path, tmp_path: Path, public_dir
                 f'[rotation]\njwks_cache_window = {WINDOW}\nencryption_drain_window = {DRAIN}\n\n'
                 f'[banks.mb]\ndiscovery_url = "{bank.discovery_url}"\nissuer = "{bank.issuer}"\n'
                 f'ca_bundle = "{bank.ca_bundle}"\nclient_key = "transport"\n\n'
-                f'[daemon]\nsocket = "{public_dir}/run/agent.sock"\naudit_file = "{state}/audit.jsonl"\n'
+                f'[daemon]\nsocket = "{public_dir}/run/agent.sock"\nprocesses = 1\naudit_file = "{state}/audit.jsonl"\n'
                 f'health_interval = 0.5\n\n[policy]\nadmin_users = ["root"]\n')
         config = state / "config.toml"
         config.write_text(text)
@@ -140,7 +140,7 @@ def _enc_keys(daemon: Daemon) -> list[dict[str, Any]]:
 
 
 def _decryptions(tpp: Tpp) -> list[str]:
-    """The key of each decryption in the audit trail, in order."""
+    """The key of each decryption in the audit trail, in order (one serving process: one trail)."""
     records = [json.loads(line) for line in tpp.audit.read_text().splitlines() if line.strip()]
     return [r["key"] for r in records if r.get("algorithm") == "RSA-OAEP-256" and r.get("operation") != "canary"]
 
