@@ -83,9 +83,9 @@ def start(token: Token, public_dir: Path, processes: int | str | None = 2,  # no
           env: dict[str, str] | None = None) -> Daemon:
     """A daemon with ``processes`` serving processes (None: the default); its notify socket reports each sender's
     pid."""
-    config = daemon_config(token, public_dir)
-    config = config.replace(ONE_PROCESS, "", 1) if processes is None else with_processes(config, processes)
-    config = token.write_config(config)
+    text = daemon_config(token, public_dir)
+    config = token.write_config(text.replace(ONE_PROCESS, "", 1) if processes is None
+                                else with_processes(text, processes))
     daemon = launch(config, public_dir, env, wait_ready=False)
     # Set before the daemon's interpreter has even started: every datagram carries its sender.
     daemon.notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +17,8 @@ from agent.audit import trail_files
 from agent.client import AgentRequestError
 from agent.errors import ExitStatus
 from agent.x509.certificates import key_certificates
-from tests.daemon.conftest import Daemon, launch, public_dir  # noqa: F401 -- a fixture
-from tests.openfinance.test_rotation import Fleet, fleet  # noqa: F401 -- a fixture
+from tests.daemon.conftest import Daemon, public_dir  # noqa: F401 -- a fixture
+from tests.openfinance.test_rotation import Fleet, agent, fleet  # noqa: F401 -- fixtures
 
 _CREATE = "/certificates/rts"  # the CSR's POST (…/certificates/rtssigning, …/rtstransport), not the token's
 
@@ -96,14 +94,6 @@ def test_the_directory_failing_leaves_the_rotation_where_it_was_and_a_retry_work
     assert stored is not None and stored.der == directory.certificates[made].certificate.public_bytes(Encoding.DER)
     assert _status(fleet, "signing")["phase"] == "overlap: the JWKS carries both kids"
     _refused(fleet.cli("rotate", "request", "signing"), 1, "is imported already")
-
-
-@pytest.fixture
-def agent(fleet: Fleet, public_dir: Path) -> Iterator[Daemon]:  # noqa: F811
-    daemon = launch(fleet.config, public_dir)
-    yield daemon
-    daemon.stop()
-    daemon.notify.close()
 
 
 def test_through_the_socket_and_the_cli_through_the_agent(fleet: Fleet, agent: Daemon) -> None:  # noqa: F811
