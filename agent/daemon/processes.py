@@ -42,7 +42,9 @@ from collections.abc import Callable
 from agent.daemon.http import HttpError
 from agent.daemon.server import Accept, refuse_connection
 from agent.daemon.systemd import Notifier
+from agent.errors import AgentError, exit_status
 from agent.log import get_logger
+from pkcs11_backends.errors import Pkcs11Error
 
 log = get_logger("tpp-agent.daemon")
 
@@ -131,6 +133,12 @@ class _Supervisor:
                 if os.environ.get("WATCHDOG_PID") == str(parent):
                     os.environ["WATCHDOG_PID"] = str(os.getpid())  # its pings go to us, at systemd's pace
                 status = self.serve(theirs)
+            except (AgentError, Pkcs11Error) as exc:
+                # As one process says it (agent/cli): the error, what to do, the status systemd acts on.
+                print(f"error: {exc}", file=sys.stderr)
+                if exc.hint:
+                    print(f"hint: {exc.hint}", file=sys.stderr)
+                status = exit_status(exc)
             except BaseException:
                 log.exception("serving_process_failed", process=index + 1)
             finally:
