@@ -2,9 +2,11 @@
 each bank's TLS.
 
 The agent reads the state at start, after each rotation step it runs itself (at once: the step's answer comes
-after the switch is in force here), and every ``[daemon] health_interval`` for the steps other processes and
-hosts ran. An alias then resolves to the label the state names (``KeyStore.aliases``), and each bank's
-transport is built with the key that bank was switched to (``transport_key``), so nothing restarts.
+after the switch is in force here), at the next operation after a step another process of this host ran (the
+step replaces ``STATE_DIR/rotation.changed``; :meth:`RotationView.follow` stats it), and every
+``[daemon] health_interval`` for the steps other hosts ran. An alias then resolves to the label the state names
+(``KeyStore.aliases``), and each bank's transport is built with the key that bank was switched to
+(``transport_key``), so nothing restarts.
 """
 
 from __future__ import annotations
