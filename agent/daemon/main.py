@@ -111,7 +111,7 @@ def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket,
             notifier.status(f"start-up failed: {exc}")
             return exit_status(exc)  # 69 (the HSM is away: systemd retries), 78 (a wrong module path: it does not)
         router = Router(agent)
-        server = Server(listener, router, settings.limits, accept=accept, remote=router.remote,
+        server = Server(listener, router, settings.limits, accept=accept, remote=router.remote, routine=router.routine,
                         known=lambda peer: agent.policy.knows(peer),  # noqa: PLW0108 (the policy a reload put in place)
                         observe=metrics.request)
         # Alone, the process is sampled by its own scrapes; beside others, each second for theirs.

@@ -15,7 +15,7 @@ from urllib.parse import quote
 from agent.daemon.http import Response
 from agent.metrics import CONTENT_TYPE
 from agent.operations.registry import BY_NAME
-from agent.operations.spec import Spec
+from agent.operations.spec import Access, Spec
 
 _CACHE_SIZE = 1024  # distinct (method, path) pairs: every key and bank alias, with room for junk
 
@@ -110,6 +110,12 @@ class Match:
     def remote(self) -> bool:
         """The operation may call a bank, so the request goes to the bank workers."""
         return self.route is not None and self.route.spec.calls_bank
+
+    @property
+    def routine(self) -> bool:
+        """Not an administrator's operation (which may generate a key on the token): quick enough for the server's
+        I/O thread to answer itself. Unknown paths are answered at once."""
+        return self.route is None or self.route.spec.access is not Access.ADMIN
 
 
 class RouteTable:

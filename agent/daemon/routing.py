@@ -103,6 +103,10 @@ class Router:
         """Whether the request may call a bank (the server's ``remote``)."""
         return self.table.match(request.method, request.path).remote
 
+    def routine(self, request: Request) -> bool:
+        """Whether the request is routine, not an administrator's step (the server's ``routine``)."""
+        return self.table.match(request.method, request.path).routine
+
     def __call__(self, request: Request) -> Response:
         found = self.table.match(request.method, request.path)
         route = found.route

@@ -33,14 +33,18 @@ a bank that answers in seconds cannot hold the workers that sign, and signing ne
 few workers (more threads in one process only hand the interpreter lock around).
 
 While the local lane runs on one worker (``workers`` = 1, as each serving process has
-under ``processes = "auto"``) and requests compute, the I/O thread answers the local
-requests it reads itself, in the order they came, and the worker waits: with two
-threads that both compute, every call that releases the interpreter lock (a send, a
-token call, a write) hands it to the other thread and back, and each hand-off is a
-wake-up (ES256 at 8 clients, two processes: +14% signatures/s, -8 to -12% CPU per
-request). Once the lane grows (requests block, as on a network HSM), requests go to
-the workers again; after a busy turn the I/O thread busy polls its epoll as a
-lingering worker polls its client.
+under ``processes = "auto"``) and requests compute, the I/O thread answers the routine
+requests it reads itself, in the order they came: with two threads that both compute,
+every call that releases the interpreter lock (a send, a token call, a write) hands it
+to the other thread and back, and each hand-off is a wake-up (ES256 at 8 clients, two
+processes: +6 to +14% signatures/s, -12% CPU per request; docs/performance.md). An
+administrator's step (``routine`` says which) goes to the worker, so signing goes on
+while it generates a key. Once the lane grows (requests block, as on a network HSM),
+requests go to the workers again; after a busy turn the I/O thread busy polls its
+epoll as a lingering worker polls its client. The price: while a routine token call
+is slow (under ``call_timeout``), this process reads no other request, bank calls
+included; on a token that stalls those would mostly wait for it anyway (their TLS
+and client assertions sign on it).
 
 Token calls run on the serving thread itself (:meth:`Server.serving` tells the
 session pool which threads those are); if one passes ``[pkcs11] call_timeout``, the
@@ -80,6 +84,8 @@ Handler = Callable[[Request], Response]
 Accept = Callable[[], socket.socket]
 # Whether a request calls a bank (it then goes to the bank workers).
 Remote = Callable[[Request], bool]
+# Whether a local request is routine (a caller's signature, a JWKS): the I/O thread may answer it itself.
+Routine = Callable[[Request], bool]
 # Whether any policy rule names a peer: a caller with none gets the small quota of ``Limits.stranger_*``.
 Known = Callable[[Peer], bool]
 # Told of each answer: the operation (None: none was named), the status, the seconds since its first byte.
@@ -202,7 +208,8 @@ class _Lane:
 
 class Server:
     def __init__(self, listener: socket.socket, handler: Handler, limits: Limits, *, accept: Accept | None = None,
-                 remote: Remote | None = None, known: Known | None = None, observe: Observe | None = None) -> None:
+                 remote: Remote | None = None, routine: Routine | None = None, known: Known | None = None,
+                 observe: Observe | None = None) -> None:
         """``listener``: readable when a connection waits; ``accept`` takes it (default: ``listener.accept()``)."""
         self.listener = listener
         self._take = accept or (lambda: listener.accept()[0])
@@ -214,6 +221,7 @@ class Server:
         self._local = _Lane("worker", limits.workers,
                             Sizing(limits.workers, limits.max_workers) if grows and limits.max_workers else None)
         self._remote = remote
+        self._routine = routine
         self._known = known
         self._observe = observe
         self._lanes = [self._local] + ([_Lane("bank", limits.bank_workers)] if remote else [])
@@ -349,7 +357,7 @@ class Server:
             if self._loop_generation != generation:
                 break
             conn, request = self._ready.popleft()
-            if not self._answers_itself(lane):  # the lane grew meanwhile: requests block, its workers take them
+            if not self._answers_itself(lane, request):  # the lane grew meanwhile: requests block, workers take them
                 lane.put((conn, request))
                 continue
             answered = True
@@ -359,12 +367,8 @@ class Server:
             except Exception as exc:  # as a worker: the connection is the only casualty
                 log.error("worker_failed", peer_uid=conn.peer.uid, error=repr(exc)[:200])
                 self._close(conn)
-            with self._lock:
-                replaced = thread in self._replaced
-            if replaced:  # the watch thread answered for it and gave the share back; a new thread has the loop
-                self._replaced.discard(thread)
+            if self._release(thread, conn, lane):  # a new thread has the loop
                 break
-            self._done(conn, lane)
             if following is not None:  # behind the requests that came before it
                 self._dispatch(conn, following)
         return answered
@@ -542,6 +546,16 @@ class Server:
         else:
             self._hand(lane, (conn, request))
 
+    def _release(self, thread: int, conn: _Connection, lane: _Lane) -> bool:
+        """After ``thread`` served ``conn``: the caller's share back, unless the thread was stuck in a hung call
+        and replaced (the watch thread gave the share back when it answered for it); whether it was."""
+        with self._lock:
+            replaced = thread in self._replaced
+            self._replaced.discard(thread)
+        if not replaced:
+            self._done(conn, lane)
+        return replaced
+
     def _done(self, conn: _Connection, lane: _Lane) -> None:
         """A worker has finished with a connection: the caller's share frees up for its next waiting request."""
         key = (conn.peer.uid, lane.name)
@@ -563,16 +577,17 @@ class Server:
 
     def _hand(self, lane: _Lane, item: tuple[_Connection, Request]) -> None:
         """A request to be answered: by the I/O thread itself (it is the one handing it) or by the lane's workers."""
-        if self._answers_itself(lane):
+        if self._answers_itself(lane, item[1]):
             self._ready.append(item)
         else:
             lane.put(item)
 
-    def _answers_itself(self, lane: _Lane) -> bool:
-        """Whether the calling thread is the I/O thread and answers ``lane``'s requests itself: the local lane
-        at one worker, which it has while requests compute."""
+    def _answers_itself(self, lane: _Lane, request: Request) -> bool:
+        """Whether the calling thread is the I/O thread and answers ``request`` itself: a routine request of the
+        local lane at one worker, which it has while requests compute. An operator's step (a CSR, a rotation
+        step generating a key) goes to the worker: the loop goes on reading and signing meanwhile."""
         return (lane is self._local and lane.workers == 1 and threading.get_ident() == self._loop_thread
-                and not self._stopping.is_set())
+                and not self._stopping.is_set() and (self._routine is None or self._routine(request)))
 
     def _lane(self, request: Request) -> _Lane:
         return self._lanes[-1] if self._remote is not None and self._remote(request) else self._local
@@ -638,12 +653,8 @@ class Server:
                 log.error("worker_failed", peer_uid=conn.peer.uid, error=repr(exc)[:200])
                 self._close(conn)
             finally:
-                with self._lock:
-                    replaced = thread in self._replaced
-                if not replaced:  # else the watch thread gave the caller's share back when it answered for us
-                    self._done(conn, lane)
+                replaced = self._release(thread, conn, lane)
             if replaced:  # another worker took this one's place while it hung
-                self._replaced.discard(thread)
                 break
         del self._lane_of[thread]
         linger.close()

@@ -28,7 +28,7 @@ import pytest
 
 from agent.client import AgentClient
 from agent.daemon.limits import Limits
-from agent.daemon.server import Handler, Known, Server
+from agent.daemon.server import Handler, Known, Routine, Server
 from agent.runtime import Runtime
 from pkcs11_backends.errors import DuplicateKeyError
 from pkcs11_backends.keys import KeySpec
@@ -93,20 +93,30 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def http_server(path: Path, handler: Handler, limits: Limits, known: Known | None = None) -> Iterator[Path]:
+def http_server(path: Path, handler: Handler, limits: Limits, known: Known | None = None,
+                routine: Routine | None = None) -> Iterator[Path]:
     """The daemon's HTTP server alone on a Unix socket at ``path``, answering with ``handler``."""
+    with running_server(path, handler, limits, known, routine):
+        yield path
+
+
+@contextlib.contextmanager
+def running_server(path: Path, handler: Handler, limits: Limits, known: Known | None = None,
+                   routine: Routine | None = None) -> Iterator[Server]:
+    """:func:`http_server`, giving the server itself (what the session pool's watch thread calls)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen()
-    server = Server(listener, handler, limits, known=known)
+    server = Server(listener, handler, limits, known=known, routine=routine)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     try:
-        yield path
+        yield server
     finally:
         server.stop()
         thread.join(10)
         listener.close()
+    assert not thread.is_alive(), "the server did not stop within 10 s"
 
 
 def read_all(sock: socket.socket) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from agent.daemon.http import HttpError, Request, Response
 from agent.daemon.limits import Limits
 from agent.daemon.settings import DaemonSettings
 from agent.errors import ConfigError
-from tests.daemon.conftest import http_server, read_response
+from tests.daemon.conftest import http_server, read_response, running_server
 
 LINGER = 30.0  # far longer than the test may take: a request that waits it out fails the test
 
@@ -48,6 +49,60 @@ def test_a_worker_waiting_on_its_last_client_serves_another_client_at_once(one_w
         assert _ask(second, "/b") == "/b"
         assert time.monotonic() - started < LINGER / 3
         assert _ask(first, "/c") == "/c"  # and `first` is still served
+
+
+def test_signing_goes_on_while_an_operators_long_step_runs_on_the_only_worker(tmp_path: Path) -> None:
+    # One worker per serving process is the default: a step that generates a key (seconds on some HSMs) must not
+    # hold every caller's signatures behind it.
+    step_started, step_may_end = threading.Event(), threading.Event()
+
+    def answer(request: Request) -> Response:
+        if request.path == "/step":
+            step_started.set()
+            step_may_end.wait(30)
+        return Response.json(200, {"path": request.path})
+
+    limits = Limits(workers=1, in_flight_per_uid=2, drain_timeout=1.0, log_successes=False)
+    with http_server(tmp_path / "s.sock", answer, limits, routine=lambda request: request.path != "/step") as path, \
+            socket.socket(socket.AF_UNIX) as operator, socket.socket(socket.AF_UNIX) as service:
+        operator.settimeout(30)
+        service.settimeout(5)  # signatures held behind the step would time out here
+        operator.connect(str(path))
+        service.connect(str(path))
+        operator.sendall(b"GET /step HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert step_started.wait(10)
+        assert [_ask(service, f"/sign/{n}") for n in range(3)] == ["/sign/0", "/sign/1", "/sign/2"]
+        step_may_end.set()
+        status, _, body = read_response(operator)
+        assert status == 200 and json.loads(body) == {"path": "/step"}
+
+
+def test_a_request_stuck_on_the_io_thread_is_answered_and_a_new_io_thread_serves_the_rest(tmp_path: Path) -> None:
+    # With one worker the I/O thread answers routine requests itself: a token call that hangs there must not stop
+    # the loop. The session pool's watch thread answers for it at call_timeout (answer_for), as here.
+    stuck_on: list[int] = []
+    hanging, released = threading.Event(), threading.Event()
+
+    def answer(request: Request) -> Response:
+        if request.path == "/hangs":
+            stuck_on.append(threading.get_ident())
+            hanging.set()
+            released.wait(30)
+        return Response.json(200, {"path": request.path})
+
+    with running_server(tmp_path / "s.sock", answer, Limits(workers=1, drain_timeout=1.0)) as server, \
+            socket.socket(socket.AF_UNIX) as stuck, socket.socket(socket.AF_UNIX) as other:
+        stuck.settimeout(10)
+        other.settimeout(10)
+        stuck.connect(str(tmp_path / "s.sock"))
+        stuck.sendall(b"GET /hangs HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert hanging.wait(10)
+        server.answer_for(stuck_on[0], HttpError(503, "token_unavailable", "the token did not answer within 0.5s"))
+        assert read_response(stuck)[0] == 503
+        other.connect(str(tmp_path / "s.sock"))  # accepted and answered while the old thread is still stuck
+        assert [_ask(other, f"/after/{n}") for n in range(3)] == ["/after/0", "/after/1", "/after/2"]
+        released.set()  # the stuck call returns: its late answer is dropped, the new thread goes on
+        assert _ask(other, "/later") == "/later"
 
 
 def _busy_poll(tmp_path: Path, daemon: dict[str, object]) -> float:
