@@ -18,10 +18,10 @@ from typing import cast
 import pkcs11
 from pkcs11 import ObjectClass
 from pkcs11.types import SignMixin
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config as config_module
 from agent.client import AgentClient
+from agent.metrics.text import families
 from agent.runtime import Runtime
 from bench.common import (
     RATIO_NOTE,
@@ -124,7 +124,7 @@ def _scraped(profile: str, daemon: Daemon) -> Check:
     finally:
         client.close()
     found: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(text.decode()):  # type: ignore[no-untyped-call]
+    for family in families(text.decode()):
         for sample in family.samples:
             key = sample.labels.get("operation", sample.labels.get("call", ""))
             if sample.labels.get("status", "200") == "200":

@@ -27,11 +27,11 @@ def metrics_command(args: argparse.Namespace, ctx: CliContext) -> int:
         sys.stdout.write(text)
         return 0
     # The same, read back by prometheus_client's own parser: a family per metric, each sample with its labels.
-    from prometheus_client.parser import text_string_to_metric_families
+    from agent.metrics.text import families as read
 
     families = [{"name": family.name, "type": family.type, "help": family.documentation,
                  "samples": [{"name": sample.name, "labels": sample.labels, "value": sample.value}
                              for sample in family.samples]}
-                for family in text_string_to_metric_families(text)]  # type: ignore[no-untyped-call]
+                for family in read(text)]
     print(json.dumps({"metrics": families}, indent=2))
     return 0

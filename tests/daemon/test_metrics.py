@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config as config_module
 from agent.client import AgentRequestError
 from agent.errors import ConfigError
 from agent.metrics.settings import MetricsSettings
+from agent.metrics.text import families
 from modelbank import ModelBank
 from tests.daemon.conftest import NOBODY, TPP_AGENT, Daemon, launch, with_daemon_lines
 from tests.daemon.test_policy import as_user
@@ -59,7 +59,7 @@ def metered(tpp: Tpp, bank: ModelBank, public_dir: Path) -> Iterator[tuple[Setup
 
 def parse(text: str) -> Samples:
     found: Samples = {}
-    for family in text_string_to_metric_families(text):  # type: ignore[no-untyped-call]
+    for family in families(text):
         for sample in family.samples:
             found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return found
