@@ -274,30 +274,20 @@ class EngineBackend:
         if pin is not None:
             self._ctrl(engine, b"PIN", pin)
 
-    def _present_tokens(self) -> frozenset[tuple[str, str]] | None:
-        """(label, serial) of the tokens the module lists now; None when python-pkcs11 has not loaded it."""
-        module = Module.loaded(self.module_path)
-        if module is None:
-            return None
-        try:
-            return frozenset((token.label, repr(token.serial)) for token in module.tokens())
-        except Pkcs11Error:
-            return None
-
     def load_private_key(self, uri: str, module_generation: int = 0) -> TokenPrivateKey:
         with self._lock:
             if self._engine is None:
                 self._engine = self._start()
                 self._generation = module_generation
-                self._tokens = self._present_tokens()
+                self._tokens = present_tokens(self.module_path)
             engine = self._engine
             if module_generation != self._generation:
                 self._renew(engine)
                 self._generation = module_generation
-                self._tokens = self._present_tokens()
+                self._tokens = present_tokens(self.module_path)
             pkey = self._load(engine, uri)
             if not pkey:
-                tokens = self._present_tokens()
+                tokens = present_tokens(self.module_path)
                 if tokens is not None and tokens != self._tokens and self._ctx_index is not None:
                     self._renew(engine)  # a token appeared (or went) since the context listed the slots
                     self._tokens = tokens
@@ -376,6 +366,7 @@ class ProviderBackend:
         lib.UI_null.argtypes = []
         self._lib = lib
         self._libctx = self._start()
+        self._tokens = present_tokens(module_path)  # what the provider listed
 
     def _start(self) -> int:
         lib = self._lib
@@ -404,29 +395,56 @@ class ProviderBackend:
 
     def load_private_key(self, uri: str, module_generation: int = 0) -> TokenPrivateKey:
         # pkcs11-provider keeps its own sessions; its recovery after C_Finalize is its business.
-        lib = self._lib
         with self._lock:
-            lib.ERR_clear_error()
-            store = lib.OSSL_STORE_open_ex(uri.encode("utf-8"), self._libctx, b"provider=pkcs11",
-                                           lib.UI_null(), None, None, None, None)
-            if not store:
-                raise OpenSSLKeyError(f"pkcs11-provider cannot open {uri}: {_openssl_errors(lib)}")
-            try:
-                lib.OSSL_STORE_expect(store, _OSSL_STORE_INFO_PKEY)
-                while not lib.OSSL_STORE_eof(store):
-                    info = lib.OSSL_STORE_load(store)
-                    if not info:
-                        continue
-                    try:
-                        if lib.OSSL_STORE_INFO_get_type(info) == _OSSL_STORE_INFO_PKEY:
-                            pkey = lib.OSSL_STORE_INFO_get1_PKEY(info)
-                            if pkey:
-                                return TokenPrivateKey(int(pkey), uri, self.name)
-                    finally:
-                        lib.OSSL_STORE_INFO_free(info)
-            finally:
-                lib.OSSL_STORE_close(store)
-            raise OpenSSLKeyError(f"pkcs11-provider found no private key at {uri}: {_openssl_errors(lib)}")
+            pkey = self._load(uri)
+            if pkey is None:
+                tokens = present_tokens(self.module_path)
+                if tokens is not None and tokens != self._tokens:
+                    # A token appeared (or went) since the provider listed the slots: a new context lists them
+                    # again. The old one stays: keys loaded from it run their operations there.
+                    self._libctx = self._start()
+                    self._tokens = tokens
+                    pkey = self._load(uri)
+            if pkey is None:
+                raise OpenSSLKeyError(f"pkcs11-provider found no private key at {uri}: {_openssl_errors(self._lib)}")
+            return TokenPrivateKey(pkey, uri, self.name)
+
+    def _load(self, uri: str) -> int | None:
+        lib = self._lib
+        lib.ERR_clear_error()
+        store = lib.OSSL_STORE_open_ex(uri.encode("utf-8"), self._libctx, b"provider=pkcs11",
+                                       lib.UI_null(), None, None, None, None)
+        if not store:
+            raise OpenSSLKeyError(f"pkcs11-provider cannot open {uri}: {_openssl_errors(lib)}")
+        try:
+            lib.OSSL_STORE_expect(store, _OSSL_STORE_INFO_PKEY)
+            while not lib.OSSL_STORE_eof(store):
+                info = lib.OSSL_STORE_load(store)
+                if not info:
+                    continue
+                try:
+                    if lib.OSSL_STORE_INFO_get_type(info) == _OSSL_STORE_INFO_PKEY:
+                        pkey = lib.OSSL_STORE_INFO_get1_PKEY(info)
+                        if pkey:
+                            return int(pkey)
+                finally:
+                    lib.OSSL_STORE_INFO_free(info)
+        finally:
+            lib.OSSL_STORE_close(store)
+        return None
+
+
+def present_tokens(module_path: str) -> frozenset[tuple[str, str]] | None:
+    """(label, serial) of the tokens the module lists now; None when python-pkcs11 has not loaded it. Both backends
+    list the module's slots once, when their context is made: a token that appears later (initialised, attached,
+    a new HSM partition) is found only by a new one."""
+    module = Module.loaded(module_path)
+    if module is None:
+        return None
+    try:
+        return frozenset((token.label, repr(token.serial)) for token in module.tokens())
+    except Pkcs11Error:
+        return None
 
 
 def _own_instance_pin(module_path: str) -> bytes | None:
