@@ -366,6 +366,7 @@ class ProviderBackend:
         lib.UI_null.argtypes = []
         self._lib = lib
         self._libctx = self._start()
+        self._generation = 0  # the module generation the context was made in
         self._tokens = present_tokens(module_path)  # what the provider listed
 
     def _start(self) -> int:
@@ -394,8 +395,14 @@ class ProviderBackend:
         return int(libctx)
 
     def load_private_key(self, uri: str, module_generation: int = 0) -> TokenPrivateKey:
-        # pkcs11-provider keeps its own sessions; its recovery after C_Finalize is its business.
         with self._lock:
+            if module_generation != self._generation:
+                # The pool re-initialised the module (the far end restarted): the provider's sessions and slots
+                # are gone with it (every key "not found" until a restart, found on Debian 13 with p11-kit's
+                # module), so a new context, as the engine renews its own.
+                self._libctx = self._start()
+                self._generation = module_generation
+                self._tokens = present_tokens(self.module_path)
             pkey = self._load(uri)
             if pkey is None:
                 tokens = present_tokens(self.module_path)
