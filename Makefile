@@ -11,15 +11,14 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-# The whole suite on SoftHSM2, then its core (-m core, see tests/conftest.py) on the other
-# modules of the matrix: SoftHSM2 behind p11-kit's RPC, NSS's softoken (init_args), and tpm2-pkcs11 on a software TPM,
-# one process per file there (tpm2-abrmd holds at most 100 loaded keys per connection).
+# The whole suite on SoftHSM2, TEST_WORKERS processes at once (pytest-xdist: most tests wait on daemons,
+# banks and the token), then its core (-m core, see tests/conftest.py) on the other modules of the matrix:
+# SoftHSM2 behind p11-kit's RPC, NSS's softoken (init_args), and tpm2-pkcs11 on a software TPM, one process per
+# file there (tpm2-abrmd holds at most 100 loaded keys per connection), two runs at a time (tests/matrix.py).
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
-	$(PY) -m pytest -q -m core --module p11kit
-	$(PY) -m pytest -q -m core --module nss
-	@for file in $$($(PY) -m tests.conftest); do echo "$(PY) -m pytest -q -m core --module tpm2 $$file"; \
-	  $(PY) -m pytest -q -m core --module tpm2 $$file || exit 1; done
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m tests.matrix --jobs 2
 
 demo: setup
 	$(PY) -m demo
