@@ -15,8 +15,12 @@ lint: setup
 # banks and the token), then its core (-m core, see tests/conftest.py) on the other modules of the matrix:
 # SoftHSM2 behind p11-kit's RPC, NSS's softoken (init_args), and tpm2-pkcs11 on a software TPM, one process per
 # file there (tpm2-abrmd holds at most 100 loaded keys per connection), two runs at a time (tests/matrix.py).
+# The tests start the agent, the model bank and the demo in many processes: their bytecode is compiled here once,
+# or with PYTHONDONTWRITEBYTECODE set each process would compile every module it imports again (a fifth of the
+# CPU time of tests/test_cli_x509.py).
 TEST_WORKERS ?= 2
 test: lint
+	$(PY) -m compileall -q agent pkcs11_backends modelbank demo softhsm bench fuzz tests
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 	$(PY) -m tests.matrix --jobs 2
 
