@@ -2,12 +2,12 @@
 
     python -m tests.matrix [--jobs N]
 
-One pytest process per run, N at a time (default 2): p11kit and nss one process each, tpm2 one per file
-(tpm2-abrmd holds at most 100 loaded keys per connection). The runs share nothing but the CPUs: each provisions
-its module under its own pytest temporary directory (p11-kit's server, NSS's key database, swtpm and tpm2-abrmd
-on loopback ports probed free), so they may overlap; most of their time is waiting for those services. A run's
-output is printed whole when it ends, so that runs do not interleave; the status is 1 if any run failed, and
-every run is made either way, so that one failure does not hide another.
+One pytest process per run, N at a time (default 2, one per core of the 2-core machines the suite is sized
+for): p11kit and nss one process each, tpm2 one per file (tpm2-abrmd holds at most 100 loaded keys per
+connection). The runs share nothing but the CPUs: each provisions its module under its own pytest temporary
+directory (p11-kit's server, NSS's key database, swtpm and tpm2-abrmd on loopback ports probed free), so they
+may overlap. A run's output is printed whole when it ends, so that runs do not interleave; the status is 1 if
+any run failed, and every run is made either way, so that one failure does not hide another.
 """
 
 from __future__ import annotations
