@@ -23,14 +23,15 @@ from tests.conftest import CORE, REPO
 
 
 def runs() -> list[list[str]]:
-    """The pytest argument lists, the longest first (the last runs to start are the short tpm2 files)."""
+    """The pytest argument lists: p11kit and nss, the longest, first, so that the short tpm2 files fill in after."""
     core = ["-q", "-m", "core"]
     return [[*core, "--module", "p11kit"], [*core, "--module", "nss"],
             *([*core, "--module", "tpm2", path] for path in CORE)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.matrix", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.matrix",
+                                     description="the core (-m core) on the p11kit, nss and tpm2 modules")
     parser.add_argument("--jobs", "-j", type=int, default=2, help="runs at a time (default: 2)")
     args = parser.parse_args(argv)
     printing = threading.Lock()
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               check=False)
         with printing:
-            print(f"{' '.join(['python', '-m', 'pytest', *pytest_args])}  "
-                  f"({time.monotonic() - started:.0f} s, status {done.returncode})", flush=True)
+            print(f"python -m pytest {' '.join(pytest_args)}  ({time.monotonic() - started:.0f} s, "
+                  f"status {done.returncode})", flush=True)
             print(done.stdout, end="", flush=True)
         return done.returncode == 0
 
