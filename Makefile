@@ -11,11 +11,11 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-# The whole suite on SoftHSM2, TEST_WORKERS processes at once (pytest-xdist: one process alone left a core idle
-# about half the time, its tests waiting on daemons, banks and the token), then its core (-m core, see tests/conftest.py) on the other modules of the matrix:
-# SoftHSM2 behind p11-kit's RPC, NSS's softoken (init_args), and tpm2-pkcs11 on a software TPM, one process per
-# file there (tpm2-abrmd holds at most 100 loaded keys per connection), TEST_WORKERS runs at a time
-# (tests/matrix.py). TEST_WORKERS=0 runs everything one test at a time.
+# The whole suite on SoftHSM2 in TEST_WORKERS processes at once (pytest-xdist: one process alone left a core
+# idle about half the time, its tests waiting on daemons, banks and the token), then its core (-m core, see
+# tests/conftest.py) on the other modules of the matrix: SoftHSM2 behind p11-kit's RPC, NSS's softoken
+# (init_args), and tpm2-pkcs11 on a software TPM, one process per file there (tpm2-abrmd holds at most 100
+# loaded keys per connection), TEST_WORKERS runs at a time (tests/matrix.py). TEST_WORKERS=0: all one at a time.
 # The tests start the agent, the model bank and the demo in many processes: their bytecode is compiled here once,
 # or with PYTHONDONTWRITEBYTECODE set each process would compile every module it imports again (a fifth of the
 # CPU time of tests/test_cli_x509.py).
