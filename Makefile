@@ -11,15 +11,19 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-# The whole suite on SoftHSM2, then its core (-m core, see tests/conftest.py) on the other
-# modules of the matrix: SoftHSM2 behind p11-kit's RPC, NSS's softoken (init_args), and tpm2-pkcs11 on a software TPM,
-# one process per file there (tpm2-abrmd holds at most 100 loaded keys per connection).
+# The whole suite on SoftHSM2 in TEST_WORKERS processes at once (pytest-xdist: one process alone left a core
+# idle about half the time, its tests waiting on daemons, banks and the token), then its core (-m core, see
+# tests/conftest.py) on the other modules of the matrix: SoftHSM2 behind p11-kit's RPC, NSS's softoken
+# (init_args), and tpm2-pkcs11 on a software TPM, one process per file there (tpm2-abrmd holds at most 100
+# loaded keys per connection), TEST_WORKERS runs at a time (tests/matrix.py). TEST_WORKERS=0: all one at a time.
+# The tests start the agent, the model bank and the demo in many processes: their bytecode is compiled here once,
+# or with PYTHONDONTWRITEBYTECODE set each process would compile every module it imports again (a fifth of the
+# CPU time of tests/test_cli_x509.py).
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
-	$(PY) -m pytest -q -m core --module p11kit
-	$(PY) -m pytest -q -m core --module nss
-	@for file in $$($(PY) -m tests.conftest); do echo "$(PY) -m pytest -q -m core --module tpm2 $$file"; \
-	  $(PY) -m pytest -q -m core --module tpm2 $$file || exit 1; done
+	$(PY) -m compileall -q agent pkcs11_backends modelbank demo softhsm bench fuzz tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m tests.matrix --jobs $(TEST_WORKERS)
 
 demo: setup
 	$(PY) -m demo

@@ -54,8 +54,8 @@ MODULES = ("softhsm2", "tpm2", "p11kit", "nss")
 # The operator flow that `make test` runs on every module of the matrix (-m core): keys
 # generated (RSA and EC) and signing, CSRs verified by openssl, certificate import, mTLS
 # with the token key (Python server and nginx), the daemon's JWS; and recovery after the
-# module's far end restarts. `python -m tests.conftest` prints the list (the Makefile runs
-# the tpm2 entry file by file: see docs/platforms.md).
+# module's far end restarts. `python -m tests.matrix` makes those runs (the tpm2 entry file by
+# file: see docs/platforms.md).
 CORE = ("tests/test_keys.py", "tests/test_x509_csr.py", "tests/test_x509_certificates.py",
         "tests/transport/test_mtls.py", "tests/transport/test_nginx.py", "tests/daemon/test_jose_api.py",
         "tests/faults/test_module_restart.py", "tests/test_module_matrix.py")
@@ -306,6 +306,3 @@ def shared_runtime(test_module: ModuleUnderTest, softhsm_state: Path) -> Iterato
     yield rt
     rt.close()
 
-
-if __name__ == "__main__":
-    print(" ".join(CORE))
