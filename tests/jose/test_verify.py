@@ -127,7 +127,7 @@ def test_keys_are_used_only_for_their_use() -> None:
     (b'{"keys": [], "keys": []}', "appears twice"),  # read one way here, another by someone else
     (json.dumps({"keys": [public_jwk(BANK, f"k{i}") for i in range(MAX_KEYS + 1)]}).encode(), "at most"),
     (b" " * (256 * 1024 + 1), "bytes"),
-])
+], ids=["not-an-object", "truncated", "duplicate-member", "too-many-keys", "too-large"])  # same in every process
 def test_bad_or_oversized_sets_are_refused(body: bytes, message: str) -> None:
     with pytest.raises(JwksError, match=message):
         KeySet.parse(body, 0.0, "test")
