@@ -329,6 +329,8 @@ class Server:
                     self._event(conn)
         self.heartbeat = time.monotonic()
         sent = self._answer_ready(generation, meter)
+        if self._loop_generation != generation:  # taken over while stuck: the new loop thread sweeps
+            return sent
         now = time.monotonic()
         if now < self._next_sweep:  # deadlines are seconds long: a sweep per turn under load is waste
             return sent
@@ -360,7 +362,7 @@ class Server:
             if self._loop_generation != generation:
                 break
             conn, request = self._ready.popleft()
-            if not self._answers_itself(lane, request):  # the lane grew meanwhile: requests block, workers take them
+            if not self._one_worker(lane):  # the lane grew meanwhile (requests block) or stops: its workers
                 lane.put((conn, request))
                 continue
             following: Request | None = None
@@ -589,8 +591,12 @@ class Server:
         """Whether the calling thread is the I/O thread and answers ``request`` itself: a routine request of the
         local lane at one worker, which it has while requests compute. An operator's step (a CSR, a rotation
         step generating a key) goes to the worker: the loop goes on reading and signing meanwhile."""
-        return (lane is self._local and lane.workers == 1 and threading.get_ident() == self._loop_thread
-                and not self._stopping.is_set() and (self._routine is None or self._routine(request)))
+        return (threading.get_ident() == self._loop_thread and self._one_worker(lane)
+                and (self._routine is None or self._routine(request)))
+
+    def _one_worker(self, lane: _Lane) -> bool:
+        """``lane`` is the local one, at one worker, and the server is not stopping."""
+        return lane is self._local and lane.workers == 1 and not self._stopping.is_set()
 
     def _lane(self, request: Request) -> _Lane:
         return self._lanes[-1] if self._remote is not None and self._remote(request) else self._local
