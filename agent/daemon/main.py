@@ -69,7 +69,7 @@ def run(config_path: str | None, socket_override: str | None) -> int:
                              places=places)
 
             return processes.supervise(settings.processes, listener, serving, notifier,
-                                       settings.limits.drain_timeout)
+                                       settings.limits.drain_timeout, pin=settings.cpu_affinity)
     finally:
         if metrics_socket is not None:
             metrics_socket.close()
@@ -126,7 +126,8 @@ def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket,
                                   name="health", daemon=True)
         health.start()
         log.info("ready", socket=where, status=status, audit_file=str(audit.path),
-                 seconds=round(time.monotonic() - started, 3), signing=runtime.keys.capabilities.summary())
+                 seconds=round(time.monotonic() - started, 3), signing=runtime.keys.capabilities.summary(),
+                 cpus=processes.cpu_list(os.sched_getaffinity(0)))
         if not agent.readiness.ready:  # serving (health, signing), but /v1/ready says why not
             log.warning("not_ready", detail=agent.readiness.detail)
         notifier.ready(agent.readiness.detail)

@@ -21,6 +21,14 @@ What this process tells systemd sums up what they tell it:
   that hangs in any of them stops the pings, as with one process.
 * SIGHUP: RELOADING=1, each process reloads, READY=1 once all have.
 * SIGTERM, SIGINT: STOPPING=1, each process drains, exit 0.
+* Each serving process runs on its own share of the CPUs the service may use (``[daemon] cpu_affinity``,
+  "auto"), when there are at least as many as processes: one each with ``processes = "auto"``. A request crosses
+  a process's threads several times (the I/O thread, a worker waiting on the token, the audit trail's committer),
+  each time with the interpreter lock; within one CPU that is a switch on that CPU, across CPUs a wake-up of
+  another one (in a VM, an exit) and the lock's cache lines moving. Measured on 2 vCPUs in turns, pinned against
+  not: a network HSM (2 ms per signature) signed 8 to 17% faster in the throughput profile and 17 to 41% in the
+  default one, ES256 on a local token 9 to 35% faster in the default profile and the same in the throughput
+  one. With fewer CPUs than processes the shares would overlap, and the kernel balances better.
 * A serving process that dies unexpectedly stops the others, and the exit status is
   non-zero so that systemd restarts the whole service: one unit, one state. Serving
   processes die with this one (``PR_SET_PDEATHSIG``), never outlive it.
@@ -37,7 +45,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from agent.daemon.http import HttpError
 from agent.daemon.server import Accept, refuse_connection
@@ -64,9 +72,21 @@ class _Child:
     status: int | None = None
 
 
-def supervise(count: int, listener: socket.socket, serve: Serve, notifier: Notifier, drain_timeout: float) -> int:
-    """Run ``serve`` in ``count`` forked processes until told to stop; the exit status for systemd."""
-    return _Supervisor(count, listener, serve, notifier, drain_timeout).run()
+def supervise(count: int, listener: socket.socket, serve: Serve, notifier: Notifier, drain_timeout: float, *,
+              pin: bool = True) -> int:
+    """Run ``serve`` in ``count`` forked processes until told to stop; the exit status for systemd. ``pin``:
+    each on its own share of the CPUs (:func:`cpu_shares`)."""
+    shares = cpu_shares(count, os.sched_getaffinity(0)) if pin else None
+    return _Supervisor(count, listener, serve, notifier, drain_timeout, shares=shares).run()
+
+
+def cpu_shares(count: int, allowed: Iterable[int]) -> list[frozenset[int]] | None:
+    """The CPUs of each of ``count`` serving processes: ``allowed`` cut into runs of neighbours, as even as can
+    be; None with one process, or fewer CPUs than processes (shares would overlap)."""
+    cpus = sorted(allowed)
+    if count < 2 or len(cpus) < count:
+        return None
+    return [frozenset(cpus[index * len(cpus) // count:(index + 1) * len(cpus) // count]) for index in range(count)]
 
 
 def connections_from(channel: socket.socket) -> Accept:
@@ -82,8 +102,9 @@ def connections_from(channel: socket.socket) -> Accept:
 
 class _Supervisor:
     def __init__(self, count: int, listener: socket.socket, serve: Serve, notifier: Notifier,
-                 drain_timeout: float) -> None:
+                 drain_timeout: float, *, shares: list[frozenset[int]] | None = None) -> None:
         self.count = count
+        self.shares = shares
         self.listener = listener
         self._turn = 0
         self.serve = serve
@@ -130,6 +151,9 @@ class _Supervisor:
                 ours.close()
                 self._forget_parent_state()
                 _die_with(parent)
+                if self.shares is not None:
+                    # Before the process starts a thread: every thread it starts inherits the share.
+                    _pin(self.shares[index])
                 if os.environ.get("WATCHDOG_PID") == str(parent):
                     os.environ["WATCHDOG_PID"] = str(os.getpid())  # its pings go to us, at systemd's pace
                 status = self.serve(theirs)
@@ -283,6 +307,24 @@ class _Supervisor:
 
 def _noted(signum: int, frame: object) -> None:
     """A Python-level handler must exist for the wake-up fd to be written instead of the default action."""
+
+
+def cpu_list(cpus: Iterable[int]) -> str:
+    """As the kernel writes it (``Cpus_allowed_list``): "0-3,8"."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
+
+
+def _pin(cpus: frozenset[int]) -> None:
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:  # a CPU taken offline since the supervisor looked: the kernel places this process
+        log.warning("cpu_affinity_failed", cpus=sorted(cpus), error=exc.strerror)
 
 
 def _die_with(parent: int) -> None:

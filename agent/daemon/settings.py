@@ -16,10 +16,11 @@ from agent.errors import ConfigError
 _KNOWN = {"socket", "socket_group", "socket_mode", "workers", "bank_workers", "max_connections", "max_request_bytes",
           "request_timeout", "idle_timeout", "health_interval", "audit_file", "audit_sync",
           "audit_sync_interval_ms", "log_level", "processes", "busy_poll_us", "request_log",
-          "connections_per_uid", "in_flight_per_uid",
+          "connections_per_uid", "in_flight_per_uid", "cpu_affinity",
           "audit_checkpoint_key", "audit_checkpoint_seconds"}
 AUDIT_SYNC_MODES = ("always", "interval")
 REQUEST_LOG_MODES = ("all", "failures")
+CPU_AFFINITY_MODES = ("auto", "none")
 
 
 def default_socket() -> Path:
@@ -42,6 +43,8 @@ class DaemonSettings:
     audit_checkpoint_key: str = "audit"
     audit_checkpoint_required: bool = False
     audit_checkpoint_interval: float = 60.0
+    # Each serving process on its own share of the CPUs (agent/daemon/processes.py says why); "none": the kernel's.
+    cpu_affinity: bool = True
 
     @classmethod
     def parse(cls, config: Config, socket_override: str | None = None) -> DaemonSettings:
@@ -86,7 +89,8 @@ class DaemonSettings:
                    audit if audit.is_absolute() else base / audit, _audit_sync_interval(section),
                    _text(section, "log_level", "info"), processes, _text(section, "audit_checkpoint_key", "audit"),
                    "audit_checkpoint_key" in section,
-                   _number(section, "audit_checkpoint_seconds", 60.0, float, low=1, high=86400))
+                   _number(section, "audit_checkpoint_seconds", 60.0, float, low=1, high=86400),
+                   _cpu_affinity(section))
 
 
 def _cpus() -> int:
@@ -144,6 +148,16 @@ def _request_log(section: Mapping[str, Any]) -> str:
                           hint='"all": a log line per request; "failures": only for requests answered 4xx/5xx '
                                "(every key use is in the audit trail either way)")
     return mode
+
+
+def _cpu_affinity(section: Mapping[str, Any]) -> bool:
+    mode = section.get("cpu_affinity", "auto")
+    if mode not in CPU_AFFINITY_MODES:
+        raise ConfigError(f"[daemon] cpu_affinity must be one of {', '.join(map(repr, CPU_AFFINITY_MODES))}, "
+                          f"got {mode!r}",
+                          hint='"auto": each serving process runs on its own share of the CPUs (when there are '
+                               'at least as many as processes); "none": the kernel places them')
+    return bool(mode == "auto")
 
 
 def _text(section: Mapping[str, Any], name: str, default: str) -> str:

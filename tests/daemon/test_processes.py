@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.audit import trail_files
 from agent.daemon.app import verify_in_software
+from agent.daemon.processes import cpu_list, cpu_shares
 from pkcs11_backends.keys import SignatureScheme
 from tests.conftest import Token
 from tests.daemon.conftest import (  # noqa: F401
@@ -330,6 +331,64 @@ def test_processes_auto_is_one_serving_process_per_cpu_and_the_default(keyed_tok
         assert len(daemon.client().sign("ecsign", b"auto", "ES256")) == 64
     finally:
         finish(daemon)
+
+
+def threads_cpus(pid: int) -> set[frozenset[int]]:
+    """The CPUs each thread of ``pid`` may run on (one set if all agree)."""
+    return {frozenset(os.sched_getaffinity(int(task.name))) for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def ready_lines(daemon: Daemon) -> list[dict[str, object]]:
+    return [line for line in map(json.loads, (text for text in daemon.stderr().splitlines() if text.startswith("{")))
+            if line.get("event") == "ready"]
+
+
+@pytest.mark.parametrize("setting", [None, "auto", "none"], ids=["default", "auto", "none"])
+def test_each_serving_process_runs_on_its_own_share_of_the_cpus_unless_told_not_to(
+        keyed_token: Token, public_dir: Path, setting: str | None) -> None:  # noqa: F811
+    allowed = frozenset(os.sched_getaffinity(0))
+    text = with_processes(daemon_config(keyed_token, public_dir), 2)
+    if setting is not None:
+        text = with_daemon_lines(text, f'cpu_affinity = "{setting}"\n')
+    daemon = launch(keyed_token.write_config(text), public_dir)
+    try:
+        assert len(daemon.client().sign("ecsign", b"pinned", "ES256")) == 64
+        serving = children(daemon.proc.pid)
+        assert len(serving) == 2
+        # Every thread of a serving process (the workers, the I/O thread, the audit committer) runs where it does.
+        per_process = [threads_cpus(pid) for pid in serving]
+        assert all(len(cpus) == 1 for cpus in per_process), per_process
+        shares = [next(iter(cpus)) for cpus in per_process]
+        if setting == "none" or len(allowed) < 2:
+            assert shares == [allowed, allowed]
+        else:
+            assert not shares[0] & shares[1] and shares[0] | shares[1] == allowed, shares
+        assert threads_cpus(daemon.proc.pid) == {allowed}  # the supervisor only hands connections over
+        logged = sorted(str(line["cpus"]) for line in ready_lines(daemon))
+        assert logged == sorted(cpu_list(share) for share in shares)
+    finally:
+        daemon.stop()
+
+
+def test_cpu_affinity_must_be_auto_or_none(keyed_token: Token, public_dir: Path) -> None:  # noqa: F811
+    config = keyed_token.write_config(with_daemon_lines(daemon_config(keyed_token, public_dir),
+                                                        'cpu_affinity = "spread"\n'))
+    result = subprocess.run([TPP_AGENT, "--config", str(config), "serve"], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 78
+    assert "error: [daemon] cpu_affinity must be one of 'auto', 'none', got 'spread'" in result.stderr, result.stderr
+    assert 'hint: "auto": each serving process runs on its own share of the CPUs' in result.stderr
+
+
+def test_cpu_shares_cut_the_allowed_cpus_into_neighbouring_runs() -> None:
+    assert cpu_shares(2, {0, 1}) == [{0}, {1}]
+    assert cpu_shares(2, range(8)) == [{0, 1, 2, 3}, {4, 5, 6, 7}]
+    assert cpu_shares(3, range(8)) == [{0, 1}, {2, 3, 4}, {5, 6, 7}]
+    assert cpu_shares(2, {7, 2, 5, 0}) == [{0, 2}, {5, 7}]  # a cpuset or CPUAffinity= with gaps
+    assert cpu_shares(1, range(4)) is None
+    assert cpu_shares(3, {0, 1}) is None  # shares would overlap: the kernel places them
+    assert cpu_list({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11"
+    assert cpu_list({5}) == "5"
 
 
 def test_a_manager_that_stops_reading_its_notify_socket_does_not_stop_the_service(
