@@ -381,10 +381,13 @@ def test_cpu_affinity_must_be_auto_or_none(keyed_token: Token, public_dir: Path)
 
 
 def test_cpu_shares_cut_the_allowed_cpus_into_neighbouring_runs() -> None:
-    assert cpu_shares(2, {0, 1}) == [{0}, {1}]
-    assert cpu_shares(2, range(8)) == [{0, 1, 2, 3}, {4, 5, 6, 7}]
-    assert cpu_shares(3, range(8)) == [{0, 1}, {2, 3, 4}, {5, 6, 7}]
-    assert cpu_shares(2, {7, 2, 5, 0}) == [{0, 2}, {5, 7}]  # a cpuset or CPUAffinity= with gaps
+    def runs(*groups: set[int]) -> list[frozenset[int]]:
+        return [frozenset(group) for group in groups]
+
+    assert cpu_shares(2, {0, 1}) == runs({0}, {1})
+    assert cpu_shares(2, range(8)) == runs({0, 1, 2, 3}, {4, 5, 6, 7})
+    assert cpu_shares(3, range(8)) == runs({0, 1}, {2, 3, 4}, {5, 6, 7})
+    assert cpu_shares(2, {7, 2, 5, 0}) == runs({0, 2}, {5, 7})  # a cpuset or CPUAffinity= with gaps
     assert cpu_shares(1, range(4)) is None
     assert cpu_shares(3, {0, 1}) is None  # shares would overlap: the kernel places them
     assert cpu_list({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11"
