@@ -26,9 +26,10 @@ What this process tells systemd sums up what they tell it:
   a process's threads several times (the I/O thread, a worker waiting on the token, the audit trail's committer),
   each time with the interpreter lock; within one CPU that is a switch on that CPU, across CPUs a wake-up of
   another one (in a VM, an exit) and the lock's cache lines moving. Measured on 2 vCPUs in turns, pinned against
-  not: a network HSM (2 ms per signature) signed 8 to 17% faster in the throughput profile and 17 to 41% in the
+  not: a network HSM (2 ms per signature) signed 12 to 30% faster in the throughput profile and 12 to 45% in the
   default one, ES256 on a local token 9 to 35% faster in the default profile and the same in the throughput
-  one. With fewer CPUs than processes the shares would overlap, and the kernel balances better.
+  one (docs/performance.md). With fewer CPUs than processes the shares would overlap, and the kernel balances
+  better.
 * A serving process that dies unexpectedly stops the others, and the exit status is
   non-zero so that systemd restarts the whole service: one unit, one state. Serving
   processes die with this one (``PR_SET_PDEATHSIG``), never outlive it.
@@ -321,9 +322,11 @@ def cpu_list(cpus: Iterable[int]) -> str:
 
 
 def _pin(cpus: frozenset[int]) -> None:
+    # Refused by a seccomp filter (a unit without packaging/systemd's SystemCallFilter=sched_setaffinity) or for a
+    # CPU taken offline since the supervisor looked: the kernel places this process, and the service goes on.
     try:
         os.sched_setaffinity(0, cpus)
-    except OSError as exc:  # a CPU taken offline since the supervisor looked: the kernel places this process
+    except OSError as exc:
         log.warning("cpu_affinity_failed", cpus=sorted(cpus), error=exc.strerror)
 
 
