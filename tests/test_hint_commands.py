@@ -77,14 +77,7 @@ def test_the_code_names_commands_in_its_hints() -> None:
     assert len(hinted_commands()) >= 10  # the scanner finds them (a regex that matches nothing proves nothing)
 
 
-# Hints on main that name commands not registered yet (their commands are being added to the CLI): strict, so
-# each fails the suite as soon as its command parses, and its line here goes.
-NOT_YET = {"cert import; tpp-agent certs needs-renewal tells when one is due"}
-
-
-@pytest.mark.parametrize(("where", "command"), [
-    pytest.param(where, command, marks=pytest.mark.xfail(strict=True, reason="not a command yet"))
-    if command in NOT_YET else (where, command) for where, command in hinted_commands()])
+@pytest.mark.parametrize(("where", "command"), hinted_commands())
 def test_every_command_a_hint_names_parses(where: str, command: str) -> None:
     words = [word for word in shlex.split(command) if word != "..."]
     words = words[:next((i for i, word in enumerate(words) if word[:1] in "|>"), len(words))]  # `… > file`

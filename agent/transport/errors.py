@@ -54,8 +54,8 @@ class ClientCertificateMissingError(TlsSetupError):
 class ClientCertificateValidityError(TlsSetupError):
     """The client certificate is expired or not yet valid: it is never presented."""
 
-    hint = ("import a current transport certificate (tpp-agent cert import; tpp-agent certs needs-renewal tells "
-            "when one is due), or check the system clock")
+    hint = ("import a current transport certificate (`tpp-agent cert import --key KEY FILE`; "
+            "`tpp-agent certs needs-renewal --key KEY` says when one is due), or check the system clock")
 
 
 class CaBundleError(TlsSetupError):
