@@ -80,7 +80,9 @@ class DaemonSettings:
             request_timeout=_number(section, "request_timeout", 10.0, float, low=0.1, high=3600),
             idle_timeout=_number(section, "idle_timeout", 60.0, float, low=0.1, high=86400),
             busy_poll=_number(section, "busy_poll_us", 50, int, low=0, high=1000) / 1e6,
-            log_successes=_request_log(section) == "all",
+            log_successes=_choice(section, "request_log", REQUEST_LOG_MODES,
+                                  '"all": a log line per request; "failures": only for requests answered 4xx/5xx '
+                                  "(every key use is in the audit trail either way)") == "all",
             connections_per_uid=_number(section, "connections_per_uid", 64, int, low=1, high=100_000),
             in_flight_per_uid=_number(section, "in_flight_per_uid", 0, int, low=0, high=256),
         )
@@ -90,7 +92,9 @@ class DaemonSettings:
                    _text(section, "log_level", "info"), processes, _text(section, "audit_checkpoint_key", "audit"),
                    "audit_checkpoint_key" in section,
                    _number(section, "audit_checkpoint_seconds", 60.0, float, low=1, high=86400),
-                   _cpu_affinity(section))
+                   _choice(section, "cpu_affinity", CPU_AFFINITY_MODES,
+                           '"auto": each serving process runs on its own share of the CPUs (when there are at '
+                           'least as many as processes); "none": the kernel places them') == "auto")
 
 
 def _cpus() -> int:
@@ -126,11 +130,9 @@ def _workers(section: Mapping[str, Any], processes: int, sessions: int) -> tuple
 
 
 def _audit_sync_interval(section: Mapping[str, Any]) -> float | None:
-    mode = _text(section, "audit_sync", "always")
-    if mode not in AUDIT_SYNC_MODES:
-        raise ConfigError(f"[daemon] audit_sync must be one of {', '.join(map(repr, AUDIT_SYNC_MODES))}, got {mode!r}",
-                          hint='"always": each record is on disk before the answer; "interval": synced every '
-                               "audit_sync_interval_ms (a power cut may lose the last interval's records)")
+    mode = _choice(section, "audit_sync", AUDIT_SYNC_MODES,
+                   '"always": each record is on disk before the answer; "interval": synced every '
+                   "audit_sync_interval_ms (a power cut may lose the last interval's records)")
     interval_ms: float = _number(section, "audit_sync_interval_ms", 20.0, float, low=1, high=1000)
     if mode == "always":
         if "audit_sync_interval_ms" in section:
@@ -140,24 +142,12 @@ def _audit_sync_interval(section: Mapping[str, Any]) -> float | None:
     return interval_ms / 1000
 
 
-def _request_log(section: Mapping[str, Any]) -> str:
-    mode = _text(section, "request_log", "all")
-    if mode not in REQUEST_LOG_MODES:
-        raise ConfigError(f"[daemon] request_log must be one of {', '.join(map(repr, REQUEST_LOG_MODES))}, "
-                          f"got {mode!r}",
-                          hint='"all": a log line per request; "failures": only for requests answered 4xx/5xx '
-                               "(every key use is in the audit trail either way)")
+def _choice(section: Mapping[str, Any], name: str, modes: tuple[str, ...], hint: str) -> str:
+    """One of ``modes`` (the first by default), else a ConfigError naming them."""
+    mode = _text(section, name, modes[0])
+    if mode not in modes:
+        raise ConfigError(f"[daemon] {name} must be one of {', '.join(map(repr, modes))}, got {mode!r}", hint=hint)
     return mode
-
-
-def _cpu_affinity(section: Mapping[str, Any]) -> bool:
-    mode = section.get("cpu_affinity", "auto")
-    if mode not in CPU_AFFINITY_MODES:
-        raise ConfigError(f"[daemon] cpu_affinity must be one of {', '.join(map(repr, CPU_AFFINITY_MODES))}, "
-                          f"got {mode!r}",
-                          hint='"auto": each serving process runs on its own share of the CPUs (when there are '
-                               'at least as many as processes); "none": the kernel places them')
-    return bool(mode == "auto")
 
 
 def _text(section: Mapping[str, Any], name: str, default: str) -> str:
