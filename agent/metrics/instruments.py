@@ -66,7 +66,7 @@ class Metrics:
         # of this process is made (one Metrics per process).
         if shared is not None:
             os.environ[_DIRECTORY_VARIABLE] = str(shared)
-            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+            values.ValueClass = values.MultiProcessValue(_ProcessId())  # type: ignore[no-untyped-call]
         else:
             values.ValueClass = values.MutexValue
         # Single process: the metrics are collected from this registry. Shared: from the files, never from here.
@@ -206,6 +206,21 @@ class Metrics:
             MultiProcessCollector(registry, path=str(self.shared))  # type: ignore[no-untyped-call]
             source = registry.collect()
         return generate_latest(_Families(_with_expiry(list(source), time.time())))  # type: ignore[arg-type]
+
+
+class _ProcessId:
+    """``os.getpid()`` read once: prometheus_client asks for it at every increment of a shared value, to notice a
+    fork (five system calls per signing request); only a fork changes it, and a forked child reads it again."""
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self._pid = os.getpid()
+
+    def __call__(self) -> int:
+        return self._pid
 
 
 class _Families:

@@ -5,6 +5,7 @@ prometheus_client's own parser."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -13,10 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import values
 
 from agent import config as config_module
 from agent.client import AgentRequestError
 from agent.errors import ConfigError
+from agent.metrics.instruments import Metrics
 from agent.metrics.settings import MetricsSettings
 from agent.metrics.text import families
 from modelbank import ModelBank
@@ -208,3 +211,26 @@ def test_a_port_in_use_stops_the_start_with_a_config_error(tpp: Tpp, bank: Model
                                  timeout=60, check=False)
     assert started.returncode == 78, started.stderr
     assert f"cannot serve metrics on 127.0.0.1:{port}" in started.stderr
+
+
+def test_a_process_forked_after_its_metrics_were_made_counts_into_its_own_file(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared values read the process id once (not at every increment): a fork must still be noticed, or the
+    child would write into its parent's file and the two would overwrite each other's counts."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # Metrics sets it (and the value class): put back after
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
+    metrics = Metrics(tmp_path)
+    metrics.request("sign", 200, 0.001)
+    child = os.fork()
+    if child == 0:  # the child counts two requests of its own, then leaves without running the parent's cleanup
+        try:
+            metrics.request("sign", 200, 0.001)
+            metrics.request("sign", 200, 0.001)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert {path.name for path in tmp_path.glob("counter_*.db")} == {f"counter_{os.getpid()}.db",
+                                                                      f"counter_{child}.db"}
+    samples = parse(metrics.render().decode())
+    assert value(samples, "tpp_agent_requests_total", operation="sign", status="200") == 3
