@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
+import math
 import socket
 import threading
 import time
@@ -75,6 +76,7 @@ class Watchdog:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._wakes_at = math.inf  # when the thread wakes by itself next: an exchange due later needs no wake-up
 
     @contextlib.contextmanager
     def guard(self, exchange: Exchange) -> Iterator[Exchange]:
@@ -86,7 +88,10 @@ class Watchdog:
             self._counter += 1
             heapq.heappush(self._heap, (exchange.deadline, self._counter, exchange))
             self._armed.add(exchange)
-            self._wake.notify()
+            # Deadlines are the bank's one request_timeout after each start, so a new one is almost never the
+            # earliest: waking the thread for every request cost a thread switch and the interpreter lock twice.
+            if exchange.deadline < self._wakes_at:
+                self._wake.notify()
         _local.exchange = exchange
         try:
             yield exchange
@@ -94,7 +99,18 @@ class Watchdog:
             _local.exchange = None
             with self._wake:  # after this, the watchdog never touches the socket (it may go back to the pool)
                 self._armed.discard(exchange)
-                exchange.sock = None  # its heap entry stays until the deadline: it need not keep the socket
+                exchange.sock = None
+                self._forget_ended()
+
+    def _forget_ended(self) -> None:
+        """Drop the entries of exchanges that ended (under the lock): those at the front of the heap, and all of
+        them when they outnumber the ones under way (one slow request must not keep every later one's entry)."""
+        heap = self._heap
+        while heap and heap[0][2] not in self._armed:
+            heapq.heappop(heap)
+        if len(heap) > 2 * len(self._armed) + 64:
+            self._heap = [entry for entry in heap if entry[2] in self._armed]
+            heapq.heapify(self._heap)
 
     def close(self) -> None:
         with self._wake:
@@ -112,4 +128,5 @@ class Watchdog:
                         self._armed.discard(exchange)
                         if exchange.sock is not None:
                             _cut(exchange.sock)
-                self._wake.wait(self._heap[0][0] - now if self._heap else None)
+                self._wakes_at = self._heap[0][0] if self._heap else math.inf
+                self._wake.wait(self._wakes_at - now if self._heap else None)
