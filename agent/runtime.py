@@ -18,10 +18,13 @@ from pkcs11_backends.sessions import SessionPool
 
 class Runtime:
     def __init__(self, config: Config, interactive: bool = False, processes: int = 1,
-                 places: BankPlaces | None = None) -> None:
+                 places: BankPlaces | None = None, log_bank_successes: bool = True) -> None:
         self.config = config
         self.interactive = interactive
         self.processes = processes  # serving processes side by side, each with this runtime's sessions
+        # False: a bank's answers below 400 get no log line ([daemon] request_log = "failures"); each call is a
+        # use of the transport key, in the audit trail either way.
+        self.log_bank_successes = log_bank_successes
         if places is not None:  # the supervisor's, shared with the other serving processes (it closes it)
             self.__dict__["places"] = places
             self._own_places = False

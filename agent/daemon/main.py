@@ -87,7 +87,8 @@ def serve(sections: Sections, settings: DaemonSettings, listener: socket.socket,
 
     ``shared``: the directory the serving processes' metrics meet in; ``metrics_socket``: ``[metrics] listen``;
     ``places``: the banks' places for requests in flight, shared with the other serving processes."""
-    runtime = Runtime(sections.config, processes=settings.processes, places=places)
+    runtime = Runtime(sections.config, processes=settings.processes, places=places,
+                      log_bank_successes=settings.limits.log_successes)
     metrics = Metrics(shared)
     # Serving processes side by side would take turns on one file's lock for every record: each has its own.
     audit = (own_trail(settings.audit_file, settings.audit_sync_interval) if settings.processes > 1

@@ -82,7 +82,8 @@ class DaemonSettings:
             busy_poll=_number(section, "busy_poll_us", 50, int, low=0, high=1000) / 1e6,
             log_successes=_choice(section, "request_log", REQUEST_LOG_MODES,
                                   '"all": a log line per request; "failures": only for requests answered 4xx/5xx '
-                                  "(every key use is in the audit trail either way)") == "all",
+                                  "and bank calls that failed or were answered 4xx/5xx (every key use is in the "
+                                  "audit trail either way)") == "all",
             connections_per_uid=_number(section, "connections_per_uid", 64, int, low=1, high=100_000),
             in_flight_per_uid=_number(section, "in_flight_per_uid", 0, int, low=0, high=256),
         )

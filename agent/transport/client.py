@@ -22,7 +22,8 @@
   of the agent (``places.py``). An operation that waits before it sends (for another caller's token request)
   takes its place first: :meth:`BankTransport.slot`.
 * One log line per request: method, URL, status, duration, interaction id (never
-  bodies, headers with credentials or the PIN).
+  bodies, headers with credentials or the PIN); with ``log_successes`` off (the daemon's
+  ``request_log = "failures"``), only for failures and answers of 400 and above.
 * HTTP statuses are returned, not raised: what a 4xx/5xx means is the caller's
   business. Anything below HTTP raises a :class:`TransportError` subclass from
   ``errors.py``. A request is sent again only when a pooled connection broke under it
@@ -118,8 +119,10 @@ class _Attempt:
 class BankTransport:
     """All HTTP traffic to one bank: pooled mTLS connections with the bank's TLS context."""
 
-    def __init__(self, settings: TlsSettings, tls: TlsContext, places: BankPlaces | None = None) -> None:
+    def __init__(self, settings: TlsSettings, tls: TlsContext, places: BankPlaces | None = None,
+                 log_successes: bool = True) -> None:
         self.bank = settings.bank
+        self._log_successes = log_successes  # False: a line only for failures and answers of 400 and above
         self.settings = settings
         self.tls = tls
         self._ssl = BankSslContext(tls)
@@ -176,8 +179,9 @@ class BankTransport:
                             interaction_id=interaction_id, error=type(error).__name__, detail=error.detail)
             raise
         duration = (time.monotonic() - started) * 1000
-        _logger.info("http.request", bank=self.bank, method=method, url=url, status=raw.status,
-                     duration_ms=round(duration, 1), interaction_id=interaction_id)
+        if self._log_successes or raw.status >= 400:
+            _logger.info("http.request", bank=self.bank, method=method, url=url, status=raw.status,
+                         duration_ms=round(duration, 1), interaction_id=interaction_id)
         return Response(method, url, raw.status, {k.lower(): v for k, v in raw.headers.items()}, data,
                         interaction_id, duration)
 
@@ -278,7 +282,7 @@ def _resendable(method: str, exchange: Exchange, error: errors.TransportError) -
 
 
 def open_transport(runtime: Runtime, settings: TlsSettings) -> BankTransport:
-    return BankTransport(settings, build_context(runtime, settings), runtime.places)
+    return BankTransport(settings, build_context(runtime, settings), runtime.places, runtime.log_bank_successes)
 
 
 # -- mapping failures ------------------------------------------------------------

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.runtime import Runtime
 from agent.transport import errors
@@ -198,3 +199,25 @@ def test_an_answer_whose_head_is_cut_short_is_an_error_not_an_empty_answer(make:
         transport.request(method, hostile.url("/tpp-registration"), body=b"{}" if method == "POST" else None)
     hostile.answer = echo
     assert transport.get(hostile.url("/after")).status == 200  # and the transport goes on
+
+
+# -- the log line of each bank call ---------------------------------------------------------------------------------
+
+def refused(peer: Peer, seen: Seen) -> bool:
+    peer.read_body(seen)
+    peer.send(404, b'{"error": "not_found"}')
+    return True
+
+
+@pytest.mark.parametrize("log_successes,logged", [(True, [200, 404]), (False, [404])], ids=["all", "failures"])
+def test_a_bank_call_gets_a_log_line_unless_the_agent_logs_failures_only(
+        shared_runtime: Runtime, make: Any, hostile: HostileBank, monkeypatch: pytest.MonkeyPatch,
+        log_successes: bool, logged: list[int]) -> None:
+    """``[daemon] request_log = "failures"``: a bank's 2xx is no line (the call is in the audit trail), its 4xx is."""
+    monkeypatch.setattr(shared_runtime, "log_bank_successes", log_successes)
+    transport = make()
+    with capture_logs() as logs:
+        assert transport.get(hostile.url("/fine")).status == 200
+        hostile.answer = refused
+        assert transport.get(hostile.url("/missing")).status == 404
+    assert [line["status"] for line in logs if line["event"] == "http.request"] == logged
