@@ -89,7 +89,8 @@ def wait_until(ready: Callable[[], bool], what: str, service: Service | None = N
             process = service.process
             raise ModuleUnavailable(f"{what} exited with status {process.returncode}: {service.last_line()}")
         if time.monotonic() > deadline:
-            raise ModuleUnavailable(f"{what} not ready after {timeout:.0f}s")
+            words = f": {service.last_line()}" if service is not None else ""
+            raise ModuleUnavailable(f"{what} not ready after {timeout:.0f}s{words}")
         time.sleep(0.05)
 
 

@@ -84,9 +84,18 @@ class Tpm2:
         self._broker.stop()
         self._start_broker()
 
-    def _start_broker(self) -> None:
-        self._broker.start()
-        wait_until(lambda: _broker_answers(self.environment), "tpm2-abrmd", self._broker)
+    def _start_broker(self, tries: int = 2) -> None:
+        """Once more if it does not answer: in one full make test it stayed silent for 20 s; run again, it answered
+        at once."""
+        for attempt in range(tries):
+            self._broker.start()
+            try:
+                wait_until(lambda: _broker_answers(self.environment), "tpm2-abrmd", self._broker)
+                return
+            except ModuleUnavailable:
+                self._broker.stop()
+                if attempt == tries - 1:
+                    raise
 
     def stop(self) -> None:
         for service in (self._broker, self._bus, self._swtpm):
